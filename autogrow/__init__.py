@@ -1,0 +1,45 @@
+"""autogrow: networks that grow while they train, by function-preserving surgery.
+
+The core is framework-free (plain PyTorch): plan and apply Net2WiderNet / Net2DeeperNet on traced
+models, carry optimizer and scheduler state across, detect plateaus. The Lightning callback lives in
+the separate top-level package ``callbacks``.
+
+    >>> import torch, torch.nn as nn, autogrow
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    >>> x = torch.randn(16, 4); before = net(x)
+    >>> g1 = autogrow.widen(net, "0", 16, optimizer=opt, generator=0)
+    >>> g2 = autogrow.deepen(net, "0", optimizer=opt, generator=0)
+    >>> float((net(x) - before).abs().max()) < 1e-6
+    True
+"""
+
+from autogrow.deepen import DeepenPlan, Residual, deepen, plan_deepen
+from autogrow.errors import AutogrowError
+from autogrow.growth import Growth, Transform, UnitMap
+from autogrow.optim import (
+    carry_scheduler,
+    check_optimizer,
+    grow_optimizer,
+    param_names,
+    register_optimizer_state,
+    translate_state_dict,
+)
+from autogrow.registry import (
+    ChannelSpec,
+    LayerSpec,
+    register_channelwise,
+    register_elementwise,
+    register_layer,
+)
+from autogrow.replay import replay
+from autogrow.widen import WidenPlan, plan_widen, widen
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutogrowError", "ChannelSpec", "DeepenPlan", "Growth", "LayerSpec", "Residual", "Transform", "UnitMap",
+    "WidenPlan", "carry_scheduler", "check_optimizer", "deepen", "grow_optimizer", "param_names", "plan_deepen",
+    "plan_widen", "register_channelwise", "register_elementwise", "register_layer", "register_optimizer_state",
+    "replay", "translate_state_dict", "widen",
+]

@@ -1,0 +1,133 @@
+"""The serialisable record of one growth operation, and the index maps it carries.
+
+A :class:`Growth` is plain data (JSON-able via :meth:`Growth.to_dict`). It says, for every parameter
+that changed, along which dimension and with which unit mapping, so that the optimizer state can be
+remapped the same way (``autogrow.optim``), and it holds the options and seed that let the same
+change be replayed on a fresh copy of the original model (checkpoint loading).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class UnitMap:
+    """New unit j takes old unit ``idx[j]``; its outgoing weights carry the share ``scale[j]``.
+
+    ``fresh[j]`` marks a brand-new unit with random weights (``init="random"``): nothing of the old
+    model or optimizer state carries over to it.
+    """
+
+    idx: torch.Tensor
+    scale: torch.Tensor  # float64
+    fresh: torch.Tensor  # bool
+
+    def expand(self, block: int) -> UnitMap:
+        """The same mapping over features laid out as ``block`` consecutive entries per unit."""
+        if block == 1:
+            return self
+        ar = torch.arange(block)
+        return UnitMap((self.idx[:, None] * block + ar).reshape(-1), self.scale.repeat_interleave(block),
+                       self.fresh.repeat_interleave(block))
+
+    @staticmethod
+    def cat(parts: list[tuple[UnitMap, int]]) -> UnitMap:
+        """Concatenation of mappings over tensors of the given old widths (offsets add up)."""
+        offsets = torch.tensor([0] + [w for _, w in parts[:-1]]).cumsum(0).tolist()
+        return UnitMap(torch.cat([m.idx + o for (m, _), o in zip(parts, offsets)]),
+                       torch.cat([m.scale for m, _ in parts]), torch.cat([m.fresh for m, _ in parts]))
+
+    @staticmethod
+    def identity(n: int) -> UnitMap:
+        return UnitMap(torch.arange(n), torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.bool))
+
+    def to_dict(self) -> dict[str, list]:
+        return {"idx": self.idx.tolist(), "scale": self.scale.tolist(), "fresh": self.fresh.tolist()}
+
+    @staticmethod
+    def from_dict(d: dict[str, list]) -> UnitMap:
+        return UnitMap(torch.tensor(d["idx"], dtype=torch.long), torch.tensor(d["scale"], dtype=torch.float64),
+                       torch.tensor(d["fresh"], dtype=torch.bool))
+
+
+@dataclass
+class Transform:
+    """One dimension of one tensor re-indexed by a mapping.
+
+    ``role`` is ``"out"`` for dimensions indexed by the widened units themselves (producer rows,
+    normalisation entries: their gradients scale with the unit's share) and ``"in"`` for consumer
+    input features (their gradients are copied unchanged).
+    """
+
+    dim: int
+    map: str
+    role: str
+    block: int = 1
+
+
+@dataclass
+class Growth:
+    """What one widen/deepen did; JSON-able, replayable with :func:`autogrow.replay`.
+
+    Example:
+        >>> import torch.nn as nn, autogrow, json
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> g = autogrow.widen(net, "0", 12, generator=0)
+        >>> g2 = autogrow.Growth.from_dict(json.loads(json.dumps(g.to_dict())))
+        >>> g2.params["2.weight"][0].role
+        'in'
+    """
+
+    kind: str  # "widen" | "deepen"
+    target: str
+    options: dict[str, Any]
+    seed: int
+    maps: dict[str, UnitMap] = field(default_factory=dict)
+    params: dict[str, list[Transform]] = field(default_factory=dict)
+    renames: dict[str, str] = field(default_factory=dict)  # old parameter name -> new name
+    new_params: dict[str, str] = field(default_factory=dict)  # new parameter -> parameter it joins
+    buffers: list[str] = field(default_factory=list)  # buffers reshaped (BatchNorm statistics)
+    # The Parameter objects that were replaced, by old name: live objects for remapping an optimizer
+    # that still holds them. Not serialised.
+    replaced: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "target": self.target, "options": dict(self.options), "seed": self.seed,
+            "maps": {k: m.to_dict() for k, m in self.maps.items()},
+            "params": {k: [asdict(t) for t in ts] for k, ts in self.params.items()},
+            "renames": dict(self.renames), "new_params": dict(self.new_params), "buffers": list(self.buffers),
+        }
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Growth:
+        return Growth(
+            kind=d["kind"], target=d["target"], options=dict(d["options"]), seed=int(d["seed"]),
+            maps={k: UnitMap.from_dict(m) for k, m in d["maps"].items()},
+            params={k: [Transform(**t) for t in ts] for k, ts in d["params"].items()},
+            renames=dict(d["renames"]), new_params=dict(d["new_params"]), buffers=list(d["buffers"]),
+        )
+
+    def summary(self) -> str:
+        """One line for logs: what grew and how."""
+        o = self.options
+        if self.kind == "widen":
+            return (f"widen {self.target}: {o['old_width']} -> {o['width']} units ({o['init']}), "
+                    f"{len(self.params)} parameters reshaped")
+        return f"deepen after {self.target}: new {o['layer']} ({o['init']}), {len(self.new_params)} new parameters"
+
+
+def make_seed(generator: torch.Generator | int | None) -> int:
+    """A 63-bit seed from a generator, an int, or (``None``) the OS: never the global RNG."""
+    if generator is None:
+        return int.from_bytes(os.urandom(8), "little") >> 1
+    if isinstance(generator, int) and not isinstance(generator, bool):
+        return generator
+    if isinstance(generator, torch.Generator):
+        return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    raise TypeError(f"generator: expected a torch.Generator, an int seed or None, got {generator!r}")

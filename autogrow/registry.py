@@ -1,0 +1,228 @@
+"""Which layers autogrow knows how to resize, keyed by type and looked up with ``isinstance``.
+
+Three kinds of layer matter to surgery:
+
+* *weighted* layers (``Linear``, ``ConvNd``, ``Embedding``) own a weight indexed by output units
+  and (except ``Embedding``) by input features: they start a widened tensor and end one;
+* *channel-wise* layers (``BatchNormNd``, ``LayerNorm``) hold one value per feature and pass the
+  feature axis through;
+* *element-wise* layers (activations, dropout, pooling) have no per-feature state at all.
+
+Users extend the same tables for their own layers::
+
+    >>> import torch.nn as nn
+    >>> import autogrow
+    >>> class Swish(nn.Module):
+    ...     def forward(self, x):
+    ...         return x * x.sigmoid()
+    >>> autogrow.register_elementwise(Swish)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How a weighted layer's tensors are indexed by its output units and its input features.
+
+    Args:
+        out_params: parameter name -> dimension indexed by output unit.
+        in_params: parameter name -> dimension indexed by input feature (empty for producers only,
+            such as ``Embedding``).
+        out_attr: attribute that holds the number of output units (updated on widening).
+        in_attr: attribute that holds the number of input features, or ``None``.
+        out_dim: axis of the layer's *output tensor* that holds the units, counted from the end.
+        in_dim: axis of the layer's *input tensor* that holds the features, counted from the end.
+        check: returns why a given instance cannot be resized, or ``None`` when it can.
+        identity: builds a new layer of this type that computes the identity on ``n`` features
+            (Net2DeeperNet), or ``None`` when the type cannot be deepened.
+    """
+
+    out_params: Mapping[str, int]
+    in_params: Mapping[str, int]
+    out_attr: str
+    in_attr: str | None
+    out_dim: int
+    in_dim: int
+    check: Callable[[nn.Module], str | None] = lambda m: None
+    identity: Callable[[nn.Module, int | None], nn.Module] | None = None
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    """A layer with one value per feature along ``dim`` of its input (and output) tensor.
+
+    Args:
+        tensors: parameter/buffer name -> fresh value for a brand-new feature (``init="random"``).
+        attr_update: writes the new width into the layer's attributes.
+        dims: axes (counted from the end) the feature may sit on.
+        uniform_only: exact only when every feature is replicated the same number of times
+            (``LayerNorm``: then the mean and variance over the features are unchanged).
+    """
+
+    tensors: Mapping[str, float]
+    attr_update: Callable[[nn.Module, int], None]
+    dims: tuple[int, ...]
+    uniform_only: bool = False
+    check: Callable[[nn.Module], str | None] = lambda m: None
+
+
+_WEIGHTED: dict[type, LayerSpec] = {}
+_CHANNELWISE: dict[type, ChannelSpec] = {}
+_ELEMENTWISE: set[type] = set()
+_IDEMPOTENT: set[type] = set()
+
+
+def _lookup(table: Mapping[type, object], module: nn.Module) -> object | None:
+    # Walk the MRO so that subclasses of a registered type are handled too, most specific first.
+    for cls in type(module).__mro__:
+        if cls in table:
+            return table[cls]
+    return None
+
+
+def register_layer(cls: type[nn.Module], spec: LayerSpec) -> None:
+    """Teach autogrow to widen (and, with ``spec.identity``, deepen after) a weighted layer type."""
+    _WEIGHTED[cls] = spec
+
+
+def register_channelwise(cls: type[nn.Module], spec: ChannelSpec) -> None:
+    """Teach autogrow a layer with one parameter/buffer entry per feature (a normalisation)."""
+    _CHANNELWISE[cls] = spec
+
+
+def register_elementwise(cls: type[nn.Module], *, idempotent: bool = False) -> None:
+    """Mark a parameter-free layer that acts on each feature separately (activation, pooling).
+
+    ``idempotent=True`` declares phi(phi(v)) = phi(v), which makes Net2DeeperNet's identity
+    insertion exact after it (ReLU is; GELU and tanh are not).
+    """
+    _ELEMENTWISE.add(cls)
+    if idempotent:
+        _IDEMPOTENT.add(cls)
+
+
+def layer_spec(module: nn.Module) -> LayerSpec | None:
+    """The registered :class:`LayerSpec` of ``module``'s type, or ``None``."""
+    return _lookup(_WEIGHTED, module)  # type: ignore[return-value]
+
+
+def channel_spec(module: nn.Module) -> ChannelSpec | None:
+    """The registered :class:`ChannelSpec` of ``module``'s type, or ``None``."""
+    return _lookup(_CHANNELWISE, module)  # type: ignore[return-value]
+
+
+def is_elementwise(module: nn.Module) -> bool:
+    return any(cls in _ELEMENTWISE for cls in type(module).__mro__)
+
+
+def is_idempotent(module: nn.Module) -> bool:
+    return any(cls in _IDEMPOTENT for cls in type(module).__mro__)
+
+
+# --- built-in layers -------------------------------------------------------------------------
+
+
+def _linear_identity(m: nn.Module, kernel_size: int | None) -> nn.Module:
+    n = m.out_features
+    # Built on the meta device: PyTorch's default init would draw from the global RNG for nothing.
+    new = nn.Linear(n, n, bias=m.bias is not None, device="meta", dtype=m.weight.dtype)
+    new = new.to_empty(device=m.weight.device)
+    with torch.no_grad():
+        new.weight.copy_(torch.eye(n, device=m.weight.device, dtype=m.weight.dtype))
+        if new.bias is not None:
+            new.bias.zero_()
+    return new
+
+
+def _conv_identity(m: nn.Module, kernel_size: int | None) -> nn.Module:
+    k = kernel_size if kernel_size is not None else max(m.kernel_size)
+    if k % 2 == 0:
+        k += 1  # a centred identity tap needs an odd kernel
+    n, nd = m.out_channels, len(m.kernel_size)
+    new = type(m)(n, n, k, padding=k // 2, bias=m.bias is not None, padding_mode=m.padding_mode,
+                  device="meta", dtype=m.weight.dtype).to_empty(device=m.weight.device)
+    with torch.no_grad():
+        new.weight.zero_()
+        centre = (k // 2,) * nd  # integer index: (k - 1) / 2 as a float would be a bug
+        ar = torch.arange(n, device=m.weight.device)
+        new.weight[(ar, ar, *centre)] = 1.0
+        if new.bias is not None:
+            new.bias.zero_()
+    return new
+
+
+def _conv_check(m: nn.Module) -> str | None:
+    if m.groups != 1:
+        return f"groups={m.groups} (grouped/depthwise convolutions couple input and output channels)"
+    return None
+
+
+register_layer(nn.Linear, LayerSpec({"weight": 0, "bias": 0}, {"weight": 1}, "out_features",
+                                    "in_features", -1, -1, identity=_linear_identity))
+for _nd, _conv in ((1, nn.Conv1d), (2, nn.Conv2d), (3, nn.Conv3d)):
+    register_layer(_conv, LayerSpec({"weight": 0, "bias": 0}, {"weight": 1}, "out_channels",
+                                    "in_channels", -(_nd + 1), -(_nd + 1), check=_conv_check,
+                                    identity=_conv_identity))
+register_layer(nn.Embedding, LayerSpec({"weight": 1}, {}, "embedding_dim", None, -1, -1))
+
+
+def _bn_update(m: nn.Module, n: int) -> None:
+    m.num_features = n
+
+
+def _ln_update(m: nn.Module, n: int) -> None:
+    m.normalized_shape = (n,)
+
+
+def _ln_check(m: nn.Module) -> str | None:
+    if len(m.normalized_shape) != 1:
+        return f"normalized_shape={tuple(m.normalized_shape)} (only a 1-D normalized_shape can be widened)"
+    return None
+
+
+_BN = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
+register_channelwise(nn.BatchNorm1d, ChannelSpec(_BN, _bn_update, dims=(-1, -2)))
+register_channelwise(nn.BatchNorm2d, ChannelSpec(_BN, _bn_update, dims=(-3,)))
+register_channelwise(nn.BatchNorm3d, ChannelSpec(_BN, _bn_update, dims=(-4,)))
+register_channelwise(nn.LayerNorm, ChannelSpec({"weight": 1.0, "bias": 0.0}, _ln_update, dims=(-1,),
+                                               uniform_only=True, check=_ln_check))
+if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+    register_channelwise(nn.RMSNorm, ChannelSpec({"weight": 1.0}, _ln_update, dims=(-1,),
+                                                 uniform_only=True, check=_ln_check))
+
+for _cls in (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Identity):
+    register_elementwise(_cls, idempotent=True)
+for _cls in (nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SELU, nn.CELU,
+             nn.Softplus, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Softsign, nn.Tanhshrink,
+             nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+             nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+             nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+             nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d):
+    register_elementwise(_cls)
+
+# Functions and tensor methods that act on each feature separately (first argument is the tensor).
+ELEMENTWISE_FUNCTIONS: set[Callable] = {
+    torch.relu, F.relu, F.relu6, F.gelu, F.silu, F.leaky_relu, F.elu, F.selu, F.mish, F.softplus,
+    F.hardtanh, F.hardswish, F.hardsigmoid, torch.tanh, torch.sigmoid, F.dropout, F.dropout1d,
+    F.dropout2d, F.dropout3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d,
+    F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, torch.abs, torch.exp,
+}
+IDEMPOTENT_FUNCTIONS: set[Callable] = {torch.relu, F.relu, F.relu6}
+ELEMENTWISE_METHODS: set[str] = {"relu", "sigmoid", "tanh", "abs", "exp", "contiguous", "clone",
+                                 "detach", "float", "to", "type_as"}
+IDEMPOTENT_METHODS: set[str] = {"relu"}
+# The module to use in a new block for a functional activation (Net2DeeperNet).
+FUNCTION_MODULES: dict[Callable | str, Callable[[], nn.Module]] = {
+    torch.relu: nn.ReLU, F.relu: nn.ReLU, "relu": nn.ReLU, F.relu6: nn.ReLU6, F.gelu: nn.GELU,
+    F.silu: nn.SiLU, torch.tanh: nn.Tanh, "tanh": nn.Tanh, torch.sigmoid: nn.Sigmoid,
+    "sigmoid": nn.Sigmoid, F.leaky_relu: nn.LeakyReLU, F.elu: nn.ELU,
+}

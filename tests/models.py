@@ -1,0 +1,92 @@
+"""Architectures the surgery tests run on: each exercises one coupling rule."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Block(nn.Module):
+    """ResNet basic block with an identity skip: conv2's output joins the residual stream."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(x + self.bn2(self.conv2(h)))
+
+
+class TinyResNet(nn.Module):
+    def __init__(self, c: int = 4, classes: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.layer1 = nn.Sequential(Block(c), Block(c))
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.stem(x)))
+        x = self.layer1(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class CatNet(nn.Module):
+    """Two branches concatenated on channels, then a conv, a global pool and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(2, 3, 3, padding=1)
+        self.b = nn.Conv2d(2, 5, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c = nn.Conv2d(8, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 4 * 4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([torch.relu(self.a(x)), self.b(x)], dim=1)
+        h = F.max_pool2d(torch.relu(self.c(self.bn(h))), 2)
+        return self.fc(h.view(h.size(0), -1))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, d: int, hidden: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(self.act(self.fc1(self.ln(x))))
+
+
+class TinyTransformer(nn.Module):
+    """Token embedding -> two pre-LN MLP blocks with residuals -> LayerNorm -> head."""
+
+    def __init__(self, vocab: int = 11, d: int = 6, hidden: int = 10) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.Sequential(TransformerBlock(d, hidden), TransformerBlock(d, hidden))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(self.ln_f(self.blocks(self.emb(idx))))
+
+
+def conv_nd(nd: int, bias: bool = True) -> nn.Module:
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[nd]
+    bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[nd]
+    return nn.Sequential(conv(2, 3, 3, padding=1, bias=bias), bn(3), nn.ReLU(),
+                         conv(3, 4, 3, padding=1, bias=bias), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 4**nd, 3, bias=bias))
+
+
+def max_rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))

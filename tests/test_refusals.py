@@ -1,0 +1,153 @@
+"""Requests that cannot be exact are refused, with a message naming the culprit, and change nothing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import autogrow
+from tests.models import TinyTransformer
+
+
+def snapshot(model: nn.Module, opt: torch.optim.Optimizer | None = None) -> tuple:
+    sd = {k: (v.clone(), v.dtype, v.requires_grad) for k, v in model.state_dict(keep_vars=True).items()}
+    ids = [id(p) for p in model.parameters()]
+    ost = copy.deepcopy(opt.state_dict()) if opt is not None else None
+    return repr(model), sd, ids, ost
+
+
+def assert_unchanged(before: tuple, model: nn.Module, opt: torch.optim.Optimizer | None = None) -> None:
+    after = snapshot(model, opt)
+    assert before[0] == after[0] and before[2] == after[2]
+    assert before[1].keys() == after[1].keys()
+    for k, (v, dt, rg) in before[1].items():
+        w, dt2, rg2 = after[1][k]
+        assert torch.equal(v, w) and dt == dt2 and rg == rg2, k
+    if opt is not None:
+        assert repr(before[3]) == repr(after[3])
+
+
+class FixedView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.fc = nn.Linear(48, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).view(-1, 48))
+
+
+class SoftmaxOverFeatures(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.fc2(F.softmax(self.fc1(x), dim=-1))
+
+
+class MatmulFixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 5)
+        self.proj = nn.Parameter(torch.randn(5, 2))
+
+    def forward(self, x):
+        return torch.relu(self.fc1(x)) @ self.proj
+
+
+class Unregistered(nn.Module):
+    """A leaf-like custom layer with its own per-feature parameter that autogrow does not know."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class WithUnregistered(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.mid, self.fc2 = nn.Linear(4, 5), Unregistered(5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.fc2(self.mid(self.fc1(x)))
+
+
+def mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(4, 5), nn.GELU(), nn.Linear(5, 3))
+
+
+CASES = [
+    (mlp, lambda m: autogrow.plan_widen(m, "nope", 8), r"target: 'nope' is not a module.*growable layers: \['0', '2'\]"),
+    (mlp, lambda m: autogrow.plan_widen(m, "0", 5), r"width: 5 is not larger than '0'.s current 5"),
+    (mlp, lambda m: autogrow.plan_widen(m, "1", 8), r"target: '1' is a GELU"),
+    (mlp, lambda m: autogrow.plan_widen(m, "2", 8), r"node 'output'.*model's output"),
+    (mlp, lambda m: autogrow.plan_widen(m, "0", 8, init="zeros"), r"init: 'zeros' is not one of"),
+    (mlp, lambda m: autogrow.plan_widen(m, "0", 8, split=1.5), r"split: expected a float in \[0, 1\), got 1.5"),
+    (FixedView, lambda m: autogrow.plan_widen(m, "conv", 4), r"node 'view'.*fixed shape.*x.flatten\(1\)"),
+    (SoftmaxOverFeatures, lambda m: autogrow.plan_widen(m, "fc1", 8), r"node 'softmax'.*cannot keep exact"),
+    (MatmulFixed, lambda m: autogrow.plan_widen(m, "fc1", 8), r"node 'matmul'"),
+    (WithUnregistered, lambda m: autogrow.plan_widen(m, "fc1", 8), r"node 'mid_scale'.*fixed"),
+    (mlp, lambda m: autogrow.plan_deepen(m, "0"), r"after: '0' is followed by node '_1' .*GELU.*not idempotent.*residual=True"),
+    (mlp, lambda m: autogrow.plan_deepen(m, "1"), r"after: '1' is a GELU, which has no identity"),
+    (mlp, lambda m: autogrow.plan_deepen(m, "0", kernel_size=2, residual=True), r"kernel_size: expected an odd"),
+    (TinyTransformer, lambda m: autogrow.plan_widen(m, "emb", 9), r"width: .*multiple of 6, not 9"),
+    (TinyTransformer, lambda m: autogrow.plan_widen(m, "emb", 12, mapping="random"), r"mapping='uniform'"),
+]
+
+
+@pytest.mark.parametrize("build, call, message", CASES)
+def test_refusal_names_the_problem_and_changes_nothing(build, call, message):
+    model = build()
+    before = snapshot(model)
+    with pytest.raises(autogrow.AutogrowError, match=message):
+        call(model)
+    assert_unchanged(before, model)
+
+
+def test_planning_never_mutates():
+    model = TinyTransformer()
+    before = snapshot(model)
+    plan = autogrow.plan_widen(model, "emb", 12, generator=0)
+    autogrow.plan_deepen(model, "blocks.0.fc1", residual=True)
+    assert_unchanged(before, model)
+    plan.apply()
+    assert model.emb.embedding_dim == 12
+    with pytest.raises(autogrow.AutogrowError, match="changed since the plan"):
+        plan.apply()  # stale plan
+
+
+def test_optimizer_refusals_leave_model_and_optimizer_untouched():
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    opt = torch.optim.LBFGS(model.parameters())
+    before = snapshot(model)
+    with pytest.raises(autogrow.AutogrowError, match="optimizer: LBFGS keeps its history"):
+        autogrow.widen(model, "0", 8, optimizer=opt)
+    assert_unchanged(before, model)
+
+    class OddState(torch.optim.SGD):
+        def step(self, closure=None):
+            for g in self.param_groups:
+                for p in g["params"]:
+                    self.state[p]["sketch"] = torch.zeros(3)
+            return super().step(closure)
+
+    opt = OddState(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    before = snapshot(model, opt)
+    with pytest.raises(autogrow.AutogrowError, match=r"optimizer: OddState keeps state 'sketch' \(\(3,\)\).*state='reset'"):
+        autogrow.deepen(model, "0", optimizer=opt)
+    assert_unchanged(before, model, opt)
+    with pytest.raises(autogrow.AutogrowError, match="state: 'keep' is not one of"):
+        autogrow.widen(model, "0", 8, optimizer=opt, state="keep")
+    assert_unchanged(before, model, opt)
+    autogrow.widen(model, "0", 8, optimizer=opt, state="reset")  # the explicit way out works
+    assert len(opt.state) == 0 and model[0].out_features == 8
