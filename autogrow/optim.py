@@ -104,13 +104,13 @@ def transform_state(st: Mapping[str, Any], transforms: Sequence[Transform], maps
             power = powers.get(k, 0)
             for tr in transforms:
                 um = maps[tr.map].expand(tr.block)
-                v = v.index_select(tr.dim, um.idx.to(v.device))
+                v = v.index_select(tr.dim, um.idx.to(v.device))  # a new tensor: in-place below is safe
                 shape = [1] * v.dim()
                 shape[tr.dim] = -1
                 if tr.role == "out" and power and not bool((um.scale == 1).all()):
-                    v = v * um.scale.to(v.device, v.dtype).pow(power).view(shape)
+                    v.mul_(um.scale.to(v.device, v.dtype).pow(power).view(shape))
                 if bool(um.fresh.any()):  # random units: no history
-                    v = v.masked_fill(um.fresh.to(v.device).view(shape), 0)
+                    v.masked_fill_(um.fresh.to(v.device).view(shape), 0)
         out[k] = v
     return out
 

@@ -128,15 +128,16 @@ class WidenPlan:
         return growth
 
     def _transform(self, t: torch.Tensor, c: TensorChange, gen: torch.Generator) -> torch.Tensor:
-        std = float(t.float().std()) if t.numel() > 1 else 0.0
+        needs_std = self.noise > 0 or self.init == "random"  # a full pass over t: only when used
+        std = float(t.float().std()) if needs_std and t.numel() > 1 else 0.0
         for tr in c.transforms:
             um = self.maps[tr.map].expand(tr.block)
             n_old = t.shape[tr.dim]
-            t = t.index_select(tr.dim, um.idx.to(t.device))
+            t = t.index_select(tr.dim, um.idx.to(t.device))  # a new tensor: in-place ops below are safe
             shape = [1] * t.dim()
             shape[tr.dim] = -1
             if tr.role == "in" and not bool((um.scale == 1).all()):
-                t = t * um.scale.to(t.device, t.dtype).view(shape)
+                t.mul_(um.scale.to(t.device, t.dtype).view(shape))
             if tr.role == "in" and self.noise > 0 and t.shape[tr.dim] > n_old:
                 copies = t.narrow(tr.dim, n_old, t.shape[tr.dim] - n_old)
                 eps = torch.randn(copies.shape, generator=gen).to(t.device, t.dtype) * (self.noise * std)
@@ -150,7 +151,7 @@ class WidenPlan:
                 else:
                     rnd = (torch.randn(t.shape, generator=gen) * std).to(t.device, t.dtype)
                 t = torch.where(mask, rnd, t)
-        return t.contiguous()
+        return t
 
 
 def _draw(n: int, width: int, init: str, mapping: str, split: float, gen: torch.Generator) -> UnitMap:

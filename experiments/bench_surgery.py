@@ -1,0 +1,95 @@
+"""Benchmark: cost of growth next to a plain copy of the same tensors (printed ratios, not a test).
+
+* surgery: ``plan_widen(...).apply()`` on MLPs and CNNs of ~1M / 10M / 50M parameters (the middle
+  layer x1.5), against cloning every parameter of the model. Target: <= 3x.
+* optimizer: ``grow_optimizer`` for Adam after that widening, against cloning every state tensor.
+
+Run: ``python -m experiments.bench_surgery [--sizes 1 10 50] [--repeats 3]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+import autogrow
+
+
+def mlp(h: int) -> tuple[nn.Module, str, int, torch.Tensor]:
+    net = nn.Sequential(nn.Linear(1024, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 10))
+    return net, "2", h * 3 // 2, torch.randn(8, 1024)
+
+
+def cnn(c: int) -> tuple[nn.Module, str, int, torch.Tensor]:
+    net = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1),
+                        nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * c, 10))
+    return net, "3", c * 3 // 2, torch.randn(2, 3, 8, 8)
+
+
+# hidden width / channels giving ~1M, 10M, 50M parameters
+SIZES = {1: {"mlp": 600, "cnn": 235}, 10: {"mlp": 2700, "cnn": 745}, 50: {"mlp": 6600, "cnn": 1666}}
+
+
+def timed(fn: Callable[[object], object], setup: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        state = setup()
+        t0 = time.perf_counter()
+        fn(state)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 50], choices=sorted(SIZES))
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print(f"{'model':<5} {'params':>8} | {'clone ms':>9} {'widen ms':>9} {'ratio':>6} | "
+          f"{'state copy ms':>13} {'remap ms':>9} {'ratio':>6} | max|f-g|")
+    for size in args.sizes:
+        for kind, build in (("mlp", mlp), ("cnn", cnn)):
+            net, target, width, x = build(SIZES[size][kind])
+            net.eval()
+            n_params = sum(p.numel() for p in net.parameters())
+            # Same conditions for both: a fresh deep copy as set-up, new memory allocated inside the timing.
+            t_clone = timed(lambda m: [p.detach().clone() for p in m.parameters()], lambda: copy.deepcopy(net),
+                            args.repeats)
+            t_widen = timed(lambda m: autogrow.plan_widen(m, target, width, generator=0).apply(),
+                            lambda: copy.deepcopy(net), args.repeats)
+            # optimizer: Adam after one step, remapped after the same widening
+            opt = torch.optim.Adam(net.parameters())
+            net(x).square().mean().backward()
+            opt.step()
+            t_state = timed(lambda o: {p: {k: v.clone() for k, v in s.items()} for p, s in o.state.items()},
+                            lambda: copy.deepcopy(opt), args.repeats)
+
+            def setup_remap() -> tuple:
+                m = copy.deepcopy(net)
+                o = torch.optim.Adam(m.parameters())
+                o.load_state_dict(opt.state_dict())
+                return m, o, autogrow.widen(m, target, width, generator=0)
+
+            t_remap = timed(lambda s: autogrow.grow_optimizer(s[1], s[2], s[0]), setup_remap, args.repeats)
+            grown = copy.deepcopy(net)
+            with torch.no_grad():
+                ref = net(x)
+                autogrow.widen(grown, target, width, generator=0)
+                err = float((grown(x) - ref).abs().max())
+            print(f"{kind:<5} {n_params / 1e6:>7.1f}M | {t_clone * 1e3:>9.1f} {t_widen * 1e3:>9.1f} "
+                  f"{t_widen / t_clone:>6.2f} | {t_state * 1e3:>13.1f} {t_remap * 1e3:>9.1f} "
+                  f"{t_remap / t_state:>6.2f} | {err:.1e}")
+            del net, opt, grown
+
+
+if __name__ == "__main__":
+    main()
