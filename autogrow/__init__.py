@@ -10,7 +10,7 @@ the separate top-level package ``callbacks``.
     >>> x = torch.randn(16, 4); before = net(x)
     >>> g1 = autogrow.widen(net, "0", 16, optimizer=opt, generator=0)
     >>> g2 = autogrow.deepen(net, "0", optimizer=opt, generator=0)
-    >>> float((net(x) - before).abs().max()) < 1e-6
+    >>> float((net(x) - before).abs().max().detach()) < 1e-6
     True
 """
 

@@ -286,6 +286,6 @@ def widen(model: nn.Module, target: str, width: int, *, optimizer: Optimizer | N
         >>> import torch.nn as nn, autogrow
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> autogrow.widen(net, "0", 16, generator=1).summary()
-        'widen 0: 8 -> 16 units (net2wider), 4 parameters reshaped'
+        'widen 0: 8 -> 16 units (net2wider), 3 parameters reshaped'
     """
     return plan_widen(model, target, width, **kwargs).apply(optimizer, state=state)  # type: ignore[arg-type]

@@ -58,38 +58,36 @@ def main(argv: list[str] | None = None) -> None:
           f"{'state copy ms':>13} {'remap ms':>9} {'ratio':>6} | max|f-g|")
     for size in args.sizes:
         for kind, build in (("mlp", mlp), ("cnn", cnn)):
-            net, target, width, x = build(SIZES[size][kind])
-            net.eval()
-            n_params = sum(p.numel() for p in net.parameters())
-            # Same conditions for both: a fresh deep copy as set-up, new memory allocated inside the timing.
-            t_clone = timed(lambda m: [p.detach().clone() for p in m.parameters()], lambda: copy.deepcopy(net),
-                            args.repeats)
-            t_widen = timed(lambda m: autogrow.plan_widen(m, target, width, generator=0).apply(),
-                            lambda: copy.deepcopy(net), args.repeats)
-            # optimizer: Adam after one step, remapped after the same widening
-            opt = torch.optim.Adam(net.parameters())
-            net(x).square().mean().backward()
-            opt.step()
-            t_state = timed(lambda o: {p: {k: v.clone() for k, v in s.items()} for p, s in o.state.items()},
-                            lambda: copy.deepcopy(opt), args.repeats)
+            print(bench_one(kind, *build(SIZES[size][kind]), args.repeats))
 
-            def setup_remap() -> tuple:
-                m = copy.deepcopy(net)
-                o = torch.optim.Adam(m.parameters())
-                o.load_state_dict(opt.state_dict())
-                return m, o, autogrow.widen(m, target, width, generator=0)
 
-            t_remap = timed(lambda s: autogrow.grow_optimizer(s[1], s[2], s[0]), setup_remap, args.repeats)
-            grown = copy.deepcopy(net)
-            with torch.no_grad():
-                ref = net(x)
-                autogrow.widen(grown, target, width, generator=0)
-                err = float((grown(x) - ref).abs().max())
-            print(f"{kind:<5} {n_params / 1e6:>7.1f}M | {t_clone * 1e3:>9.1f} {t_widen * 1e3:>9.1f} "
-                  f"{t_widen / t_clone:>6.2f} | {t_state * 1e3:>13.1f} {t_remap * 1e3:>9.1f} "
-                  f"{t_remap / t_state:>6.2f} | {err:.1e}")
-            del net, opt, grown
+def bench_one(kind: str, net: nn.Module, target: str, width: int, x: torch.Tensor, repeats: int) -> str:
+    net.eval()
+    n_params = sum(p.numel() for p in net.parameters())
+    # Same conditions for both: a fresh deep copy as set-up, new memory allocated inside the timing.
+    t_clone = timed(lambda m: [p.detach().clone() for p in m.parameters()], lambda: copy.deepcopy(net), repeats)
+    t_widen = timed(lambda m: autogrow.plan_widen(m, target, width, generator=0).apply(),
+                    lambda: copy.deepcopy(net), repeats)
+    # optimizer: Adam after one step, remapped after the same widening
+    opt = torch.optim.Adam(net.parameters())
+    net(x).square().mean().backward()
+    opt.step()
+    t_state = timed(lambda o: {p: {k: v.clone() for k, v in s.items()} for p, s in o.state.items()},
+                    lambda: copy.deepcopy(opt), repeats)
 
+    def setup_remap() -> tuple:
+        m, o = copy.deepcopy((net, opt))
+        return m, o, autogrow.widen(m, target, width, generator=0)
+
+    t_remap = timed(lambda s: autogrow.grow_optimizer(s[1], s[2], s[0]), setup_remap, repeats)
+    grown = copy.deepcopy(net)
+    with torch.no_grad():
+        ref = net(x)
+        autogrow.widen(grown, target, width, generator=0)
+        err = float((grown(x) - ref).abs().max())
+    return (f"{kind:<5} {n_params / 1e6:>7.1f}M | {t_clone * 1e3:>9.1f} {t_widen * 1e3:>9.1f} "
+            f"{t_widen / t_clone:>6.2f} | {t_state * 1e3:>13.1f} {t_remap * 1e3:>9.1f} "
+            f"{t_remap / t_state:>6.2f} | {err:.1e}")
 
 if __name__ == "__main__":
     main()

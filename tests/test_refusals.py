@@ -85,7 +85,8 @@ def mlp() -> nn.Sequential:
 
 
 CASES = [
-    (mlp, lambda m: autogrow.plan_widen(m, "nope", 8), r"target: 'nope' is not a module.*growable layers: \['0', '2'\]"),
+    (mlp, lambda m: autogrow.plan_widen(m, "nope", 8),
+     r"target: 'nope' is not a module.*growable layers: \['0', '2'\]"),
     (mlp, lambda m: autogrow.plan_widen(m, "0", 5), r"width: 5 is not larger than '0'.s current 5"),
     (mlp, lambda m: autogrow.plan_widen(m, "1", 8), r"target: '1' is a GELU"),
     (mlp, lambda m: autogrow.plan_widen(m, "2", 8), r"node 'output'.*model's output"),
@@ -95,7 +96,8 @@ CASES = [
     (SoftmaxOverFeatures, lambda m: autogrow.plan_widen(m, "fc1", 8), r"node 'softmax'.*cannot keep exact"),
     (MatmulFixed, lambda m: autogrow.plan_widen(m, "fc1", 8), r"node 'matmul'"),
     (WithUnregistered, lambda m: autogrow.plan_widen(m, "fc1", 8), r"node 'mid_scale'.*fixed"),
-    (mlp, lambda m: autogrow.plan_deepen(m, "0"), r"after: '0' is followed by node '_1' .*GELU.*not idempotent.*residual=True"),
+    (mlp, lambda m: autogrow.plan_deepen(m, "0"),
+     r"after: '0' is followed by node '_1' .*GELU.*not idempotent.*residual=True"),
     (mlp, lambda m: autogrow.plan_deepen(m, "1"), r"after: '1' is a GELU, which has no identity"),
     (mlp, lambda m: autogrow.plan_deepen(m, "0", kernel_size=2, residual=True), r"kernel_size: expected an odd"),
     (TinyTransformer, lambda m: autogrow.plan_widen(m, "emb", 9), r"width: .*multiple of 6, not 9"),
@@ -143,7 +145,8 @@ def test_optimizer_refusals_leave_model_and_optimizer_untouched():
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
     before = snapshot(model, opt)
-    with pytest.raises(autogrow.AutogrowError, match=r"optimizer: OddState keeps state 'sketch' \(\(3,\)\).*state='reset'"):
+    message = r"optimizer: OddState keeps state 'sketch' \(\(3,\)\).*state='reset'"
+    with pytest.raises(autogrow.AutogrowError, match=message):
         autogrow.deepen(model, "0", optimizer=opt)
     assert_unchanged(before, model, opt)
     with pytest.raises(autogrow.AutogrowError, match="state: 'keep' is not one of"):
