@@ -79,6 +79,20 @@ class DeepenPlan:
                 f"{', act copy' if self._act_last else ''}) (init={self.init}, seed={self.seed})")
 
     @property
+    def param_delta(self) -> int:
+        """How many parameters the plan adds."""
+        after = self.model.get_submodule(self.after)
+        spec = layer_spec(after)
+        assert spec is not None and spec.identity is not None
+        n, nd = getattr(after, spec.out_attr), after.weight.dim() - 2
+        k = 1
+        if nd > 0:  # the new conv's kernel: kernel_size, else after's made odd (as _conv_identity does)
+            size = self.kernel_size if self.kernel_size is not None else max(after.kernel_size)
+            k = (size + 1 - size % 2) ** nd
+        one = n * n * k + (n if after.bias is not None else 0)
+        return 2 * one if self.residual else one + (2 * n if self.batch_norm else 0)
+
+    @property
     def _act_last(self) -> bool:
         return self.activation is not None and not self.act_first and not self.residual
 

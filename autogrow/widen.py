@@ -10,6 +10,7 @@ units get random incoming and outgoing weights.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -61,6 +62,11 @@ class WidenPlan:
     consumers: list[str]
     changes: list[TensorChange] = field(repr=False)
     attrs: list[tuple[str, str, int]] = field(repr=False)  # (module, attribute, new value)
+
+    @property
+    def param_delta(self) -> int:
+        """How many parameters the plan adds."""
+        return sum(math.prod(c.new_shape) - math.prod(c.old_shape) for c in self.changes if c.is_param)
 
     def __str__(self) -> str:
         base = self.maps[BASE]

@@ -1,0 +1,80 @@
+"""Growth history on a module and in checkpoints: how a grown model is rebuilt from a small one.
+
+A module that grew carries its history (a list of :meth:`Growth.to_dict` records) in the attribute
+``_autogrow_history``; checkpoints carry it under ``checkpoint["autogrow"]["history"]``. Loading a
+grown checkpoint means: build the original (small) model, replay the history, then load the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from autogrow.replay import replay
+
+CHECKPOINT_KEY = "autogrow"
+_ATTR = "_autogrow_history"
+
+
+def history_of(module: nn.Module) -> list[dict[str, Any]]:
+    """The growth records applied to ``module`` so far (oldest first)."""
+    return list(getattr(module, _ATTR, []))
+
+
+def set_history(module: nn.Module, history: Sequence[Mapping[str, Any]]) -> None:
+    object.__setattr__(module, _ATTR, [dict(h) for h in history])  # a plain attribute, not a submodule
+
+
+def restore_history(module: nn.Module, history: Sequence[Mapping[str, Any]]) -> int:
+    """Replay the records of ``history`` that ``module`` does not have yet; returns how many.
+
+    Example:
+        >>> import torch.nn as nn, autogrow
+        >>> from autogrow.checkpoint import restore_history
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> restore_history(net, [{"kind": "deepen", "target": "0", "seed": 0, "options": {"init": "identity",
+        ...     "residual": False, "batch_norm": False, "kernel_size": None, "layer": "Linear", "wrap": "1"},
+        ...     "maps": {}, "params": {}, "renames": {}, "new_params": {}, "buffers": []}])
+        1
+    """
+    done = history_of(module)
+    if len(done) > len(history) or any(a != b for a, b in zip(done, history)):
+        raise ValueError(f"history: the module already grew differently ({len(done)} records) from the "
+                         f"checkpoint's history ({len(history)} records)")
+    todo = list(history[len(done):])
+    replay(module, todo)
+    set_history(module, history)
+    return len(todo)
+
+
+def load_grown(model_class: type[nn.Module] | Callable[..., nn.Module], path: str | Path, *,
+               map_location: str | torch.device = "cpu", strict: bool = True, **kwargs: Any) -> nn.Module:
+    """Load a checkpoint of a grown model for inference, without a Trainer.
+
+    ``model_class`` is the model class (or a factory): it is built from the checkpoint's
+    ``hyper_parameters`` (Lightning's ``save_hyperparameters``) plus ``kwargs``, grown by replaying the
+    saved history, loaded with the weights and put in eval mode. Only load checkpoints you trust:
+    like Lightning's own loader, this unpickles the file.
+
+    Example:
+        >>> import tempfile, os, torch, torch.nn as nn, autogrow
+        >>> from autogrow.checkpoint import load_grown, set_history
+        >>> class Net(nn.Sequential):
+        ...     def __init__(self, hidden=8):
+        ...         super().__init__(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+        >>> net = Net(); g = autogrow.widen(net, "0", 12)
+        >>> path = os.path.join(tempfile.mkdtemp(), "grown.ckpt")
+        >>> torch.save({"state_dict": net.state_dict(), "hyper_parameters": {"hidden": 8},
+        ...             "autogrow": {"history": [g.to_dict()]}}, path)
+        >>> load_grown(Net, path)[0].out_features
+        12
+    """
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    module = model_class(**{**ckpt.get("hyper_parameters", {}), **kwargs})
+    restore_history(module, ckpt.get(CHECKPOINT_KEY, {}).get("history", []))
+    module.load_state_dict(ckpt["state_dict"], strict=strict)
+    return module.eval()

@@ -1,0 +1,259 @@
+"""AutoGrow inside real Trainer.fit runs (CPU, tiny MLPs on the real digits data, seconds each)."""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import re
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+import autogrow
+from callbacks import AutoGrow, load_grown
+from experiments.data import DigitsDataModule
+from experiments.models import MLP, Classifier
+
+
+def trainer(tmp_path, callbacks, max_epochs=10, logger=False, **kw) -> pl.Trainer:
+    return pl.Trainer(max_epochs=max_epochs, callbacks=callbacks, logger=logger, default_root_dir=tmp_path,
+                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                      deterministic=True, **kw)
+
+
+def tiny(hidden=(2,), **kw) -> Classifier:
+    pl.seed_everything(0, verbose=False)
+    return Classifier(MLP(64, list(hidden)), **{"lr": 0.1, **kw})
+
+
+@pytest.fixture(scope="module")
+def dm() -> DigitsDataModule:
+    return DigitsDataModule(batch_size=64, seed=0)
+
+
+class Watch(Callback):
+    """Checks, after AutoGrow's epoch-end hook, what growth must guarantee."""
+
+    def __init__(self, grow: AutoGrow) -> None:
+        self.grow, self.checked, self.modes_ok = grow, 0, True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.modes_ok &= all(m.training for m in pl_module.modules())  # new modules train too
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        ev = self.grow.events
+        if ev and ev[-1]["epoch"] == trainer.current_epoch:
+            # Function preserved: the validation loss of the grown model equals the one logged just before.
+            pl_module.eval()
+            with torch.no_grad():
+                losses = [F.cross_entropy(pl_module(x), y, reduction="sum") for x, y in trainer.datamodule.val_dataloader()]
+            pl_module.train()
+            n = sum(len(b[1]) for b in trainer.datamodule.val_dataloader())
+            now = float(sum(losses) / n)
+            logged = float(trainer.callback_metrics["val_loss"])
+            assert abs(now - logged) <= 1e-5 * max(1.0, logged), (now, logged)
+            # The optimizer holds exactly the model's parameters.
+            held = [id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]]
+            assert sorted(held) == sorted(id(p) for p in pl_module.parameters())
+            self.checked += 1
+
+
+def test_grows_at_the_plateau_and_keeps_the_function(tmp_path, dm):
+    model = tiny()
+    grow = AutoGrow(monitor="val_loss", patience=2, warmup=3, cooldown=1)
+    watch = Watch(grow)
+    trainer(tmp_path, [grow, watch], max_epochs=25).fit(model, datamodule=dm)
+    assert len(grow.events) >= 2 and watch.checked == len(grow.events) and watch.modes_ok
+    assert grow.events[0]["epoch"] >= 3  # not before warmup (3 evaluations)
+    epochs = [e["epoch"] for e in grow.events]
+    assert all(b - a >= 1 + 2 for a, b in zip(epochs, epochs[1:]))  # cooldown 1, then patience 2
+    assert model.model.fc1.out_features == 2 * 2 ** len(grow.events)
+    assert all(e["preservation_error"] < 1e-4 for e in grow.events)
+
+
+def test_fixed_schedule_respects_warmup_and_cooldown(tmp_path, dm):
+    model = tiny()
+    grow = AutoGrow(trigger="every", every=1, warmup=2, cooldown=2, factor=1.5)
+    trainer(tmp_path, [grow], max_epochs=9).fit(model, datamodule=dm)
+    assert [e["epoch"] for e in grow.events] == [2, 5, 8]
+
+
+def test_resume_is_bit_identical(tmp_path, dm):
+    def run(epochs, ckpt=None, root="a"):
+        model = tiny(hidden=(3, 3), optimizer="adam", lr=0.01, scheduler="cosine", max_epochs=8)
+        grow = AutoGrow(trigger="every", every=2, policy="round_robin", seed=3)
+        ckpt_cb = ModelCheckpoint(dirpath=tmp_path / root, save_last=True, every_n_epochs=1)
+        trainer(tmp_path, [grow, ckpt_cb], max_epochs=epochs).fit(model, datamodule=dm, ckpt_path=ckpt)
+        return model, grow
+
+    full, grow_full = run(8, root="full")
+    part, grow_part = run(4, root="part")
+    assert len(grow_part.events) == 2
+    resumed, grow_resumed = run(8, ckpt=tmp_path / "part" / "last.ckpt", root="resumed")
+    assert len(grow_resumed.events) == len(grow_full.events) == 4
+    a, b = full.state_dict(), resumed.state_dict()
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tensorboard_events_are_written(tmp_path, dm):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = tiny()
+    grow = AutoGrow(trigger="every", every=2)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer(tmp_path, [grow], max_epochs=4, logger=logger).fit(model, datamodule=dm)
+    acc = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0, "scalars": 0})
+    acc.Reload()
+    scalars = acc.Tags()["scalars"]
+    assert {"autogrow/params", "autogrow/event", "autogrow/width/model.fc1", "autogrow/preservation_error"} <= \
+        set(scalars)
+    assert [s.value for s in acc.Scalars("autogrow/width/model.fc1")] == [4, 8]
+    texts = [t.tensor_proto.string_val[0].decode() for t in acc.Tensors("autogrow/events/text_summary")]
+    assert len(texts) == 2 and "model.fc1" in texts[0] and "| 2 | 4 |" in texts[0]
+    params = acc.Scalars("autogrow/params")
+    assert params[-1].value == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("kw", [{"precision": "bf16-mixed"}, {"accumulate_grad_batches": 3}])
+def test_mixed_precision_and_accumulation(tmp_path, dm, kw):
+    model = tiny()
+    grow = AutoGrow(trigger="every", every=2, grow="widen")
+    deeper = AutoGrow(trigger="every", every=3, grow="deepen", targets=["model.fc1"])
+    trainer(tmp_path, [grow, deeper], max_epochs=6, **kw).fit(model, datamodule=dm)
+    assert len(grow.events) == 3 and len(deeper.events) == 2
+    assert math.isfinite(float(trainer(tmp_path, [], max_epochs=1).validate(model, datamodule=dm,
+                                                                           verbose=False)[0]["val_loss"]))
+
+
+def test_mid_epoch_validation_grows_at_next_batch(tmp_path, dm):
+    model = tiny()
+    grow = AutoGrow(trigger="every", every=1)
+    trainer(tmp_path, [grow], max_epochs=1, val_check_interval=5).fit(model, datamodule=dm)
+    n_batches = len(dm.train_dataloader())
+    assert [e["step"] for e in grow.events] == list(range(5, n_batches, 5))
+
+
+def test_early_stopping_patience_is_reset_and_checkpoints_load(tmp_path, dm):
+    class SeeReset(Callback):
+        resets = 0
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            es = trainer.early_stopping_callbacks[0]
+            if grow.events and grow.events[-1]["epoch"] == trainer.current_epoch:
+                assert es.wait_count == 0 and es.best_score < math.inf
+                SeeReset.resets += 1
+
+    model = tiny()
+    grow = AutoGrow(patience=2, min_delta=0.01)
+    es = EarlyStopping(monitor="val_loss", patience=3, min_delta=0.01)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    trainer(tmp_path, [grow, SeeReset(), es, ckpt], max_epochs=30).fit(model, datamodule=dm)
+    assert SeeReset.resets == len(grow.events) >= 1
+    x = next(iter(dm.val_dataloader()))[0]
+    files = sorted(glob.glob(os.path.join(tmp_path, "ckpt", "*.ckpt")),
+                   key=lambda p: int(re.search(r"epoch=(\d+)", p).group(1)))
+    for path in files[-1:] + files[:1]:
+        net = load_grown(Classifier, path, model=MLP(64, [2]))
+        also = Classifier.load_from_checkpoint(path, model=MLP(64, [2]))  # via GrowableMixin
+        assert torch.equal(net(x), also.eval()(x))
+    final = load_grown(Classifier, files[-1], model=MLP(64, [2]))
+    assert torch.equal(final(x), model.eval()(x))
+
+
+def test_policies_and_budgets(tmp_path, dm):
+    model = tiny(hidden=(2, 3))
+    grow = AutoGrow(trigger="every", every=1, policy="round_robin", units=1)
+    trainer(tmp_path, [grow], max_epochs=4).fit(model, datamodule=dm)
+    assert [e["changes"][0]["target"] for e in grow.events] == ["model.fc1", "model.fc2"] * 2
+
+    model = tiny(hidden=(2, 3))
+    grow = AutoGrow(trigger="every", every=1, policy="smallest", units=2, max_width=4)
+    trainer(tmp_path, [grow], max_epochs=5).fit(model, datamodule=dm)
+    assert model.model.fc1.out_features == 4 and model.model.fc2.out_features == 4
+    assert grow.stopped is not None and "max_width" in grow.stopped
+
+    model = tiny(hidden=(2, 3))
+    grow = AutoGrow(trigger="every", every=1, policy="gradient")
+    trainer(tmp_path, [grow], max_epochs=2).fit(model, datamodule=dm)
+    assert len(grow.events) == 2 and all(len(e["changes"]) == 1 for e in grow.events)
+
+    model = tiny(hidden=(2,))
+    grow = AutoGrow(trigger="every", every=1, max_params=700)
+    trainer(tmp_path, [grow], max_epochs=5).fit(model, datamodule=dm)
+    assert sum(p.numel() for p in model.parameters()) <= 700 and len(grow.events) == 2
+
+    model = tiny(hidden=(2,))
+    grow = AutoGrow(trigger="every", every=1, max_events=1)
+    trainer(tmp_path, [grow], max_epochs=3).fit(model, datamodule=dm)
+    assert len(grow.events) == 1
+
+
+def test_stop_and_rollback(tmp_path, dm):
+    """Growth at a zero learning rate cannot improve validation: growth stops and rolls back."""
+    model = tiny(hidden=(2,), lr=0.0)
+    grow = AutoGrow(trigger="every", every=3, stop_patience=2, rollback=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer(tmp_path, [grow], max_epochs=7).fit(model, datamodule=dm)
+    assert grow.stopped is not None and grow.events[-1]["trigger"] == "rollback"
+    growths = [e for e in grow.events if e["trigger"] != "rollback"]
+    assert len(growths) == 1  # no growth after the stop
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # back to the pre-growth model
+    assert autogrow.checkpoint.history_of(model) == []
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"mode": "up"}, "mode: 'up' is not allowed"),
+    ({"patience": 0}, "patience: 0 is not allowed"),
+    ({"factor": 1.0}, "factor: 1.0 is not allowed; expected a number > 1"),
+    ({"trigger": "sometimes"}, "trigger: 'sometimes'"),
+    ({"policy": "best"}, "policy: 'best'"),
+    ({"grow": "taller"}, "grow: 'taller'"),
+    ({"optimizer_state": "keep"}, "optimizer_state: 'keep'"),
+    ({"split": 1.0}, r"split: 1.0 is not allowed; expected a float in \[0, 1\)"),
+    ({"max_params": 0}, "max_params: 0"),
+    ({"rollback": True}, "rollback: True is not allowed; expected False unless stop_patience is set"),
+    ({"targets": []}, r"targets: \[\]"),
+    ({"window": 0, "trigger": "dnc"}, "window: 0"),
+])
+def test_bad_arguments_raise_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AutoGrow(**kwargs)
+
+
+def test_unsupported_setups_fail_in_setup(tmp_path, dm):
+    spawn = pl.Trainer(strategy="ddp_spawn", accelerator="cpu", devices=2, logger=False)
+    with pytest.raises(MisconfigurationException, match="strategy DDPStrategy is not supported"):
+        AutoGrow().setup(spawn, tiny(), "fit")
+
+    class Manual(Classifier):
+        def __init__(self) -> None:
+            super().__init__(MLP(64, [2]))
+            self.automatic_optimization = False
+
+    with pytest.raises(MisconfigurationException, match="manual optimization"):
+        trainer(tmp_path, [AutoGrow()], max_epochs=1).fit(Manual(), datamodule=dm)
+    with pytest.raises(MisconfigurationException, match=r"targets: 'model.out' cannot widen.*model's output"):
+        trainer(tmp_path, [AutoGrow(targets=["model.out"])], max_epochs=1).fit(tiny(), datamodule=dm)
+    with pytest.raises(RuntimeError, match="monitor='val_los' was not logged"):
+        trainer(tmp_path, [AutoGrow(monitor="val_los")], max_epochs=1).fit(tiny(), datamodule=dm)
+
+
+def test_non_finite_metric_warns_and_does_not_grow(tmp_path, dm):
+    class NanVal(Classifier):
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", float("nan"))
+
+    pl.seed_everything(0, verbose=False)
+    model = NanVal(MLP(64, [2]))
+    grow = AutoGrow(trigger="every", every=1)
+    with pytest.warns(UserWarning, match="non-finite metric"):
+        trainer(tmp_path, [grow], max_epochs=2).fit(model, datamodule=dm)
+    assert grow.events == []
