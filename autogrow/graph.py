@@ -30,7 +30,18 @@ from autogrow.registry import (
 BASE = "base"  # key of the mapping drawn for the widened layer itself
 
 
+try:  # torch.compile's wrapper; its original module holds the live parameters
+    from torch._dynamo.eval_frame import OptimizedModule
+except ImportError:  # pragma: no cover - torch builds without dynamo
+    OptimizedModule = ()  # type: ignore[assignment,misc]
+
+
 class _Tracer(fx.Tracer):
+    def call_module(self, m: nn.Module, forward: object, args: tuple, kwargs: dict) -> object:
+        if isinstance(m, OptimizedModule):  # trace what was compiled; surgery then triggers a recompile
+            return self.call_module(m._orig_mod, m._orig_mod.forward, args, kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # Registered layers are atoms; everything else (Sequential, user blocks) is traced through.
         if layer_spec(m) or channel_spec(m) or is_elementwise(m):

@@ -257,3 +257,15 @@ def test_non_finite_metric_warns_and_does_not_grow(tmp_path, dm):
     with pytest.warns(UserWarning, match="non-finite metric"):
         trainer(tmp_path, [grow], max_epochs=2).fit(model, datamodule=dm)
     assert grow.events == []
+
+
+def test_torch_compile_recompiles_after_growth(tmp_path, dm):
+    model = tiny(hidden=(4,))
+    model.model = torch.compile(model.model)
+    grow = AutoGrow(trigger="every", every=1, max_events=1)
+    trainer(tmp_path, [grow], max_epochs=2).fit(model, datamodule=dm)
+    assert grow.events[0]["changes"][0]["target"] == "model._orig_mod.fc1"
+    assert grow.events[0]["preservation_error"] < 1e-4
+    x = next(iter(dm.val_dataloader()))[0]
+    compiled, eager = model.model(x), model.model._orig_mod(x)  # the compiled graph follows the new shapes
+    assert compiled.shape == eager.shape and torch.allclose(compiled, eager, atol=1e-5)
