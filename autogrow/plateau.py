@@ -54,8 +54,12 @@ class Trigger:
         decide = self._decide(float(value))
         if self.cooldown_left > 0:
             self.cooldown_left -= 1
+            self._forget()  # like ReduceLROnPlateau: bad evaluations in cooldown do not count
             return False
         return decide and self.evaluations > self.warmup
+
+    def _forget(self) -> None:
+        """Drop what counts towards the next growth (called during cooldown)."""
 
     def notify_growth(self) -> None:
         self.cooldown_left = self.cooldown
@@ -104,6 +108,9 @@ class Plateau(Trigger):
     def notify_growth(self) -> None:
         super().notify_growth()
         self.wait = 0  # the best value stays: surgery preserves the function
+
+    def _forget(self) -> None:
+        self.wait = 0
 
 
 @dataclass
