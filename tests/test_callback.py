@@ -51,10 +51,11 @@ class Watch(Callback):
         if ev and ev[-1]["epoch"] == trainer.current_epoch:
             # Function preserved: the validation loss of the grown model equals the one logged just before.
             pl_module.eval()
+            val = list(trainer.datamodule.val_dataloader())
             with torch.no_grad():
-                losses = [F.cross_entropy(pl_module(x), y, reduction="sum") for x, y in trainer.datamodule.val_dataloader()]
+                losses = [F.cross_entropy(pl_module(x), y, reduction="sum") for x, y in val]
             pl_module.train()
-            n = sum(len(b[1]) for b in trainer.datamodule.val_dataloader())
+            n = sum(len(b[1]) for b in val)
             now = float(sum(losses) / n)
             logged = float(trainer.callback_metrics["val_loss"])
             assert abs(now - logged) <= 1e-5 * max(1.0, logged), (now, logged)
