@@ -134,8 +134,8 @@ class ArrayDataModule(pl.LightningDataModule):
         val_idx, train_idx = perm[:n_val], perm[n_val:]
         if self.train_subset is not None:
             train_idx = train_idx[: self.train_subset]
-        x, y, xt, yt = prep(xtr), torch.as_tensor(ytr, dtype=torch.long), prep(xte), torch.as_tensor(yte,
-                                                                                                      dtype=torch.long)
+        x, xt = prep(xtr), prep(xte)
+        y, yt = (torch.from_numpy(np.array(a, dtype=np.int64)) for a in (ytr, yte))
         self._splits = {"train": TensorDataset(x[train_idx], y[train_idx]),
                         "val": TensorDataset(x[val_idx], y[val_idx]), "test": TensorDataset(xt, yt)}
 
