@@ -11,7 +11,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
@@ -109,7 +109,9 @@ def test_tensorboard_events_are_written(tmp_path, dm):
     model = tiny()
     grow = AutoGrow(trigger="every", every=2)
     logger = TensorBoardLogger(tmp_path, name="tb")
-    trainer(tmp_path, [grow], max_epochs=4, logger=logger).fit(model, datamodule=dm)
+    lrs = LearningRateMonitor(logging_interval="step")
+    tr = trainer(tmp_path, [grow, lrs], max_epochs=4, logger=logger, log_every_n_steps=1)
+    tr.fit(model, datamodule=dm)
     acc = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0, "scalars": 0})
     acc.Reload()
     scalars = acc.Tags()["scalars"]
@@ -118,6 +120,7 @@ def test_tensorboard_events_are_written(tmp_path, dm):
     assert [s.value for s in acc.Scalars("autogrow/width/model.fc1")] == [4, 8]
     texts = [t.tensor_proto.string_val[0].decode() for t in acc.Tensors("autogrow/events/text_summary")]
     assert len(texts) == 2 and "model.fc1" in texts[0] and "| 2 | 4 |" in texts[0]
+    assert len(acc.Scalars("lr-SGD")) == tr.global_step  # the LR monitor follows the rebuilt optimizers
     params = acc.Scalars("autogrow/params")
     assert params[-1].value == sum(p.numel() for p in model.parameters())
 
