@@ -277,3 +277,43 @@ def test_replay_gives_identical_shapes_and_weights():
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(autogrow.AutogrowError, match="does not fit"):
         autogrow.replay(TinyResNet(c=5), as_json[:1])
+
+
+class Scale(nn.Module):
+    """A user layer with one learned scale per feature."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+        self.gain = nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        return x * self.gain
+
+
+class Swish(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+class MaskedLinear(nn.Linear):
+    """A subclass of a registered type: handled through isinstance, no registration needed."""
+
+
+def test_user_registered_layers():
+    autogrow.register_channelwise(Scale, autogrow.ChannelSpec({"gain": 1.0}, lambda m, n: setattr(m, "n", n),
+                                                              dims=(-1,)))
+    autogrow.register_elementwise(Swish)
+    torch.manual_seed(0)
+    net = nn.Sequential(MaskedLinear(4, 6), Scale(6), Swish(), nn.Linear(6, 3))
+    x = torch.randn(5, 4)
+    ref = net(x)
+    plan = autogrow.plan_widen(net, "0", 10, split=0.3, generator=0)
+    assert plan.channelwise == ["1"] and plan.consumers == ["3"]
+    plan.apply()
+    assert net[1].gain.shape == (10,) and net[1].n == 10
+    assert max_rel_error(ref, net(x)) <= 1e-6
+    with pytest.raises(autogrow.AutogrowError, match="not idempotent"):
+        autogrow.plan_deepen(net, "0")  # Scale is skipped like a norm; Swish is no ReLU
+    autogrow.deepen(net, "0", residual=True, generator=0)
+    assert max_rel_error(ref, net(x)) <= 1e-6
