@@ -273,3 +273,24 @@ def test_torch_compile_recompiles_after_growth(tmp_path, dm):
     x = next(iter(dm.val_dataloader()))[0]
     compiled, eager = model.model(x), model.model._orig_mod(x)  # the compiled graph follows the new shapes
     assert compiled.shape == eager.shape and torch.allclose(compiled, eager, atol=1e-5)
+
+
+def test_resume_from_a_checkpoint_with_growth_pending(tmp_path, dm):
+    """A checkpoint saved at validation end: the growth is decided there but not yet applied."""
+    def run(epochs, ckpt=None, root="a"):
+        model = tiny(hidden=(3,), optimizer="adam", lr=0.01)
+        grow = AutoGrow(trigger="every", every=2, seed=5)
+        ckpt_cb = ModelCheckpoint(dirpath=tmp_path / root, monitor="val_loss", save_top_k=-1,
+                                  filename="{epoch}", save_on_train_epoch_end=False)
+        trainer(tmp_path, [grow, ckpt_cb], max_epochs=epochs).fit(model, datamodule=dm, ckpt_path=ckpt)
+        return model, grow
+
+    full, _ = run(6, root="full")
+    run(4, root="part")
+    pending = torch.load(tmp_path / "part" / "epoch=3.ckpt", weights_only=False)
+    state = next(v for k, v in pending["callbacks"].items() if k.startswith("AutoGrow"))
+    assert state["pending"] and len(pending["autogrow"]["history"]) == 1  # saved before the 2nd growth
+    resumed, grow = run(6, ckpt=tmp_path / "part" / "epoch=3.ckpt", root="resumed")
+    assert len(grow.events) == 3
+    a, b = full.state_dict(), resumed.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
