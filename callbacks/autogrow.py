@@ -203,6 +203,11 @@ class AutoGrow(Callback):
         on_load_checkpoint._autogrow = True  # type: ignore[attr-defined]
         pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # The wrapper is a closure (not picklable): only needed while fit may resume.
+        if getattr(pl_module.__dict__.get("on_load_checkpoint"), "_autogrow", False):
+            del pl_module.on_load_checkpoint
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
             raise MisconfigurationException(f"AutoGrow: expects exactly one optimizer, configure_optimizers "

@@ -76,6 +76,7 @@ def test_grows_at_the_plateau_and_keeps_the_function(tmp_path, dm):
     assert all(b - a >= 1 + 2 for a, b in zip(epochs, epochs[1:]))  # cooldown 1, then patience 2
     assert model.model.fc1.out_features == 2 * 2 ** len(grow.events)
     assert all(e["preservation_error"] < 1e-4 for e in grow.events)
+    torch.save(model, tmp_path / "whole.pt")  # no callback leftovers on the module after fit
 
 
 def test_fixed_schedule_respects_warmup_and_cooldown(tmp_path, dm):
