@@ -41,7 +41,7 @@ class History(Callback):
         self.train_losses.append(float(outputs["loss"]))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         m = trainer.callback_metrics
         self.evals.append({"epoch": trainer.current_epoch + 1, "step": trainer.global_step,
@@ -80,13 +80,16 @@ def train(label: str, module: Classifier, dm: ArrayDataModule, epochs: int, call
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          num_sanity_val_steps=0, deterministic=True)
     extra = {}
-    if validate_first:  # the model before any training (epoch 0)
+    if validate_first:  # the model before any training: epoch 0
         res = trainer.validate(module, datamodule=dm, verbose=False)[0]
-        extra["epoch0"] = {"val_loss": res["val_loss"], "val_acc": res["val_acc"]}
+        extra["epoch0"] = {"epoch": 0, "step": 0, "time": 0.0, "val_loss": res["val_loss"], "val_acc": res["val_acc"],
+                           "train_flops": 0.0, "params": sum(p.numel() for p in module.parameters())}
     pl.seed_everything(seed, verbose=False)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     wall = time.perf_counter() - t0
+    if validate_first:
+        history.evals.insert(0, extra["epoch0"])
     test = trainer.test(module, datamodule=dm, verbose=False)[0]
     events = [e for cb in callbacks if isinstance(cb, AutoGrow) for e in cb.events]
     return Run(label, history.evals, float(test["test_acc"]), wall, float(module.train_flops),
