@@ -22,7 +22,7 @@ FIXED = (4, 8, 16, 32, 64, 128)
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = parser(__doc__, epochs=15, seeds=1)
-    ap.add_argument("--threshold", type=float, default=0.02)
+    ap.add_argument("--threshold", type=float, default=0.05)
     args = ap.parse_args(argv)
     out = finish_args(args, "dnc")
     fixed = FIXED[:3] if args.quick else FIXED
@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     lines += [f"| {r['run']} | {r['hidden']} | {r['test_acc']:.4f} | {r['best_val_acc']:.4f} | {r['wall_s']:.1f} | "
               f"{r['train_flops'] / 1e9:.2f} |" for r in rows]
     md = (f"### Dynamic node creation vs fixed sizes (Fashion-MNIST, one hidden layer, Adam 1e-3, {args.epochs} "
-          f"epochs)\n\n- DNC: 4 -> {d['hidden']} units in {d['events']} events (rollbacks included); "
+          f"epochs)\n\n- DNC (window 2, threshold {args.threshold}, +4 units, stop after 3, rollback): 4 -> "
+          f"{d['hidden']} units in {d['events']} events (rollbacks included); "
           f"stopped: {d['stopped'] or 'no'}; test accuracy {d['test_acc']:.4f}\n"
           f"- best fixed size (by validation accuracy): {best['hidden']} units, test accuracy {best['test_acc']:.4f}"
           f"\n\n" + "\n".join(lines))
