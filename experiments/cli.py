@@ -45,10 +45,15 @@ class AutogrowCLI(LightningCLI):
             print(f"  TensorBoard: tensorboard --logdir {trainer.logger.log_dir}")
 
 
-def main(args: list[str] | None = None) -> AutogrowCLI:
-    """Entry point of the ``autogrow`` console script."""
+def cli(args: list[str] | None = None) -> AutogrowCLI:
+    """Run the CLI and return it (trainer, model and data module stay inspectable)."""
     return AutogrowCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                        save_config_kwargs={"overwrite": True}, args=args)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``autogrow`` console script (returns None: the wrapper exits with it)."""
+    cli(args)
 
 
 if __name__ == "__main__":

@@ -8,20 +8,20 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from callbacks import AutoGrow
-from experiments.cli import main
+from experiments.cli import cli, main
 
 CONFIG = Path(__file__).parent.parent / "experiments" / "configs" / "quickstart.yaml"
 
 
 def test_quickstart_config_runs_and_grows(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing lands in the repository
-    cli = main(["fit", "--config", str(CONFIG), "--trainer.max_epochs", "20",
-                "--trainer.logger.init_args.save_dir", str(tmp_path)])
-    grow = next(cb for cb in cli.trainer.callbacks if isinstance(cb, AutoGrow))
+    run = cli(["fit", "--config", str(CONFIG), "--trainer.max_epochs", "20",
+               "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    grow = next(cb for cb in run.trainer.callbacks if isinstance(cb, AutoGrow))
     out = capsys.readouterr().out
     assert len(grow.events) >= 1 and "== autogrow summary ==" in out and "test accuracy" in out
-    assert f"parameters: 160 -> {sum(p.numel() for p in cli.model.parameters()):,}" in out
-    acc = EventAccumulator(cli.trainer.logger.log_dir)
+    assert f"parameters: 160 -> {sum(p.numel() for p in run.model.parameters()):,}" in out
+    acc = EventAccumulator(run.trainer.logger.log_dir)
     acc.Reload()
     assert "autogrow/params" in acc.Tags()["scalars"]
 
@@ -30,3 +30,16 @@ def test_print_config(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(CONFIG), "--print_config"])
     assert "class_path: callbacks.AutoGrow" in capsys.readouterr().out
+
+
+def test_console_script_exits_zero(tmp_path):
+    """The installed ``autogrow`` command: exit status 0 and nothing printed after the summary."""
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).with_name("autogrow")
+    proc = subprocess.run([str(script), "fit", "--config", str(CONFIG), "--trainer.max_epochs", "6",
+                           "--trainer.logger.init_args.save_dir", str(tmp_path)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "== autogrow summary ==" in proc.stdout and "AutogrowCLI object" not in proc.stdout + proc.stderr
