@@ -137,6 +137,19 @@ def mean_std(xs: Sequence[float]) -> str:
     return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
 
 
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """A markdown table: one row per dict, columns as (header, key, format spec).
+
+        >>> print(table([{"a": 1, "b": 0.5}], [("A", "a", "d"), ("B", "b", ".2f")]))
+        | A | B |
+        |---|---|
+        | 1 | 0.50 |
+    """
+    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|---" * len(columns) + "|"]
+    lines += ["| " + " | ".join(format(r[k], f) for _, k, f in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def write(out: Path, name: str, rows: list[dict[str, Any]], markdown: str) -> None:
     """``name``.csv and .json (rows), and .md (the table, with date and machine)."""
     keys = list(dict.fromkeys(k for r in rows for k in r))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 
 from callbacks import AutoGrow
-from experiments.common import fashion, finish_args, parser, plot, train, write
+from experiments.common import fashion, finish_args, parser, plot, table, train, write
 from experiments.models import MLP
 from experiments.suite_grid import classifier
 
@@ -45,15 +45,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         runs.append(run)
     best = max((r for r in rows if r["run"] == "fixed"), key=lambda r: r["best_val_acc"])
     d = rows[0]
-    lines = ["| run | hidden units | test acc | best val acc | wall s | train GFLOPs |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['run']} | {r['hidden']} | {r['test_acc']:.4f} | {r['best_val_acc']:.4f} | {r['wall_s']:.1f} | "
-              f"{r['train_flops'] / 1e9:.2f} |" for r in rows]
+    shown = [{**r, "gflops": r["train_flops"] / 1e9} for r in rows]
+    lines = table(shown, [("run", "run", "s"), ("hidden units", "hidden", "d"), ("test acc", "test_acc", ".4f"),
+                          ("best val acc", "best_val_acc", ".4f"), ("wall s", "wall_s", ".1f"),
+                          ("train GFLOPs", "gflops", ".2f")])
     md = (f"### Dynamic node creation vs fixed sizes (Fashion-MNIST, one hidden layer, Adam 1e-3, {args.epochs} "
           f"epochs)\n\n- DNC (window 2, threshold {args.threshold}, +4 units, stop after 3, rollback): 4 -> "
           f"{d['hidden']} units in {d['events']} events (rollbacks included); "
           f"stopped: {d['stopped'] or 'no'}; test accuracy {d['test_acc']:.4f}\n"
           f"- best fixed size (by validation accuracy): {best['hidden']} units, test accuracy {best['test_acc']:.4f}"
-          f"\n\n" + "\n".join(lines))
+          f"\n\n" + lines)
     write(out, "dnc", rows, md)
     plot(out, "dnc", runs[:1] + runs[-3:], "Dynamic node creation vs fixed sizes")
     return rows

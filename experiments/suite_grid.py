@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 
 import autogrow
 from callbacks import AutoGrow
-from experiments.common import Run, fashion, finish_args, parser, plot, train, write
+from experiments.common import Run, fashion, finish_args, parser, plot, table, train, write
 from experiments.models import MLP, Classifier
 
 GRID = (64, 128, 256)
@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     grid_rows = [r for r in rows if r["kind"] == "grid"]
     best = max(grid_rows, key=lambda r: r["best_val_acc"])
     g = next(r for r in rows if r["kind"] == "growth")
-    lines = ["| kind | h1 | h2 | test acc | wall s | train GFLOPs | params |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['kind']} | {r['h1']} | {r['h2']} | {r['test_acc']:.4f} | {r['wall_s']:.1f} | "
-              f"{r['train_flops'] / 1e9:.1f} | {r['params']:,} |" for r in rows]
+    shown = [{**r, "gflops": r["train_flops"] / 1e9} for r in rows]
+    lines = table(shown, [("kind", "kind", "s"), ("h1", "h1", "d"), ("h2", "h2", "d"), ("test acc", "test_acc", ".4f"),
+                          ("wall s", "wall_s", ".1f"), ("train GFLOPs", "gflops", ".1f"), ("params", "params", ",")])
     total_wall, total_flops = sum(r["wall_s"] for r in grid_rows), sum(r["train_flops"] for r in grid_rows)
     md = (f"### Grid search vs one growth run (Fashion-MNIST MLP, Adam 1e-3, {args.epochs} epochs each)\n\n"
           f"- grid best (by validation accuracy): {best['h1']}x{best['h2']}, test accuracy {best['test_acc']:.4f}; "
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"{g['test_acc']:.4f}, cost {g['wall_s']:.0f} s, {g['train_flops'] / 1e9:.0f} GFLOPs "
           f"({g['train_flops'] / total_flops:.1%} of the grid's FLOPs)\n"
           f"- net2net rows: a {grid[0]}x{grid[0]} net trained {half} epochs, widened into each size, trained "
-          f"{args.epochs - half} more (cost includes the base)\n\n" + "\n".join(lines))
+          f"{args.epochs - half} more (cost includes the base)\n\n" + lines)
     write(out, "grid", rows, md)
     plot(out, "grid", [runs[0], runs[-1], grown], "Grid corners vs growth run")
     return rows
