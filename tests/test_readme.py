@@ -11,3 +11,13 @@ def test_readme_example_runs():
     block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     assert "autogrow.plan_widen" in block
     exec(compile(block, "README.md", "exec"), {})
+
+
+def test_core_does_not_import_lightning():
+    import subprocess
+    import sys
+
+    code = ("import sys, autogrow, autogrow.checkpoint, autogrow.plateau, autogrow.policy; "
+            "print([m for m in sys.modules if 'lightning' in m or 'torchmetrics' in m])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
