@@ -13,7 +13,6 @@ import argparse
 import copy
 import statistics
 import time
-from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -37,16 +36,6 @@ def cnn(c: int) -> tuple[nn.Module, str, int, torch.Tensor]:
 SIZES = {1: {"mlp": 600, "cnn": 235}, 10: {"mlp": 2700, "cnn": 745}, 50: {"mlp": 6600, "cnn": 1666}}
 
 
-def timed(fn: Callable[[object], object], setup: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        state = setup()
-        t0 = time.perf_counter()
-        fn(state)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 50], choices=sorted(SIZES))
@@ -64,22 +53,35 @@ def main(argv: list[str] | None = None) -> None:
 def bench_one(kind: str, net: nn.Module, target: str, width: int, x: torch.Tensor, repeats: int) -> str:
     net.eval()
     n_params = sum(p.numel() for p in net.parameters())
-    # Same conditions for both: a fresh deep copy as set-up, new memory allocated inside the timing.
-    t_clone = timed(lambda m: [p.detach().clone() for p in m.parameters()], lambda: copy.deepcopy(net), repeats)
-    t_widen = timed(lambda m: autogrow.plan_widen(m, target, width, generator=0).apply(),
-                    lambda: copy.deepcopy(net), repeats)
+    # Side by side under the same allocator state: each repeat times a clone of a fresh copy, frees it,
+    # then times the widening of that same copy.
+    clone_times, widen_times = [], []
+    for _ in range(repeats):
+        m = copy.deepcopy(net)
+        t0 = time.perf_counter()
+        clones = [p.detach().clone() for p in m.parameters()]
+        clone_times.append(time.perf_counter() - t0)
+        del clones
+        t0 = time.perf_counter()
+        autogrow.plan_widen(m, target, width, generator=0).apply()
+        widen_times.append(time.perf_counter() - t0)
+    t_clone, t_widen = statistics.median(clone_times), statistics.median(widen_times)
     # optimizer: Adam after one step, remapped after the same widening
     opt = torch.optim.Adam(net.parameters())
     net(x).square().mean().backward()
     opt.step()
-    t_state = timed(lambda o: {p: {k: v.clone() for k, v in s.items()} for p, s in o.state.items()},
-                    lambda: copy.deepcopy(opt), repeats)
-
-    def setup_remap() -> tuple:
+    state_times, remap_times = [], []
+    for _ in range(repeats):
         m, o = copy.deepcopy((net, opt))
-        return m, o, autogrow.widen(m, target, width, generator=0)
-
-    t_remap = timed(lambda s: autogrow.grow_optimizer(s[1], s[2], s[0]), setup_remap, repeats)
+        t0 = time.perf_counter()
+        copies = {p: {k: v.clone() for k, v in st.items()} for p, st in o.state.items()}
+        state_times.append(time.perf_counter() - t0)
+        del copies
+        g = autogrow.widen(m, target, width, generator=0)
+        t0 = time.perf_counter()
+        autogrow.grow_optimizer(o, g, m)
+        remap_times.append(time.perf_counter() - t0)
+    t_state, t_remap = statistics.median(state_times), statistics.median(remap_times)
     grown = copy.deepcopy(net)
     with torch.no_grad():
         ref = net(x)
