@@ -27,6 +27,22 @@ class UnitMap:
     scale: torch.Tensor  # float64
     fresh: torch.Tensor  # bool
 
+    @property
+    def scaled(self) -> bool:
+        """Whether some unit carries a share other than 1 (a replicated unit)."""
+        return not bool((self.scale == 1).all())
+
+    def take(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """``t`` re-indexed along ``dim``: a new tensor, safe to modify in place."""
+        return t.index_select(dim, self.idx.to(t.device))
+
+    @staticmethod
+    def along(v: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+        """The per-unit vector ``v`` shaped to broadcast along ``dim`` of ``like`` (on its device)."""
+        shape = [1] * like.dim()
+        shape[dim] = -1
+        return v.to(like.device).view(shape)
+
     def expand(self, block: int) -> UnitMap:
         """The same mapping over features laid out as ``block`` consecutive entries per unit."""
         if block == 1:

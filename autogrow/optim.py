@@ -104,13 +104,11 @@ def transform_state(st: Mapping[str, Any], transforms: Sequence[Transform], maps
             power = powers.get(k, 0)
             for tr in transforms:
                 um = maps[tr.map].expand(tr.block)
-                v = v.index_select(tr.dim, um.idx.to(v.device))  # a new tensor: in-place below is safe
-                shape = [1] * v.dim()
-                shape[tr.dim] = -1
-                if tr.role == "out" and power and not bool((um.scale == 1).all()):
-                    v.mul_(um.scale.to(v.device, v.dtype).pow(power).view(shape))
+                v = um.take(v, tr.dim)
+                if tr.role == "out" and power and um.scaled:
+                    v.mul_(um.along(um.scale.to(v.dtype).pow(power), v, tr.dim))
                 if bool(um.fresh.any()):  # random units: no history
-                    v.masked_fill_(um.fresh.to(v.device).view(shape), 0)
+                    v.masked_fill_(um.along(um.fresh, v, tr.dim), 0)
         out[k] = v
     return out
 

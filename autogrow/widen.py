@@ -139,17 +139,15 @@ class WidenPlan:
         for tr in c.transforms:
             um = self.maps[tr.map].expand(tr.block)
             n_old = t.shape[tr.dim]
-            t = t.index_select(tr.dim, um.idx.to(t.device))  # a new tensor: in-place ops below are safe
-            shape = [1] * t.dim()
-            shape[tr.dim] = -1
-            if tr.role == "in" and not bool((um.scale == 1).all()):
-                t.mul_(um.scale.to(t.device, t.dtype).view(shape))
+            t = um.take(t, tr.dim)
+            if tr.role == "in" and um.scaled:
+                t.mul_(um.along(um.scale.to(t.dtype), t, tr.dim))
             if tr.role == "in" and self.noise > 0 and t.shape[tr.dim] > n_old:
                 copies = t.narrow(tr.dim, n_old, t.shape[tr.dim] - n_old)
                 eps = torch.randn(copies.shape, generator=gen).to(t.device, t.dtype) * (self.noise * std)
                 t = torch.cat([t.narrow(tr.dim, 0, n_old), copies + eps], dim=tr.dim)
             if bool(um.fresh.any()):
-                mask = um.fresh.to(t.device).view(shape).expand_as(t)
+                mask = um.along(um.fresh, t, tr.dim).expand_as(t)
                 if c.fill is not None:
                     rnd = torch.full(t.shape, c.fill, dtype=t.dtype, device=t.device)
                 elif t.dim() == 1:
