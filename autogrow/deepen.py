@@ -32,6 +32,7 @@ from autogrow.registry import (
     IDEMPOTENT_FUNCTIONS,
     IDEMPOTENT_METHODS,
     channel_spec,
+    identity_kernel_size,
     is_elementwise,
     is_idempotent,
     layer_spec,
@@ -70,6 +71,11 @@ class DeepenPlan:
     batch_norm: bool = False
     kernel_size: int | None = None
     seed: int = 0
+    # The modules the plan was made for: apply refuses if either has been replaced since.
+    _modules: tuple[nn.Module, nn.Module] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self._modules = (self.model.get_submodule(self.after), self.model.get_submodule(self.wrap))
 
     def __str__(self) -> str:
         new = "Residual(layer, act, zero layer)" if self.residual else "identity layer" + (
@@ -85,10 +91,7 @@ class DeepenPlan:
         spec = layer_spec(after)
         assert spec is not None and spec.identity is not None
         n, nd = getattr(after, spec.out_attr), after.weight.dim() - 2
-        k = 1
-        if nd > 0:  # the new conv's kernel: kernel_size, else after's made odd (as _conv_identity does)
-            size = self.kernel_size if self.kernel_size is not None else max(after.kernel_size)
-            k = (size + 1 - size % 2) ** nd
+        k = identity_kernel_size(after, self.kernel_size) ** nd if nd > 0 else 1
         one = n * n * k + (n if after.bias is not None else 0)
         return 2 * one if self.residual else one + (2 * n if self.batch_norm else 0)
 
@@ -103,11 +106,13 @@ class DeepenPlan:
         return apply_with_optimizer(self.model, self._apply, optimizer, state)
 
     def _apply(self) -> Growth:
-        sites = call_sites(trace(self.model))
-        if len(sites.get(self.wrap, [])) != 1 or len(sites.get(self.after, [])) != 1:
+        after, wrapped = self._modules
+        try:
+            current = (self.model.get_submodule(self.after), self.model.get_submodule(self.wrap))
+        except AttributeError:
+            current = None
+        if current is None or current[0] is not after or current[1] is not wrapped:
             raise AutogrowError("plan: the model changed since the plan was made; make a new plan")
-        after = self.model.get_submodule(self.after)
-        wrapped = self.model.get_submodule(self.wrap)
         gen = torch.Generator().manual_seed(self.seed)
         new = self._build(after, gen)
         if self.act_first:
@@ -147,7 +152,7 @@ class DeepenPlan:
             _random_init(layer, gen)
         out = [layer]
         if self.batch_norm:
-            out.append(_identity_batch_norm(after, layer))
+            out.append(_identity_batch_norm(layer))
         return out
 
 
@@ -160,7 +165,7 @@ def _random_init(m: nn.Module, gen: torch.Generator) -> None:
             p.copy_((torch.rand(p.shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound)
 
 
-def _identity_batch_norm(after: nn.Module, layer: nn.Module) -> nn.Module:
+def _identity_batch_norm(layer: nn.Module) -> nn.Module:
     nd = layer.weight.dim() - 2
     cls = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[nd]
     n = layer.weight.shape[0]

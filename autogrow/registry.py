@@ -142,10 +142,14 @@ def _linear_identity(m: nn.Module, kernel_size: int | None) -> nn.Module:
     return new
 
 
-def _conv_identity(m: nn.Module, kernel_size: int | None) -> nn.Module:
+def identity_kernel_size(m: nn.Module, kernel_size: int | None) -> int:
+    """Kernel of a new identity conv after ``m``: ``kernel_size``, else ``m``'s, made odd (a centred tap)."""
     k = kernel_size if kernel_size is not None else max(m.kernel_size)
-    if k % 2 == 0:
-        k += 1  # a centred identity tap needs an odd kernel
+    return k + 1 - k % 2
+
+
+def _conv_identity(m: nn.Module, kernel_size: int | None) -> nn.Module:
+    k = identity_kernel_size(m, kernel_size)
     n, nd = m.out_channels, len(m.kernel_size)
     new = type(m)(n, n, k, padding=k // 2, bias=m.bias is not None, padding_mode=m.padding_mode,
                   device="meta", dtype=m.weight.dtype).to_empty(device=m.weight.device)

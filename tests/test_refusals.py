@@ -124,6 +124,12 @@ def test_planning_never_mutates():
     assert model.emb.embedding_dim == 12
     with pytest.raises(autogrow.AutogrowError, match="changed since the plan"):
         plan.apply()  # stale plan
+    deeper = autogrow.plan_deepen(model, "blocks.0.fc1", residual=True)
+    deeper.apply()
+    before = snapshot(model)
+    with pytest.raises(autogrow.AutogrowError, match="changed since the plan"):
+        deeper.apply()  # its module was wrapped by the first apply
+    assert_unchanged(before, model)
 
 
 def test_optimizer_refusals_leave_model_and_optimizer_untouched():
