@@ -317,3 +317,16 @@ def test_user_registered_layers():
         autogrow.plan_deepen(net, "0")  # Scale is skipped like a norm; Swish is no ReLU
     autogrow.deepen(net, "0", residual=True, generator=0)
     assert max_rel_error(ref, net(x)) <= 1e-6
+
+
+@pytest.mark.parametrize("kw", [{}, {"residual": True}, {"batch_norm": True}, {"kernel_size": 5}])
+def test_param_delta_is_what_apply_adds(kw):
+    for net, after in ((nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), "0"),
+                       (nn.Sequential(nn.Conv2d(3, 4, 2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 9, 2)), "0")):
+        if "kernel_size" in kw and isinstance(net[0], nn.Linear):
+            continue
+        for plan in (autogrow.plan_deepen(net, after, **kw), autogrow.plan_widen(net, after, 11)):
+            before = sum(p.numel() for p in net.parameters())
+            delta = plan.param_delta
+            plan.apply()
+            assert sum(p.numel() for p in net.parameters()) - before == delta
