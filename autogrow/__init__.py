@@ -17,7 +17,7 @@ the separate top-level package ``callbacks``.
 from autogrow.checkpoint import load_grown
 from autogrow.deepen import DeepenPlan, Residual, deepen, plan_deepen
 from autogrow.errors import AutogrowError
-from autogrow.growth import Growth, Transform, UnitMap
+from autogrow.growth import Growth, Transform, UnitMap, num_params
 from autogrow.optim import (
     carry_scheduler,
     check_optimizer,
@@ -42,5 +42,5 @@ __all__ = [
     "AutogrowError", "ChannelSpec", "DeepenPlan", "Growth", "LayerSpec", "Residual", "Transform", "UnitMap",
     "WidenPlan", "carry_scheduler", "check_optimizer", "deepen", "grow_optimizer", "param_names", "plan_deepen",
     "plan_widen", "register_channelwise", "register_elementwise", "register_layer", "register_optimizer_state",
-    "load_grown", "replay", "translate_state_dict", "widen",
+    "load_grown", "num_params", "replay", "translate_state_dict", "widen",
 ]

@@ -138,6 +138,15 @@ class Growth:
         return f"deepen after {self.target}: new {o['layer']} ({o['init']}), {len(self.new_params)} new parameters"
 
 
+def num_params(module: torch.nn.Module) -> int:
+    """Number of parameter entries in ``module``.
+
+        >>> num_params(torch.nn.Linear(3, 2))
+        8
+    """
+    return sum(p.numel() for p in module.parameters())
+
+
 def make_seed(generator: torch.Generator | int | None) -> int:
     """A 63-bit seed from a generator, an int, or (``None``) the OS: never the global RNG."""
     if generator is None:

@@ -278,8 +278,7 @@ class AutoGrow(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.pending or self._rollback_pending:
             self._act(trainer, pl_module)
-        n = sum(p.numel() for p in pl_module.parameters())
-        pl_module.log("autogrow/params", float(n), prog_bar=True, rank_zero_only=True)
+        pl_module.log("autogrow/params", float(autogrow.num_params(pl_module)), prog_bar=True, rank_zero_only=True)
 
     def _act(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._rollback_pending:
@@ -330,10 +329,10 @@ class AutoGrow(Callback):
             return
         chosen = self.policy.choose(self._candidates(pl_module))
         seed = int(trainer.strategy.broadcast(self.seed + 7919 * (len(history_of(pl_module)) + 1), src=0))
-        n_before = sum(p.numel() for p in pl_module.parameters())
+        n_before = autogrow.num_params(pl_module)
         optimizer = trainer.optimizers[0]
         old_state, old_names = optimizer.state_dict(), autogrow.param_names(optimizer, pl_module)
-        old_scheds = [c.scheduler for c in trainer.lr_scheduler_configs]
+        sched_states = [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs]
         snapshot = self._take_snapshot(trainer, pl_module, old_state, old_names) if self.rollback else None
         before = self._forward_probe(pl_module)
         growths, changes, budget = [], [], n_before
@@ -343,11 +342,12 @@ class AutoGrow(Callback):
             except autogrow.AutogrowError as e:  # refused before anything changed: skip this layer
                 rank_zero_warn(f"AutoGrow: skipping {name!r}: {e}")
                 continue
-            if self.max_params is not None and budget + plan.param_delta > self.max_params:
+            delta = plan.param_delta
+            if self.max_params is not None and budget + delta > self.max_params:
                 continue
             width = self._width(pl_module.get_submodule(name))
             growth = plan.apply()
-            budget += plan.param_delta
+            budget += delta
             growths.append(growth)
             new_name = self._renamed(name, growth)
             changes.append({"target": name, "from": width, "to": self._width(pl_module.get_submodule(new_name)),
@@ -357,7 +357,7 @@ class AutoGrow(Callback):
             self.stopped = "no layer can grow within max_params / max_width"
             rank_zero_info(f"AutoGrow: growth stopped: {self.stopped}")
             return
-        self._rebuild(trainer, pl_module, old_state, old_names, growths, old_scheds, self.optimizer_state)
+        self._rebuild(trainer, pl_module, old_state, old_names, growths, sched_states, self.optimizer_state)
         after = self._forward_probe(pl_module)
         set_history(pl_module, history_of(pl_module) + [g.to_dict() for g in growths])
         for cb in trainer.early_stopping_callbacks:  # growth is progress: do not stop right after it
@@ -366,13 +366,15 @@ class AutoGrow(Callback):
         self._grad_sums.clear()
         self._snapshot = snapshot
         self._since_growth, self._best_at_growth = 0, self.best
-        event = {
-            "event": len(self.events) + 1, "epoch": trainer.current_epoch, "step": trainer.global_step,
-            "monitor": self.monitor, "value": self.best, "trigger": type(self.trigger).__name__,
-            "changes": changes, "params_before": n_before,
-            "params_after": sum(p.numel() for p in pl_module.parameters()),
-            "preservation_error": None if before is None or after is None else float((after - before).abs().max()),
-        }
+        error = None if before is None or after is None else float((after - before).abs().max())
+        self._record_event(trainer, pl_module, type(self.trigger).__name__, changes, n_before, error)
+
+    def _record_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, trigger: str,
+                      changes: list[dict[str, Any]], n_before: int, error: float | None) -> None:
+        event = {"event": len(self.events) + 1, "epoch": trainer.current_epoch, "step": trainer.global_step,
+                 "monitor": self.monitor, "value": self.best, "trigger": trigger, "changes": changes,
+                 "params_before": n_before, "params_after": autogrow.num_params(pl_module),
+                 "preservation_error": error}
         self.events.append(event)
         self._log_event(trainer, pl_module, event)
 
@@ -382,8 +384,8 @@ class AutoGrow(Callback):
         return new.rsplit(".", 1)[0] if new else name
 
     def _rebuild(self, trainer: pl.Trainer, pl_module: pl.LightningModule, old_state: dict, old_names: list[str],
-                 growths: list[autogrow.Growth], old_scheds: list[Any], state: str) -> None:
-        """Rebuild DDP, optimizer and schedulers for the changed model, and carry their state over."""
+                 growths: list[autogrow.Growth], sched_states: list[dict[str, Any]], state: str) -> None:
+        """Rebuild DDP, optimizer and schedulers for the changed model, and load their state into them."""
         strategy = trainer.strategy
         if isinstance(strategy, DDPStrategy):
             strategy.model = strategy.lightning_module
@@ -391,11 +393,11 @@ class AutoGrow(Callback):
         strategy.setup_optimizers(trainer)  # runs configure_optimizers on the new parameters
         autogrow.translate_state_dict(old_state, old_names, growths, strategy.optimizers[0], pl_module, state=state)
         new_scheds = [c.scheduler for c in strategy.lr_scheduler_configs]
-        if len(new_scheds) != len(old_scheds):
+        if len(new_scheds) != len(sched_states):
             raise RuntimeError(f"AutoGrow: configure_optimizers returned {len(new_scheds)} schedulers after growth, "
-                               f"{len(old_scheds)} before")
-        for old, new in zip(old_scheds, new_scheds):
-            autogrow.carry_scheduler(old, new)
+                               f"{len(sched_states)} before")
+        for new, st in zip(new_scheds, sched_states):  # what autogrow.carry_scheduler does, from a saved state
+            new.load_state_dict(st)
 
     def _forward_probe(self, pl_module: pl.LightningModule) -> torch.Tensor | None:
         """The model's output on a validation batch, in eval mode, without touching train/eval flags."""
@@ -425,21 +427,13 @@ class AutoGrow(Callback):
     def _restore_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         snap, self._snapshot = self._snapshot, None
         assert snap is not None
-        n_before = sum(p.numel() for p in pl_module.parameters())
+        n_before = autogrow.num_params(pl_module)
         for name, child in snap["children"].items():
             setattr(pl_module, name, child)
         set_history(pl_module, snap["history"])
         self.targets = snap["targets"]
-        old_scheds = [c.scheduler for c in trainer.lr_scheduler_configs]
-        self._rebuild(trainer, pl_module, snap["optimizer"], snap["names"], [], old_scheds, "carry")
-        for cfg, st in zip(trainer.lr_scheduler_configs, snap["schedulers"]):
-            cfg.scheduler.load_state_dict(st)
-        event = {"event": len(self.events) + 1, "epoch": trainer.current_epoch, "step": trainer.global_step,
-                 "monitor": self.monitor, "value": self.best, "trigger": "rollback", "changes": [],
-                 "params_before": n_before, "params_after": sum(p.numel() for p in pl_module.parameters()),
-                 "preservation_error": None}
-        self.events.append(event)
-        self._log_event(trainer, pl_module, event)
+        self._rebuild(trainer, pl_module, snap["optimizer"], snap["names"], [], snap["schedulers"], "carry")
+        self._record_event(trainer, pl_module, "rollback", [], n_before, None)
 
     def _log_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: dict[str, Any]) -> None:
         what = "; ".join(f"{c['target']}: {c['from']} -> {c['to']}" for c in event["changes"]) or "rollback"

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def bench_one(kind: str, net: nn.Module, target: str, width: int, x: torch.Tensor, repeats: int) -> str:
     net.eval()
-    n_params = sum(p.numel() for p in net.parameters())
+    n_params = autogrow.num_params(net)
     # Side by side under the same allocator state: each repeat times a clone of a fresh copy, frees it,
     # then times the widening of that same copy.
     clone_times, widen_times = [], []

@@ -12,12 +12,13 @@ from __future__ import annotations
 from pytorch_lightning import LightningDataModule, LightningModule
 from pytorch_lightning.cli import LightningCLI
 
+from autogrow import num_params
 from callbacks import AutoGrow
 
 
 class AutogrowCLI(LightningCLI):
     def before_fit(self) -> None:
-        self._params_before = sum(p.numel() for p in self.model.parameters())
+        self._params_before = num_params(self.model)
 
     def after_fit(self) -> None:
         trainer, model = self.trainer, self.model
@@ -32,7 +33,7 @@ class AutogrowCLI(LightningCLI):
                       f"(params {e['params_before']:,} -> {e['params_after']:,})")
             if cb.stopped:
                 print(f"  growth stopped: {cb.stopped}")
-        print(f"  parameters: {self._params_before:,} -> {sum(p.numel() for p in model.parameters()):,}")
+        print(f"  parameters: {self._params_before:,} -> {num_params(model):,}")
         for key in ("val_loss", "val_acc"):
             if key in trainer.callback_metrics:
                 print(f"  final {key}: {float(trainer.callback_metrics[key]):.4f}")

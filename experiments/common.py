@@ -17,9 +17,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn as nn
 from pytorch_lightning.callbacks import Callback
 
+from autogrow import num_params
 from callbacks import AutoGrow
 from experiments.data import ArrayDataModule, FashionMNISTDataModule
 from experiments.models import Classifier
@@ -47,7 +47,7 @@ class History(Callback):
         self.evals.append({"epoch": trainer.current_epoch + 1, "step": trainer.global_step,
                            "time": time.perf_counter() - self._t0, "val_loss": float(m["val_loss"]),
                            "val_acc": float(m["val_acc"]), "train_flops": float(pl_module.train_flops),
-                           "params": sum(p.numel() for p in pl_module.parameters())})
+                           "params": num_params(pl_module)})
 
 
 @dataclass
@@ -83,7 +83,7 @@ def train(label: str, module: Classifier, dm: ArrayDataModule, epochs: int, call
     if validate_first:  # the model before any training: epoch 0
         res = trainer.validate(module, datamodule=dm, verbose=False)[0]
         extra["epoch0"] = {"epoch": 0, "step": 0, "time": 0.0, "val_loss": res["val_loss"], "val_acc": res["val_acc"],
-                           "train_flops": 0.0, "params": sum(p.numel() for p in module.parameters())}
+                           "train_flops": 0.0, "params": num_params(module)}
     pl.seed_everything(seed, verbose=False)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
@@ -93,7 +93,7 @@ def train(label: str, module: Classifier, dm: ArrayDataModule, epochs: int, call
     test = trainer.test(module, datamodule=dm, verbose=False)[0]
     events = [e for cb in callbacks if isinstance(cb, AutoGrow) for e in cb.events]
     return Run(label, history.evals, float(test["test_acc"]), wall, float(module.train_flops),
-               sum(p.numel() for p in module.parameters()), events, history.train_losses, extra)
+               num_params(module), events, history.train_losses, extra)
 
 
 def fashion(args: argparse.Namespace, flatten: bool = True, seed: int = 0) -> FashionMNISTDataModule:
@@ -192,6 +192,3 @@ def plot(out: Path, name: str, runs: Sequence[Run], title: str) -> None:
     fig.savefig(out / f"{name}.png", dpi=90)
     plt.close(fig)
 
-
-def count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -11,6 +11,7 @@ import torchmetrics
 from pytorch_lightning import LightningModule
 from torch.utils.flop_counter import FlopCounterMode
 
+from autogrow import num_params
 from callbacks import GrowableMixin
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
@@ -99,7 +100,7 @@ class Classifier(GrowableMixin, LightningModule):
 
     def count_flops(self, x: torch.Tensor) -> float:
         """Forward FLOPs for one sample of ``x``'s shape (cached until the parameter count changes)."""
-        key = (sum(p.numel() for p in self.parameters()), tuple(x.shape[1:]))
+        key = (num_params(self), tuple(x.shape[1:]))
         if key != self._flops_key:
             counter = FlopCounterMode(display=False)
             with counter, torch.no_grad():
