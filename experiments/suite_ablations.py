@@ -15,10 +15,9 @@ import statistics
 
 import pytorch_lightning as pl
 
-from callbacks import AutoGrow
 from experiments.common import Run, fashion, finish_args, mean_std, parser, plot, train, write
 from experiments.models import MLP
-from experiments.suite_grid import classifier
+from experiments.suite_grid import classifier, growth_callback, growth_sizes
 
 VARIANTS: dict[str, dict] = {
     "carry (default)": {},
@@ -44,14 +43,13 @@ def spike(run: Run, window: int = 50) -> float | None:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parser(__doc__, epochs=10, seeds=2).parse_args(argv)
     out = finish_args(args, "ablations")
-    start, cap = (4, 16) if args.quick else (32, 256)
+    start, cap = growth_sizes(args.quick)
     rows, plots = [], []
     for seed in range(args.seeds):
         dm = fashion(args, seed=seed)
         for label, kw in VARIANTS.items():
             pl.seed_everything(seed, verbose=False)
-            grow = AutoGrow(**{"monitor": "val_loss", "patience": 1, "min_delta": 0.01, "relative_delta": True,
-                               "warmup": 1, "factor": 2.0, "max_width": cap, "seed": seed, **kw})
+            grow = growth_callback(cap, seed=seed, **kw)
             run = train(label, classifier(MLP(784, [start, start])), dm, args.epochs, [grow], seed=seed)
             rows.append({"seed": seed, "variant": label, "test_acc": run.test_acc, "best_val_acc": run.best_val_acc,
                          "events": len(run.events), "params": run.params, "train_flops": run.flops,

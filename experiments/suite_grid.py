@@ -30,9 +30,16 @@ def classifier(net: MLP) -> Classifier:
     return Classifier(net, optimizer="adam", lr=1e-3)
 
 
-def growth_callback(max_width: int) -> AutoGrow:
-    return AutoGrow(monitor="val_loss", patience=1, min_delta=0.01, relative_delta=True, warmup=1, factor=2.0,
-                    max_width=max_width)
+def growth_sizes(quick: bool) -> tuple[int, int]:
+    """(start, cap) of the grown MLPs' hidden layers: half the smallest and the largest grid width."""
+    grid = (8, 16) if quick else GRID
+    return grid[0] // 2, grid[-1]
+
+
+def growth_callback(max_width: int, **overrides: object) -> AutoGrow:
+    """The growth configuration shared by suites 2-4 (``overrides`` for the ablations)."""
+    return AutoGrow(**{"monitor": "val_loss", "patience": 1, "min_delta": 0.01, "relative_delta": True,
+                       "warmup": 1, "factor": 2.0, "max_width": max_width, **overrides})
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -40,7 +47,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
     out = finish_args(args, "grid")
     grid = (8, 16) if args.quick else GRID
-    start = grid[0] // 2
+    start, cap = growth_sizes(args.quick)
     dm = fashion(args)
     rows: list[dict] = []
 
@@ -58,7 +65,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     pl.seed_everything(0, verbose=False)
     grow_net = MLP(784, [start, start])
     grown = train(f"growth from {start}x{start}", classifier(grow_net), dm, args.epochs,
-                  [growth_callback(grid[-1])])
+                  [growth_callback(cap)])
     add("growth", grown, (grow_net.fc1.out_features, grow_net.fc2.out_features))
 
     # The seed's variant: a small trained net, widened by Net2Net into each grid size.

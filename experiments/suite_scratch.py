@@ -14,13 +14,13 @@ import pytorch_lightning as pl
 
 from experiments.common import fashion, finish_args, mean_std, parser, plot, train, write
 from experiments.models import MLP
-from experiments.suite_grid import classifier, growth_callback
+from experiments.suite_grid import classifier, growth_callback, growth_sizes
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parser(__doc__, epochs=10, seeds=3).parse_args(argv)
     out = finish_args(args, "scratch")
-    start, cap = (4, 16) if args.quick else (32, 256)
+    start, cap = growth_sizes(args.quick)
     rows, plots = [], []
     for seed in range(args.seeds):
         dm = fashion(args, seed=seed)
