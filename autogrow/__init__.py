@@ -2,14 +2,14 @@
 
 The core is framework-free (plain PyTorch): plan and apply Net2WiderNet / Net2DeeperNet on traced
 models, carry optimizer and scheduler state across, detect plateaus. The Lightning callback lives in
-the separate top-level package ``callbacks``.
+``autogrow.callbacks`` (imported only when asked for).
 
     >>> import torch, torch.nn as nn, autogrow
     >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     >>> x = torch.randn(16, 4); before = net(x)
-    >>> g1 = autogrow.widen(net, "0", 16, optimizer=opt, generator=0)
-    >>> g2 = autogrow.deepen(net, "0", optimizer=opt, generator=0)
+    >>> g1 = autogrow.widen(net, "0", 16, optimizer=opt, generator=0, example_inputs=x)
+    >>> g2 = autogrow.deepen(net, "0", optimizer=opt, generator=0, example_inputs=x)
     >>> float((net(x) - before).abs().max().detach()) < 1e-6
     True
 """
@@ -18,6 +18,8 @@ from autogrow.checkpoint import load_grown
 from autogrow.deepen import DeepenPlan, Residual, deepen, plan_deepen
 from autogrow.errors import AutogrowError
 from autogrow.growth import Growth, Transform, UnitMap, num_params
+from autogrow.init import WidenInit, register_init
+from autogrow.ops import OpKind, register_function
 from autogrow.optim import (
     carry_scheduler,
     check_optimizer,
@@ -26,6 +28,7 @@ from autogrow.optim import (
     register_optimizer_state,
     translate_state_dict,
 )
+from autogrow.plan import Plan
 from autogrow.registry import (
     ChannelSpec,
     LayerSpec,
@@ -39,8 +42,9 @@ from autogrow.widen import WidenPlan, plan_widen, widen
 __version__ = "0.1.0"
 
 __all__ = [
-    "AutogrowError", "ChannelSpec", "DeepenPlan", "Growth", "LayerSpec", "Residual", "Transform", "UnitMap",
-    "WidenPlan", "carry_scheduler", "check_optimizer", "deepen", "grow_optimizer", "param_names", "plan_deepen",
-    "plan_widen", "register_channelwise", "register_elementwise", "register_layer", "register_optimizer_state",
-    "load_grown", "num_params", "replay", "translate_state_dict", "widen",
+    "AutogrowError", "ChannelSpec", "DeepenPlan", "Growth", "LayerSpec", "OpKind", "Plan", "Residual", "Transform",
+    "UnitMap", "WidenInit", "WidenPlan", "carry_scheduler", "check_optimizer", "deepen", "grow_optimizer",
+    "load_grown", "num_params", "param_names", "plan_deepen", "plan_widen", "register_channelwise",
+    "register_elementwise", "register_function", "register_init", "register_layer", "register_optimizer_state",
+    "replay", "translate_state_dict", "widen",
 ]

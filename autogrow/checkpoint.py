@@ -14,10 +14,22 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from autogrow.errors import fail
 from autogrow.replay import replay
+
+__all__ = ["CHECKPOINT_KEY", "history_from", "history_of", "load_grown", "restore_history", "set_history"]
 
 CHECKPOINT_KEY = "autogrow"
 _ATTR = "_autogrow_history"
+
+
+def history_from(checkpoint: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The growth records saved in a checkpoint dict (empty for a model that never grew).
+
+        >>> history_from({"state_dict": {}}), history_from({"autogrow": {"history": [{"kind": "widen"}]}})
+        ([], [{'kind': 'widen'}])
+    """
+    return [dict(h) for h in checkpoint.get(CHECKPOINT_KEY, {}).get("history", [])]
 
 
 def history_of(module: nn.Module) -> list[dict[str, Any]]:
@@ -43,8 +55,8 @@ def restore_history(module: nn.Module, history: Sequence[Mapping[str, Any]]) -> 
     """
     done = history_of(module)
     if len(done) > len(history) or any(a != b for a, b in zip(done, history)):
-        raise ValueError(f"history: the module already grew differently ({len(done)} records) from the "
-                         f"checkpoint's history ({len(history)} records)")
+        fail(f"history: the module already grew differently ({len(done)} records) from the "
+             f"checkpoint's history ({len(history)} records)")
     todo = list(history[len(done):])
     replay(module, todo)
     set_history(module, history)
@@ -75,6 +87,6 @@ def load_grown(model_class: type[nn.Module] | Callable[..., nn.Module], path: st
     """
     ckpt = torch.load(path, map_location=map_location, weights_only=False)
     module = model_class(**{**ckpt.get("hyper_parameters", {}), **kwargs})
-    restore_history(module, ckpt.get(CHECKPOINT_KEY, {}).get("history", []))
+    restore_history(module, history_from(ckpt))
     module.load_state_dict(ckpt["state_dict"], strict=strict)
     return module.eval()

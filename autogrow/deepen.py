@@ -15,34 +15,25 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.optim import Optimizer
 
-from autogrow.errors import AutogrowError
-from autogrow.graph import _is_shape_query, call_sites, describe, trace
+from autogrow.errors import check, check_bool, check_choice, check_int, fail
 from autogrow.growth import Growth, make_seed
-from autogrow.registry import (
-    ELEMENTWISE_FUNCTIONS,
-    ELEMENTWISE_METHODS,
-    FUNCTION_MODULES,
-    IDEMPOTENT_FUNCTIONS,
-    IDEMPOTENT_METHODS,
-    channel_spec,
-    identity_kernel_size,
-    is_elementwise,
-    is_idempotent,
-    layer_spec,
-)
+from autogrow.ops import Op, OpKind, classify
+from autogrow.plan import Plan, Undo, register_plan
+from autogrow.registry import identity_kernel_size, layer_spec
+from autogrow.trace import call_sites, describe, trace
+
+__all__ = ["INITS", "DeepenPlan", "Residual", "deepen", "plan_deepen"]
 
 INITS = ("identity", "random")
-_NOT_ACTIVATIONS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
-                    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-                    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-                    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 
 
 class Residual(nn.Module):
@@ -56,21 +47,23 @@ class Residual(nn.Module):
         return x + self.body(x)
 
 
-@dataclass
-class DeepenPlan:
+@dataclass(kw_only=True)
+class DeepenPlan(Plan):
     """Where :func:`plan_deepen` will insert what. Nothing is changed until :meth:`apply`."""
 
+    kind = "deepen"
     model: nn.Module = field(repr=False)
     after: str
     wrap: str  # module replaced by Sequential(module, *new)
     activation: str | None  # what follows ``after`` (description), None if nothing
     act_first: bool  # the new block starts with a copy of the activation (wrapping the module before it)
-    act_factory: object = field(repr=False)
+    act_factory: Callable[[], nn.Module] = field(repr=False)
     init: str = "identity"
     residual: bool = False
     batch_norm: bool = False
     kernel_size: int | None = None
     seed: int = 0
+    example_inputs: Any = field(default=None, repr=False)
     # The modules the plan was made for: apply refuses if either has been replaced since.
     _modules: tuple[nn.Module, nn.Module] | None = field(default=None, repr=False)
 
@@ -86,7 +79,6 @@ class DeepenPlan:
 
     @property
     def param_delta(self) -> int:
-        """How many parameters the plan adds."""
         after = self.model.get_submodule(self.after)
         spec = layer_spec(after)
         assert spec is not None and spec.identity is not None
@@ -96,25 +88,22 @@ class DeepenPlan:
         return 2 * one if self.residual else one + (2 * n if self.batch_norm else 0)
 
     @property
+    def exact(self) -> bool:
+        return self.init == "identity"
+
+    @property
     def _act_last(self) -> bool:
         return self.activation is not None and not self.act_first and not self.residual
 
-    def apply(self, optimizer: Optimizer | None = None, *, state: str = "carry") -> Growth:
-        """Insert the block; with ``optimizer``, add the new parameters to the group of ``after``."""
-        from autogrow.optim import apply_with_optimizer
-
-        return apply_with_optimizer(self.model, self._apply, optimizer, state)
-
-    def _apply(self) -> Growth:
+    def _apply(self, undo: Undo) -> Growth:
         after, wrapped = self._modules
         try:
             current = (self.model.get_submodule(self.after), self.model.get_submodule(self.wrap))
         except AttributeError:
             current = None
         if current is None or current[0] is not after or current[1] is not wrapped:
-            raise AutogrowError("plan: the model changed since the plan was made; make a new plan")
-        gen = torch.Generator().manual_seed(self.seed)
-        new = self._build(after, gen)
+            fail("plan: the model changed since the plan was made; make a new plan")
+        new = self._build(after, torch.Generator().manual_seed(self.seed))
         if self.act_first:
             new.insert(0, self.act_factory())
         if self._act_last:
@@ -123,13 +112,15 @@ class DeepenPlan:
         seq.train(wrapped.training)
         old_names = [n for n, _ in wrapped.named_parameters()]
         parent_name, _, child = self.wrap.rpartition(".")
-        setattr(self.model.get_submodule(parent_name), child, seq)
+        parent = self.model.get_submodule(parent_name)
+        undo.save(parent)
+        setattr(parent, child, seq)
         prefix = f"{self.wrap}."
         renames = {f"{prefix}{n}": f"{prefix}0.{n}" for n in old_names}
         anchor = next(n for n, p in self.model.named_parameters() if p is after.weight)
         new_params = {f"{prefix}{i + 1}.{n}": anchor for i, m in enumerate(new) for n, _ in m.named_parameters()}
         return Growth(
-            kind="deepen", target=self.after, seed=self.seed,
+            kind=self.kind, target=self.after, seed=self.seed,
             options={"init": self.init, "residual": self.residual, "batch_norm": self.batch_norm,
                      "kernel_size": self.kernel_size, "layer": type(after).__name__, "wrap": self.wrap},
             renames=renames, new_params=new_params,
@@ -155,6 +146,24 @@ class DeepenPlan:
             out.append(_identity_batch_norm(layer))
         return out
 
+    @classmethod
+    def summarize(cls, record: Growth) -> str:
+        o = record.options
+        return f"deepen after {record.target}: new {o['layer']} ({o['init']}), {len(record.new_params)} new parameters"
+
+    @classmethod
+    def replay(cls, model: nn.Module, record: Growth) -> Growth:
+        o = record.options
+        plan = plan_deepen(model, record.target, init=o["init"], residual=o["residual"], batch_norm=o["batch_norm"],
+                           kernel_size=o["kernel_size"], generator=record.seed)
+        if plan.wrap != o["wrap"]:
+            fail(f"growths: deepening after {record.target!r} would wrap {plan.wrap!r}, recorded {o['wrap']!r}; "
+                 "the model differs from the recorded one")
+        return plan.apply()
+
+
+register_plan(DeepenPlan)
+
 
 def _random_init(m: nn.Module, gen: torch.Generator) -> None:
     """PyTorch's default init (uniform, bound 1/sqrt(fan_in)) drawn from ``gen``, not the global RNG."""
@@ -175,24 +184,79 @@ def _identity_batch_norm(layer: nn.Module) -> nn.Module:
     return bn
 
 
-def _next_op(node: fx.Node) -> fx.Node | None:
-    users = [u for u in node.users if not _is_shape_query(u)]
+def _next_op(node: fx.Node, model: nn.Module) -> fx.Node | None:
+    users = [u for u in node.users if classify(u, model).kind is not OpKind.SHAPE]
     return users[0] if len(users) == 1 else None
 
 
-def plan_deepen(model: nn.Module, after: str, *, init: str = "identity", residual: bool = False,
+def _activation_after(model: nn.Module, sites: dict[str, list[fx.Node]], after: str
+                      ) -> tuple[fx.Node, fx.Node | None, Op | None]:
+    """(the last node of ``after``'s block, the activation that follows or None, its classification).
+
+    The block is ``after`` and the channel-wise layers (BatchNorm) called once right after it.
+    """
+    prev = sites[after][0]
+    while (nxt := _next_op(prev, model)) is not None and nxt.op == "call_module" and \
+            classify(nxt, model).kind is OpKind.CHANNELWISE and len(sites[nxt.target]) == 1:
+        prev = nxt
+    act = _next_op(prev, model)
+    op = classify(act, model) if act is not None else None
+    if op is None or op.kind is not OpKind.ELEMENTWISE or op.elementwise is None or not op.elementwise.activation:
+        return prev, None, None
+    return prev, act, op
+
+
+def _factory(model: nn.Module, act: fx.Node | None, op: Op | None) -> Callable[[], nn.Module] | None:
+    """How to build a copy of the activation (``None``: cannot be copied faithfully)."""
+    if act is None:
+        return nn.ReLU  # only used inside a residual body
+    if act.op == "call_module":
+        m = model.get_submodule(act.target)
+        return lambda: copy.deepcopy(m)
+    return op.factory if op is not None else None
+
+
+def _check_deepen_args(model: nn.Module, after: str, init: str, residual: bool | None, batch_norm: bool,
+                       kernel_size: int | None, sites: dict[str, list[fx.Node]]) -> None:
+    check_choice("init", init, INITS)
+    if residual is not None:
+        check_bool("residual", residual)
+    check_bool("batch_norm", batch_norm)
+    check_int("kernel_size", kernel_size, 1, optional=True)
+    check("kernel_size", kernel_size, kernel_size is None or kernel_size % 2 == 1, "an odd int >= 1 or None")
+    if after not in sites:
+        names = [n for n, m in model.named_modules() if getattr(layer_spec(m), "identity", None) and n in sites]
+        fail(f"after: {after!r} is not a module called in forward; layers that can be deepened: {names}")
+    module = model.get_submodule(after)
+    spec = layer_spec(module)
+    if spec is None or spec.identity is None:
+        fail(f"after: {after!r} is a {type(module).__name__}, which has no identity construction; "
+             "deepen after a Linear or ConvNd, or register one with autogrow.register_layer")
+    check("kernel_size", kernel_size, kernel_size is None or hasattr(module, "kernel_size"),
+          f"None: {after!r} is a {type(module).__name__}, which has no kernel")
+    if len(sites[after]) != 1:
+        fail(f"after: {after!r} is called {len(sites[after])} times in forward (shared weights); "
+             "a layer inserted after it would change every call")
+
+
+def plan_deepen(model: nn.Module, after: str, *, init: str = "identity", residual: bool | None = False,
                 batch_norm: bool = False, kernel_size: int | None = None,
-                generator: torch.Generator | int | None = None) -> DeepenPlan:
+                generator: torch.Generator | int | None = None, example_inputs: Any = None) -> DeepenPlan:
     """Plan inserting a new layer after module ``after`` (a ``Linear`` or ``ConvNd``).
 
     Args:
         init: ``"identity"`` (Net2DeeperNet, exact) or ``"random"`` (the random-init baseline).
         residual: insert ``x + f(x)`` (f's last layer zero) instead of a bare identity layer:
             exact after any activation; required after non-idempotent ones (GELU, tanh, ...).
+            ``None``: a residual block exactly where the activation needs one.
         batch_norm: add a BatchNorm after the new layer, initialised to the identity in eval mode
             (in training mode it normalises with batch statistics and is not exact).
         kernel_size: kernel of a new conv layer (odd; default: ``after``'s, made odd).
         generator: a ``torch.Generator`` or int seed for random weights; ``None``: from the OS.
+        example_inputs: a batch (or tuple of forward arguments) on which ``apply`` verifies the result.
+
+    Raises:
+        AutogrowError: a bad argument or a place where no layer can be inserted exactly; nothing changes.
 
     Example:
         >>> import torch, torch.nn as nn, autogrow
@@ -202,81 +266,33 @@ def plan_deepen(model: nn.Module, after: str, *, init: str = "identity", residua
         >>> bool(torch.equal(net(x), y)), list(g.new_params)
         (True, ['1.1.weight', '1.1.bias'])
     """
-    if init not in INITS:
-        raise AutogrowError(f"init: {init!r} is not one of {INITS}")
-    if kernel_size is not None and (not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0):
-        raise AutogrowError(f"kernel_size: expected an odd int >= 1 or None, got {kernel_size!r}")
-    graph = trace(model)
-    sites = call_sites(graph)
-    if after not in sites:
-        names = [n for n, m in model.named_modules() if getattr(layer_spec(m), "identity", None)]
-        raise AutogrowError(f"after: {after!r} is not a module called in forward; layers that can be deepened: {names}")
-    module = model.get_submodule(after)
-    spec = layer_spec(module)
-    if spec is None or spec.identity is None:
-        raise AutogrowError(f"after: {after!r} is a {type(module).__name__}, which has no identity construction; "
-                            "deepen after a Linear or ConvNd, or register one with autogrow.register_layer")
-    if len(sites[after]) != 1:
-        raise AutogrowError(f"after: {after!r} is called {len(sites[after])} times in forward (shared weights); "
-                            "a layer inserted after it would change every call")
-    # Walk past channel-wise layers (BatchNorm) to the activation, if any.
-    prev = sites[after][0]
-    while (nxt := _next_op(prev)) is not None and nxt.op == "call_module" and \
-            channel_spec(model.get_submodule(nxt.target)) is not None and len(sites[nxt.target]) == 1:
-        prev = nxt
-    act = _next_op(prev)
-    kind = _activation_kind(model, act)
-    if kind is None:
-        act = None
-    if kind == "other" and not residual:
-        raise AutogrowError(
-            f"after: {after!r} is followed by {describe(act, model)}, which is not idempotent (phi(phi(v)) != phi(v)), "
-            "so an identity layer after it would change the function; pass residual=True for an exact "
-            "x + f(x) block, or init='random' with residual=True for the baseline")
-    act_module_once = act is not None and act.op == "call_module" and len(sites[act.target]) == 1
-    if act_module_once:
+    seed = make_seed(generator)
+    sites = call_sites(trace(model))
+    _check_deepen_args(model, after, init, residual, batch_norm, kernel_size, sites)
+    prev, act, op = _activation_after(model, sites, after)
+    factory = _factory(model, act, op)
+    idempotent = op is not None and op.elementwise is not None and op.elementwise.idempotent and factory is not None
+    if residual is None:
+        residual = act is not None and not idempotent
+    check("batch_norm", batch_norm, not (batch_norm and residual), "False with a residual block (it starts as "
+          f"x + 0 and has no BatchNorm; {after!r} is followed by {describe(act, model) if act else 'no activation'})")
+    if act is not None and not idempotent and not residual:
+        fail(f"after: {after!r} is followed by {describe(act, model)}, which is not idempotent (phi(phi(v)) != "
+             "phi(v)), so an identity layer after it would change the function; pass residual=True for an exact "
+             "x + f(x) block, or init='random' with residual=True for the baseline")
+    if act is not None and act.op == "call_module" and len(sites[act.target]) == 1:
         wrap, act_first = act.target, False
-        factory = _copier(model.get_submodule(act.target))
     else:
         wrap, act_first = prev.target, act is not None and not residual
-        if act is None:
-            factory = nn.ReLU  # only used inside a residual body
-        elif act.op == "call_module":
-            factory = _copier(model.get_submodule(act.target))
-        else:
-            factory = FUNCTION_MODULES.get(act.target, nn.ReLU)
-    return DeepenPlan(model, after, wrap, describe(act, model) if act is not None else None, act_first, factory,
-                      init, bool(residual), bool(batch_norm), kernel_size, make_seed(generator))
-
-
-def _copier(m: nn.Module):  # noqa: ANN202
-    return lambda: copy.deepcopy(m)
-
-
-def _activation_kind(model: nn.Module, node: fx.Node | None) -> str | None:
-    """"idempotent", "other" (a non-idempotent activation) or None (no activation follows)."""
-    if node is None:
-        return None
-    if node.op == "call_module":
-        m = model.get_submodule(node.target)
-        if not is_elementwise(m) or isinstance(m, _NOT_ACTIVATIONS):
-            return None
-        return "idempotent" if is_idempotent(m) else "other"
-    if node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS:
-        plain = len(node.args) == 1 and set(node.kwargs) <= {"inplace"}  # F.relu6(x) yes; hardtanh(x, a, b) no
-        if node.target in IDEMPOTENT_FUNCTIONS and plain:
-            return "idempotent"
-        return None if node.target not in FUNCTION_MODULES else "other"
-    if node.op == "call_method" and node.target in ELEMENTWISE_METHODS:
-        if node.target in IDEMPOTENT_METHODS:
-            return "idempotent"
-        return "other" if node.target in FUNCTION_MODULES else None
-    return None
+    return DeepenPlan(model=model, after=after, wrap=wrap,
+                      activation=describe(act, model) if act is not None else None, act_first=act_first,
+                      act_factory=factory or nn.ReLU, init=init, residual=bool(residual), batch_norm=bool(batch_norm),
+                      kernel_size=kernel_size, seed=seed, example_inputs=example_inputs)
 
 
 def deepen(model: nn.Module, after: str, *, optimizer: Optimizer | None = None, state: str = "carry",
-           **kwargs: object) -> Growth:
-    """:func:`plan_deepen` then apply; returns the :class:`Growth` record.
+           **kwargs: Any) -> Growth:
+    """:func:`plan_deepen` then apply; returns the :class:`~autogrow.Growth` record.
 
     Example:
         >>> import torch.nn as nn, autogrow
@@ -284,4 +300,4 @@ def deepen(model: nn.Module, after: str, *, optimizer: Optimizer | None = None, 
         >>> autogrow.deepen(net, "0", generator=0).summary()
         'deepen after 0: new Conv2d (identity), 2 new parameters'
     """
-    return plan_deepen(model, after, **kwargs).apply(optimizer, state=state)  # type: ignore[arg-type]
+    return plan_deepen(model, after, **kwargs).apply(optimizer, state=state)

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+import torch.nn as nn
+
+from autogrow.errors import check, check_choice
+
+__all__ = ["Growth", "GrowthKind", "Transform", "UnitMap", "make_seed", "num_params", "register_kind"]
 
 
 @dataclass
@@ -131,11 +136,35 @@ class Growth:
 
     def summary(self) -> str:
         """One line for logs: what grew and how."""
-        o = self.options
-        if self.kind == "widen":
-            return (f"widen {self.target}: {o['old_width']} -> {o['width']} units ({o['init']}), "
-                    f"{len(self.params)} parameters reshaped")
-        return f"deepen after {self.target}: new {o['layer']} ({o['init']}), {len(self.new_params)} new parameters"
+        return kind_of(self.kind).summarize(self)
+
+
+class GrowthKind(Protocol):
+    """What autogrow needs to know about a kind of growth record (a plan class registers itself)."""
+
+    @classmethod
+    def summarize(cls, record: Growth) -> str: ...
+
+    @classmethod
+    def replay(cls, model: nn.Module, record: Growth) -> Growth: ...
+
+
+_KINDS: dict[str, GrowthKind] = {}
+
+
+def register_kind(name: str, kind: GrowthKind) -> None:
+    """Register the plan class that makes (and replays) growth records of kind ``name``."""
+    _KINDS[name] = kind
+
+
+def kind_of(name: str) -> GrowthKind:
+    """The registered kind ``name``.
+
+    Raises:
+        AutogrowError: no such kind.
+    """
+    check_choice("kind", name, tuple(_KINDS))
+    return _KINDS[name]
 
 
 def num_params(module: torch.nn.Module) -> int:
@@ -148,11 +177,15 @@ def num_params(module: torch.nn.Module) -> int:
 
 
 def make_seed(generator: torch.Generator | int | None) -> int:
-    """A 63-bit seed from a generator, an int, or (``None``) the OS: never the global RNG."""
+    """A 63-bit seed from a generator, an int, or (``None``) the OS: never the global RNG.
+
+    Raises:
+        AutogrowError: ``generator`` is none of these (or an int outside ``[0, 2**63)``).
+    """
     if generator is None:
         return int.from_bytes(os.urandom(8), "little") >> 1
-    if isinstance(generator, int) and not isinstance(generator, bool):
-        return generator
     if isinstance(generator, torch.Generator):
         return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-    raise TypeError(f"generator: expected a torch.Generator, an int seed or None, got {generator!r}")
+    ok = not isinstance(generator, bool) and hasattr(generator, "__index__") and 0 <= generator < 2**63
+    check("generator", generator, ok, "a torch.Generator, an int seed in [0, 2**63) or None")
+    return int(generator)  # type: ignore[call-overload]

@@ -27,8 +27,11 @@ import torch
 import torch.nn as nn
 from torch.optim import Optimizer
 
-from autogrow.errors import AutogrowError
+from autogrow.errors import AutogrowError, check_choice, fail
 from autogrow.growth import Growth, Transform, UnitMap
+
+__all__ = ["STATES", "carry_scheduler", "check_optimizer", "grow_optimizer", "param_names",
+           "register_optimizer_state", "translate_state_dict"]
 
 STATES = ("carry", "reset")
 
@@ -70,17 +73,16 @@ def check_optimizer(optimizer: Optimizer, model: nn.Module, state: str = "carry"
 
     Called before any surgery, so a refusal leaves model and optimizer untouched.
     """
-    if state not in STATES:
-        raise AutogrowError(f"state: {state!r} is not one of {STATES}")
+    check_choice("state", state, STATES)
     for cls, why in _REFUSED.items():
         if isinstance(optimizer, cls):
-            raise AutogrowError(f"optimizer: {type(optimizer).__name__} {why}; it cannot be carried across growth. "
+            fail(f"optimizer: {type(optimizer).__name__} {why}; it cannot be carried across growth. "
                                 "Build a new one over model.parameters() after growing.")
     owned = {id(p) for p in model.parameters()}
     for g in optimizer.param_groups:
         for p in g["params"]:
             if id(p) not in owned:
-                raise AutogrowError(f"optimizer: holds a parameter of shape {tuple(p.shape)} that is not in the model")
+                fail(f"optimizer: holds a parameter of shape {tuple(p.shape)} that is not in the model")
     if state == "reset":
         return
     for p, st in optimizer.state.items():
@@ -90,7 +92,7 @@ def check_optimizer(optimizer: Optimizer, model: nn.Module, state: str = "carry"
             if isinstance(v, (int, float)):
                 continue
             shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise AutogrowError(
+            fail(
                 f"optimizer: {type(optimizer).__name__} keeps state {k!r} ({shape}) for a parameter of shape "
                 f"{tuple(p.shape)}; it cannot be remapped exactly. Pass state='reset' to start its state afresh.")
 
@@ -168,8 +170,7 @@ def grow_optimizer(optimizer: Optimizer, growth: Growth, model: nn.Module, *, st
         >>> opt.state[net[0].weight]["exp_avg"].shape
         torch.Size([12, 4])
     """
-    if state not in STATES:
-        raise AutogrowError(f"state: {state!r} is not one of {STATES}")
+    check_choice("state", state, STATES)
     new_by_name = dict(model.named_parameters())
     new_name_of = {id(p): n for n, p in new_by_name.items()}
     replaced = {id(p): n for n, p in growth.replaced.items()}
@@ -179,7 +180,7 @@ def grow_optimizer(optimizer: Optimizer, growth: Growth, model: nn.Module, *, st
         if id(p) in replaced:
             return replaced[id(p)]
         if id(p) not in new_name_of:
-            raise AutogrowError(f"optimizer: holds a parameter of shape {tuple(p.shape)} that is neither in the "
+            fail(f"optimizer: holds a parameter of shape {tuple(p.shape)} that is neither in the "
                                 "model nor replaced by this growth")
         return inverse.get(new_name_of[id(p)], new_name_of[id(p)])
 
@@ -198,16 +199,6 @@ def grow_optimizer(optimizer: Optimizer, growth: Growth, model: nn.Module, *, st
         g["params"] = [new_by_name[n] for n in names]
     optimizer.state.clear()
     _load_named(optimizer, named, hyper, lambda p: new_name_of[id(p)])
-
-
-def apply_with_optimizer(model: nn.Module, do_apply: Callable[[], Growth], optimizer: Optimizer | None,
-                         state: str) -> Growth:
-    if optimizer is not None:
-        check_optimizer(optimizer, model, state)
-    growth = do_apply()
-    if optimizer is not None:
-        grow_optimizer(optimizer, growth, model, state=state)
-    return growth
 
 
 def param_names(optimizer: Optimizer, model: nn.Module) -> list[str]:
@@ -239,14 +230,13 @@ def translate_state_dict(state_dict: Mapping[str, Any], old_names: Sequence[str]
         >>> len(new_opt.state)  # the new identity layer starts without momentum
         4
     """
-    if state not in STATES:
-        raise AutogrowError(f"state: {state!r} is not one of {STATES}")
+    check_choice("state", state, STATES)
     groups_sd = state_dict["param_groups"]
     if len(groups_sd) != len(optimizer.param_groups):
-        raise AutogrowError(f"optimizer: has {len(optimizer.param_groups)} param groups, the saved state "
+        fail(f"optimizer: has {len(optimizer.param_groups)} param groups, the saved state "
                             f"{len(groups_sd)}; configure_optimizers must build the same groups after growth")
     if len(old_names) != sum(len(g["params"]) for g in groups_sd):
-        raise AutogrowError(f"old_names: {len(old_names)} names for "
+        fail(f"old_names: {len(old_names)} names for "
                             f"{sum(len(g['params']) for g in groups_sd)} saved parameters")
     named = {old_names[i]: dict(st) for i, st in state_dict["state"].items()} if state == "carry" else {}
     named, _ = grow_named_state(named, [], list(growths), _powers(optimizer))

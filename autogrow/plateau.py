@@ -15,32 +15,37 @@ All three share ``update(value) -> bool``, ``notify_growth()`` and ``state_dict(
 
 from __future__ import annotations
 
+import abc
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+from autogrow.errors import check_choice, check_float, check_int
+
+__all__ = ["MODES", "TRIGGERS", "DynamicNodeCreation", "EveryN", "Plateau", "Trigger", "make_trigger"]
 
 MODES = ("min", "max")
 
 
-def _check(name: str, value: object, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}: {value!r} is not allowed; expected {allowed}")
-
-
 @dataclass
-class Trigger:
-    """Base class: subclasses implement :meth:`_decide`; non-finite values never trigger."""
+class Trigger(abc.ABC):
+    """Base class: subclasses implement :meth:`_decide`; non-finite values never trigger.
 
+    ``mode`` is normally left to the callback (it passes its own); ``reason`` names the trigger in
+    growth events.
+    """
+
+    reason: ClassVar[str]
     mode: str = "min"
     warmup: int = 0  # evaluations before the first growth may happen
     cooldown: int = 0  # evaluations after a growth during which none may happen
-    evaluations: int = field(default=0, init=False)
-    cooldown_left: int = field(default=0, init=False)
+    evaluations: int = field(default=0, init=False, repr=False)
+    cooldown_left: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        _check("mode", self.mode, self.mode in MODES, f"one of {MODES}")
-        _check("warmup", self.warmup, isinstance(self.warmup, int) and self.warmup >= 0, "an int >= 0")
-        _check("cooldown", self.cooldown, isinstance(self.cooldown, int) and self.cooldown >= 0, "an int >= 0")
+        check_choice("mode", self.mode, MODES)
+        check_int("warmup", self.warmup, 0)
+        check_int("cooldown", self.cooldown, 0)
 
     def better(self, a: float, b: float, delta: float = 0.0) -> bool:
         """``a`` improves on ``b`` by more than ``delta``."""
@@ -58,21 +63,25 @@ class Trigger:
             return False
         return decide and self.evaluations > self.warmup
 
-    def _forget(self) -> None:
+    def _forget(self) -> None:  # noqa: B027 - optional hook, a no-op for stateless triggers
         """Drop what counts towards the next growth (called during cooldown)."""
 
     def notify_growth(self) -> None:
         self.cooldown_left = self.cooldown
 
+    @abc.abstractmethod
     def _decide(self, value: float) -> bool:
-        raise NotImplementedError
+        """Whether ``value`` (one evaluation, finite) calls for growth, ignoring warmup and cooldown."""
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the counters; keys this version does not know are ignored (older/newer checkpoints)."""
+        known = {f.name for f in fields(self)}
         for k, v in state.items():
-            setattr(self, k, v)
+            if k in known:
+                setattr(self, k, v)
 
 
 @dataclass
@@ -86,16 +95,17 @@ class Plateau(Trigger):
         [False, True, False, True]
     """
 
+    reason = "plateau"
     patience: int = 3
     min_delta: float = 0.0
     relative: bool = False
-    best: float | None = field(default=None, init=False)
-    wait: int = field(default=0, init=False)
+    best: float | None = field(default=None, init=False, repr=False)
+    wait: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check("patience", self.patience, isinstance(self.patience, int) and self.patience >= 1, "an int >= 1")
-        _check("min_delta", self.min_delta, self.min_delta >= 0, "a float >= 0")
+        check_int("patience", self.patience, 1)
+        check_float("min_delta", self.min_delta, 0.0)
 
     def _decide(self, value: float) -> bool:
         delta = self.min_delta * abs(self.best) if self.relative and self.best is not None else self.min_delta
@@ -124,15 +134,16 @@ class DynamicNodeCreation(Trigger):
         [False, False, False, False, True]
     """
 
+    reason = "dnc"
     window: int = 3
     threshold: float = 0.05
-    history: list[float] = field(default_factory=list, init=False)
-    reference: float | None = field(default=None, init=False)  # the value at the last growth (or start)
+    history: list[float] = field(default_factory=list, init=False, repr=False)
+    reference: float | None = field(default=None, init=False, repr=False)  # the value at the last growth (or start)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check("window", self.window, isinstance(self.window, int) and self.window >= 1, "an int >= 1")
-        _check("threshold", self.threshold, self.threshold > 0, "a float > 0")
+        check_int("window", self.window, 1)
+        check_float("threshold", self.threshold, 0.0, low_open=True)
 
     def _decide(self, value: float) -> bool:
         if self.reference is None:
@@ -160,11 +171,32 @@ class EveryN(Trigger):
         [False, True, False, True, False]
     """
 
+    reason = "schedule"
     every: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check("every", self.every, isinstance(self.every, int) and self.every >= 1, "an int >= 1")
+        check_int("every", self.every, 1)
 
     def _decide(self, value: float) -> bool:
         return self.evaluations % self.every == 0
+
+
+TRIGGERS: dict[str, type[Trigger]] = {"plateau": Plateau, "dnc": DynamicNodeCreation, "every": EveryN}
+
+
+def make_trigger(trigger: str | Trigger, mode: str) -> Trigger:
+    """A trigger from a shortcut name (with its defaults) or an instance, set to ``mode``.
+
+        >>> make_trigger("every", "max")
+        EveryN(mode='max', warmup=0, cooldown=0, every=1)
+
+    Raises:
+        AutogrowError: an unknown name or a bad mode.
+    """
+    check_choice("mode", mode, MODES)
+    if isinstance(trigger, Trigger):
+        trigger.mode = mode
+        return trigger
+    check_choice("trigger", trigger, tuple(TRIGGERS))
+    return TRIGGERS[trigger](mode=mode)

@@ -14,7 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
+
+from autogrow.errors import check, check_choice
+
+__all__ = ["POLICIES", "AllLayers", "Candidate", "GradientScore", "GrowthPolicy", "RoundRobin", "SmallestFirst",
+           "make_policy"]
 
 
 @dataclass(frozen=True)
@@ -27,7 +32,13 @@ class Candidate:
 
 
 class GrowthPolicy:
-    """Chooses which candidates grow at one event. Stateful policies save their state for resume."""
+    """Chooses which candidates grow at one event. Stateful policies save their state for resume.
+
+    ``needs_gradients``: the callback then fills each candidate's ``score`` with its mean per-unit
+    gradient norm since the last event.
+    """
+
+    needs_gradients: ClassVar[bool] = False
 
     def choose(self, candidates: Sequence[Candidate]) -> list[str]:
         raise NotImplementedError
@@ -72,7 +83,7 @@ class RoundRobin(GrowthPolicy):
         return {"turn": self.turn}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.turn = int(state["turn"])
+        self.turn = int(state.get("turn", 0))
 
 
 class SmallestFirst(GrowthPolicy):
@@ -96,6 +107,8 @@ class GradientScore(GrowthPolicy):
         ['b']
     """
 
+    needs_gradients = True
+
     def choose(self, candidates: Sequence[Candidate]) -> list[str]:
         scored = [c for c in candidates if c.score is not None]
         if not scored:
@@ -106,3 +119,16 @@ class GradientScore(GrowthPolicy):
 POLICIES: dict[str, type[GrowthPolicy]] = {
     "all": AllLayers, "round_robin": RoundRobin, "smallest": SmallestFirst, "gradient": GradientScore,
 }
+
+
+def make_policy(policy: str | GrowthPolicy) -> GrowthPolicy:
+    """A policy from a shortcut name or an instance.
+
+    Raises:
+        AutogrowError: an unknown name, or something that is not a :class:`GrowthPolicy`.
+    """
+    if isinstance(policy, str):
+        check_choice("policy", policy, tuple(POLICIES))
+        return POLICIES[policy]()
+    check("policy", policy, isinstance(policy, GrowthPolicy), f"one of {tuple(POLICIES)} or a GrowthPolicy")
+    return policy

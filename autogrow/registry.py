@@ -22,10 +22,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+__all__ = ["ChannelSpec", "Elementwise", "LayerSpec", "channel_spec", "elementwise", "identity_kernel_size",
+           "layer_spec", "register_channelwise", "register_elementwise", "register_layer"]
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -74,13 +79,20 @@ class ChannelSpec:
     check: Callable[[nn.Module], str | None] = lambda m: None
 
 
+@dataclass(frozen=True)
+class Elementwise:
+    """A layer acting on each feature separately: is it a nonlinearity, and is it idempotent?"""
+
+    activation: bool = True
+    idempotent: bool = False
+
+
 _WEIGHTED: dict[type, LayerSpec] = {}
 _CHANNELWISE: dict[type, ChannelSpec] = {}
-_ELEMENTWISE: set[type] = set()
-_IDEMPOTENT: set[type] = set()
+_ELEMENTWISE: dict[type, Elementwise] = {}
 
 
-def _lookup(table: Mapping[type, object], module: nn.Module) -> object | None:
+def _lookup(table: Mapping[type, _T], module: nn.Module) -> _T | None:
     # Walk the MRO so that subclasses of a registered type are handled too, most specific first.
     for cls in type(module).__mro__:
         if cls in table:
@@ -98,33 +110,29 @@ def register_channelwise(cls: type[nn.Module], spec: ChannelSpec) -> None:
     _CHANNELWISE[cls] = spec
 
 
-def register_elementwise(cls: type[nn.Module], *, idempotent: bool = False) -> None:
-    """Mark a parameter-free layer that acts on each feature separately (activation, pooling).
+def register_elementwise(cls: type[nn.Module], *, activation: bool = True, idempotent: bool = False) -> None:
+    """Mark a parameter-free layer that acts on each feature separately (activation, dropout, pooling).
 
-    ``idempotent=True`` declares phi(phi(v)) = phi(v), which makes Net2DeeperNet's identity
-    insertion exact after it (ReLU is; GELU and tanh are not).
+    ``activation=False`` for layers that are not a nonlinearity (dropout, pooling, identity):
+    Net2DeeperNet looks past them for the activation. ``idempotent=True`` declares phi(phi(v)) =
+    phi(v), which makes Net2DeeperNet's identity insertion exact after it (ReLU is; GELU is not).
     """
-    _ELEMENTWISE.add(cls)
-    if idempotent:
-        _IDEMPOTENT.add(cls)
+    _ELEMENTWISE[cls] = Elementwise(activation=activation, idempotent=idempotent)
 
 
 def layer_spec(module: nn.Module) -> LayerSpec | None:
     """The registered :class:`LayerSpec` of ``module``'s type, or ``None``."""
-    return _lookup(_WEIGHTED, module)  # type: ignore[return-value]
+    return _lookup(_WEIGHTED, module)
 
 
 def channel_spec(module: nn.Module) -> ChannelSpec | None:
     """The registered :class:`ChannelSpec` of ``module``'s type, or ``None``."""
-    return _lookup(_CHANNELWISE, module)  # type: ignore[return-value]
+    return _lookup(_CHANNELWISE, module)
 
 
-def is_elementwise(module: nn.Module) -> bool:
-    return any(cls in _ELEMENTWISE for cls in type(module).__mro__)
-
-
-def is_idempotent(module: nn.Module) -> bool:
-    return any(cls in _IDEMPOTENT for cls in type(module).__mro__)
+def elementwise(module: nn.Module) -> Elementwise | None:
+    """How a registered element-wise module behaves, or ``None`` if its type is not registered."""
+    return _lookup(_ELEMENTWISE, module)
 
 
 # --- built-in layers -------------------------------------------------------------------------
@@ -202,31 +210,14 @@ if hasattr(nn, "RMSNorm"):  # torch >= 2.4
     register_channelwise(nn.RMSNorm, ChannelSpec({"weight": 1.0}, _ln_update, dims=(-1,),
                                                  uniform_only=True, check=_ln_check))
 
-for _cls in (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Identity):
+for _cls in (nn.ReLU, nn.ReLU6, nn.Hardtanh):
     register_elementwise(_cls, idempotent=True)
 for _cls in (nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SELU, nn.CELU,
-             nn.Softplus, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Softsign, nn.Tanhshrink,
-             nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+             nn.Softplus, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Softsign, nn.Tanhshrink):
+    register_elementwise(_cls)
+for _cls in (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
              nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
              nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
              nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d):
-    register_elementwise(_cls)
+    register_elementwise(_cls, activation=False)
 
-# Functions and tensor methods that act on each feature separately (first argument is the tensor).
-ELEMENTWISE_FUNCTIONS: set[Callable] = {
-    torch.relu, F.relu, F.relu6, F.gelu, F.silu, F.leaky_relu, F.elu, F.selu, F.mish, F.softplus,
-    F.hardtanh, F.hardswish, F.hardsigmoid, torch.tanh, torch.sigmoid, F.dropout, F.dropout1d,
-    F.dropout2d, F.dropout3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d,
-    F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, torch.abs, torch.exp,
-}
-IDEMPOTENT_FUNCTIONS: set[Callable] = {torch.relu, F.relu, F.relu6}
-ELEMENTWISE_METHODS: set[str] = {"relu", "sigmoid", "tanh", "abs", "exp", "contiguous", "clone",
-                                 "detach", "float", "to", "type_as"}
-IDEMPOTENT_METHODS: set[str] = {"relu"}
-# The module to use in a new block for a functional activation (Net2DeeperNet).
-FUNCTION_MODULES: dict[Callable | str, Callable[[], nn.Module]] = {
-    torch.relu: nn.ReLU, F.relu: nn.ReLU, "relu": nn.ReLU, F.relu6: nn.ReLU6, F.gelu: nn.GELU,
-    F.silu: nn.SiLU, torch.tanh: nn.Tanh, "tanh": nn.Tanh, torch.sigmoid: nn.Sigmoid,
-    "sigmoid": nn.Sigmoid, F.leaky_relu: nn.LeakyReLU, F.elu: nn.ELU,
-}

@@ -4,26 +4,37 @@ New unit j > n copies a random old unit g(j) (its incoming weights, bias and nor
 every consumer's weights from unit g(j)'s copies are split so that they sum to the old weight:
 evenly (divided by the replication count, as in the paper) or, with ``split > 0``, unevenly, which
 is still exact and also breaks the symmetry between copies. ``noise > 0`` adds keras-style noise to
-the copies' outgoing weights instead: that is *not* exact. ``init="random"`` is the baseline: new
-units get random incoming and outgoing weights.
+the copies' outgoing weights instead: that is *not* exact. Other initialisers (``init=``) live in
+``autogrow.init``; ``"random"`` is the random-padding baseline.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.optim import Optimizer
 
-from autogrow.errors import AutogrowError
-from autogrow.graph import BASE, CatMap, CouplingWalk
+from autogrow.coupling import Coupling, MapKey, couple
+from autogrow.errors import check, check_choice, check_float, check_int, fail
 from autogrow.growth import Growth, Transform, UnitMap, make_seed
+from autogrow.init import WidenInit, get_init
+from autogrow.plan import Plan, Undo, register_plan
 from autogrow.registry import channel_spec, layer_spec
 
-INITS = ("net2wider", "random")
+__all__ = ["MAPPINGS", "TensorChange", "WidenPlan", "plan_widen", "widen"]
+
 MAPPINGS = ("auto", "random", "uniform")
+BASE = "base"  # record key of the mapping drawn for the widened layer itself
+
+
+def map_name(key: MapKey) -> str:
+    """The record key of a coupling's mapping: ``"base"`` or ``"cat:<node>"``."""
+    return BASE if key is None else f"cat:{key.name}"
 
 
 @dataclass
@@ -36,17 +47,18 @@ class TensorChange:
     old_shape: tuple[int, ...]
     new_shape: tuple[int, ...]
     transforms: list[Transform]
-    fill: float | None = None  # value of brand-new normalisation entries (init="random")
+    fill: float | None = None  # a normalisation's neutral value for brand-new entries
 
     @property
     def name(self) -> str:
         return f"{self.module}.{self.tensor}" if self.module else self.tensor
 
 
-@dataclass
-class WidenPlan:
+@dataclass(kw_only=True)
+class WidenPlan(Plan):
     """Everything :func:`plan_widen` decided; printing it shows every change. Nothing is changed yet."""
 
+    kind = "widen"
     model: nn.Module = field(repr=False)
     target: str
     old_width: int
@@ -61,19 +73,24 @@ class WidenPlan:
     channelwise: list[str]
     consumers: list[str]
     changes: list[TensorChange] = field(repr=False)
-    attrs: list[tuple[str, str, int]] = field(repr=False)  # (module, attribute, new value)
+    # (module, how to write the new size into it, the new size)
+    resizes: list[tuple[str, Callable[[nn.Module, int], None], int]] = field(repr=False)
+    example_inputs: Any = field(default=None, repr=False)
 
     @property
     def param_delta(self) -> int:
-        """How many parameters the plan adds."""
         return sum(math.prod(c.new_shape) - math.prod(c.old_shape) for c in self.changes if c.is_param)
+
+    @property
+    def exact(self) -> bool:
+        return get_init(self.init).exact and self.noise == 0
 
     def __str__(self) -> str:
         base = self.maps[BASE]
-        counts = torch.bincount(base.idx[~base.fresh], minlength=self.old_width) if not base.fresh.all() else None
         lines = [f"WidenPlan: {self.target!r} {self.old_width} -> {self.width} units (init={self.init}, "
                  f"mapping={self.mapping}, split={self.split}, noise={self.noise}, seed={self.seed})"]
-        if self.init == "net2wider" and counts is not None:
+        if not base.fresh.any():
+            counts = torch.bincount(base.idx, minlength=self.old_width)
             lines.append(f"  new units copy old units {base.idx[self.old_width:].tolist()[:16]}"
                          f"{' ...' if self.width - self.old_width > 16 else ''}; "
                          f"replication counts {counts.min().item()}..{counts.max().item()}")
@@ -87,54 +104,38 @@ class WidenPlan:
             lines.append(f"    {c.name}: {list(c.old_shape)} -> {list(c.new_shape)} ({how})")
         return "\n".join(lines)
 
-    def apply(self, optimizer: Optimizer | None = None, *, state: str = "carry") -> Growth:
-        """Perform the plan; with ``optimizer``, carry (or ``state="reset"``) its state across.
-
-        The optimizer is checked before the model is touched: a refusal changes nothing.
-        """
-        from autogrow.optim import apply_with_optimizer
-
-        return apply_with_optimizer(self.model, self._apply, optimizer, state)
-
-    def _apply(self) -> Growth:
+    def _apply(self, undo: Undo) -> Growth:
         modules = dict(self.model.named_modules())
-        current = {c.name: getattr(modules[c.module], c.tensor) for c in self.changes}
+        current = {c.name: getattr(modules[c.module], c.tensor, None) for c in self.changes}
         for c in self.changes:
             if current[c.name] is None or tuple(current[c.name].shape) != c.old_shape:
-                raise AutogrowError(f"plan: {c.name} changed since the plan was made "
-                                    f"({c.old_shape} planned); make a new plan")
+                fail(f"plan: {c.name} changed since the plan was made ({c.old_shape} planned); make a new plan")
         gen = torch.Generator().manual_seed(self.seed + 1)  # weights' randomness, apart from the maps'
-        new: dict[str, torch.Tensor] = {}
+        init = get_init(self.init)
         with torch.no_grad():
-            for c in self.changes:
-                new[c.name] = self._transform(current[c.name].detach(), c, gen)
+            new = {c.name: self._transform(current[c.name].detach(), c, init, gen) for c in self.changes}
         # Nothing above touched the model; from here on only assignments, which cannot fail.
-        old_params: dict[str, torch.Tensor] = {}
+        for name in {c.module for c in self.changes} | {m for m, _, _ in self.resizes}:
+            undo.save(modules[name])
+        replaced: dict[str, torch.Tensor] = {}
         for c in self.changes:
             m, old = modules[c.module], current[c.name]
             if c.is_param:
-                old_params[c.name] = old
+                replaced[c.name] = old
                 setattr(m, c.tensor, nn.Parameter(new[c.name], requires_grad=old.requires_grad))
             else:
                 m._buffers[c.tensor] = new[c.name]
-        for mod, attr, value in self.attrs:
-            if attr == "__channel__":
-                channel_spec(modules[mod]).attr_update(modules[mod], value)  # type: ignore[union-attr]
-            else:
-                setattr(modules[mod], attr, value)
-        growth = Growth(
-            kind="widen", target=self.target, seed=self.seed,
+        for mod, setter, value in self.resizes:
+            setter(modules[mod], value)
+        return Growth(
+            kind=self.kind, target=self.target, seed=self.seed,
             options={"width": self.width, "old_width": self.old_width, "init": self.init, "noise": self.noise,
                      "split": self.split, "mapping": self.mapping},
-            maps=dict(self.maps),
-            params={c.name: c.transforms for c in self.changes if c.is_param},
-            buffers=[c.name for c in self.changes if not c.is_param],
-            replaced=old_params,
-        )
-        return growth
+            maps=dict(self.maps), params={c.name: c.transforms for c in self.changes if c.is_param},
+            buffers=[c.name for c in self.changes if not c.is_param], replaced=replaced)
 
-    def _transform(self, t: torch.Tensor, c: TensorChange, gen: torch.Generator) -> torch.Tensor:
-        needs_std = self.noise > 0 or self.init == "random"  # a full pass over t: only when used
+    def _transform(self, t: torch.Tensor, c: TensorChange, init: WidenInit, gen: torch.Generator) -> torch.Tensor:
+        needs_std = self.noise > 0 or not init.exact  # a full pass over t: only when used
         std = float(t.float().std()) if needs_std and t.numel() > 1 else 0.0
         for tr in c.transforms:
             um = self.maps[tr.map].expand(tr.block)
@@ -148,51 +149,123 @@ class WidenPlan:
                 t = torch.cat([t.narrow(tr.dim, 0, n_old), copies + eps], dim=tr.dim)
             if bool(um.fresh.any()):
                 mask = um.along(um.fresh, t, tr.dim).expand_as(t)
-                if c.fill is not None:
-                    rnd = torch.full(t.shape, c.fill, dtype=t.dtype, device=t.device)
-                elif t.dim() == 1:
-                    rnd = torch.zeros_like(t)  # random padding: new biases start at zero
-                else:
-                    rnd = (torch.randn(t.shape, generator=gen) * std).to(t.device, t.dtype)
-                t = torch.where(mask, rnd, t)
+                t = torch.where(mask, init.fresh(t, tr.role, c.fill, std, gen), t)
         return t
 
+    @classmethod
+    def summarize(cls, record: Growth) -> str:
+        o = record.options
+        return (f"widen {record.target}: {o['old_width']} -> {o['width']} units ({o['init']}), "
+                f"{len(record.params)} parameters reshaped")
 
-def _draw(n: int, width: int, init: str, mapping: str, split: float, gen: torch.Generator) -> UnitMap:
-    if init == "random":
-        idx = torch.cat([torch.arange(n), torch.zeros(width - n, dtype=torch.long)])
-        fresh = torch.arange(width) >= n
-        return UnitMap(idx, torch.ones(width, dtype=torch.float64), fresh)
-    if mapping == "uniform":
-        idx = torch.arange(n).repeat(width // n)
-    else:  # the paper's g: j <= n -> j, j > n -> uniform over the old units
-        idx = torch.cat([torch.arange(n), torch.randint(0, n, (width - n,), generator=gen)])
-    if split > 0:
-        r = 1 + split * (2 * torch.rand(width, generator=gen, dtype=torch.float64) - 1)
-        denom = torch.zeros(n, dtype=torch.float64).index_add_(0, idx, r)
-        scale = r / denom[idx]  # shares of each old unit sum to exactly 1
-    else:
-        counts = torch.bincount(idx, minlength=n).to(torch.float64)
-        scale = 1.0 / counts[idx]
-    return UnitMap(idx, scale, torch.zeros(width, dtype=torch.bool))
+    @classmethod
+    def replay(cls, model: nn.Module, record: Growth) -> Growth:
+        o = record.options
+        plan = plan_widen(model, record.target, o["width"], init=o["init"], noise=o["noise"], split=o["split"],
+                          mapping=o["mapping"], generator=record.seed)
+        if any(not torch.equal(plan.maps[k].idx, m.idx) for k, m in record.maps.items()):
+            fail(f"growths: the widening of {record.target!r} does not fit this model "
+                 "(its unit mappings differ from the recorded ones)")
+        return plan.apply()
+
+
+register_plan(WidenPlan)
+
+
+def _choose_mapping(c: Coupling, init: str, mapping: str, width: int) -> str:
+    """``mapping="auto"`` is uniform exactly when a LayerNorm needs every unit copied equally often."""
+    n = c.old_width
+    if c.uniform_only and get_init(init).exact:
+        if mapping == "random" or width % n:
+            fail(f"width: widening {c.target!r} reaches {list(c.uniform_only)}, which normalise over the units "
+                 f"and stay exact only if every unit is copied equally often: use mapping='uniform' (or 'auto') "
+                 f"and a width that is a multiple of {n}, not {width} with mapping={mapping!r}")
+        mapping = "uniform"
+    elif mapping == "auto":
+        mapping = "random"
+    if mapping == "uniform" and width % n:
+        fail(f"width: mapping='uniform' needs a multiple of {n}, got {width}")
+    return mapping
+
+
+def _draw_maps(c: Coupling, width: int, init: str, mapping: str, split: float, seed: int) -> dict[str, UnitMap]:
+    gen = torch.Generator().manual_seed(seed)
+    maps = {BASE: get_init(init).draw(c.old_width, width, uniform=mapping == "uniform", split=split, gen=gen)}
+    for key, cp in c.cats.items():
+        parts = [(maps[map_name(k)] if k is not False else UnitMap.identity(w), w) for k, w in cp.parts]
+        maps[map_name(key)] = UnitMap.cat(parts)
+    return maps
+
+
+def _changes(model: nn.Module, c: Coupling, maps: dict[str, UnitMap], exact: bool
+             ) -> tuple[list[TensorChange], list[tuple[str, Callable[[nn.Module, int], None], int]]]:
+    """Every tensor that changes shape (and how), and every size attribute to update."""
+    modules = dict(model.named_modules())
+    by_name: dict[str, TensorChange] = {}
+    resizes: list[tuple[str, Callable[[nn.Module, int], None], int]] = []
+
+    def add(mod: str, tname: str, tr: Transform, fill: float | None = None) -> None:
+        t = getattr(modules[mod], tname, None)
+        if t is None:  # bias=False, affine=False, track_running_stats=False
+            return
+        key = f"{mod}.{tname}" if mod else tname
+        ch = by_name.setdefault(key, TensorChange(mod, tname, isinstance(t, nn.Parameter), tuple(t.shape),
+                                                  tuple(t.shape), [], fill))
+        ch.transforms.append(tr)
+        shape = list(ch.new_shape)
+        shape[tr.dim] = len(maps[tr.map].idx) * tr.block
+        ch.new_shape = tuple(shape)
+
+    for mod, key in c.producers.items():
+        spec = layer_spec(modules[mod])
+        for tname, d in spec.out_params.items():
+            add(mod, tname, Transform(d, map_name(key), "out"))
+        resizes.append((mod, _setter(spec.out_attr), len(maps[map_name(key)].idx)))
+    for mod, key in c.channelwise.items():
+        cspec = channel_spec(modules[mod])
+        for tname, fill in cspec.tensors.items():
+            add(mod, tname, Transform(0, map_name(key), "out"), fill)
+        resizes.append((mod, cspec.attr_update, len(maps[map_name(key)].idx)))
+        counts = torch.bincount(maps[map_name(key)].idx)
+        if mod in c.uniform_only and exact and not bool((counts == counts[0]).all()):
+            fail(f"target: {mod!r} normalises a concatenation in which only some units are copied; LayerNorm "
+                 "stays exact only under uniform replication")
+    for mod, (key, flat) in c.consumers.items():
+        spec = layer_spec(modules[mod])
+        block = getattr(modules[mod], spec.in_attr) // c.width(key) if flat else 1
+        for tname, d in spec.in_params.items():
+            add(mod, tname, Transform(d, map_name(key), "in", block))
+        resizes.append((mod, _setter(spec.in_attr), len(maps[map_name(key)].idx) * block))
+    return list(by_name.values()), resizes
+
+
+def _setter(attr: str) -> Callable[[nn.Module, int], None]:
+    return lambda m, n: setattr(m, attr, n)
 
 
 def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wider", noise: float = 0.0,
-               split: float = 0.0, mapping: str = "auto",
-               generator: torch.Generator | int | None = None) -> WidenPlan:
+               split: float = 0.0, mapping: str = "auto", generator: torch.Generator | int | None = None,
+               example_inputs: Any = None) -> WidenPlan:
     """Plan giving module ``target`` ``width`` output units, and every coupled layer what follows.
 
     Args:
         model: any ``nn.Module`` whose forward torch.fx can trace.
         target: name of a ``Linear``/``ConvNd``/``Embedding`` (or registered) module.
         width: the new number of units; larger than the current one.
-        init: ``"net2wider"`` (function-preserving) or ``"random"`` (random padding baseline).
+        init: a registered initialiser (``autogrow.init``): ``"net2wider"`` (function-preserving) or
+            ``"random"`` (random padding baseline).
         noise: keras-style noise on the copies' outgoing weights, relative to their std (inexact).
         split: 0 splits a unit's outgoing weights evenly between its copies; ``0 < split < 1``
             draws uneven shares ``(1 +- split)`` that still sum to 1 (exact, breaks symmetry).
         mapping: ``"random"`` (the paper), ``"uniform"`` (each unit replicated width/n times;
             needed for LayerNorm), or ``"auto"`` (uniform only when a LayerNorm requires it).
         generator: a ``torch.Generator`` or int seed; ``None`` draws a seed from the OS.
+        example_inputs: a batch (or tuple of forward arguments): :meth:`~autogrow.plan.Plan.apply`
+            then checks the grown model on it and undoes a growth that does not preserve the function.
+
+    Raises:
+        AutogrowError: a bad argument, or a model that cannot be widened exactly there (the message names
+            the graph node); nothing is changed.
 
     Example:
         >>> import torch, torch.nn as nn, autogrow
@@ -205,86 +278,26 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
         >>> bool(torch.allclose(net(x), y, atol=1e-6)), net[0].out_features
         (True, 12)
     """
-    if init not in INITS:
-        raise AutogrowError(f"init: {init!r} is not one of {INITS}")
-    if mapping not in MAPPINGS:
-        raise AutogrowError(f"mapping: {mapping!r} is not one of {MAPPINGS}")
-    if not isinstance(width, int) or isinstance(width, bool):
-        raise AutogrowError(f"width: expected an int, got {width!r}")
-    if not (isinstance(noise, (int, float)) and noise >= 0):
-        raise AutogrowError(f"noise: expected a float >= 0, got {noise!r}")
-    if not (isinstance(split, (int, float)) and 0 <= split < 1):
-        raise AutogrowError(f"split: expected a float in [0, 1), got {split!r}")
-    walk = CouplingWalk(model, target).run()
-    n = walk.old_width
-    assert n is not None
-    if width <= n:
-        raise AutogrowError(f"width: {width} is not larger than {target!r}'s current {n} units")
-    if walk.uniform_only and init == "net2wider":
-        if mapping == "random" or width % n:
-            raise AutogrowError(
-                f"width: widening {target!r} reaches {walk.uniform_only}, which normalise over the units and "
-                f"stay exact only if every unit is copied equally often: use mapping='uniform' (or 'auto') and "
-                f"a width that is a multiple of {n}, not {width} with mapping={mapping!r}")
-        mapping = "uniform"
-    elif mapping == "auto":
-        mapping = "random"
-    if mapping == "uniform" and width % n:
-        raise AutogrowError(f"width: mapping='uniform' needs a multiple of {n}, got {width}")
+    exact = get_init(init).exact
+    check_choice("mapping", mapping, MAPPINGS)
+    check_int("width", width)
+    check_float("noise", noise, 0.0)
+    check_float("split", split, 0.0, 1.0, high_open=True)
     seed = make_seed(generator)
-    maps = {BASE: _draw(n, width, init, mapping, float(split), torch.Generator().manual_seed(seed))}
-    for key, cm in walk.maps.items():
-        if isinstance(cm, CatMap):
-            maps[key] = UnitMap.cat([(maps[k] if k else UnitMap.identity(w), w) for k, w in cm.parts])
-
-    modules = dict(model.named_modules())
-    by_name: dict[str, TensorChange] = {}
-    attrs: list[tuple[str, str, int]] = []
-
-    def add(mod: str, tname: str, tr: Transform, fill: float | None = None) -> None:
-        t = getattr(modules[mod], tname, None)
-        if t is None:  # bias=False, affine=False, track_running_stats=False
-            return
-        key = f"{mod}.{tname}" if mod else tname
-        if key not in by_name:
-            by_name[key] = TensorChange(mod, tname, isinstance(t, nn.Parameter), tuple(t.shape), tuple(t.shape),
-                                        [], fill)
-        ch = by_name[key]
-        ch.transforms.append(tr)
-        shape = list(ch.new_shape)
-        shape[tr.dim] = len(maps[tr.map].idx) * tr.block
-        ch.new_shape = tuple(shape)
-
-    for mod, key in walk.producers.items():
-        spec = layer_spec(modules[mod])
-        for tname, d in spec.out_params.items():
-            add(mod, tname, Transform(d, key, "out"))
-        attrs.append((mod, spec.out_attr, len(maps[key].idx)))
-    for mod, key in walk.channelwise.items():
-        cspec = channel_spec(modules[mod])
-        for tname, fill in cspec.tensors.items():
-            add(mod, tname, Transform(0, key, "out"), fill if init == "random" else None)
-        attrs.append((mod, "__channel__", len(maps[key].idx)))
-        if mod in walk.uniform_only and init == "net2wider":
-            counts = torch.bincount(maps[key].idx)
-            if not bool((counts == counts[0]).all()):
-                raise AutogrowError(f"target: {mod!r} normalises a concatenation in which only some units are "
-                                    f"copied; LayerNorm stays exact only under uniform replication")
-    for mod, (key, flat) in walk.consumers.items():
-        spec = layer_spec(modules[mod])
-        block = getattr(modules[mod], spec.in_attr) // walk.width(key) if flat else 1
-        for tname, d in spec.in_params.items():
-            add(mod, tname, Transform(d, key, "in", block))
-        attrs.append((mod, spec.in_attr, len(maps[key].idx) * block))
-
-    return WidenPlan(model, target, n, width, init, float(noise), float(split), mapping, seed, maps,
-                     list(walk.producers), list(walk.channelwise), list(walk.consumers),
-                     list(by_name.values()), attrs)
+    c = couple(model, target)
+    check("width", width, width > c.old_width, f"more than {target!r}'s current {c.old_width} units")
+    mapping = _choose_mapping(c, init, mapping, width)
+    maps = _draw_maps(c, width, init, mapping, float(split), seed)
+    changes, resizes = _changes(model, c, maps, exact)
+    return WidenPlan(model=model, target=target, old_width=c.old_width, width=width, init=init, noise=float(noise),
+                     split=float(split), mapping=mapping, seed=seed, maps=maps, producers=list(c.producers),
+                     channelwise=list(c.channelwise), consumers=list(c.consumers), changes=changes,
+                     resizes=resizes, example_inputs=example_inputs)
 
 
 def widen(model: nn.Module, target: str, width: int, *, optimizer: Optimizer | None = None,
-          state: str = "carry", **kwargs: object) -> Growth:
-    """:func:`plan_widen` then apply; returns the :class:`Growth` record.
+          state: str = "carry", **kwargs: Any) -> Growth:
+    """:func:`plan_widen` then apply; returns the :class:`~autogrow.Growth` record.
 
     Example:
         >>> import torch.nn as nn, autogrow
@@ -292,4 +305,4 @@ def widen(model: nn.Module, target: str, width: int, *, optimizer: Optimizer | N
         >>> autogrow.widen(net, "0", 16, generator=1).summary()
         'widen 0: 8 -> 16 units (net2wider), 3 parameters reshaped'
     """
-    return plan_widen(model, target, width, **kwargs).apply(optimizer, state=state)  # type: ignore[arg-type]
+    return plan_widen(model, target, width, **kwargs).apply(optimizer, state=state)

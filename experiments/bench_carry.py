@@ -5,7 +5,7 @@ Net2WiderNet) and training continues on the same batches along two branches: the
 carried across (autogrow) and reset (what most Net2Net ports do). Printed: mean training loss over
 the 50 steps before the widen and the 50 after, and their ratio (carry should stay <= 1.01).
 
-Run: ``python -m experiments.bench_carry [--steps 600] [--data-dir DIR]``
+Run: ``python -m autogrow.experiments.bench_carry [--steps 600] [--data-dir DIR]``
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from autogrow.experiments.data import FashionMNISTDataModule
 
 import autogrow
-from experiments.data import FashionMNISTDataModule
 
 OPTIMIZERS: dict[str, Callable[[object], torch.optim.Optimizer]] = {
     "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),

@@ -4,7 +4,7 @@
   layer x1.5), against cloning every parameter of the model. Target: <= 3x.
 * optimizer: ``grow_optimizer`` for Adam after that widening, against cloning every state tensor.
 
-Run: ``python -m experiments.bench_surgery [--sizes 1 10 50] [--repeats 3]``
+Run: ``python -m autogrow.experiments.bench_surgery [--sizes 1 10 50] [--repeats 3]``
 """
 
 from __future__ import annotations

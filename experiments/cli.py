@@ -9,11 +9,11 @@ and says how to open the TensorBoard logs.
 
 from __future__ import annotations
 
+from autogrow.callbacks import AutoGrow
 from pytorch_lightning import LightningDataModule, LightningModule
 from pytorch_lightning.cli import LightningCLI
 
 from autogrow import num_params
-from callbacks import AutoGrow
 
 
 class AutogrowCLI(LightningCLI):
@@ -28,11 +28,11 @@ class AutogrowCLI(LightningCLI):
         print("\n== autogrow summary ==")
         for cb in grows:
             for e in cb.events:
-                what = ", ".join(f"{c['target']} {c['from']}->{c['to']}" for c in e["changes"]) or e["trigger"]
-                print(f"  event {e['event']}: epoch {e['epoch']:>3}, {cb.monitor}={e['value']:.4f}: {what} "
-                      f"(params {e['params_before']:,} -> {e['params_after']:,})")
+                what = ", ".join(f"{c.target} {c.old}->{c.new}" for c in e.changes) or e.reason.value
+                print(f"  event {e.index}: epoch {e.epoch:>3}, {cb.monitor}={e.value:.4f}: {what} "
+                      f"(params {e.params_before:,} -> {e.params_after:,})")
             if cb.stopped:
-                print(f"  growth stopped: {cb.stopped}")
+                print(f"  growth stopped: {cb.stop_message}")
         print(f"  parameters: {self._params_before:,} -> {num_params(model):,}")
         for key in ("val_loss", "val_acc"):
             if key in trainer.callback_metrics:

@@ -17,12 +17,12 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from autogrow.callbacks import AutoGrow
+from autogrow.experiments.data import ArrayDataModule, FashionMNISTDataModule
+from autogrow.experiments.models import Classifier
 from pytorch_lightning.callbacks import Callback
 
 from autogrow import num_params
-from callbacks import AutoGrow
-from experiments.data import ArrayDataModule, FashionMNISTDataModule
-from experiments.models import Classifier
 
 
 class History(Callback):

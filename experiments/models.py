@@ -8,11 +8,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchmetrics
+from autogrow.callbacks import GrowableMixin
 from pytorch_lightning import LightningModule
 from torch.utils.flop_counter import FlopCounterMode
 
 from autogrow import num_params
-from callbacks import GrowableMixin
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 

@@ -6,7 +6,7 @@
   keras-style noise (inexact) vs random init (the baseline);
 * when to grow: plateau trigger vs a fixed schedule (every 2 epochs).
 
-Run: ``python -m experiments.suite_ablations [--seeds 2] [--epochs 10]``
+Run: ``python -m autogrow.experiments.suite_ablations [--seeds 2] [--epochs 10]``
 """
 
 from __future__ import annotations
@@ -14,18 +14,20 @@ from __future__ import annotations
 import statistics
 
 import pytorch_lightning as pl
+from autogrow.experiments.common import Run, fashion, finish_args, mean_std, parser, plot, train, write
+from autogrow.experiments.models import MLP
+from autogrow.experiments.suite_grid import classifier, growth_callback, growth_sizes
 
-from experiments.common import Run, fashion, finish_args, mean_std, parser, plot, train, write
-from experiments.models import MLP
-from experiments.suite_grid import classifier, growth_callback, growth_sizes
+from autogrow.actions import Widen
+from autogrow.plateau import EveryN
 
 VARIANTS: dict[str, dict] = {
     "carry (default)": {},
     "reset": {"optimizer_state": "reset"},
-    "even split": {"split": 0.0},
-    "noise 0.05": {"split": 0.0, "noise": 0.05},
-    "random init": {"init": "random"},
-    "fixed schedule": {"trigger": "every", "every": 2},
+    "even split": {"grow": Widen(split=0.0)},
+    "noise 0.05": {"grow": Widen(split=0.0, noise=0.05)},
+    "random init": {"grow": Widen(init="random")},
+    "fixed schedule": {"trigger": EveryN(every=2)},
 }
 
 
@@ -33,7 +35,7 @@ def spike(run: Run, window: int = 50) -> float | None:
     """Mean over growth events of (loss in the `window` steps after) / (loss in the `window` before)."""
     ratios = []
     for e in run.events:
-        s = e["step"]
+        s = e.step
         before, after = run.train_losses[max(0, s - window):s], run.train_losses[s:s + window]
         if before and after:
             ratios.append(statistics.mean(after) / statistics.mean(before))
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append({"seed": seed, "variant": label, "test_acc": run.test_acc, "best_val_acc": run.best_val_acc,
                          "events": len(run.events), "params": run.params, "train_flops": run.flops,
                          "loss_after_over_before": spike(run),
-                         "max_preservation_error": max((e["preservation_error"] or 0.0 for e in run.events),
+                         "max_preservation_error": max((e.preservation_error or 0.0 for e in run.events),
                                                        default=None)})
             if seed == 0:
                 plots.append(run)

@@ -5,17 +5,19 @@ The DNC run starts with 4 hidden units and adds 4 whenever the validation loss i
 growing when a growth does not beat the pre-growth best within 3 evaluations, and rolls that growth
 back. Fixed sizes 4..128 are trained from scratch for the same epochs.
 
-Run: ``python -m experiments.suite_dnc [--epochs 15]``
+Run: ``python -m autogrow.experiments.suite_dnc [--epochs 15]``
 """
 
 from __future__ import annotations
 
 import pytorch_lightning as pl
+from autogrow.callbacks import AutoGrow
+from autogrow.experiments.common import fashion, finish_args, parser, plot, table, train, write
+from autogrow.experiments.models import MLP
+from autogrow.experiments.suite_grid import classifier
 
-from callbacks import AutoGrow
-from experiments.common import fashion, finish_args, parser, plot, table, train, write
-from experiments.models import MLP
-from experiments.suite_grid import classifier
+from autogrow.actions import Widen
+from autogrow.plateau import DynamicNodeCreation
 
 FIXED = (4, 8, 16, 32, 64, 128)
 
@@ -30,12 +32,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows, runs = [], []
     pl.seed_everything(0, verbose=False)
     net = MLP(784, [4])
-    grow = AutoGrow(monitor="val_loss", trigger="dnc", window=2, threshold=args.threshold, units=4,
-                    stop_patience=3, rollback=True)
+    grow = AutoGrow(monitor="val_loss", trigger=DynamicNodeCreation(window=2, threshold=args.threshold),
+                    grow=Widen(units=4), stop_patience=3, rollback=True)
     dnc = train("dynamic node creation", classifier(net), dm, args.epochs, [grow])
     rows.append({"run": "dnc", "hidden": net.fc1.out_features, "test_acc": dnc.test_acc,
                  "best_val_acc": dnc.best_val_acc, "wall_s": dnc.wall, "train_flops": dnc.flops,
-                 "events": len(dnc.events), "stopped": grow.stopped})
+                 "events": len(dnc.events), "stopped": grow.stop_message or None})
     runs.append(dnc)
     for h in fixed:
         pl.seed_everything(0, verbose=False)

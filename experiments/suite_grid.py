@@ -8,7 +8,7 @@
 Reported: each configuration's test accuracy, wall time and training FLOPs; the grid's best and the
 grid's total cost; where the growth run ended (size, accuracy, cost).
 
-Run: ``python -m experiments.suite_grid [--epochs 8]``
+Run: ``python -m autogrow.experiments.suite_grid [--epochs 8]``
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ import copy
 import itertools
 
 import pytorch_lightning as pl
+from autogrow.callbacks import AutoGrow
+from autogrow.experiments.common import Run, fashion, finish_args, parser, plot, table, train, write
+from autogrow.experiments.models import MLP, Classifier
 
 import autogrow
-from callbacks import AutoGrow
-from experiments.common import Run, fashion, finish_args, parser, plot, table, train, write
-from experiments.models import MLP, Classifier
+from autogrow.actions import Widen
+from autogrow.plateau import Plateau
 
 GRID = (64, 128, 256)
 
@@ -38,8 +40,9 @@ def growth_sizes(quick: bool) -> tuple[int, int]:
 
 def growth_callback(max_width: int, **overrides: object) -> AutoGrow:
     """The growth configuration shared by suites 2-4 (``overrides`` for the ablations)."""
-    return AutoGrow(**{"monitor": "val_loss", "patience": 1, "min_delta": 0.01, "relative_delta": True,
-                       "warmup": 1, "factor": 2.0, "max_width": max_width, **overrides})
+    trigger = Plateau(patience=1, min_delta=0.01, relative=True, warmup=1)
+    return AutoGrow(**{"monitor": "val_loss", "trigger": trigger, "grow": Widen(factor=2.0), "max_width": max_width,
+                       **overrides})
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

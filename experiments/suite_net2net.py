@@ -7,7 +7,7 @@ conv2 and an extra fc after fc1 with random init, (4) with Net2DeeperNet (identi
 validation loss per epoch, with the students' epoch 0 (before training: equal to the teacher's for
 the function-preserving ones), mean and spread over seeds.
 
-Run: ``python -m experiments.suite_net2net [--seeds 3] [--train-subset 12000] [--mnist]``
+Run: ``python -m autogrow.experiments.suite_net2net [--seeds 3] [--train-subset 12000] [--mnist]``
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from __future__ import annotations
 import copy
 
 import pytorch_lightning as pl
+from autogrow.experiments.common import Run, fashion, finish_args, mean_std, parser, plot, train, write
+from autogrow.experiments.data import MNISTDataModule
+from autogrow.experiments.models import Classifier, SeedCNN
 
 import autogrow
-from experiments.common import Run, fashion, finish_args, mean_std, parser, plot, train, write
-from experiments.data import MNISTDataModule
-from experiments.models import Classifier, SeedCNN
 
 STUDENTS = ("wider random-pad", "net2wider", "deeper random-init", "net2deeper")
 

@@ -5,16 +5,15 @@ ended at trained from scratch with the same optimizer and schedule for the same 
 the scratch run's best validation accuracy, the time and training FLOPs each run needed to first
 reach it (or "not reached"), and both final test accuracies.
 
-Run: ``python -m experiments.suite_scratch [--seeds 3] [--epochs 10]``
+Run: ``python -m autogrow.experiments.suite_scratch [--seeds 3] [--epochs 10]``
 """
 
 from __future__ import annotations
 
 import pytorch_lightning as pl
-
-from experiments.common import fashion, finish_args, mean_std, parser, plot, train, write
-from experiments.models import MLP
-from experiments.suite_grid import classifier, growth_callback, growth_sizes
+from autogrow.experiments.common import fashion, finish_args, mean_std, parser, plot, train, write
+from autogrow.experiments.models import MLP
+from autogrow.experiments.suite_grid import classifier, growth_callback, growth_sizes
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

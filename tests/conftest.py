@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from experiments.data import write_idx
+from autogrow.experiments.data import write_idx
 
 
 @pytest.fixture(scope="session")

@@ -9,10 +9,11 @@ import sys
 
 import pytorch_lightning as pl
 import torch
+from autogrow.callbacks import AutoGrow
+from autogrow.experiments.data import DigitsDataModule
+from autogrow.experiments.models import MLP, Classifier
 
-from callbacks import AutoGrow
-from experiments.data import DigitsDataModule
-from experiments.models import MLP, Classifier
+from autogrow.plateau import EveryN
 
 
 class Record(pl.Callback):
@@ -27,13 +28,14 @@ class Record(pl.Callback):
 def main(out: str) -> None:
     pl.seed_everything(0, verbose=False)
     model = Classifier(MLP(64, [3, 3]), lr=0.1)
-    grow = AutoGrow(trigger="every", every=1, max_events=2, policy="round_robin", split=0.5)
+    grow = AutoGrow(trigger=EveryN(every=1), max_events=2, policy="round_robin")
     rec = Record()
     trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=4, callbacks=[grow, rec],
                          logger=False, enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False)
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=32, seed=0))
-    torch.save({"state_dict": model.state_dict(), "events": grow.events, "steps_after_growth": rec.steps_after_growth,
+    torch.save({"state_dict": model.state_dict(), "events": [e.to_dict() for e in grow.events],
+                "steps_after_growth": rec.steps_after_growth,
                 "ddp_params": [id(p) for p in trainer.strategy.model.parameters()] ==
                 [id(p) for p in model.parameters()]},
                f"{out}/rank{trainer.global_rank}.pt")

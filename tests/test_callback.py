@@ -11,14 +11,17 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from autogrow.callbacks import AutoGrow, load_grown
+from autogrow.experiments.data import DigitsDataModule
+from autogrow.experiments.models import MLP, Classifier
 from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 import autogrow
-from callbacks import AutoGrow, load_grown
-from experiments.data import DigitsDataModule
-from experiments.models import MLP, Classifier
+from autogrow.actions import Deepen, Widen
+from autogrow.events import Reason, StopReason
+from autogrow.plateau import EveryN, Plateau
 
 
 def trainer(tmp_path, callbacks, max_epochs=10, logger=False, **kw) -> pl.Trainer:
@@ -48,7 +51,7 @@ class Watch(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         ev = self.grow.events
-        if ev and ev[-1]["epoch"] == trainer.current_epoch:
+        if ev and ev[-1].epoch == trainer.current_epoch:
             # Function preserved: the validation loss of the grown model equals the one logged just before.
             pl_module.eval()
             val = list(trainer.datamodule.val_dataloader())
@@ -67,29 +70,29 @@ class Watch(Callback):
 
 def test_grows_at_the_plateau_and_keeps_the_function(tmp_path, dm):
     model = tiny()
-    grow = AutoGrow(monitor="val_loss", patience=2, warmup=3, cooldown=1)
+    grow = AutoGrow(monitor="val_loss", trigger=Plateau(patience=2, warmup=3, cooldown=1))
     watch = Watch(grow)
     trainer(tmp_path, [grow, watch], max_epochs=25).fit(model, datamodule=dm)
     assert len(grow.events) >= 2 and watch.checked == len(grow.events) and watch.modes_ok
-    assert grow.events[0]["epoch"] >= 3  # not before warmup (3 evaluations)
-    epochs = [e["epoch"] for e in grow.events]
+    assert grow.events[0].epoch >= 3  # not before warmup (3 evaluations)
+    epochs = [e.epoch for e in grow.events]
     assert all(b - a >= 1 + 2 for a, b in zip(epochs, epochs[1:]))  # cooldown 1, then patience 2
     assert model.model.fc1.out_features == 2 * 2 ** len(grow.events)
-    assert all(e["preservation_error"] < 1e-4 for e in grow.events)
+    assert all(e.preservation_error < 1e-4 for e in grow.events)
     torch.save(model, tmp_path / "whole.pt")  # no callback leftovers on the module after fit
 
 
 def test_fixed_schedule_respects_warmup_and_cooldown(tmp_path, dm):
     model = tiny()
-    grow = AutoGrow(trigger="every", every=1, warmup=2, cooldown=2, factor=1.5)
+    grow = AutoGrow(trigger=EveryN(every=1, warmup=2, cooldown=2), grow=Widen(factor=1.5))
     trainer(tmp_path, [grow], max_epochs=9).fit(model, datamodule=dm)
-    assert [e["epoch"] for e in grow.events] == [2, 5, 8]
+    assert [e.epoch for e in grow.events] == [2, 5, 8]
 
 
 def test_resume_is_bit_identical(tmp_path, dm):
     def run(epochs, ckpt=None, root="a"):
         model = tiny(hidden=(3, 3), optimizer="adam", lr=0.01, scheduler="cosine", max_epochs=8)
-        grow = AutoGrow(trigger="every", every=2, policy="round_robin", seed=3)
+        grow = AutoGrow(trigger=EveryN(every=2), policy="round_robin", seed=3)
         ckpt_cb = ModelCheckpoint(dirpath=tmp_path / root, save_last=True, every_n_epochs=1)
         trainer(tmp_path, [grow, ckpt_cb], max_epochs=epochs).fit(model, datamodule=dm, ckpt_path=ckpt)
         return model, grow
@@ -108,7 +111,7 @@ def test_tensorboard_events_are_written(tmp_path, dm):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     model = tiny()
-    grow = AutoGrow(trigger="every", every=2)
+    grow = AutoGrow(trigger=EveryN(every=2))
     logger = TensorBoardLogger(tmp_path, name="tb")
     lrs = LearningRateMonitor(logging_interval="step")
     tr = trainer(tmp_path, [grow, lrs], max_epochs=4, logger=logger, log_every_n_steps=1)
@@ -129,8 +132,8 @@ def test_tensorboard_events_are_written(tmp_path, dm):
 @pytest.mark.parametrize("kw", [{"precision": "bf16-mixed"}, {"accumulate_grad_batches": 3}])
 def test_mixed_precision_and_accumulation(tmp_path, dm, kw):
     model = tiny()
-    grow = AutoGrow(trigger="every", every=2, grow="widen")
-    deeper = AutoGrow(trigger="every", every=3, grow="deepen", targets=["model.fc1"])
+    grow = AutoGrow(trigger=EveryN(every=2), grow="widen")
+    deeper = AutoGrow(trigger=EveryN(every=3), grow=Deepen(), targets=["model.fc1"])
     trainer(tmp_path, [grow, deeper], max_epochs=6, **kw).fit(model, datamodule=dm)
     assert len(grow.events) == 3 and len(deeper.events) == 2
     assert math.isfinite(float(trainer(tmp_path, [], max_epochs=1).validate(model, datamodule=dm,
@@ -139,10 +142,10 @@ def test_mixed_precision_and_accumulation(tmp_path, dm, kw):
 
 def test_mid_epoch_validation_grows_at_next_batch(tmp_path, dm):
     model = tiny()
-    grow = AutoGrow(trigger="every", every=1)
+    grow = AutoGrow(trigger=EveryN(every=1))
     trainer(tmp_path, [grow], max_epochs=1, val_check_interval=5).fit(model, datamodule=dm)
     n_batches = len(dm.train_dataloader())
-    assert [e["step"] for e in grow.events] == list(range(5, n_batches, 5))
+    assert [e.step for e in grow.events] == list(range(5, n_batches, 5))
 
 
 def test_early_stopping_patience_is_reset_and_checkpoints_load(tmp_path, dm):
@@ -151,12 +154,12 @@ def test_early_stopping_patience_is_reset_and_checkpoints_load(tmp_path, dm):
 
         def on_train_epoch_end(self, trainer, pl_module):
             es = trainer.early_stopping_callbacks[0]
-            if grow.events and grow.events[-1]["epoch"] == trainer.current_epoch:
+            if grow.events and grow.events[-1].epoch == trainer.current_epoch:
                 assert es.wait_count == 0 and es.best_score < math.inf
                 SeeReset.resets += 1
 
     model = tiny()
-    grow = AutoGrow(patience=2, min_delta=0.01)
+    grow = AutoGrow(trigger=Plateau(patience=2, min_delta=0.01))
     es = EarlyStopping(monitor="val_loss", patience=3, min_delta=0.01)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
     trainer(tmp_path, [grow, SeeReset(), es, ckpt], max_epochs=30).fit(model, datamodule=dm)
@@ -174,28 +177,28 @@ def test_early_stopping_patience_is_reset_and_checkpoints_load(tmp_path, dm):
 
 def test_policies_and_budgets(tmp_path, dm):
     model = tiny(hidden=(2, 3))
-    grow = AutoGrow(trigger="every", every=1, policy="round_robin", units=1)
+    grow = AutoGrow(trigger=EveryN(every=1), policy="round_robin", grow=Widen(units=1))
     trainer(tmp_path, [grow], max_epochs=4).fit(model, datamodule=dm)
-    assert [e["changes"][0]["target"] for e in grow.events] == ["model.fc1", "model.fc2"] * 2
+    assert [e.changes[0].target for e in grow.events] == ["model.fc1", "model.fc2"] * 2
 
     model = tiny(hidden=(2, 3))
-    grow = AutoGrow(trigger="every", every=1, policy="smallest", units=2, max_width=4)
+    grow = AutoGrow(trigger=EveryN(every=1), policy="smallest", grow=Widen(units=2), max_width=4)
     trainer(tmp_path, [grow], max_epochs=5).fit(model, datamodule=dm)
     assert model.model.fc1.out_features == 4 and model.model.fc2.out_features == 4
-    assert grow.stopped is not None and "max_width" in grow.stopped
+    assert grow.stopped is StopReason.BUDGET and "max_width" in grow.stop_message
 
     model = tiny(hidden=(2, 3))
-    grow = AutoGrow(trigger="every", every=1, policy="gradient")
+    grow = AutoGrow(trigger=EveryN(every=1), policy="gradient")
     trainer(tmp_path, [grow], max_epochs=2).fit(model, datamodule=dm)
-    assert len(grow.events) == 2 and all(len(e["changes"]) == 1 for e in grow.events)
+    assert len(grow.events) == 2 and all(len(e.changes) == 1 for e in grow.events)
 
     model = tiny(hidden=(2,))
-    grow = AutoGrow(trigger="every", every=1, max_params=700)
+    grow = AutoGrow(trigger=EveryN(every=1), max_params=700)
     trainer(tmp_path, [grow], max_epochs=5).fit(model, datamodule=dm)
     assert sum(p.numel() for p in model.parameters()) <= 700 and len(grow.events) == 2
 
     model = tiny(hidden=(2,))
-    grow = AutoGrow(trigger="every", every=1, max_events=1)
+    grow = AutoGrow(trigger=EveryN(every=1), max_events=1)
     trainer(tmp_path, [grow], max_epochs=3).fit(model, datamodule=dm)
     assert len(grow.events) == 1
 
@@ -203,34 +206,34 @@ def test_policies_and_budgets(tmp_path, dm):
 def test_stop_and_rollback(tmp_path, dm):
     """Growth at a zero learning rate cannot improve validation: growth stops and rolls back."""
     model = tiny(hidden=(2,), lr=0.0)
-    grow = AutoGrow(trigger="every", every=3, stop_patience=2, rollback=True)
+    grow = AutoGrow(trigger=EveryN(every=3), stop_patience=2, rollback=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer(tmp_path, [grow], max_epochs=7).fit(model, datamodule=dm)
-    assert grow.stopped is not None and grow.events[-1]["trigger"] == "rollback"
-    growths = [e for e in grow.events if e["trigger"] != "rollback"]
+    assert grow.stopped is StopReason.NO_PAYOFF and grow.events[-1].reason is Reason.ROLLBACK
+    growths = [e for e in grow.events if e.reason is not Reason.ROLLBACK]
     assert len(growths) == 1  # no growth after the stop
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # back to the pre-growth model
     assert autogrow.checkpoint.history_of(model) == []
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"mode": "up"}, "mode: 'up' is not allowed"),
-    ({"patience": 0}, "patience: 0 is not allowed"),
-    ({"factor": 1.0}, "factor: 1.0 is not allowed; expected a number > 1"),
-    ({"trigger": "sometimes"}, "trigger: 'sometimes'"),
-    ({"policy": "best"}, "policy: 'best'"),
-    ({"grow": "taller"}, "grow: 'taller'"),
-    ({"optimizer_state": "keep"}, "optimizer_state: 'keep'"),
-    ({"split": 1.0}, r"split: 1.0 is not allowed; expected a float in \[0, 1\)"),
-    ({"max_params": 0}, "max_params: 0"),
-    ({"rollback": True}, "rollback: True is not allowed; expected False unless stop_patience is set"),
-    ({"targets": []}, r"targets: \[\]"),
-    ({"window": 0, "trigger": "dnc"}, "window: 0"),
+@pytest.mark.parametrize("build, message", [
+    (lambda: AutoGrow(mode="up"), "mode: 'up' is not allowed"),
+    (lambda: AutoGrow(trigger=Plateau(patience=0)), "patience: 0 is not allowed"),
+    (lambda: AutoGrow(grow=Widen(factor=1.0)), "factor: 1.0 is not allowed; expected a number > 1"),
+    (lambda: AutoGrow(trigger="sometimes"), "trigger: 'sometimes'"),
+    (lambda: AutoGrow(policy="best"), "policy: 'best'"),
+    (lambda: AutoGrow(grow="taller"), "grow: 'taller'"),
+    (lambda: AutoGrow(optimizer_state="keep"), "optimizer_state: 'keep'"),
+    (lambda: AutoGrow(grow=Widen(split=1.0)), r"split: 1.0 is not allowed; expected a number in \[0.0, 1.0\)"),
+    (lambda: AutoGrow(max_params=0), "max_params: 0"),
+    (lambda: AutoGrow(rollback=True), "rollback: True is not allowed; expected False unless stop_patience is set"),
+    (lambda: AutoGrow(targets=[]), r"targets: \[\]"),
+    (lambda: AutoGrow(trigger=autogrow.plateau.DynamicNodeCreation(window=0)), "window: 0"),
 ])
-def test_bad_arguments_raise_at_construction(kwargs, message):
+def test_bad_arguments_raise_at_construction(build, message):
     with pytest.raises(ValueError, match=message):
-        AutoGrow(**kwargs)
+        build()
 
 
 def test_unsupported_setups_fail_in_setup(tmp_path, dm):
@@ -258,7 +261,7 @@ def test_non_finite_metric_warns_and_does_not_grow(tmp_path, dm):
 
     pl.seed_everything(0, verbose=False)
     model = NanVal(MLP(64, [2]))
-    grow = AutoGrow(trigger="every", every=1)
+    grow = AutoGrow(trigger=EveryN(every=1))
     with pytest.warns(UserWarning, match="non-finite metric"):
         trainer(tmp_path, [grow], max_epochs=2).fit(model, datamodule=dm)
     assert grow.events == []
@@ -267,10 +270,10 @@ def test_non_finite_metric_warns_and_does_not_grow(tmp_path, dm):
 def test_torch_compile_recompiles_after_growth(tmp_path, dm):
     model = tiny(hidden=(4,))
     model.model = torch.compile(model.model)
-    grow = AutoGrow(trigger="every", every=1, max_events=1)
+    grow = AutoGrow(trigger=EveryN(every=1), max_events=1)
     trainer(tmp_path, [grow], max_epochs=2).fit(model, datamodule=dm)
-    assert grow.events[0]["changes"][0]["target"] == "model._orig_mod.fc1"
-    assert grow.events[0]["preservation_error"] < 1e-4
+    assert grow.events[0].changes[0].target == "model._orig_mod.fc1"
+    assert grow.events[0].preservation_error < 1e-4
     x = next(iter(dm.val_dataloader()))[0]
     compiled, eager = model.model(x), model.model._orig_mod(x)  # the compiled graph follows the new shapes
     assert compiled.shape == eager.shape and torch.allclose(compiled, eager, atol=1e-5)
@@ -280,7 +283,7 @@ def test_resume_from_a_checkpoint_with_growth_pending(tmp_path, dm):
     """A checkpoint saved at validation end: the growth is decided there but not yet applied."""
     def run(epochs, ckpt=None, root="a"):
         model = tiny(hidden=(3,), optimizer="adam", lr=0.01)
-        grow = AutoGrow(trigger="every", every=2, seed=5)
+        grow = AutoGrow(trigger=EveryN(every=2), seed=5)
         ckpt_cb = ModelCheckpoint(dirpath=tmp_path / root, monitor="val_loss", save_top_k=-1,
                                   filename="{epoch}", save_on_train_epoch_end=False)
         trainer(tmp_path, [grow, ckpt_cb], max_epochs=epochs).fit(model, datamodule=dm, ckpt_path=ckpt)

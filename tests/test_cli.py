@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from autogrow.callbacks import AutoGrow
+from autogrow.experiments.cli import cli, main
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from callbacks import AutoGrow
-from experiments.cli import cli, main
 
 CONFIG = Path(__file__).parent.parent / "experiments" / "configs" / "quickstart.yaml"
 
@@ -29,7 +28,7 @@ def test_quickstart_config_runs_and_grows(tmp_path, capsys, monkeypatch):
 def test_print_config(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(CONFIG), "--print_config"])
-    assert "class_path: callbacks.AutoGrow" in capsys.readouterr().out
+    assert "class_path: autogrow.callbacks.AutoGrow" in capsys.readouterr().out
 
 
 def test_console_script_exits_zero(tmp_path):

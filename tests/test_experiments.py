@@ -7,9 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from experiments import suite_ablations, suite_dnc, suite_grid, suite_net2net, suite_scratch
-from experiments.data import DigitsDataModule, FashionMNISTDataModule, MNISTDataModule, read_idx, write_idx
+from autogrow.experiments import suite_ablations, suite_dnc, suite_grid, suite_net2net, suite_scratch
+from autogrow.experiments.data import DigitsDataModule, FashionMNISTDataModule, MNISTDataModule, read_idx, write_idx
 
 
 def outputs(out, name):

@@ -87,11 +87,12 @@ def mlp() -> nn.Sequential:
 CASES = [
     (mlp, lambda m: autogrow.plan_widen(m, "nope", 8),
      r"target: 'nope' is not a module.*growable layers: \['0', '2'\]"),
-    (mlp, lambda m: autogrow.plan_widen(m, "0", 5), r"width: 5 is not larger than '0'.s current 5"),
+    (mlp, lambda m: autogrow.plan_widen(m, "0", 5), r"width: 5 is not allowed; expected more than '0'.s current 5"),
     (mlp, lambda m: autogrow.plan_widen(m, "1", 8), r"target: '1' is a GELU"),
     (mlp, lambda m: autogrow.plan_widen(m, "2", 8), r"node 'output'.*model's output"),
-    (mlp, lambda m: autogrow.plan_widen(m, "0", 8, init="zeros"), r"init: 'zeros' is not one of"),
-    (mlp, lambda m: autogrow.plan_widen(m, "0", 8, split=1.5), r"split: expected a float in \[0, 1\), got 1.5"),
+    (mlp, lambda m: autogrow.plan_widen(m, "0", 8, init="zeros"), r"init: 'zeros' is not allowed; expected one of"),
+    (mlp, lambda m: autogrow.plan_widen(m, "0", 8, split=1.5),
+     r"split: 1.5 is not allowed; expected a number in \[0.0, 1.0\)"),
     (FixedView, lambda m: autogrow.plan_widen(m, "conv", 4), r"node 'view'.*fixed shape.*x.flatten\(1\)"),
     (SoftmaxOverFeatures, lambda m: autogrow.plan_widen(m, "fc1", 8), r"node 'softmax'.*cannot keep exact"),
     (MatmulFixed, lambda m: autogrow.plan_widen(m, "fc1", 8), r"node 'matmul'"),
@@ -99,7 +100,8 @@ CASES = [
     (mlp, lambda m: autogrow.plan_deepen(m, "0"),
      r"after: '0' is followed by node '_1' .*GELU.*not idempotent.*residual=True"),
     (mlp, lambda m: autogrow.plan_deepen(m, "1"), r"after: '1' is a GELU, which has no identity"),
-    (mlp, lambda m: autogrow.plan_deepen(m, "0", kernel_size=2, residual=True), r"kernel_size: expected an odd"),
+    (mlp, lambda m: autogrow.plan_deepen(m, "0", kernel_size=2, residual=True),
+     r"kernel_size: 2 is not allowed; expected an odd"),
     (TinyTransformer, lambda m: autogrow.plan_widen(m, "emb", 9), r"width: .*multiple of 6, not 9"),
     (TinyTransformer, lambda m: autogrow.plan_widen(m, "emb", 12, mapping="random"), r"mapping='uniform'"),
 ]
@@ -155,7 +157,7 @@ def test_optimizer_refusals_leave_model_and_optimizer_untouched():
     with pytest.raises(autogrow.AutogrowError, match=message):
         autogrow.deepen(model, "0", optimizer=opt)
     assert_unchanged(before, model, opt)
-    with pytest.raises(autogrow.AutogrowError, match="state: 'keep' is not one of"):
+    with pytest.raises(autogrow.AutogrowError, match="state: 'keep' is not allowed; expected one of"):
         autogrow.widen(model, "0", 8, optimizer=opt, state="keep")
     assert_unchanged(before, model, opt)
     autogrow.widen(model, "0", 8, optimizer=opt, state="reset")  # the explicit way out works

@@ -1,0 +1,140 @@
+"""What one growth does to one layer: typed, validated pieces the callback composes (framework-free).
+
+``Widen`` and ``Deepen`` turn "grow layer ``name`` now" into a :class:`~autogrow.plan.Plan`. They hold
+the options (factor, initialiser, symmetry breaking, residual form), are validated when built, and
+have string shortcuts (``"widen"``, ``"deepen"``) for configs::
+
+    >>> import torch.nn as nn
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> Widen(factor=1.5).plan(net, "0", seed=0).width
+    12
+    >>> make_action("deepen").plan(net, "0", seed=0).residual
+    False
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch.nn as nn
+
+from autogrow.deepen import INITS as DEEPEN_INITS
+from autogrow.deepen import plan_deepen
+from autogrow.errors import check_bool, check_choice, check_float, check_int
+from autogrow.init import get_init
+from autogrow.plan import Plan
+from autogrow.registry import layer_spec
+from autogrow.widen import plan_widen
+
+__all__ = ["ACTIONS", "Deepen", "GrowthAction", "Widen", "make_action", "width_of"]
+
+
+def width_of(module: nn.Module) -> int:
+    """The number of output units of a registered weighted layer (0 for anything else)."""
+    spec = layer_spec(module)
+    return getattr(module, spec.out_attr) if spec is not None else 0
+
+
+class GrowthAction:
+    """Base class: how to grow one named layer of a model."""
+
+    name: ClassVar[str]
+    changes_width: ClassVar[bool] = False
+
+    def plan(self, model: nn.Module, target: str, seed: int, *, max_width: int | None = None,
+             example_inputs: Any = None) -> Plan:
+        """The plan growing ``target`` (nothing changes until it is applied)."""
+        raise NotImplementedError
+
+    def can_grow(self, model: nn.Module, target: str, max_width: int | None) -> bool:
+        """Whether ``target`` has room to grow under ``max_width``."""
+        return True
+
+
+@dataclass
+class Widen(GrowthAction):
+    """Net2WiderNet on a layer: ``ceil(width * factor)`` units, or ``units`` more.
+
+    Args:
+        factor: growth factor per event (> 1).
+        units: add this many units instead (takes precedence over ``factor``).
+        init: a widening initialiser (``autogrow.init``): ``"net2wider"`` (exact) or ``"random"``.
+        split: uneven shares of the copies' outgoing weights (exact, breaks the symmetry between copies;
+            with ``split=0`` exact copies get identical gradients and stay copies).
+        noise: keras-style noise on the copies' outgoing weights (inexact).
+    """
+
+    name = "widen"
+    changes_width = True
+    factor: float = 2.0
+    units: int | None = None
+    init: str = "net2wider"
+    split: float = 0.5
+    noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_float("factor", self.factor, 1.0, low_open=True)
+        check_int("units", self.units, 1, optional=True)
+        get_init(self.init)
+        check_float("split", self.split, 0.0, 1.0, high_open=True)
+        check_float("noise", self.noise, 0.0)
+
+    def new_width(self, old: int, max_width: int | None) -> int:
+        """The width after one event: at least one more unit, at most ``max_width``."""
+        new = old + self.units if self.units is not None else max(old + 1, math.ceil(old * self.factor))
+        return min(new, max_width) if max_width is not None else new
+
+    def can_grow(self, model: nn.Module, target: str, max_width: int | None) -> bool:
+        old = width_of(model.get_submodule(target))
+        return self.new_width(old, max_width) > old
+
+    def plan(self, model: nn.Module, target: str, seed: int, *, max_width: int | None = None,
+             example_inputs: Any = None) -> Plan:
+        old = width_of(model.get_submodule(target))
+        return plan_widen(model, target, max(self.new_width(old, max_width), old + 1), init=self.init,
+                          split=self.split, noise=self.noise, generator=seed, example_inputs=example_inputs)
+
+
+@dataclass
+class Deepen(GrowthAction):
+    """Net2DeeperNet after a layer.
+
+    Args:
+        init: ``"identity"`` (exact) or ``"random"`` (the baseline).
+        residual: ``None`` inserts an ``x + f(x)`` block exactly where the activation needs one
+            (GELU, tanh, ...), a plain identity layer elsewhere; ``True``/``False`` force it.
+        batch_norm: add an (eval-mode identity) BatchNorm after a plain new layer.
+    """
+
+    name = "deepen"
+    init: str = "identity"
+    residual: bool | None = None
+    batch_norm: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("init", self.init, DEEPEN_INITS)
+        if self.residual is not None:
+            check_bool("residual", self.residual)
+        check_bool("batch_norm", self.batch_norm)
+
+    def plan(self, model: nn.Module, target: str, seed: int, *, max_width: int | None = None,
+             example_inputs: Any = None) -> Plan:
+        return plan_deepen(model, target, init=self.init, residual=self.residual, batch_norm=self.batch_norm,
+                           generator=seed, example_inputs=example_inputs)
+
+
+ACTIONS: dict[str, type[GrowthAction]] = {"widen": Widen, "deepen": Deepen}
+
+
+def make_action(action: str | GrowthAction) -> GrowthAction:
+    """A growth action from a shortcut name (with its defaults) or an instance.
+
+    Raises:
+        AutogrowError: an unknown name.
+    """
+    if isinstance(action, GrowthAction):
+        return action
+    check_choice("grow", action, tuple(ACTIONS))
+    return ACTIONS[action]()

@@ -1,0 +1,338 @@
+"""Find every layer coupled to a widened tensor by walking the traced graph.
+
+Widening a layer's output changes the width of a tensor. Everything that tensor flows into must
+follow: element-wise ops pass the new width on, BatchNorm/LayerNorm gain entries, the next weighted
+layers gain input features (a flattened conv output brings an H*W block per channel), a residual add
+forces its other operands (and their producers) to grow with the *same* unit mapping, and a
+concatenation shifts the mapping by an offset. :func:`couple` is a small driver: it classifies each
+node once (``autogrow.ops``), moves the layout with the per-op rules of ``autogrow.layout``, and
+returns a frozen :class:`Coupling`; whatever cannot stay exact is refused, naming the node.
+
+    >>> import torch.nn as nn
+    >>> c = couple(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)), "0")
+    >>> list(c.producers), list(c.channelwise), list(c.consumers), c.old_width
+    (['0'], ['1'], ['3'], 8)
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import NoReturn
+
+import torch.fx as fx
+import torch.nn as nn
+
+from autogrow.errors import fail
+from autogrow.layout import Layout, Refusal, cat_axis, flatten, reduce, view_as_flatten
+from autogrow.ops import Op, OpKind, classify
+from autogrow.registry import ChannelSpec, LayerSpec, layer_spec
+from autogrow.trace import call_sites, describe, trace
+
+__all__ = ["CatParts", "Coupling", "couple"]
+
+MapKey = fx.Node | None  # None: the mapping drawn for the widened layer itself; a node: a concatenation's
+
+
+@dataclass(frozen=True)
+class CatParts:
+    """The mapping of a concatenation: per input, (its mapping key, or ``False`` if untouched; old width)."""
+
+    parts: tuple[tuple[MapKey | bool, int], ...]
+
+
+@dataclass(frozen=True)
+class Coupling:
+    """Everything tied to one widened layer: who grows its output, its entries or its input."""
+
+    target: str
+    old_width: int
+    producers: Mapping[str, MapKey]  # module -> mapping of its output
+    channelwise: Mapping[str, MapKey]
+    consumers: Mapping[str, tuple[MapKey, bool]]  # module -> (mapping, input is a flattened block)
+    cats: Mapping[fx.Node, CatParts]  # in the order they were found (a cat may contain an earlier one)
+    uniform_only: tuple[str, ...]  # channel-wise layers exact only under uniform replication
+
+    def width(self, key: MapKey) -> int:
+        """Old width of the tensor mapped by ``key``."""
+        return self.old_width if key is None else sum(w for _, w in self.cats[key].parts)
+
+
+def couple(model: nn.Module, target: str, graph: fx.Graph | None = None) -> Coupling:
+    """The :class:`Coupling` of widening module ``target`` of ``model``.
+
+    Raises:
+        AutogrowError: naming the node that cannot follow the widening exactly.
+    """
+    return _Walk(model, target, graph if graph is not None else trace(model)).run()
+
+
+def _arg(node: fx.Node, pos: int, name: str, default: object) -> object:
+    if len(node.args) > pos:
+        return node.args[pos]
+    return node.kwargs.get(name, default)
+
+
+def _tensor_args(node: fx.Node, model: nn.Module) -> list[fx.Node]:
+    args = list(node.args) + list(node.kwargs.values())
+    flat = [a for x in args for a in (x if isinstance(x, (list, tuple)) else [x])]
+    return [a for a in flat if isinstance(a, fx.Node) and classify(a, model).kind is not OpKind.SHAPE]
+
+
+def _is_batch_size(x: object, of: fx.Node) -> bool:
+    """``of.size(0)`` or ``of.shape[0]``."""
+    if not isinstance(x, fx.Node):
+        return False
+    if x.op == "call_method" and x.target == "size" and x.args[0] is of and _arg(x, 1, "dim", None) == 0:
+        return True
+    return (x.op == "call_function" and x.target is operator.getitem and x.args[1] == 0
+            and isinstance(x.args[0], fx.Node) and x.args[0].op == "call_function"
+            and x.args[0].target is getattr and x.args[0].args == (of, "shape"))
+
+
+class _Walk:
+    """The walk's state: the layout of every tensor reached so far, and what it found."""
+
+    def __init__(self, model: nn.Module, target: str, graph: fx.Graph) -> None:
+        self.model, self.target, self.graph = model, target, graph
+        self.sites = call_sites(graph)
+        self.layouts: dict[fx.Node, Layout] = {}
+        self.old_width: int | None = None
+        self.producers: dict[str, MapKey] = {}
+        self.channelwise: dict[str, MapKey] = {}
+        self.consumers: dict[str, tuple[MapKey, bool]] = {}
+        self.cats: dict[fx.Node, CatParts] = {}
+        self.uniform_only: list[str] = []
+        self._queue: deque[fx.Node] = deque()
+
+    def run(self) -> Coupling:
+        if self.target not in self.sites:
+            names = [n for n, m in self.model.named_modules() if layer_spec(m) is not None]
+            fail(f"target: {self.target!r} is not a module called in forward; growable layers: {names}")
+        module = self.model.get_submodule(self.target)
+        if layer_spec(module) is None:
+            fail(f"target: {self.target!r} is a {type(module).__name__}, which has no registered LayerSpec; "
+                 "widen a Linear/ConvNd/Embedding or register the type with autogrow.register_layer")
+        self._add_producer(self.target, self.sites[self.target][0])
+        while self._queue:
+            node = self._queue.popleft()
+            for user in list(node.users):
+                self._forward(node, user)
+        self._check_cats()
+        assert self.old_width is not None
+        return Coupling(self.target, self.old_width, dict(self.producers), dict(self.channelwise),
+                        dict(self.consumers), dict(self.cats), tuple(self.uniform_only))
+
+    def fail(self, node: fx.Node, why: str, fix: str = "") -> NoReturn:
+        fail(f"target: cannot widen {self.target!r} exactly: {describe(node, self.model)} {why}."
+             + (f" {fix}" if fix else ""))
+
+    def classify(self, node: fx.Node) -> Op:
+        return classify(node, self.model)
+
+    def width(self, key: MapKey) -> int:
+        assert self.old_width is not None
+        return self.old_width if key is None else sum(w for _, w in self.cats[key].parts)
+
+    def mark(self, node: fx.Node, layout: Layout) -> None:
+        old = self.layouts.get(node)
+        if old is None:
+            self.layouts[node] = layout
+            self._queue.append(node)
+        elif old != layout:
+            self.fail(node, f"is reached with two different feature layouts ({old} and {layout})")
+
+    # -- forward: what a widened tensor flows into -------------------------------------------------
+    def _forward(self, node: fx.Node, user: fx.Node) -> None:
+        op = self.classify(user)
+        if user in self.layouts and op.kind is not OpKind.WEIGHTED:
+            return  # already handled when first reached (merges, cats, residual paths)
+        if user.op == "call_module" and (user.args[0] is not node or any(a is node for a in user.args[1:])):
+            self.fail(user, "takes the widened tensor in an argument other than its first")
+        rule = _FORWARD.get(op.kind)
+        if rule is None:
+            if user.op == "call_module":
+                self.fail(user, f"is a {type(op.module).__name__}, which autogrow does not know how to widen",
+                          "Register it with autogrow.register_layer, register_channelwise or register_elementwise.")
+            self.fail(user, "is an operation that autogrow cannot keep exact on a widened tensor",
+                      "Supported: registered modules, element-wise ops, add/sub/mul, cat, flatten, "
+                      "view(x.size(0), -1), mean/sum over other axes.")
+        try:
+            rule(self, node, user, op, self.layouts[node])
+        except Refusal as r:
+            self.fail(user, r.why, r.fix)
+
+    def _add_producer(self, name: str, node: fx.Node) -> None:
+        m = self.model.get_submodule(name)
+        spec = layer_spec(m)
+        assert spec is not None
+        reason = spec.check(m)
+        if reason:
+            self.fail(node, f"is a producer with {reason}")
+        width = getattr(m, spec.out_attr)
+        if self.old_width is None:
+            self.old_width = width
+        elif width != self.old_width:
+            self.fail(node, f"must grow with {self.target!r} but has {width} units, not {self.old_width}")
+        self.producers[name] = None
+        ndim = -spec.out_dim + 1 if spec.out_dim < -1 else None
+        for site in self.sites[name]:  # a module called twice shares its parameters: both outputs grow
+            self.mark(site, Layout(spec.out_dim, ndim, None))
+
+    def add_consumer(self, user: fx.Node, lay: Layout, spec: LayerSpec, m: nn.Module) -> None:
+        if spec.in_attr is None:
+            raise Refusal(f"is a {type(m).__name__}, which takes indices, not features")
+        reason = spec.check(m)
+        if reason:
+            raise Refusal(f"is a consumer with {reason}")
+        in_width, width = getattr(m, spec.in_attr), self.width(lay.key)
+        if lay.flat:
+            if spec.in_dim != -1 or in_width % width:
+                raise Refusal(f"reads a flattened tensor of {width} channels but has {spec.in_attr}={in_width}, "
+                              "not a multiple")
+        elif lay.dim != spec.in_dim:
+            raise Refusal(f"expects features on axis {spec.in_dim}, but the widened units are on axis {lay.dim}")
+        elif in_width != width:
+            raise Refusal(f"has {spec.in_attr}={in_width}, but the widened tensor has {width} features")
+        entry = (lay.key, lay.flat)
+        if self.consumers.setdefault(user.target, entry) != entry:
+            raise Refusal("is reached with two different feature layouts")
+        for site in self.sites[user.target]:  # shared weights: every call's input must grow the same way
+            if site.args[0] not in self.layouts:
+                self.backward(site.args[0], lay, site)
+
+    def add_channelwise(self, node: fx.Node, lay: Layout, spec: ChannelSpec, m: nn.Module) -> None:
+        reason = spec.check(m)
+        if reason:
+            self.fail(node, f"has {reason}")
+        if lay.flat or lay.dim not in spec.dims:
+            self.fail(node, f"normalises axes {spec.dims}, but the widened units are on axis {lay.dim}"
+                      + (" (flattened)" if lay.flat else ""))
+        if spec.uniform_only and node.target not in self.uniform_only:
+            self.uniform_only.append(node.target)
+        self.channelwise[node.target] = lay.key
+        for site in self.sites[node.target]:
+            self.mark(site, lay)
+            if site.args[0] not in self.layouts:
+                self.backward(site.args[0], lay, site)
+
+    def merge(self, user: fx.Node, lay: Layout) -> None:
+        """Element-wise op over several tensors: all of them must grow with the same mapping."""
+        self.mark(user, lay)
+        for a in _tensor_args(user, self.model):
+            if a not in self.layouts:
+                self.backward(a, lay, user)
+            if self.layouts[a].key != lay.key or self.layouts[a].dim != lay.dim:
+                self.fail(user, f"combines tensors whose units are mapped differently ({a.name})")
+
+    # -- backward: a tensor combined with a widened one must itself become widened ----------------------
+    def backward(self, node: object, lay: Layout, via: fx.Node) -> None:
+        if node in self.layouts:
+            return
+        if not isinstance(node, fx.Node):
+            self.fail(via, "combines the widened tensor with a constant of fixed width")
+        op = self.classify(node)
+        if op.kind is OpKind.WEIGHTED:
+            assert isinstance(op.spec, LayerSpec)
+            if lay.key is not None or op.spec.out_dim != lay.dim or lay.flat:
+                self.fail(via, f"joins {node.target!r} to a tensor it cannot be mapped onto")
+            return self._add_producer(node.target, node)
+        if op.kind is OpKind.CHANNELWISE:
+            return self.add_channelwise(node, lay, op.spec, op.module)  # type: ignore[arg-type]
+        if op.kind is OpKind.ELEMENTWISE:
+            self.mark(node, lay)
+            return self.backward(node.args[0], lay, node)
+        if op.kind is OpKind.BINARY:
+            return self.merge(node, lay)
+        self.fail(via, f"adds or multiplies the widened tensor with {describe(node, self.model)}, whose width "
+                  "is fixed", "Residual paths can be widened when every operand comes from a registered layer.")
+
+    # -- concatenations -------------------------------------------------------------------------------
+    def cat(self, user: fx.Node, lay: Layout) -> None:
+        tensors, dim = _arg(user, 0, "tensors", None), _arg(user, 1, "dim", 0)
+        if cat_axis(lay, dim) != lay.dim:
+            return self.merge(user, lay)  # along another axis: an element-wise merge
+        parts: list[tuple[MapKey | bool, int]] = []
+        for t in tensors:
+            if t in self.layouts:
+                tl = self.layouts[t]
+                if tl.flat or tl.dim != lay.dim:
+                    self.fail(user, f"concatenates {t.name}, whose units sit on another axis")
+                parts.append((tl.key, self.width(tl.key)))
+            else:
+                parts.append((False, self.width_of(t, user)))
+        self.cats[user] = CatParts(tuple(parts))
+        self.mark(user, Layout(lay.dim, lay.ndim, user))
+
+    def _check_cats(self) -> None:
+        for node, cp in self.cats.items():
+            for (k, _), t in zip(cp.parts, _arg(node, 0, "tensors", None)):
+                if k is False and t in self.layouts:
+                    self.fail(node, f"concatenates {t.name}, which became widened by a later residual path")
+
+    def width_of(self, node: fx.Node, via: fx.Node) -> int:
+        op = self.classify(node)
+        if op.kind is OpKind.WEIGHTED:
+            return getattr(op.module, op.spec.out_attr)  # type: ignore[union-attr]
+        if op.kind in (OpKind.CHANNELWISE, OpKind.ELEMENTWISE):
+            return self.width_of(node.args[0], via)
+        self.fail(via, f"concatenates {describe(node, self.model)}, whose width autogrow cannot determine")
+
+
+# --- forward rules, one per op kind: (walk, widened input, user node, its classification, layout) ----------
+
+def _fwd_output(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout) -> None:
+    w.fail(user, "is the model's output, whose width would change", "Widen a hidden layer, not the last one.")
+
+
+def _fwd_shape(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout) -> None:
+    pass  # a size/dtype query: the widened tensor's value does not flow on
+
+
+def _fwd_weighted(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout) -> None:
+    w.add_consumer(user, lay, op.spec, op.module)  # type: ignore[arg-type]
+
+
+def _fwd_channelwise(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout) -> None:
+    w.add_channelwise(user, lay, op.spec, op.module)  # type: ignore[arg-type]
+
+
+def _fwd_elementwise(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout) -> None:
+    if user.op != "call_module" and (user.args[0] is not node or _tensor_args(user, w.model)[1:]):
+        raise Refusal("mixes the widened tensor with another tensor")
+    w.mark(user, lay)
+
+
+def _fwd_flatten(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout) -> None:
+    if op.module is not None:
+        start, end = op.module.start_dim, op.module.end_dim
+    else:
+        start, end = _arg(user, 1, "start_dim", 0), _arg(user, 2, "end_dim", -1)
+    w.mark(user, flatten(lay, start, end))
+
+
+def _fwd_reshape(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout) -> None:
+    shape = user.args[1:] if user.op == "call_method" else _arg(user, 1, "shape", ())
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = shape[0]
+    w.mark(user, view_as_flatten(lay, shape, len(shape) == 2 and _is_batch_size(shape[0], node)))
+
+
+def _fwd_reduce(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout) -> None:
+    w.mark(user, reduce(lay, _arg(user, 1, "dim", None), bool(_arg(user, 2, "keepdim", False))))
+
+
+_FORWARD: dict[OpKind, Callable[[_Walk, fx.Node, fx.Node, Op, Layout], None]] = {
+    OpKind.OUTPUT: _fwd_output,
+    OpKind.SHAPE: _fwd_shape,
+    OpKind.WEIGHTED: _fwd_weighted,
+    OpKind.CHANNELWISE: _fwd_channelwise,
+    OpKind.ELEMENTWISE: _fwd_elementwise,
+    OpKind.FLATTEN: _fwd_flatten,
+    OpKind.RESHAPE: _fwd_reshape,
+    OpKind.REDUCE: _fwd_reduce,
+    OpKind.BINARY: lambda w, node, user, op, lay: w.merge(user, lay),
+    OpKind.CAT: lambda w, node, user, op, lay: w.cat(user, lay),
+}

@@ -1,0 +1,174 @@
+"""One classifier of graph nodes, used by every part of autogrow that reads a traced model.
+
+``classify(node, model)`` says what kind of operation a ``torch.fx`` node is (a registered weighted
+layer, a normalisation, an element-wise op, a concatenation, a reshape, ...). Modules are looked up
+in the layer registry (``autogrow.registry``, by ``isinstance``); functions and tensor methods in the
+op table below, which users extend with :func:`register_function`.
+
+    >>> import torch, torch.fx as fx, torch.nn as nn
+    >>> net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.ReLU())
+    >>> [classify(n, net).kind.name for n in fx.symbolic_trace(net).graph.nodes]
+    ['INPUT', 'WEIGHTED', 'CHANNELWISE', 'ELEMENTWISE', 'OUTPUT']
+"""
+
+from __future__ import annotations
+
+import enum
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from autogrow.registry import ChannelSpec, Elementwise, LayerSpec, channel_spec, elementwise, layer_spec
+
+__all__ = ["Op", "OpKind", "classify", "classify_module", "register_function"]
+
+
+class OpKind(enum.Enum):
+    """What a graph node does, as far as growing a tensor through it is concerned."""
+
+    WEIGHTED = "weighted"  # a registered weighted layer (Linear, ConvNd, Embedding)
+    CHANNELWISE = "channelwise"  # one value per feature (BatchNorm, LayerNorm)
+    ELEMENTWISE = "elementwise"  # one tensor in, each feature on its own (activations, dropout, pooling)
+    BINARY = "binary"  # element-wise over several tensors (add, sub, mul, div)
+    CAT = "cat"
+    FLATTEN = "flatten"
+    RESHAPE = "reshape"  # view / reshape
+    REDUCE = "reduce"  # mean / sum / amax over some axes
+    SHAPE = "shape"  # reads a size, rank, dtype or device
+    INPUT = "input"
+    OUTPUT = "output"
+    OTHER = "other"
+
+
+@dataclass(frozen=True)
+class Op:
+    """The classification of one node; module-backed kinds carry the module and its spec."""
+
+    kind: OpKind
+    module: nn.Module | None = None
+    spec: LayerSpec | ChannelSpec | None = None
+    elementwise: Elementwise | None = None
+    # For functional activations: the module a new Net2DeeperNet block uses in their place.
+    factory: Callable[[], nn.Module] | None = None
+
+
+@dataclass(frozen=True)
+class _Entry:
+    kind: OpKind
+    elementwise: Elementwise | None = None
+    factory: Callable[[], nn.Module] | None = None
+
+
+_TABLE: dict[Callable | str, _Entry] = {}  # functions by identity, tensor methods by name
+
+
+def register_function(target: Callable | str, kind: OpKind, *, activation: bool = False, idempotent: bool = False,
+                      module: Callable[[], nn.Module] | None = None) -> None:
+    """Tell autogrow what a function (or a tensor method, by name) does to a widened tensor.
+
+    For ``OpKind.ELEMENTWISE``: ``activation`` marks a nonlinearity, ``idempotent`` declares
+    phi(phi(v)) = phi(v), and ``module`` builds the module a Net2DeeperNet block uses for it.
+
+        >>> import torch
+        >>> register_function(torch.special.expit, OpKind.ELEMENTWISE, activation=True, module=torch.nn.Sigmoid)
+    """
+    ew = Elementwise(activation=activation, idempotent=idempotent) if kind is OpKind.ELEMENTWISE else None
+    _TABLE[target] = _Entry(kind, ew, module)
+
+
+def classify(node: fx.Node, model: nn.Module | None) -> Op:
+    """What ``node`` of a graph traced from ``model`` does (``model`` resolves ``call_module`` targets)."""
+    if node.op == "placeholder":
+        return Op(OpKind.INPUT)
+    if node.op == "output":
+        return Op(OpKind.OUTPUT)
+    if node.op == "call_module":
+        return classify_module(model.get_submodule(node.target)) if model is not None else Op(OpKind.OTHER)
+    if node.op == "call_function" and node.target is getattr:
+        return Op(OpKind.SHAPE if node.args[1] in ("shape", "dtype", "device", "ndim") else OpKind.OTHER)
+    if node.op not in ("call_function", "call_method"):
+        return Op(OpKind.OTHER)
+    entry = _TABLE.get(node.target) if isinstance(node.target, str) or _hashable(node.target) else None
+    if entry is None:
+        return Op(OpKind.OTHER)
+    ew = entry.elementwise
+    if ew is not None and ew.idempotent and not _plain_call(node):
+        ew = Elementwise(activation=ew.activation, idempotent=False)  # F.hardtanh(x, a, b): other bounds
+    return Op(entry.kind, elementwise=ew, factory=entry.factory)
+
+
+def classify_module(m: nn.Module) -> Op:
+    """What a module does (``OpKind.OTHER`` when its type is not registered)."""
+    spec = layer_spec(m)
+    if spec is not None:
+        return Op(OpKind.WEIGHTED, m, spec)
+    cspec = channel_spec(m)
+    if cspec is not None:
+        return Op(OpKind.CHANNELWISE, m, cspec)
+    ew = elementwise(m)
+    if ew is not None:
+        return Op(OpKind.ELEMENTWISE, m, elementwise=ew)
+    if isinstance(m, nn.Flatten):
+        return Op(OpKind.FLATTEN, m)
+    return Op(OpKind.OTHER, m)
+
+
+def _hashable(target: object) -> bool:
+    try:
+        hash(target)
+    except TypeError:
+        return False
+    return True
+
+
+def _plain_call(node: fx.Node) -> bool:
+    """One tensor argument and no options but ``inplace``: ``F.relu(x)`` yes, ``F.hardtanh(x, 0, 2)`` no."""
+    return len(node.args) == 1 and set(node.kwargs) <= {"inplace"}
+
+
+# --- built-in op table -----------------------------------------------------------------------------
+
+_ACTIVATIONS: list[tuple[list[Callable | str], Callable[[], nn.Module], bool]] = [
+    ([torch.relu, F.relu, "relu"], nn.ReLU, True),
+    ([F.relu6], nn.ReLU6, True),
+    ([F.gelu], nn.GELU, False),
+    ([F.silu], nn.SiLU, False),
+    ([torch.tanh, "tanh"], nn.Tanh, False),
+    ([torch.sigmoid, "sigmoid"], nn.Sigmoid, False),
+    ([F.leaky_relu], nn.LeakyReLU, False),
+    ([F.elu], nn.ELU, False),
+    ([F.selu], nn.SELU, False),
+    ([F.mish], nn.Mish, False),
+    ([F.softplus], nn.Softplus, False),
+    ([F.hardtanh], nn.Hardtanh, True),
+    ([F.hardswish], nn.Hardswish, False),
+    ([F.hardsigmoid], nn.Hardsigmoid, False),
+]
+for _targets, _module, _idem in _ACTIVATIONS:
+    for _t in _targets:
+        register_function(_t, OpKind.ELEMENTWISE, activation=True, idempotent=_idem, module=_module)
+for _t in (torch.abs, torch.exp, "abs", "exp",  # not activations Net2DeeperNet would copy
+           F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.max_pool1d, F.max_pool2d, F.max_pool3d,
+           F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+           F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+           "contiguous", "clone", "detach", "float", "to", "type_as"):
+    register_function(_t, OpKind.ELEMENTWISE)
+for _t in (operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
+           operator.imul, torch.add, torch.sub, torch.mul, torch.div, "add", "sub", "mul", "div", "add_", "sub_",
+           "mul_", "div_"):
+    register_function(_t, OpKind.BINARY)
+for _t in (torch.cat, torch.concat, torch.concatenate):
+    register_function(_t, OpKind.CAT)
+for _t in (torch.flatten, "flatten"):
+    register_function(_t, OpKind.FLATTEN)
+for _t in (torch.reshape, "view", "reshape"):
+    register_function(_t, OpKind.RESHAPE)
+for _t in (torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"):
+    register_function(_t, OpKind.REDUCE)
+for _t in ("size", "dim"):
+    register_function(_t, OpKind.SHAPE)

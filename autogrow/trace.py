@@ -1,0 +1,65 @@
+"""Tracing a model into a ``torch.fx`` graph whose atoms are the layers autogrow knows.
+
+    >>> import torch.nn as nn
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> sorted(call_sites(trace(net)))
+    ['0', '1', '2']
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+import torch.nn as nn
+
+from autogrow.errors import fail
+from autogrow.ops import OpKind, classify_module
+
+__all__ = ["call_sites", "describe", "trace"]
+
+try:  # torch.compile's wrapper; its original module holds the live parameters
+    from torch._dynamo.eval_frame import OptimizedModule
+except ImportError:  # pragma: no cover - torch builds without dynamo
+    OptimizedModule = ()  # type: ignore[assignment,misc]
+
+
+class _Tracer(fx.Tracer):
+    def call_module(self, m: nn.Module, forward: object, args: tuple, kwargs: dict) -> object:
+        if isinstance(m, OptimizedModule):  # trace what was compiled; surgery then triggers a recompile
+            return self.call_module(m._orig_mod, m._orig_mod.forward, args, kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        # Registered layers are atoms; everything else (Sequential, user blocks) is traced through.
+        if classify_module(m).kind is not OpKind.OTHER:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.Graph:
+    """The model's forward as an ``fx.Graph``.
+
+    Raises:
+        AutogrowError: torch.fx could not trace the forward (data-dependent control flow).
+    """
+    try:
+        return _Tracer().trace(model)
+    except Exception as e:  # fx raises many types for data-dependent control flow
+        fail(f"model: torch.fx could not trace {type(model).__name__}.forward ({type(e).__name__}: {e}). "
+             "autogrow needs a forward without data-dependent Python control flow.")
+
+
+def call_sites(graph: fx.Graph) -> dict[str, list[fx.Node]]:
+    """Module name -> the nodes that call it, in graph order (a shared module has several)."""
+    sites: dict[str, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            sites.setdefault(node.target, []).append(node)
+    return sites
+
+
+def describe(node: fx.Node, model: nn.Module | None = None) -> str:
+    """``node 'name' (op target[: ModuleType])`` for messages."""
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
+    if model is not None and node.op == "call_module":
+        target = f"{target}: {type(model.get_submodule(node.target)).__name__}"
+    return f"node '{node.name}' ({node.op} {target})"

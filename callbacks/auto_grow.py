@@ -1,0 +1,373 @@
+"""``AutoGrow``: a Lightning callback that grows the model when validation plateaus, inside one fit.
+
+A thin layer over the framework-free core, composed of typed pieces: a trigger (when), a growth
+action (what happens to one layer), a policy (which layers) and budgets. The trigger decides on
+``on_validation_end`` (never in the sanity check); the growth happens on the next
+``on_train_epoch_end`` (or ``on_train_batch_start`` at a gradient-accumulation boundary, after a
+mid-epoch validation), never inside validation, whose train/eval bookkeeping by module name would
+leave new modules in eval mode. After surgery the optimizers and schedulers are rebuilt through the
+strategy and their state translated by parameter name (``callbacks.rebuild``). Under DDP the decision
+and seeds come from rank 0 and the DDP wrapper is rebuilt.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+import autogrow
+from autogrow.actions import GrowthAction, make_action, width_of
+from autogrow.checkpoint import CHECKPOINT_KEY, history_from, history_of, restore_history, set_history
+from autogrow.errors import check, check_bool, check_choice, check_int
+from autogrow.events import Change, GrowthEvent, Reason, StopReason
+from autogrow.plateau import Trigger, make_trigger
+from autogrow.policy import Candidate, GrowthPolicy, make_policy
+from autogrow.registry import layer_spec
+
+from ._compat import (
+    CALLBACK_BASES,
+    DDP_STRATEGIES,
+    SINGLE_DEVICE_STRATEGIES,
+    MisconfigurationError,
+    info,
+    warn,
+)
+from .rebuild import TrainingState, rebuild
+from .report import report
+from .snapshot import Snapshot
+
+__all__ = ["AutoGrow"]
+
+
+class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
+    """Grow the model when a validation metric stops improving, carrying optimizer and schedule.
+
+    Args:
+        monitor: metric logged in validation (``self.log("val_loss", ...)``).
+        mode: ``"min"`` or ``"max"``.
+        trigger: when to grow: ``"plateau"``, ``"dnc"`` (Ash's rule), ``"every"`` (a fixed schedule) or a
+            :class:`~autogrow.plateau.Trigger` such as ``Plateau(patience=3, warmup=2, cooldown=1)``.
+        grow: what to do to a layer: ``"widen"``, ``"deepen"`` or an :class:`~autogrow.actions.Widen` /
+            :class:`~autogrow.actions.Deepen` with its options (factor, initialiser, split, residual...).
+        policy: which candidates grow at an event: ``"all"``, ``"round_robin"``, ``"smallest"``,
+            ``"gradient"`` or a :class:`~autogrow.policy.GrowthPolicy`. Layers coupled through a residual
+            stream form one candidate.
+        targets: module names (relative to the LightningModule) that may grow; ``None``: every layer that
+            can grow exactly, found by tracing.
+        max_params, max_width, max_events: the growth budget; growth stops when nothing fits.
+        stop_patience: stop growing when the monitored metric has not beaten its pre-growth best within
+            this many evaluations after a growth (Ash's validation stop); ``None``: never.
+        rollback: with ``stop_patience``, also restore the weights, optimizer and schedule from just
+            before that last growth (in memory only; not across a resume).
+        optimizer_state: ``"carry"`` the optimizer state across growth, or ``"reset"`` it (ablation).
+        seed: base seed of all growth randomness (mappings, splits, new weights).
+
+    Example::
+
+        trainer = pl.Trainer(callbacks=[AutoGrow(monitor="val_loss", max_params=1_000_000)])
+        trainer.fit(model, datamodule=dm)
+    """
+
+    STATE_VERSION = 2
+
+    def __init__(self, monitor: str = "val_loss", mode: str = "min", trigger: str | Trigger = "plateau",
+                 grow: str | GrowthAction = "widen", policy: str | GrowthPolicy = "all",
+                 targets: list[str] | None = None, max_params: int | None = None, max_width: int | None = None,
+                 max_events: int | None = None, stop_patience: int | None = None, rollback: bool = False,
+                 optimizer_state: str = "carry", seed: int = 0) -> None:
+        super().__init__()
+        check("monitor", monitor, isinstance(monitor, str) and bool(monitor), "a metric name")
+        check("targets", targets, targets is None or (isinstance(targets, list) and bool(targets) and all(
+            isinstance(t, str) for t in targets)), "a non-empty list of module names, or None")
+        for name, v in (("max_params", max_params), ("max_width", max_width), ("max_events", max_events),
+                        ("stop_patience", stop_patience)):
+            check_int(name, v, 1, optional=True)
+        check_bool("rollback", rollback)
+        check("rollback", rollback, not rollback or stop_patience is not None, "False unless stop_patience is set")
+        check_choice("optimizer_state", optimizer_state, autogrow.optim.STATES)
+        check_int("seed", seed, 0, 2**62)  # seeds derived per event stay below 2**63
+        self.monitor, self.mode = monitor, mode
+        self.trigger = make_trigger(trigger, mode)
+        self.action = make_action(grow)
+        self.policy = make_policy(policy)
+        self.max_params, self.max_width, self.max_events = max_params, max_width, max_events
+        self.stop_patience, self.rollback = stop_patience, rollback
+        self.optimizer_state, self.seed = optimizer_state, seed
+        self._configured_targets = list(targets) if targets is not None else None
+        # state (saved in checkpoints)
+        self.targets: list[str] = []
+        self.events: list[GrowthEvent] = []
+        self.pending = False
+        self.stopped: StopReason | None = None
+        self.stop_message = ""
+        self.best: float | None = None  # best monitored value seen
+        self._since_growth: int | None = None  # evaluations since the last growth without beating `best`
+        self._best_at_growth: float | None = None
+        # in memory only
+        self._probe: torch.Tensor | None = None
+        self._snapshot: Snapshot | None = None
+        self._rollback_pending = False
+        self._grad_sums: dict[str, list[float]] = {}
+
+    @property
+    def state_key(self) -> str:
+        # Several AutoGrow callbacks (say, one widening and one deepening) each keep their own state.
+        return self._generate_state_key(monitor=self.monitor, grow=self.action.name, targets=self._configured_targets)
+
+    # -- set-up: refuse what is not supported before training starts ----------------------------------
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy = trainer.strategy
+        spawn = isinstance(strategy, DDP_STRATEGIES) and getattr(strategy, "_start_method", "popen") != "popen"
+        if spawn or not isinstance(strategy, DDP_STRATEGIES + SINGLE_DEVICE_STRATEGIES):
+            raise MisconfigurationError(
+                f"AutoGrow: strategy {type(strategy).__name__} is not supported; use a single device or "
+                "strategy='ddp' (sharded strategies such as FSDP/DeepSpeed and spawn-based DDP cannot "
+                "follow a model that changes shape)")
+        if not pl_module.automatic_optimization:
+            raise MisconfigurationError("AutoGrow: manual optimization is not supported (the callback "
+                                        "rebuilds the optimizer through configure_optimizers)")
+        if not self.targets:
+            self.targets = self._discover(pl_module)
+        self._wrap_load_hook(pl_module)
+
+    def _discover(self, pl_module: nn.Module) -> list[str]:
+        explicit = self._configured_targets
+        names = explicit or [n for n, m in pl_module.named_modules() if layer_spec(m) is not None]
+        found: list[str] = []
+        covered: set[str] = set()  # layers already growing with an earlier candidate (one residual stream)
+        for name in names:
+            if name in covered:
+                continue
+            try:
+                plan = self.action.plan(pl_module, name, seed=0)
+            except autogrow.AutogrowError as e:
+                if explicit:
+                    raise MisconfigurationError(f"AutoGrow: targets: {name!r} cannot {self.action.name}: {e}") from e
+            else:
+                found.append(name)
+                covered.update(getattr(plan, "producers", [name]))
+        if not found:
+            raise MisconfigurationError(f"AutoGrow: no layer of {type(pl_module).__name__} can {self.action.name} "
+                                        "exactly; pass targets=[...] to see why for a given layer")
+        return found
+
+    def _wrap_load_hook(self, pl_module: Any) -> None:
+        # On resume, Lightning loads the weights right after the module's on_load_checkpoint and long
+        # before any callback hook: the history must be replayed there, on the freshly built model.
+        original = pl_module.on_load_checkpoint
+        if getattr(original, "_autogrow", False):
+            return
+
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            restore_history(pl_module, history_from(checkpoint))
+            original(checkpoint)
+
+        on_load_checkpoint._autogrow = True  # type: ignore[attr-defined]
+        pl_module.on_load_checkpoint = on_load_checkpoint
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        # The wrapper is a closure (not picklable): only needed while fit may resume.
+        if getattr(pl_module.__dict__.get("on_load_checkpoint"), "_autogrow", False):
+            del pl_module.on_load_checkpoint
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if len(trainer.optimizers) != 1:
+            raise MisconfigurationError(f"AutoGrow: expects exactly one optimizer, configure_optimizers "
+                                        f"returned {len(trainer.optimizers)}")
+
+    # -- deciding ---------------------------------------------------------------------------------------
+    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        if batch_idx == 0 and dataloader_idx == 0 and isinstance(batch, (tuple, list)) and \
+                isinstance(batch[0], torch.Tensor):
+            self._probe = batch[0][:256].detach()  # measures function preservation at each growth
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        if self.monitor not in trainer.callback_metrics:
+            raise RuntimeError(f"AutoGrow: monitor={self.monitor!r} was not logged in validation; available: "
+                               f"{sorted(trainer.callback_metrics)}")
+        value = float(trainer.strategy.broadcast(float(trainer.callback_metrics[self.monitor]), src=0))
+        if not math.isfinite(value):
+            warn(trainer, f"AutoGrow: {self.monitor} = {value}; no growth decision on a non-finite metric")
+            return
+        if self.best is None or self.trigger.better(value, self.best):
+            self.best = value
+        self._check_payoff(trainer, value)
+        grow = self.trigger.update(value) and self.stopped is None
+        self.pending = self.pending or bool(trainer.strategy.broadcast(grow, src=0))
+
+    def _check_payoff(self, trainer: Any, value: float) -> None:
+        """Ash's stop: a growth that does not beat the pre-growth best within stop_patience ends growth."""
+        if self._since_growth is None or self.stop_patience is None:
+            return
+        # Exact surgery moves the metric by float round-off: that is no improvement.
+        delta = max(getattr(self.trigger, "min_delta", 0.0), 1e-6 * abs(self._best_at_growth or 0.0))
+        if self._best_at_growth is None or self.trigger.better(value, self._best_at_growth, delta):
+            self._since_growth = None  # it paid off
+            return
+        self._since_growth += 1
+        if self._since_growth >= self.stop_patience:
+            self._since_growth = None
+            self._stop(trainer, StopReason.NO_PAYOFF, f"{self.monitor} did not improve on {self._best_at_growth:.4g} "
+                       f"within {self.stop_patience} evaluations after the last growth")
+            self._rollback_pending = self.rollback and self._snapshot is not None
+            if self._rollback_pending:
+                info(trainer, "AutoGrow: rolling back to the pre-growth model")
+
+    def _stop(self, trainer: Any, reason: StopReason, message: str) -> None:
+        self.stopped, self.stop_message = reason, message
+        info(trainer, f"AutoGrow: growth stopped: {message}")
+
+    # -- growing ------------------------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        # After a mid-epoch validation: grow at an accumulation boundary (no pending gradients).
+        if (self.pending or self._rollback_pending) and batch_idx % trainer.accumulate_grad_batches == 0:
+            self._act(trainer, pl_module)
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
+        if not self.policy.needs_gradients:
+            return
+        for name in self.targets:
+            module = pl_module.get_submodule(name)
+            if module.weight.grad is not None:
+                dim = layer_spec(module).out_params["weight"]
+                per_unit = module.weight.grad.detach().float().movedim(dim, 0).flatten(1).norm(dim=1)
+                acc = self._grad_sums.setdefault(name, [0.0, 0])
+                acc[0] += float(per_unit.mean())
+                acc[1] += 1
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.pending or self._rollback_pending:
+            self._act(trainer, pl_module)
+        pl_module.log("autogrow/params", float(autogrow.num_params(pl_module)), prog_bar=True, rank_zero_only=True)
+
+    def _act(self, trainer: Any, pl_module: Any) -> None:
+        if self._rollback_pending:
+            self._rollback_pending = self.pending = False
+            n_before = autogrow.num_params(pl_module)
+            snapshot, self._snapshot = self._snapshot, None
+            self.targets = snapshot.restore(trainer, pl_module)
+            self._record(trainer, pl_module, Reason.ROLLBACK, [], n_before, None)
+        elif self.pending:
+            self.pending = False
+            self._grow(trainer, pl_module)
+
+    def _candidates(self, pl_module: nn.Module) -> list[Candidate]:
+        out = []
+        for name in self.targets:
+            if not self.action.can_grow(pl_module, name, self.max_width):
+                continue  # at max_width
+            acc = self._grad_sums.get(name)
+            out.append(Candidate(name, width_of(pl_module.get_submodule(name)),
+                                 acc[0] / acc[1] if acc and acc[1] else None))
+        return out
+
+    def _grow(self, trainer: Any, pl_module: Any) -> None:
+        if self.max_events is not None and len([e for e in self.events if e.reason is not Reason.ROLLBACK]) \
+                >= self.max_events:
+            return self._stop(trainer, StopReason.MAX_EVENTS, f"max_events={self.max_events} reached")
+        chosen = self.policy.choose(self._candidates(pl_module))
+        seed = int(trainer.strategy.broadcast(self.seed + 7919 * (len(history_of(pl_module)) + 1), src=0))
+        n_before = autogrow.num_params(pl_module)
+        saved = TrainingState.capture(trainer, pl_module)
+        snapshot = Snapshot.take(trainer, pl_module, self.targets) if self.rollback else None
+        before = self._forward_probe(pl_module)
+        growths, changes = self._apply_plans(trainer, pl_module, chosen, seed, n_before)
+        if not growths:
+            return self._stop(trainer, StopReason.BUDGET, "no layer can grow within max_params / max_width")
+        rebuild(trainer, pl_module, saved, growths, self.optimizer_state)
+        after = self._forward_probe(pl_module)
+        set_history(pl_module, history_of(pl_module) + [g.to_dict() for g in growths])
+        for cb in trainer.early_stopping_callbacks:  # growth is progress: do not stop right after it
+            cb.wait_count = 0
+        self.trigger.notify_growth()
+        self._grad_sums.clear()
+        self._snapshot = snapshot
+        self._since_growth, self._best_at_growth = 0, self.best
+        error = None if before is None or after is None else float((after - before).abs().max())
+        self._record(trainer, pl_module, Reason(self.trigger.reason), changes, n_before, error)
+
+    def _apply_plans(self, trainer: Any, pl_module: Any, chosen: list[str], seed: int, n_params: int
+                     ) -> tuple[list[autogrow.Growth], list[Change]]:
+        growths, changes = [], []
+        for i, name in enumerate(chosen):
+            try:
+                plan = self.action.plan(pl_module, name, seed + i, max_width=self.max_width)
+            except autogrow.AutogrowError as e:  # refused before anything changed: skip this layer
+                warn(trainer, f"AutoGrow: skipping {name!r}: {e}")
+                continue
+            delta = plan.param_delta
+            if self.max_params is not None and n_params + delta > self.max_params:
+                continue
+            width = width_of(pl_module.get_submodule(name))
+            growth = plan.apply()
+            n_params += delta
+            growths.append(growth)
+            new_name = self._renamed(name, growth)
+            changes.append(Change(name, width, width_of(pl_module.get_submodule(new_name)), growth.summary()))
+            self.targets = [self._renamed(t, growth) for t in self.targets]
+        return growths, changes
+
+    def _record(self, trainer: Any, pl_module: Any, reason: Reason, changes: list[Change], n_before: int,
+                error: float | None) -> None:
+        event = GrowthEvent(len(self.events) + 1, trainer.current_epoch, trainer.global_step, self.monitor, self.best,
+                            reason, changes, n_before, autogrow.num_params(pl_module), error)
+        self.events.append(event)
+        report(trainer, pl_module, event)
+
+    @staticmethod
+    def _renamed(name: str, growth: autogrow.Growth) -> str:
+        new = growth.renames.get(f"{name}.weight")
+        return new.rsplit(".", 1)[0] if new else name
+
+    def _forward_probe(self, pl_module: Any) -> torch.Tensor | None:
+        """The model's output on a validation batch, in eval mode, without touching train/eval flags."""
+        if self._probe is None:
+            return None
+        modes = {m: m.training for m in pl_module.modules()}
+        try:
+            pl_module.eval()
+            with torch.no_grad():
+                out = pl_module(self._probe)
+            return out.detach().float() if isinstance(out, torch.Tensor) else None
+        except Exception:  # a forward that does not take the batch's first element: no measurement
+            return None
+        finally:
+            for m, training in modes.items():
+                m.training = training
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {"history": history_of(pl_module)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": self.STATE_VERSION, "trigger": self.trigger.state_dict(),
+                "policy": self.policy.state_dict(), "targets": self.targets,
+                "events": [e.to_dict() for e in self.events], "pending": self.pending,
+                "stopped": self.stopped.value if self.stopped else None, "stop_message": self.stop_message,
+                "best": self.best, "since_growth": self._since_growth, "best_at_growth": self._best_at_growth}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the callback's state; tolerant of checkpoints from autogrow 0.1 (no ``version``)."""
+        s = state_dict
+        self.trigger.load_state_dict(s.get("trigger", {}))
+        self.policy.load_state_dict(s.get("policy", {}))
+        self.targets = list(s.get("targets", self.targets))
+        self.events = [GrowthEvent.from_dict(e) for e in s.get("events", [])]
+        self.pending, self.best = bool(s.get("pending", False)), s.get("best")
+        self._since_growth, self._best_at_growth = s.get("since_growth"), s.get("best_at_growth")
+        stopped = s.get("stopped")
+        if stopped is not None and s.get("version", 1) < 2:  # 0.1 saved free text
+            self.stop_message = stopped
+            stopped = next((r.value for r in StopReason if r.value in stopped), StopReason.BUDGET.value)
+            stopped = StopReason.NO_PAYOFF.value if "did not improve" in self.stop_message else stopped
+        else:
+            self.stop_message = s.get("stop_message", "")
+        self.stopped = StopReason(stopped) if stopped is not None else None
