@@ -22,13 +22,13 @@ import torch.nn as nn
 
 from autogrow.deepen import INITS as DEEPEN_INITS
 from autogrow.deepen import plan_deepen
-from autogrow.errors import check_bool, check_choice, check_float, check_int
+from autogrow.errors import AutogrowError, check_bool, check_choice, check_float, check_int, fail
 from autogrow.init import get_init
 from autogrow.plan import Plan
 from autogrow.registry import layer_spec
 from autogrow.widen import plan_widen
 
-__all__ = ["ACTIONS", "Deepen", "GrowthAction", "Widen", "make_action", "width_of"]
+__all__ = ["ACTIONS", "Deepen", "GrowthAction", "Widen", "discover_targets", "make_action", "width_of"]
 
 
 def width_of(module: nn.Module) -> int:
@@ -138,3 +138,36 @@ def make_action(action: str | GrowthAction) -> GrowthAction:
         return action
     check_choice("grow", action, tuple(ACTIONS))
     return ACTIONS[action]()
+
+
+def discover_targets(model: nn.Module, action: GrowthAction, names: list[str] | None = None) -> list[str]:
+    """The layers ``action`` can grow exactly: ``names`` (each checked) or, with ``None``, every weighted
+    layer that can; layers that grow together (one residual stream) are represented by the first.
+
+        >>> import torch.nn as nn
+        >>> discover_targets(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), Widen())
+        ['0']
+
+    Raises:
+        AutogrowError: an explicit name cannot grow (with the reason), or no layer can (with the reasons).
+    """
+    candidates = names or [n for n, m in model.named_modules() if layer_spec(m) is not None]
+    found: list[str] = []
+    covered: set[str] = set()  # layers already growing with an earlier candidate
+    reasons: dict[str, list[str]] = {}
+    for name in candidates:
+        if name in covered:
+            continue
+        try:
+            plan = action.plan(model, name, seed=0)
+        except AutogrowError as e:
+            if names:
+                fail(f"targets: {name!r} cannot {action.name}: {e}")
+            reasons.setdefault(str(e), []).append(name)
+        else:
+            found.append(name)
+            covered.update(getattr(plan, "producers", [name]))
+    if not found:
+        why = "; ".join(f"{', '.join(ns[:3])}{' ...' if len(ns) > 3 else ''}: {r}" for r, ns in reasons.items())
+        fail(f"model: no layer of {type(model).__name__} can {action.name} exactly ({why or 'no weighted layers'})")
+    return found

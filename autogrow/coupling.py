@@ -16,7 +16,6 @@ returns a frozen :class:`Coupling`; whatever cannot stay exact is refused, namin
 
 from __future__ import annotations
 
-import operator
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from autogrow.errors import fail
-from autogrow.layout import Layout, Refusal, cat_axis, flatten, reduce, view_as_flatten
+from autogrow.layout import Layout, Refusal, arg, cat_axis
 from autogrow.ops import Op, OpKind, classify
 from autogrow.registry import ChannelSpec, LayerSpec, layer_spec
 from autogrow.trace import call_sites, describe, trace
@@ -69,27 +68,10 @@ def couple(model: nn.Module, target: str, graph: fx.Graph | None = None) -> Coup
     return _Walk(model, target, graph if graph is not None else trace(model)).run()
 
 
-def _arg(node: fx.Node, pos: int, name: str, default: object) -> object:
-    if len(node.args) > pos:
-        return node.args[pos]
-    return node.kwargs.get(name, default)
-
-
 def _tensor_args(node: fx.Node, model: nn.Module) -> list[fx.Node]:
     args = list(node.args) + list(node.kwargs.values())
     flat = [a for x in args for a in (x if isinstance(x, (list, tuple)) else [x])]
     return [a for a in flat if isinstance(a, fx.Node) and classify(a, model).kind is not OpKind.SHAPE]
-
-
-def _is_batch_size(x: object, of: fx.Node) -> bool:
-    """``of.size(0)`` or ``of.shape[0]``."""
-    if not isinstance(x, fx.Node):
-        return False
-    if x.op == "call_method" and x.target == "size" and x.args[0] is of and _arg(x, 1, "dim", None) == 0:
-        return True
-    return (x.op == "call_function" and x.target is operator.getitem and x.args[1] == 0
-            and isinstance(x.args[0], fx.Node) and x.args[0].op == "call_function"
-            and x.args[0].target is getattr and x.args[0].args == (of, "shape"))
 
 
 class _Walk:
@@ -251,7 +233,7 @@ class _Walk:
 
     # -- concatenations -------------------------------------------------------------------------------
     def cat(self, user: fx.Node, lay: Layout) -> None:
-        tensors, dim = _arg(user, 0, "tensors", None), _arg(user, 1, "dim", 0)
+        tensors, dim = arg(user, 0, "tensors", None), arg(user, 1, "dim", 0)
         if cat_axis(lay, dim) != lay.dim:
             return self.merge(user, lay)  # along another axis: an element-wise merge
         parts: list[tuple[MapKey | bool, int]] = []
@@ -268,7 +250,7 @@ class _Walk:
 
     def _check_cats(self) -> None:
         for node, cp in self.cats.items():
-            for (k, _), t in zip(cp.parts, _arg(node, 0, "tensors", None)):
+            for (k, _), t in zip(cp.parts, arg(node, 0, "tensors", None)):
                 if k is False and t in self.layouts:
                     self.fail(node, f"concatenates {t.name}, which became widened by a later residual path")
 
@@ -305,23 +287,10 @@ def _fwd_elementwise(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout
     w.mark(user, lay)
 
 
-def _fwd_flatten(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout) -> None:
-    if op.module is not None:
-        start, end = op.module.start_dim, op.module.end_dim
-    else:
-        start, end = _arg(user, 1, "start_dim", 0), _arg(user, 2, "end_dim", -1)
-    w.mark(user, flatten(lay, start, end))
-
-
-def _fwd_reshape(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout) -> None:
-    shape = user.args[1:] if user.op == "call_method" else _arg(user, 1, "shape", ())
-    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-        shape = shape[0]
-    w.mark(user, view_as_flatten(lay, shape, len(shape) == 2 and _is_batch_size(shape[0], node)))
-
-
-def _fwd_reduce(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout) -> None:
-    w.mark(user, reduce(lay, _arg(user, 1, "dim", None), bool(_arg(user, 2, "keepdim", False))))
+def _fwd_layout(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout) -> None:
+    if user.args[0] is not node:
+        raise Refusal("takes the widened tensor in an argument other than its first")
+    w.mark(user, op.layout(lay, user, op.module))  # type: ignore[misc]
 
 
 _FORWARD: dict[OpKind, Callable[[_Walk, fx.Node, fx.Node, Op, Layout], None]] = {
@@ -330,9 +299,7 @@ _FORWARD: dict[OpKind, Callable[[_Walk, fx.Node, fx.Node, Op, Layout], None]] = 
     OpKind.WEIGHTED: _fwd_weighted,
     OpKind.CHANNELWISE: _fwd_channelwise,
     OpKind.ELEMENTWISE: _fwd_elementwise,
-    OpKind.FLATTEN: _fwd_flatten,
-    OpKind.RESHAPE: _fwd_reshape,
-    OpKind.REDUCE: _fwd_reduce,
+    OpKind.LAYOUT: _fwd_layout,
     OpKind.BINARY: lambda w, node, user, op, lay: w.merge(user, lay),
     OpKind.CAT: lambda w, node, user, op, lay: w.cat(user, lay),
 }

@@ -1,26 +1,34 @@
-"""Where the widened units sit in a tensor, and how each kind of op moves them: one pure function per op.
+"""Where the widened units sit in a tensor, and how each op that moves them does so: one rule per op.
 
 A :class:`Layout` says which axis of a tensor holds the widened units (counted from the end, so
 that the batch and other leading axes do not matter), the tensor's rank when it is known, which
-unit mapping applies, and whether the units have been flattened into channel-major blocks. The
-rules below take a layout and an op's arguments and return the layout of the op's output, or raise
-:class:`Refusal` saying why the op cannot follow a widening exactly.
+unit mapping applies, and whether the units have been flattened into channel-major blocks.
+
+Each rule here is a pure function ``(layout of the input, node, module or None) -> layout of the
+output`` that raises :class:`Refusal` when the op cannot follow a widening exactly, and registers
+itself for the functions, tensor methods and modules it covers (``OpKind.LAYOUT``). Adding an op
+that moves the units' axis is one decorated function here (plus its test).
 
     >>> lay = Layout(dim=-3, ndim=4, key=None)          # conv output (N, C, H, W), C widened
-    >>> flatten(lay, 1, -1)                              # x.flatten(1): C-major blocks of H*W
+    >>> flatten_axes(lay, 1, -1)                         # x.flatten(1): C-major blocks of H*W
     Layout(dim=-1, ndim=2, key=None, flat=True)
-    >>> reduce(lay, (2, 3), keepdim=False)               # x.mean((2, 3)): global pooling
+    >>> reduce_axes(lay, (2, 3), keepdim=False)          # x.mean((2, 3)): global pooling
     Layout(dim=-1, ndim=2, key=None, flat=False)
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+import torch
 import torch.fx as fx
+import torch.nn as nn
 
-__all__ = ["Layout", "Refusal", "cat_axis", "flatten", "reduce", "view_as_flatten"]
+from autogrow.ops import LayoutRule, OpKind, register_function, register_layout_module
+
+__all__ = ["Layout", "Refusal", "arg", "cat_axis", "flatten_axes", "reduce_axes"]
 
 
 class Refusal(Exception):
@@ -41,7 +49,28 @@ class Layout:
     flat: bool = False  # features are channel-major blocks after a flatten (block size from the consumer)
 
 
-def flatten(lay: Layout, start: int, end: int) -> Layout:
+def arg(node: fx.Node, pos: int, name: str, default: object) -> object:
+    """Argument ``pos`` (or keyword ``name``) of a call node."""
+    if len(node.args) > pos:
+        return node.args[pos]
+    return node.kwargs.get(name, default)
+
+
+def layout_rule(*targets: Callable | str | type[nn.Module]) -> Callable[[LayoutRule], LayoutRule]:
+    """Register the decorated rule for functions, tensor methods (by name) and module types."""
+    def register(rule: LayoutRule) -> LayoutRule:
+        for t in targets:
+            if isinstance(t, type) and issubclass(t, nn.Module):
+                register_layout_module(t, rule)
+            else:
+                register_function(t, OpKind.LAYOUT, layout=rule)
+        return rule
+    return register
+
+
+# --- the arithmetic of axes ---------------------------------------------------------------------------
+
+def flatten_axes(lay: Layout, start: int, end: int) -> Layout:
     """``flatten(start, end)``: the units stay an axis, or become the outer index of a flattened block."""
     if lay.ndim is None:
         if lay.dim == -1 and start == 1 and end == -1:
@@ -61,7 +90,7 @@ def flatten(lay: Layout, start: int, end: int) -> Layout:
     raise Refusal(f"flattens axes {s}..{e} so that the units (axis {p}) are not the outer index")
 
 
-def reduce(lay: Layout, dims: int | Sequence[int] | None, keepdim: bool) -> Layout:
+def reduce_axes(lay: Layout, dims: int | Sequence[int] | None, keepdim: bool) -> Layout:
     """``mean/sum/amax(dims)``: allowed over any axes but the units'."""
     if dims is None or lay.ndim is None or lay.flat:
         raise Refusal("reduces over the units' axis (or over a tensor of unknown rank)")
@@ -77,15 +106,6 @@ def reduce(lay: Layout, dims: int | Sequence[int] | None, keepdim: bool) -> Layo
     return replace(lay, dim=new_p - new_nd, ndim=new_nd)
 
 
-def view_as_flatten(lay: Layout, shape: Sequence[object], batch_first: bool) -> Layout:
-    """``view/reshape(x.size(0), -1)`` (``batch_first``: the first size is the batch size) is a flatten;
-    any other target shape is fixed and refused."""
-    if len(shape) == 2 and shape[1] == -1 and batch_first:
-        return flatten(lay, 1, -1)
-    raise Refusal(f"reshapes the widened tensor to a fixed shape {tuple(map(str, shape))}",
-                  "Use x.flatten(1), x.view(x.size(0), -1) or nn.Flatten() instead.")
-
-
 def cat_axis(lay: Layout, dim: int) -> int:
     """The axis (from the end) a ``cat(dim=dim)`` joins, in the terms of ``lay``."""
     if dim < 0:
@@ -95,3 +115,40 @@ def cat_axis(lay: Layout, dim: int) -> int:
     if dim == 1 and lay.dim == -1:
         return -1  # features of a Linear output in a 2-D batch
     raise Refusal(f"concatenates on dim={dim} of a tensor of unknown rank")
+
+
+def _is_batch_size(x: object, of: fx.Node) -> bool:
+    """``of.size(0)`` or ``of.shape[0]``."""
+    if not isinstance(x, fx.Node):
+        return False
+    if x.op == "call_method" and x.target == "size" and x.args[0] is of and arg(x, 1, "dim", None) == 0:
+        return True
+    return (x.op == "call_function" and x.target is operator.getitem and x.args[1] == 0
+            and isinstance(x.args[0], fx.Node) and x.args[0].op == "call_function"
+            and x.args[0].target is getattr and x.args[0].args == (of, "shape"))
+
+
+# --- the rules ----------------------------------------------------------------------------------------
+
+@layout_rule(torch.flatten, "flatten", nn.Flatten)
+def flatten(lay: Layout, node: fx.Node, module: nn.Module | None) -> Layout:
+    if module is not None:
+        return flatten_axes(lay, module.start_dim, module.end_dim)
+    return flatten_axes(lay, arg(node, 1, "start_dim", 0), arg(node, 2, "end_dim", -1))
+
+
+@layout_rule(torch.reshape, "view", "reshape")
+def reshape(lay: Layout, node: fx.Node, module: nn.Module | None) -> Layout:
+    """``view/reshape(x.size(0), -1)`` is a flatten; any other target shape is fixed and refused."""
+    shape = node.args[1:] if node.op == "call_method" else arg(node, 1, "shape", ())
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = shape[0]
+    if len(shape) == 2 and shape[1] == -1 and _is_batch_size(shape[0], node.args[0]):
+        return flatten_axes(lay, 1, -1)
+    raise Refusal(f"reshapes the widened tensor to a fixed shape {tuple(map(str, shape))}",
+                  "Use x.flatten(1), x.view(x.size(0), -1) or nn.Flatten() instead.")
+
+
+@layout_rule(torch.mean, torch.sum, torch.amax, "mean", "sum", "amax")
+def reduce(lay: Layout, node: fx.Node, module: nn.Module | None) -> Layout:
+    return reduce_axes(lay, arg(node, 1, "dim", None), bool(arg(node, 2, "keepdim", False)))

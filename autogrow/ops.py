@@ -9,6 +9,9 @@ op table below, which users extend with :func:`register_function`.
     >>> net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.ReLU())
     >>> [classify(n, net).kind.name for n in fx.symbolic_trace(net).graph.nodes]
     ['INPUT', 'WEIGHTED', 'CHANNELWISE', 'ELEMENTWISE', 'OUTPUT']
+
+Ops that move the units' axis (flatten, reshape, reductions, ...) are ``OpKind.LAYOUT``; their rules
+live, and register themselves, in ``autogrow.layout``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import enum
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 
 from autogrow.registry import ChannelSpec, Elementwise, LayerSpec, channel_spec, elementwise, layer_spec
 
-__all__ = ["Op", "OpKind", "classify", "classify_module", "register_function"]
+__all__ = ["LayoutRule", "Op", "OpKind", "classify", "classify_module", "register_function", "register_layout_module"]
 
 
 class OpKind(enum.Enum):
@@ -36,13 +40,15 @@ class OpKind(enum.Enum):
     ELEMENTWISE = "elementwise"  # one tensor in, each feature on its own (activations, dropout, pooling)
     BINARY = "binary"  # element-wise over several tensors (add, sub, mul, div)
     CAT = "cat"
-    FLATTEN = "flatten"
-    RESHAPE = "reshape"  # view / reshape
-    REDUCE = "reduce"  # mean / sum / amax over some axes
+    LAYOUT = "layout"  # moves the units' axis (flatten, reshape, reduce, ...): its rule says how
     SHAPE = "shape"  # reads a size, rank, dtype or device
     INPUT = "input"
     OUTPUT = "output"
     OTHER = "other"
+
+
+# (layout of the widened input, the node, its module or None) -> layout of the output (autogrow.layout)
+LayoutRule = Callable[[Any, fx.Node, "nn.Module | None"], Any]
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ class Op:
     elementwise: Elementwise | None = None
     # For functional activations: the module a new Net2DeeperNet block uses in their place.
     factory: Callable[[], nn.Module] | None = None
+    layout: LayoutRule | None = None
 
 
 @dataclass(frozen=True)
@@ -62,23 +69,31 @@ class _Entry:
     kind: OpKind
     elementwise: Elementwise | None = None
     factory: Callable[[], nn.Module] | None = None
+    layout: LayoutRule | None = None
 
 
 _TABLE: dict[Callable | str, _Entry] = {}  # functions by identity, tensor methods by name
+_LAYOUT_MODULES: dict[type, LayoutRule] = {}  # parameter-free modules that move the units' axis
 
 
 def register_function(target: Callable | str, kind: OpKind, *, activation: bool = False, idempotent: bool = False,
-                      module: Callable[[], nn.Module] | None = None) -> None:
+                      module: Callable[[], nn.Module] | None = None, layout: LayoutRule | None = None) -> None:
     """Tell autogrow what a function (or a tensor method, by name) does to a widened tensor.
 
     For ``OpKind.ELEMENTWISE``: ``activation`` marks a nonlinearity, ``idempotent`` declares
-    phi(phi(v)) = phi(v), and ``module`` builds the module a Net2DeeperNet block uses for it.
+    phi(phi(v)) = phi(v), and ``module`` builds the module a Net2DeeperNet block uses for it. For
+    ``OpKind.LAYOUT``: ``layout`` is the rule (see ``autogrow.layout``).
 
         >>> import torch
         >>> register_function(torch.special.expit, OpKind.ELEMENTWISE, activation=True, module=torch.nn.Sigmoid)
     """
     ew = Elementwise(activation=activation, idempotent=idempotent) if kind is OpKind.ELEMENTWISE else None
-    _TABLE[target] = _Entry(kind, ew, module)
+    _TABLE[target] = _Entry(kind, ew, module, layout)
+
+
+def register_layout_module(cls: type[nn.Module], rule: LayoutRule) -> None:
+    """A parameter-free module type that moves the units' axis (like ``nn.Flatten``), with its rule."""
+    _LAYOUT_MODULES[cls] = rule
 
 
 def classify(node: fx.Node, model: nn.Module | None) -> Op:
@@ -99,7 +114,7 @@ def classify(node: fx.Node, model: nn.Module | None) -> Op:
     ew = entry.elementwise
     if ew is not None and ew.idempotent and not _plain_call(node):
         ew = Elementwise(activation=ew.activation, idempotent=False)  # F.hardtanh(x, a, b): other bounds
-    return Op(entry.kind, elementwise=ew, factory=entry.factory)
+    return Op(entry.kind, elementwise=ew, factory=entry.factory, layout=entry.layout)
 
 
 def classify_module(m: nn.Module) -> Op:
@@ -113,8 +128,9 @@ def classify_module(m: nn.Module) -> Op:
     ew = elementwise(m)
     if ew is not None:
         return Op(OpKind.ELEMENTWISE, m, elementwise=ew)
-    if isinstance(m, nn.Flatten):
-        return Op(OpKind.FLATTEN, m)
+    for cls in type(m).__mro__:
+        if cls in _LAYOUT_MODULES:
+            return Op(OpKind.LAYOUT, m, layout=_LAYOUT_MODULES[cls])
     return Op(OpKind.OTHER, m)
 
 
@@ -164,11 +180,5 @@ for _t in (operator.add, operator.sub, operator.mul, operator.truediv, operator.
     register_function(_t, OpKind.BINARY)
 for _t in (torch.cat, torch.concat, torch.concatenate):
     register_function(_t, OpKind.CAT)
-for _t in (torch.flatten, "flatten"):
-    register_function(_t, OpKind.FLATTEN)
-for _t in (torch.reshape, "view", "reshape"):
-    register_function(_t, OpKind.RESHAPE)
-for _t in (torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"):
-    register_function(_t, OpKind.REDUCE)
 for _t in ("size", "dim"):
     register_function(_t, OpKind.SHAPE)

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from autogrow.errors import check_choice, check_float, check_int
 
-__all__ = ["MODES", "TRIGGERS", "DynamicNodeCreation", "EveryN", "Plateau", "Trigger", "make_trigger"]
+__all__ = ["MODES", "TRIGGERS", "DynamicNodeCreation", "EveryN", "PayoffCheck", "Plateau", "Trigger", "make_trigger"]
 
 MODES = ("min", "max")
 
@@ -200,3 +200,40 @@ def make_trigger(trigger: str | Trigger, mode: str) -> Trigger:
         return trigger
     check_choice("trigger", trigger, tuple(TRIGGERS))
     return TRIGGERS[trigger](mode=mode)
+
+
+@dataclass
+class PayoffCheck:
+    """Ash's validation stop: a growth that does not beat the pre-growth best within ``patience``
+    evaluations means growing no longer pays.
+
+        >>> c = PayoffCheck(mode="min", patience=2); c.grew(best=0.5)
+        >>> [c.update(v) for v in (0.6, 0.55)]
+        [False, True]
+    """
+
+    mode: str = "min"
+    patience: int = 3
+    min_delta: float = 0.0
+    since_growth: int | None = field(default=None, repr=False)  # None: nothing to judge
+    best_at_growth: float | None = field(default=None, repr=False)
+
+    def grew(self, best: float | None) -> None:
+        """A growth happened while the best value so far was ``best``."""
+        self.since_growth, self.best_at_growth = 0, best
+
+    def update(self, value: float) -> bool:
+        """Feed one evaluation; ``True`` means: the last growth did not pay, stop growing."""
+        if self.since_growth is None:
+            return False
+        # Exact surgery moves the metric by float round-off: that is no improvement.
+        delta = max(self.min_delta, 1e-6 * abs(self.best_at_growth or 0.0))
+        ref = self.best_at_growth
+        if ref is None or (value < ref - delta if self.mode == "min" else value > ref + delta):
+            self.since_growth = None  # it paid off
+            return False
+        self.since_growth += 1
+        if self.since_growth < self.patience:
+            return False
+        self.since_growth = None
+        return True

@@ -16,10 +16,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from autogrow.errors import check, check_choice
+import torch.nn as nn
 
-__all__ = ["POLICIES", "AllLayers", "Candidate", "GradientScore", "GrowthPolicy", "RoundRobin", "SmallestFirst",
-           "make_policy"]
+from autogrow.errors import check, check_choice
+from autogrow.registry import layer_spec
+
+__all__ = ["POLICIES", "AllLayers", "Candidate", "GradientScore", "GradientTracker", "GrowthPolicy", "RoundRobin",
+           "SmallestFirst", "make_policy"]
 
 
 @dataclass(frozen=True)
@@ -132,3 +135,34 @@ def make_policy(policy: str | GrowthPolicy) -> GrowthPolicy:
         return POLICIES[policy]()
     check("policy", policy, isinstance(policy, GrowthPolicy), f"one of {tuple(POLICIES)} or a GrowthPolicy")
     return policy
+
+
+class GradientTracker:
+    """Mean per-unit gradient norm of each target layer's weight since the last growth event.
+
+        >>> import torch, torch.nn as nn
+        >>> net = nn.Sequential(nn.Linear(3, 4)); net(torch.ones(2, 3)).sum().backward()
+        >>> t = GradientTracker(); t.add(net, ["0"]); round(t.score("0"), 3)
+        3.464
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, tuple[float, int]] = {}
+
+    def add(self, model: nn.Module, targets: Sequence[str]) -> None:
+        """Accumulate the current gradients (call before each optimizer step)."""
+        for name in targets:
+            module = model.get_submodule(name)
+            grad = module.weight.grad
+            if grad is not None:
+                dim = layer_spec(module).out_params["weight"]
+                per_unit = grad.detach().float().movedim(dim, 0).flatten(1).norm(dim=1)
+                total, n = self._sums.get(name, (0.0, 0))
+                self._sums[name] = (total + float(per_unit.mean()), n + 1)
+
+    def score(self, name: str) -> float | None:
+        total, n = self._sums.get(name, (0.0, 0))
+        return total / n if n else None
+
+    def clear(self) -> None:
+        self._sums.clear()

@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 __all__ = ["CALLBACK_BASES", "DDP_STRATEGIES", "SINGLE_DEVICE_STRATEGIES", "TENSORBOARD_LOGGERS",
-           "MisconfigurationError", "info", "warn"]
+           "MisconfigurationError", "check_supported", "info", "warn"]
 
 _PACKAGES = []
 for _name in ("pytorch_lightning", "lightning.pytorch"):
@@ -63,3 +63,25 @@ def warn(trainer: Any, message: str) -> None:
         import warnings
 
         warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def check_supported(trainer: Any, module: Any) -> None:
+    """Refuse, before training starts, the setups AutoGrow cannot follow.
+
+    Raises:
+        MisconfigurationError: a sharded or spawn-based strategy, or manual optimization.
+    """
+    strategy = trainer.strategy
+    start = getattr(strategy, "_start_method", "popen")
+    if isinstance(strategy, DDP_STRATEGIES) and start != "popen":
+        raise MisconfigurationError(
+            f"AutoGrow: strategy {type(strategy).__name__} is not supported with start method {start!r} (as in "
+            "strategy='ddp_spawn'): Lightning copies the spawned workers' weights back into the original, smaller "
+            "model; use strategy='ddp'")
+    if not isinstance(strategy, DDP_STRATEGIES + SINGLE_DEVICE_STRATEGIES):
+        raise MisconfigurationError(
+            f"AutoGrow: strategy {type(strategy).__name__} is not supported; use a single device or strategy='ddp' "
+            "(sharded strategies such as FSDP/DeepSpeed cannot follow a model that changes shape)")
+    if not module.automatic_optimization:
+        raise MisconfigurationError("AutoGrow: manual optimization is not supported (the callback "
+                                    "rebuilds the optimizer through configure_optimizers)")

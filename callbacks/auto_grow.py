@@ -19,22 +19,15 @@ import torch
 import torch.nn as nn
 
 import autogrow
-from autogrow.actions import GrowthAction, make_action, width_of
-from autogrow.checkpoint import CHECKPOINT_KEY, history_from, history_of, restore_history, set_history
+from autogrow.actions import GrowthAction, discover_targets, make_action, width_of
+from autogrow.checkpoint import CHECKPOINT_KEY, history_of, set_history
 from autogrow.errors import check, check_bool, check_choice, check_int
 from autogrow.events import Change, GrowthEvent, Reason, StopReason
-from autogrow.plateau import Trigger, make_trigger
-from autogrow.policy import Candidate, GrowthPolicy, make_policy
-from autogrow.registry import layer_spec
+from autogrow.plateau import PayoffCheck, Trigger, make_trigger
+from autogrow.policy import Candidate, GradientTracker, GrowthPolicy, make_policy
 
-from ._compat import (
-    CALLBACK_BASES,
-    DDP_STRATEGIES,
-    SINGLE_DEVICE_STRATEGIES,
-    MisconfigurationError,
-    info,
-    warn,
-)
+from ._compat import CALLBACK_BASES, MisconfigurationError, check_supported, info, warn
+from .mixin import unwrap_load_hook, wrap_load_hook
 from .rebuild import TrainingState, rebuild
 from .report import report
 from .snapshot import Snapshot
@@ -104,13 +97,12 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         self.stopped: StopReason | None = None
         self.stop_message = ""
         self.best: float | None = None  # best monitored value seen
-        self._since_growth: int | None = None  # evaluations since the last growth without beating `best`
-        self._best_at_growth: float | None = None
+        self.payoff = PayoffCheck(mode, stop_patience or 1, getattr(self.trigger, "min_delta", 0.0))
         # in memory only
         self._probe: torch.Tensor | None = None
         self._snapshot: Snapshot | None = None
         self._rollback_pending = False
-        self._grad_sums: dict[str, list[float]] = {}
+        self._gradients = GradientTracker()
 
     @property
     def state_key(self) -> str:
@@ -121,59 +113,16 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        strategy = trainer.strategy
-        spawn = isinstance(strategy, DDP_STRATEGIES) and getattr(strategy, "_start_method", "popen") != "popen"
-        if spawn or not isinstance(strategy, DDP_STRATEGIES + SINGLE_DEVICE_STRATEGIES):
-            raise MisconfigurationError(
-                f"AutoGrow: strategy {type(strategy).__name__} is not supported; use a single device or "
-                "strategy='ddp' (sharded strategies such as FSDP/DeepSpeed and spawn-based DDP cannot "
-                "follow a model that changes shape)")
-        if not pl_module.automatic_optimization:
-            raise MisconfigurationError("AutoGrow: manual optimization is not supported (the callback "
-                                        "rebuilds the optimizer through configure_optimizers)")
+        check_supported(trainer, pl_module)
         if not self.targets:
-            self.targets = self._discover(pl_module)
-        self._wrap_load_hook(pl_module)
-
-    def _discover(self, pl_module: nn.Module) -> list[str]:
-        explicit = self._configured_targets
-        names = explicit or [n for n, m in pl_module.named_modules() if layer_spec(m) is not None]
-        found: list[str] = []
-        covered: set[str] = set()  # layers already growing with an earlier candidate (one residual stream)
-        for name in names:
-            if name in covered:
-                continue
             try:
-                plan = self.action.plan(pl_module, name, seed=0)
+                self.targets = discover_targets(pl_module, self.action, self._configured_targets)
             except autogrow.AutogrowError as e:
-                if explicit:
-                    raise MisconfigurationError(f"AutoGrow: targets: {name!r} cannot {self.action.name}: {e}") from e
-            else:
-                found.append(name)
-                covered.update(getattr(plan, "producers", [name]))
-        if not found:
-            raise MisconfigurationError(f"AutoGrow: no layer of {type(pl_module).__name__} can {self.action.name} "
-                                        "exactly; pass targets=[...] to see why for a given layer")
-        return found
-
-    def _wrap_load_hook(self, pl_module: Any) -> None:
-        # On resume, Lightning loads the weights right after the module's on_load_checkpoint and long
-        # before any callback hook: the history must be replayed there, on the freshly built model.
-        original = pl_module.on_load_checkpoint
-        if getattr(original, "_autogrow", False):
-            return
-
-        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-            restore_history(pl_module, history_from(checkpoint))
-            original(checkpoint)
-
-        on_load_checkpoint._autogrow = True  # type: ignore[attr-defined]
-        pl_module.on_load_checkpoint = on_load_checkpoint
+                raise MisconfigurationError(f"AutoGrow: {e}") from e
+        wrap_load_hook(pl_module)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        # The wrapper is a closure (not picklable): only needed while fit may resume.
-        if getattr(pl_module.__dict__.get("on_load_checkpoint"), "_autogrow", False):
-            del pl_module.on_load_checkpoint
+        unwrap_load_hook(pl_module)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if len(trainer.optimizers) != 1:
@@ -199,27 +148,14 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
             return
         if self.best is None or self.trigger.better(value, self.best):
             self.best = value
-        self._check_payoff(trainer, value)
-        grow = self.trigger.update(value) and self.stopped is None
-        self.pending = self.pending or bool(trainer.strategy.broadcast(grow, src=0))
-
-    def _check_payoff(self, trainer: Any, value: float) -> None:
-        """Ash's stop: a growth that does not beat the pre-growth best within stop_patience ends growth."""
-        if self._since_growth is None or self.stop_patience is None:
-            return
-        # Exact surgery moves the metric by float round-off: that is no improvement.
-        delta = max(getattr(self.trigger, "min_delta", 0.0), 1e-6 * abs(self._best_at_growth or 0.0))
-        if self._best_at_growth is None or self.trigger.better(value, self._best_at_growth, delta):
-            self._since_growth = None  # it paid off
-            return
-        self._since_growth += 1
-        if self._since_growth >= self.stop_patience:
-            self._since_growth = None
-            self._stop(trainer, StopReason.NO_PAYOFF, f"{self.monitor} did not improve on {self._best_at_growth:.4g} "
-                       f"within {self.stop_patience} evaluations after the last growth")
+        if self.stop_patience is not None and self.payoff.update(value):
+            self._stop(trainer, StopReason.NO_PAYOFF, f"{self.monitor} did not improve on "
+                       f"{self.payoff.best_at_growth:.4g} within {self.stop_patience} evaluations after the growth")
             self._rollback_pending = self.rollback and self._snapshot is not None
             if self._rollback_pending:
                 info(trainer, "AutoGrow: rolling back to the pre-growth model")
+        grow = self.trigger.update(value) and self.stopped is None
+        self.pending = self.pending or bool(trainer.strategy.broadcast(grow, src=0))
 
     def _stop(self, trainer: Any, reason: StopReason, message: str) -> None:
         self.stopped, self.stop_message = reason, message
@@ -232,16 +168,8 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
             self._act(trainer, pl_module)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
-        if not self.policy.needs_gradients:
-            return
-        for name in self.targets:
-            module = pl_module.get_submodule(name)
-            if module.weight.grad is not None:
-                dim = layer_spec(module).out_params["weight"]
-                per_unit = module.weight.grad.detach().float().movedim(dim, 0).flatten(1).norm(dim=1)
-                acc = self._grad_sums.setdefault(name, [0.0, 0])
-                acc[0] += float(per_unit.mean())
-                acc[1] += 1
+        if self.policy.needs_gradients:
+            self._gradients.add(pl_module, self.targets)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self.pending or self._rollback_pending:
@@ -264,9 +192,7 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         for name in self.targets:
             if not self.action.can_grow(pl_module, name, self.max_width):
                 continue  # at max_width
-            acc = self._grad_sums.get(name)
-            out.append(Candidate(name, width_of(pl_module.get_submodule(name)),
-                                 acc[0] / acc[1] if acc and acc[1] else None))
+            out.append(Candidate(name, width_of(pl_module.get_submodule(name)), self._gradients.score(name)))
         return out
 
     def _grow(self, trainer: Any, pl_module: Any) -> None:
@@ -288,9 +214,9 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         for cb in trainer.early_stopping_callbacks:  # growth is progress: do not stop right after it
             cb.wait_count = 0
         self.trigger.notify_growth()
-        self._grad_sums.clear()
+        self._gradients.clear()
         self._snapshot = snapshot
-        self._since_growth, self._best_at_growth = 0, self.best
+        self.payoff.grew(self.best)
         error = None if before is None or after is None else float((after - before).abs().max())
         self._record(trainer, pl_module, Reason(self.trigger.reason), changes, n_before, error)
 
@@ -352,7 +278,8 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
                 "policy": self.policy.state_dict(), "targets": self.targets,
                 "events": [e.to_dict() for e in self.events], "pending": self.pending,
                 "stopped": self.stopped.value if self.stopped else None, "stop_message": self.stop_message,
-                "best": self.best, "since_growth": self._since_growth, "best_at_growth": self._best_at_growth}
+                "best": self.best, "since_growth": self.payoff.since_growth,
+                "best_at_growth": self.payoff.best_at_growth}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the callback's state; tolerant of checkpoints from autogrow 0.1 (no ``version``)."""
@@ -362,7 +289,7 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         self.targets = list(s.get("targets", self.targets))
         self.events = [GrowthEvent.from_dict(e) for e in s.get("events", [])]
         self.pending, self.best = bool(s.get("pending", False)), s.get("best")
-        self._since_growth, self._best_at_growth = s.get("since_growth"), s.get("best_at_growth")
+        self.payoff.since_growth, self.payoff.best_at_growth = s.get("since_growth"), s.get("best_at_growth")
         stopped = s.get("stopped")
         if stopped is not None and s.get("version", 1) < 2:  # 0.1 saved free text
             self.stop_message = stopped

@@ -6,7 +6,7 @@ from typing import Any
 
 from autogrow.checkpoint import history_from, restore_history
 
-__all__ = ["GrowableMixin"]
+__all__ = ["GrowableMixin", "unwrap_load_hook", "wrap_load_hook"]
 
 
 class GrowableMixin:
@@ -19,3 +19,27 @@ class GrowableMixin:
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         restore_history(self, history_from(checkpoint))  # type: ignore[arg-type]
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+
+
+def wrap_load_hook(module: Any) -> None:
+    """Replay a checkpoint's growth history in ``module.on_load_checkpoint`` (for ``fit(ckpt_path=...)``).
+
+    On resume, Lightning loads the weights right after the module's ``on_load_checkpoint`` and long
+    before any callback hook: the history must be replayed there, on the freshly built model.
+    """
+    original = module.on_load_checkpoint
+    if getattr(original, "_autogrow", False):
+        return
+
+    def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+        restore_history(module, history_from(checkpoint))
+        original(checkpoint)
+
+    on_load_checkpoint._autogrow = True  # type: ignore[attr-defined]
+    module.on_load_checkpoint = on_load_checkpoint
+
+
+def unwrap_load_hook(module: Any) -> None:
+    """Remove :func:`wrap_load_hook`'s wrapper: a closure, which would make the module unpicklable."""
+    if getattr(module.__dict__.get("on_load_checkpoint"), "_autogrow", False):
+        del module.on_load_checkpoint
