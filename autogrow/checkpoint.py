@@ -41,8 +41,15 @@ def set_history(module: nn.Module, history: Sequence[Mapping[str, Any]]) -> None
     object.__setattr__(module, _ATTR, [dict(h) for h in history])  # a plain attribute, not a submodule
 
 
-def restore_history(module: nn.Module, history: Sequence[Mapping[str, Any]]) -> int:
+def restore_history(module: nn.Module, history: Sequence[Mapping[str, Any]],
+                    reset: Callable[[nn.Module], None] | None = None) -> int:
     """Replay the records of ``history`` that ``module`` does not have yet; returns how many.
+
+    A module that grew differently (or further: a checkpoint saved before the last growth) is first
+    put back to its original architecture by ``reset`` when given, then grown by the whole history.
+
+    Raises:
+        AutogrowError: the module grew differently and there is no ``reset``.
 
     Example:
         >>> import torch.nn as nn, autogrow
@@ -55,8 +62,12 @@ def restore_history(module: nn.Module, history: Sequence[Mapping[str, Any]]) -> 
     """
     done = history_of(module)
     if len(done) > len(history) or any(a != b for a, b in zip(done, history)):
-        fail(f"history: the module already grew differently ({len(done)} records) from the "
-             f"checkpoint's history ({len(history)} records)")
+        if reset is None:
+            fail(f"history: the module already grew differently ({len(done)} records) from the "
+                 f"checkpoint's history ({len(history)} records)")
+        reset(module)
+        set_history(module, [])
+        done = []
     todo = list(history[len(done):])
     replay(module, todo)
     set_history(module, history)

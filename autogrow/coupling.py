@@ -9,25 +9,27 @@ node once (``autogrow.ops``), moves the layout with the per-op rules of ``autogr
 returns a frozen :class:`Coupling`; whatever cannot stay exact is refused, naming the node.
 
     >>> import torch.nn as nn
-    >>> c = couple(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)), "0")
+    >>> c = couple(nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 2)), "0")
     >>> list(c.producers), list(c.channelwise), list(c.consumers), c.old_width
     (['0'], ['1'], ['3'], 8)
 """
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import NoReturn
+from dataclasses import dataclass, replace
+from typing import Any, NoReturn
 
 import torch.fx as fx
 import torch.nn as nn
 
-from autogrow.errors import fail
+from autogrow.errors import SHAPES_HINT, AutogrowError, NeedsShapes, fail
 from autogrow.layout import Layout, Refusal, arg, cat_axis
 from autogrow.ops import Op, OpKind, classify
-from autogrow.registry import ChannelSpec, LayerSpec, layer_spec
+from autogrow.registry import ChannelSpec, LayerSpec, channel_width, layer_spec
+from autogrow.sizes import SCALAR_OPS, SizeReader
 from autogrow.trace import call_sites, describe, trace
 
 __all__ = ["CatParts", "Coupling", "couple"]
@@ -53,19 +55,25 @@ class Coupling:
     consumers: Mapping[str, tuple[MapKey, bool]]  # module -> (mapping, input is a flattened block)
     cats: Mapping[fx.Node, CatParts]  # in the order they were found (a cat may contain an earlier one)
     uniform_only: tuple[str, ...]  # channel-wise layers exact only under uniform replication
+    assumptions: tuple[str, ...] = ()  # taken for granted for lack of recorded shapes (no example inputs)
 
     def width(self, key: MapKey) -> int:
         """Old width of the tensor mapped by ``key``."""
         return self.old_width if key is None else sum(w for _, w in self.cats[key].parts)
 
 
-def couple(model: nn.Module, target: str, graph: fx.Graph | None = None) -> Coupling:
-    """The :class:`Coupling` of widening module ``target`` of ``model``.
+def couple(model: nn.Module, target: str, width: int | None = None, *, graph: fx.Graph | None = None,
+           shapes: dict[fx.Node, Any] | None = None) -> Coupling:
+    """The :class:`Coupling` of widening module ``target`` of ``model`` to ``width`` units.
+
+    ``shapes`` (recorded on example inputs, ``autogrow.shapes.propagate`` over the same ``graph``) let
+    the walk follow reshapes and size queries exactly; without them it refuses what depends on a
+    tensor's unknown rank.
 
     Raises:
         AutogrowError: naming the node that cannot follow the widening exactly.
     """
-    return _Walk(model, target, graph if graph is not None else trace(model)).run()
+    return _Walk(model, target, graph if graph is not None else trace(model), shapes, width).run()
 
 
 def _tensor_args(node: fx.Node, model: nn.Module) -> list[fx.Node]:
@@ -77,8 +85,10 @@ def _tensor_args(node: fx.Node, model: nn.Module) -> list[fx.Node]:
 class _Walk:
     """The walk's state: the layout of every tensor reached so far, and what it found."""
 
-    def __init__(self, model: nn.Module, target: str, graph: fx.Graph) -> None:
-        self.model, self.target, self.graph = model, target, graph
+    def __init__(self, model: nn.Module, target: str, graph: fx.Graph, shapes: dict[fx.Node, Any] | None,
+                 new_width: int | None) -> None:
+        self.model, self.target, self.graph, self.shapes, self.new_width = model, target, graph, shapes, new_width
+        self.sizes = SizeReader(shapes, self.layouts_get, self.widths)
         self.sites = call_sites(graph)
         self.layouts: dict[fx.Node, Layout] = {}
         self.old_width: int | None = None
@@ -87,6 +97,7 @@ class _Walk:
         self.consumers: dict[str, tuple[MapKey, bool]] = {}
         self.cats: dict[fx.Node, CatParts] = {}
         self.uniform_only: list[str] = []
+        self.assumptions: list[str] = []  # what was taken for granted without recorded shapes
         self._queue: deque[fx.Node] = deque()
 
     def run(self) -> Coupling:
@@ -103,13 +114,15 @@ class _Walk:
             for user in list(node.users):
                 self._forward(node, user)
         self._check_cats()
+        self._check_size_uses()
         assert self.old_width is not None
         return Coupling(self.target, self.old_width, dict(self.producers), dict(self.channelwise),
-                        dict(self.consumers), dict(self.cats), tuple(self.uniform_only))
+                        dict(self.consumers), dict(self.cats), tuple(self.uniform_only), tuple(self.assumptions))
 
-    def fail(self, node: fx.Node, why: str, fix: str = "") -> NoReturn:
-        fail(f"target: cannot widen {self.target!r} exactly: {describe(node, self.model)} {why}."
-             + (f" {fix}" if fix else ""))
+    def fail(self, node: fx.Node, why: str, fix: str = "", needs_shapes: bool = False) -> NoReturn:
+        msg = f"target: cannot widen {self.target!r} exactly: {describe(node, self.model)} {why}." + (
+            f" {fix}" if fix else "")
+        raise (NeedsShapes if needs_shapes else AutogrowError)(msg)
 
     def classify(self, node: fx.Node) -> Op:
         return classify(node, self.model)
@@ -118,7 +131,30 @@ class _Walk:
         assert self.old_width is not None
         return self.old_width if key is None else sum(w for _, w in self.cats[key].parts)
 
+    def _new(self, key: MapKey) -> int:
+        assert self.old_width is not None
+        if key is None:
+            return self.new_width if self.new_width is not None else 2 * self.old_width + 1
+        return sum(self._new(k) if k is not False else w for k, w in self.cats[key].parts)
+
+    # -- the context layout rules see (autogrow.layout.Context) --------------------------------------------
+    def widths(self, lay: Layout) -> tuple[int, int]:
+        return self.width(lay.key), self._new(lay.key)
+
+    def shape(self, node: object) -> tuple[int, ...] | None:
+        meta = self.shapes.get(node) if self.shapes is not None and isinstance(node, fx.Node) else None
+        return meta if isinstance(meta, tuple) else None
+
+    def value(self, x: object, new: bool) -> Any:
+        return self.sizes.value(x, new)
+
+    def layouts_get(self, node: fx.Node) -> Layout | None:
+        return self.layouts.get(node)
+
     def mark(self, node: fx.Node, layout: Layout) -> None:
+        shape = self.shape(node)
+        if shape is not None:
+            layout = replace(layout, ndim=len(shape))  # the recorded rank: no guessing
         old = self.layouts.get(node)
         if old is None:
             self.layouts[node] = layout
@@ -144,7 +180,7 @@ class _Walk:
         try:
             rule(self, node, user, op, self.layouts[node])
         except Refusal as r:
-            self.fail(user, r.why, r.fix)
+            self.fail(user, r.why, r.fix, r.needs_shapes)
 
     def _add_producer(self, name: str, node: fx.Node) -> None:
         m = self.model.get_submodule(name)
@@ -189,9 +225,13 @@ class _Walk:
         reason = spec.check(m)
         if reason:
             self.fail(node, f"has {reason}")
-        if lay.flat or lay.dim not in spec.dims:
-            self.fail(node, f"normalises axes {spec.dims}, but the widened units are on axis {lay.dim}"
-                      + (" (flattened)" if lay.flat else ""))
+        if lay.flat or not any(self._is_axis(lay, d, node) for d in spec.dims):
+            where = f"axis {lay.dim} of {lay.ndim}" if lay.ndim is not None else f"axis {lay.dim}"
+            self.fail(node, f"normalises axis {' or '.join(map(str, spec.dims))} (counted from the front if >= 0), "
+                      f"but the widened units are on {where} (from the end)" + (" (flattened)" if lay.flat else ""))
+        n = channel_width(m)
+        if n is not None and n != self.width(lay.key):
+            self.fail(node, f"has {n} features, but the widened tensor has {self.width(lay.key)}")
         if spec.uniform_only and node.target not in self.uniform_only:
             self.uniform_only.append(node.target)
         self.channelwise[node.target] = lay.key
@@ -199,6 +239,16 @@ class _Walk:
             self.mark(site, lay)
             if site.args[0] not in self.layouts:
                 self.backward(site.args[0], lay, site)
+
+    def _is_axis(self, lay: Layout, axis: int, node: fx.Node) -> bool:
+        if axis < 0:
+            return lay.dim == axis
+        if lay.ndim is None and lay.dim == -1 and axis == 1:
+            self.assumptions.append(f"{node.name}: its input is taken to be 2-D (N, C)")
+            return True
+        if lay.ndim is None:
+            self.fail(node, f"normalises axis {axis}, and the rank of its input is unknown", SHAPES_HINT, True)
+        return lay.ndim + lay.dim == axis
 
     def merge(self, user: fx.Node, lay: Layout) -> None:
         """Element-wise op over several tensors: all of them must grow with the same mapping."""
@@ -234,6 +284,11 @@ class _Walk:
     # -- concatenations -------------------------------------------------------------------------------
     def cat(self, user: fx.Node, lay: Layout) -> None:
         tensors, dim = arg(user, 0, "tensors", None), arg(user, 1, "dim", 0)
+        if any(isinstance(t, fx.Node) and t in self.layouts and self.layouts[t].flat for t in tensors):
+            raise Refusal("concatenates a flattened widened tensor")
+        if lay.ndim is None and lay.dim == -1 and dim == 1:
+            self.assumptions.append(f"{user.name}: concatenates 2-D (N, C) tensors along C")
+            dim = -1
         if cat_axis(lay, dim) != lay.dim:
             return self.merge(user, lay)  # along another axis: an element-wise merge
         parts: list[tuple[MapKey | bool, int]] = []
@@ -253,6 +308,33 @@ class _Walk:
             for (k, _), t in zip(cp.parts, arg(node, 0, "tensors", None)):
                 if k is False and t in self.layouts:
                     self.fail(node, f"concatenates {t.name}, which became widened by a later residual path")
+
+    def _check_size_uses(self) -> None:
+        """Every use of a size read from a widened axis must still be right after widening."""
+        for node in self.graph.nodes:
+            if node.op == "call_function" and (node.target in SCALAR_OPS or node.target is getattr
+                                               or node.target is operator.getitem):
+                continue  # arithmetic on sizes: its uses are checked where they land
+            op = self.classify(node)
+            if op.kind is OpKind.SHAPE:
+                continue
+            args = [a for a in list(node.args) + list(node.kwargs.values())]
+            try:
+                dependent = [a for a in args if self.sizes.reads_width(a)]
+            except Refusal as r:
+                self.fail(node, r.why, r.fix, r.needs_shapes)
+            if not dependent:
+                continue
+            if op.kind is OpKind.LAYOUT and node.args[0] in self.layouts:
+                try:  # a reshape of a widened tensor: re-check with every layout final
+                    op.layout(self.layouts[node.args[0]], node, op.module, self)  # type: ignore[misc]
+                    continue
+                except Refusal as r:
+                    self.fail(node, r.why, r.fix, r.needs_shapes)
+            names = ", ".join(a.name if isinstance(a, fx.Node) else str(a) for a in dependent)
+            self.fail(node, f"uses a size read from the widened units' axis ({names}), which changes with the width",
+                      "Reshapes of the widened tensor itself (view/reshape) can follow it; compute other sizes "
+                      "from fixed quantities (module attributes, config values).")
 
     def width_of(self, node: fx.Node, via: fx.Node) -> int:
         op = self.classify(node)
@@ -290,7 +372,7 @@ def _fwd_elementwise(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout
 def _fwd_layout(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout) -> None:
     if user.args[0] is not node:
         raise Refusal("takes the widened tensor in an argument other than its first")
-    w.mark(user, op.layout(lay, user, op.module))  # type: ignore[misc]
+    w.mark(user, op.layout(lay, user, op.module, w))  # type: ignore[misc]
 
 
 _FORWARD: dict[OpKind, Callable[[_Walk, fx.Node, fx.Node, Op, Layout], None]] = {

@@ -29,7 +29,8 @@ from autogrow.growth import Growth, make_seed
 from autogrow.ops import Op, OpKind, classify
 from autogrow.plan import Plan, Undo, register_plan
 from autogrow.registry import identity_kernel_size, layer_spec
-from autogrow.trace import call_sites, describe, trace
+from autogrow.shapes import propagate
+from autogrow.trace import call_sites, describe, trace, unwrap
 
 __all__ = ["INITS", "DeepenPlan", "Residual", "deepen", "plan_deepen"]
 
@@ -239,6 +240,18 @@ def _check_deepen_args(model: nn.Module, after: str, init: str, residual: bool |
              "a layer inserted after it would change every call")
 
 
+def _check_batch_norm_axis(model: nn.Module, graph: fx.Graph, site: fx.Node, after: str, example_inputs: Any) -> None:
+    """A new BatchNorm normalises axis 1: the layer's units must sit there (not in a (B, T, C) output)."""
+    spec = layer_spec(model.get_submodule(after))
+    if spec.out_dim != -1:
+        return  # a convolution: channels are axis 1
+    if example_inputs is None:
+        return  # taken to be 2-D (N, C), as an MLP's; apply's check on example inputs would catch (N, T, C)
+    shape = propagate(model, graph, example_inputs).get(site)
+    check("batch_norm", True, isinstance(shape, tuple) and len(shape) == 2,
+          f"False: {after!r}'s output has shape {shape}; a BatchNorm would normalise axis 1, not its units")
+
+
 def plan_deepen(model: nn.Module, after: str, *, init: str = "identity", residual: bool | None = False,
                 batch_norm: bool = False, kernel_size: int | None = None,
                 generator: torch.Generator | int | None = None, example_inputs: Any = None) -> DeepenPlan:
@@ -267,8 +280,12 @@ def plan_deepen(model: nn.Module, after: str, *, init: str = "identity", residua
         (True, ['1.1.weight', '1.1.bias'])
     """
     seed = make_seed(generator)
-    sites = call_sites(trace(model))
+    model, after = unwrap(model, after)
+    graph = trace(model)
+    sites = call_sites(graph)
     _check_deepen_args(model, after, init, residual, batch_norm, kernel_size, sites)
+    if batch_norm:
+        _check_batch_norm_axis(model, graph, sites[after][0], after, example_inputs)
     prev, act, op = _activation_after(model, sites, after)
     factory = _factory(model, act, op)
     idempotent = op is not None and op.elementwise is not None and op.elementwise.idempotent and factory is not None

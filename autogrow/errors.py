@@ -15,7 +15,7 @@ import math
 from collections.abc import Collection
 from typing import NoReturn
 
-__all__ = ["AutogrowError", "check", "check_bool", "check_choice", "check_float", "check_int", "fail"]
+__all__ = ["AutogrowError", "NeedsShapes", "check", "check_bool", "check_choice", "check_float", "check_int", "fail"]
 
 
 class AutogrowError(ValueError):
@@ -25,6 +25,13 @@ class AutogrowError(ValueError):
     model, optimizer and schedulers are left exactly as they were. The message names the argument or
     graph node at fault, the offending value and what would work instead.
     """
+
+
+class NeedsShapes(AutogrowError):
+    """Refused only because a tensor's rank or size is unknown: with ``example_inputs`` it may work."""
+
+
+SHAPES_HINT = "Pass example_inputs=<a batch> so that autogrow sees every tensor's shape."
 
 
 def fail(message: str) -> NoReturn:

@@ -47,8 +47,9 @@ class OpKind(enum.Enum):
     OTHER = "other"
 
 
-# (layout of the widened input, the node, its module or None) -> layout of the output (autogrow.layout)
-LayoutRule = Callable[[Any, fx.Node, "nn.Module | None"], Any]
+# (layout of the widened input, the node, its module or None, context) -> layout of the output
+# (see autogrow.layout)
+LayoutRule = Callable[[Any, fx.Node, "nn.Module | None", Any], Any]
 
 
 @dataclass(frozen=True)

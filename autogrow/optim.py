@@ -20,6 +20,7 @@ Two paths share this transform:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -34,24 +35,31 @@ __all__ = ["STATES", "carry_scheduler", "check_optimizer", "grow_optimizer", "pa
            "register_optimizer_state", "translate_state_dict"]
 
 STATES = ("carry", "reset")
+PARAM = "param"  # a state buffer holding parameter values (ASGD's average): transformed like the parameter
 
 # How each per-parameter state buffer scales with the gradient: 1 (first moment), 2 (second
-# moment), 0 (scale-free: copied). Keys not listed are copied (power 0).
-_DEFAULT_POWERS: dict[str, int] = {
+# moment), 0 (scale-free: copied), or PARAM. Keys not listed are re-indexed and copied, with a warning.
+_DEFAULT_POWERS: dict[str, int | str] = {
     "momentum_buffer": 1, "exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2, "square_avg": 2,
-    "grad_avg": 1, "sum": 2, "exp_inf": 1, "acc_delta": 0,
+    "grad_avg": 1, "sum": 2, "exp_inf": 1, "acc_delta": 0, "mu_product": 0,
 }
-_POWERS: dict[type, dict[str, int]] = {
+_POWERS: dict[type, dict[str, int | str]] = {
     # RMSprop's momentum buffer accumulates g / sqrt(v): scale-free (exact up to eps).
     torch.optim.RMSprop: {"momentum_buffer": 0},
+    torch.optim.ASGD: {"ax": PARAM},
 }
 _REFUSED: dict[type, str] = {
     torch.optim.LBFGS: "keeps its history as flat vectors over all parameters and caches their sizes",
 }
+if hasattr(torch.optim, "Adafactor"):  # torch >= 2.5
+    _REFUSED[torch.optim.Adafactor] = ("keeps factored second moments (row and column statistics), which cannot be "
+                                       "re-indexed unit by unit")
+_WARNED: set[tuple[str, str]] = set()  # (optimizer class, state key) already warned about
 
 
-def register_optimizer_state(cls: type[Optimizer], powers: Mapping[str, int]) -> None:
-    """Declare how ``cls``'s per-parameter state buffers scale with the gradient (0, 1 or 2).
+def register_optimizer_state(cls: type[Optimizer], powers: Mapping[str, int | str]) -> None:
+    """Declare how ``cls``'s per-parameter state buffers scale with the gradient (0, 1 or 2), or
+    ``"param"`` for buffers that hold parameter values (transformed like the parameter itself).
 
     Example:
         >>> import torch, autogrow
@@ -61,7 +69,7 @@ def register_optimizer_state(cls: type[Optimizer], powers: Mapping[str, int]) ->
     _POWERS[cls] = dict(powers)
 
 
-def _powers(optimizer: Optimizer) -> dict[str, int]:
+def _powers(optimizer: Optimizer) -> dict[str, int | str]:
     out = dict(_DEFAULT_POWERS)
     for cls in reversed(type(optimizer).__mro__):
         out.update(_POWERS.get(cls, {}))
@@ -77,7 +85,7 @@ def check_optimizer(optimizer: Optimizer, model: nn.Module, state: str = "carry"
     for cls, why in _REFUSED.items():
         if isinstance(optimizer, cls):
             fail(f"optimizer: {type(optimizer).__name__} {why}; it cannot be carried across growth. "
-                                "Build a new one over model.parameters() after growing.")
+                 "Build a new one over model.parameters() after growing, or use another optimizer.")
     owned = {id(p) for p in model.parameters()}
     for g in optimizer.param_groups:
         for p in g["params"]:
@@ -97,17 +105,30 @@ def check_optimizer(optimizer: Optimizer, model: nn.Module, state: str = "carry"
                 f"{tuple(p.shape)}; it cannot be remapped exactly. Pass state='reset' to start its state afresh.")
 
 
+def _warn_unknown(owner: str, key: str) -> None:
+    if (owner, key) not in _WARNED:
+        _WARNED.add((owner, key))
+        warnings.warn(f"optimizer: {owner} keeps state {key!r}, which autogrow does not know; it is re-indexed like "
+                      "the parameter and copied unscaled. Declare how it scales with the gradient with "
+                      f"autogrow.register_optimizer_state({owner}, {{{key!r}: 0, 1, 2 or 'param'}}).", stacklevel=3)
+
+
 def transform_state(st: Mapping[str, Any], transforms: Sequence[Transform], maps: Mapping[str, UnitMap],
-                    powers: Mapping[str, int]) -> dict[str, Any]:
+                    powers: Mapping[str, int | str], owner: str = "the optimizer") -> dict[str, Any]:
     """One parameter's optimizer state after the parameter was re-indexed by ``transforms``."""
     out: dict[str, Any] = {}
     for k, v in st.items():
         if isinstance(v, torch.Tensor) and v.dim() > 0:
+            if k not in powers:
+                _warn_unknown(owner, k)
             power = powers.get(k, 0)
             for tr in transforms:
                 um = maps[tr.map].expand(tr.block)
                 v = um.take(v, tr.dim)
-                if tr.role == "out" and power and um.scaled:
+                if power == PARAM:  # like the parameter: consumer inputs carry the unit's share
+                    if tr.role == "in" and um.scaled:
+                        v.mul_(um.along(um.scale.to(v.dtype), v, tr.dim))
+                elif tr.role == "out" and power and um.scaled:
                     v.mul_(um.along(um.scale.to(v.dtype).pow(power), v, tr.dim))
                 if bool(um.fresh.any()):  # random units: no history
                     v.masked_fill_(um.along(um.fresh, v, tr.dim), 0)
@@ -116,7 +137,8 @@ def transform_state(st: Mapping[str, Any], transforms: Sequence[Transform], maps
 
 
 def grow_named_state(state: Mapping[str, dict], groups: Sequence[list[str]], growths: Iterable[Growth],
-                     powers: Mapping[str, int]) -> tuple[dict[str, dict], list[list[str]]]:
+                     powers: Mapping[str, int | str], owner: str = "the optimizer"
+                     ) -> tuple[dict[str, dict], list[list[str]]]:
     """Apply growth records to optimizer state and param-group membership keyed by parameter name.
 
     New parameters join the group of the parameter they were derived from, with no state.
@@ -126,7 +148,7 @@ def grow_named_state(state: Mapping[str, dict], groups: Sequence[list[str]], gro
     for g in growths:
         for name, transforms in g.params.items():
             if name in state:
-                state[name] = transform_state(state[name], transforms, g.maps, powers)
+                state[name] = transform_state(state[name], transforms, g.maps, powers, owner)
         state = {g.renames.get(k, k): v for k, v in state.items()}
         groups = [[g.renames.get(n, n) for n in grp] for grp in groups]
         for new, anchor in g.new_params.items():
@@ -188,7 +210,7 @@ def grow_optimizer(optimizer: Optimizer, growth: Growth, model: nn.Module, *, st
              if p in optimizer.state} if state == "carry" else {}
     groups = [[old_name(p) for p in g["params"]] for g in optimizer.param_groups]
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    named, groups = grow_named_state(named, groups, [growth], _powers(optimizer))
+    named, groups = grow_named_state(named, groups, [growth], _powers(optimizer), type(optimizer).__name__)
     order = {n: i for i, n in enumerate(new_by_name)}
     for g, names in zip(optimizer.param_groups, groups):
         old_order = [order.get(n, -1) for n in names[: len(g["params"])]]
@@ -239,7 +261,7 @@ def translate_state_dict(state_dict: Mapping[str, Any], old_names: Sequence[str]
         fail(f"old_names: {len(old_names)} names for "
                             f"{sum(len(g['params']) for g in groups_sd)} saved parameters")
     named = {old_names[i]: dict(st) for i, st in state_dict["state"].items()} if state == "carry" else {}
-    named, _ = grow_named_state(named, [], list(growths), _powers(optimizer))
+    named, _ = grow_named_state(named, [], list(growths), _powers(optimizer), type(optimizer).__name__)
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in groups_sd]
     name_of = {id(p): n for n, p in model.named_parameters()}
     _load_named(optimizer, named, hyper, lambda p: name_of[id(p)])

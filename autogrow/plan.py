@@ -27,8 +27,9 @@ from torch.utils._pytree import tree_leaves
 from autogrow.errors import fail
 from autogrow.growth import Growth, register_kind
 from autogrow.optim import check_optimizer, grow_optimizer
+from autogrow.shapes import as_args, eval_mode
 
-__all__ = ["Plan", "Undo", "register_plan", "tolerance"]
+__all__ = ["Plan", "Undo", "outputs", "register_plan", "relative_error", "tolerance"]
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -53,6 +54,12 @@ class Undo:
             return
         state = {k: dict(v) if k in ("_parameters", "_buffers", "_modules") else v for k, v in vars(module).items()}
         self._modules.append((module, state))
+
+    def merge(self, other: Undo) -> None:
+        """Also remember what ``other`` saved (earlier saves win: they hold the older state)."""
+        for module, state in other._modules:
+            if not any(m is module for m, _ in self._modules):
+                self._modules.append((module, state))
 
     def save_optimizer(self, optimizer: Optimizer) -> None:
         groups = optimizer.param_groups
@@ -93,8 +100,12 @@ class Plan:
         """Whether the plan preserves the function (verified on ``example_inputs`` when given)."""
         raise NotImplementedError
 
-    def apply(self, optimizer: Optimizer | None = None, *, state: str = "carry") -> Growth:
+    def apply(self, optimizer: Optimizer | None = None, *, state: str = "carry", record: Undo | None = None
+              ) -> Growth:
         """Perform the plan; with ``optimizer``, carry (or ``state="reset"``) its state across.
+
+        ``record`` (an :class:`Undo`) also collects what this growth changed, so that a caller can undo
+        several growths together.
 
         Raises:
             AutogrowError: the optimizer cannot follow, the plan is stale, or (with ``example_inputs``)
@@ -103,7 +114,11 @@ class Plan:
         """
         if optimizer is not None:
             check_optimizer(optimizer, self.model, state)
-        before = _outputs(self.model, self.example_inputs) if self.example_inputs is not None else None
+        for name, p in self.model.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                fail(f"model: parameter {name!r} holds NaN/inf values; growing would copy them into new units "
+                     "(fix the divergence first: lower the learning rate, clip gradients)")
+        before = outputs(self.model, self.example_inputs) if self.example_inputs is not None else None
         undo = Undo()
         if optimizer is not None:
             undo.save_optimizer(optimizer)
@@ -116,26 +131,23 @@ class Plan:
         except BaseException:
             undo.restore()
             raise
+        if record is not None:
+            record.merge(undo)
         return growth
 
     def _verify(self, before: list[torch.Tensor]) -> None:
         what = str(self).splitlines()[0]
         try:
-            after = _outputs(self.model, self.example_inputs)
+            after = outputs(self.model, self.example_inputs)
         except Exception as e:
             fail(f"{what}: the grown model's forward raised {type(e).__name__}: {e}; the growth was undone")
-        if len(after) != len(before) or any(a.shape != b.shape for a, b in zip(after, before)):
+        err = relative_error(before, after)
+        if err is None:
             fail(f"{what}: the grown model's output changed shape; the growth was undone")
-        if not self.exact:
-            return
-        for a, b in zip(after, before):
-            if not b.is_floating_point():
-                continue
-            err = float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
-            if err > tolerance(b.dtype):
-                fail(f"{what}: changed the model's output by {err:.3g} (relative), more than the {b.dtype} "
-                     f"tolerance {tolerance(b.dtype):.0e}: some op in the forward does not follow the growth; "
-                     "the growth was undone")
+        dtype = next((b.dtype for b in before if b.is_floating_point()), torch.float32)
+        if self.exact and err > tolerance(dtype):
+            fail(f"{what}: changed the model's output by {err:.3g} (relative), more than the {dtype} tolerance "
+                 f"{tolerance(dtype):.0e}: some op in the forward does not follow the growth; the growth was undone")
 
     def _apply(self, undo: Undo) -> Growth:
         raise NotImplementedError
@@ -155,16 +167,24 @@ def register_plan(cls: type[Plan]) -> type[Plan]:
     return cls
 
 
-def _outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
+def outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
     """The model's outputs (flattened) on ``inputs``, in eval mode, without touching train/eval flags."""
-    modes = [(m, m.training) for m in model.modules()]
-    args = inputs if isinstance(inputs, tuple) else (inputs,)
-    try:
-        model.eval()
-        with torch.no_grad():
-            out = model(*args)
-    finally:
-        for m, training in modes:
-            m.training = training
+    with torch.no_grad(), eval_mode(model):
+        out = model(*as_args(inputs))
     return [t.detach() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def relative_error(before: list[torch.Tensor], after: list[torch.Tensor]) -> float | None:
+    """``max |f - g| / max |f|`` over floating outputs; ``None`` if the outputs' shapes differ.
+
+        >>> relative_error([torch.tensor([1.0, -2.0])], [torch.tensor([1.0, -2.5])])
+        0.25
+    """
+    if len(after) != len(before) or any(a.shape != b.shape for a, b in zip(after, before)):
+        return None
+    err = 0.0
+    for a, b in zip(after, before):
+        if b.is_floating_point():
+            err = max(err, float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)))
+    return err
 

@@ -27,7 +27,8 @@ from typing import TypeVar
 import torch
 import torch.nn as nn
 
-__all__ = ["ChannelSpec", "Elementwise", "LayerSpec", "channel_spec", "elementwise", "identity_kernel_size",
+__all__ = ["ChannelSpec", "Elementwise", "LayerSpec", "channel_spec", "channel_width", "elementwise",
+           "identity_kernel_size",
            "layer_spec", "register_channelwise", "register_elementwise", "register_layer"]
 
 _T = TypeVar("_T")
@@ -65,9 +66,10 @@ class ChannelSpec:
     """A layer with one value per feature along ``dim`` of its input (and output) tensor.
 
     Args:
-        tensors: parameter/buffer name -> fresh value for a brand-new feature (``init="random"``).
+        tensors: parameter/buffer name -> neutral value for a brand-new feature (``init="random"``).
         attr_update: writes the new width into the layer's attributes.
-        dims: axes (counted from the end) the feature may sit on.
+        dims: the axis the features sit on: counted from the front if >= 0 (BatchNorm: 1), from the
+            end if < 0 (LayerNorm: -1); several entries for layers that accept either.
         uniform_only: exact only when every feature is replicated the same number of times
             (``LayerNorm``: then the mean and variance over the features are unchanged).
     """
@@ -128,6 +130,16 @@ def layer_spec(module: nn.Module) -> LayerSpec | None:
 def channel_spec(module: nn.Module) -> ChannelSpec | None:
     """The registered :class:`ChannelSpec` of ``module``'s type, or ``None``."""
     return _lookup(_CHANNELWISE, module)
+
+
+def channel_width(module: nn.Module) -> int | None:
+    """The number of features of a channel-wise layer, read from its first tensor (None if it has none)."""
+    spec = channel_spec(module)
+    for name in spec.tensors if spec is not None else ():
+        t = getattr(module, name, None)
+        if t is not None:
+            return t.shape[0]
+    return None
 
 
 def elementwise(module: nn.Module) -> Elementwise | None:
@@ -201,9 +213,8 @@ def _ln_check(m: nn.Module) -> str | None:
 
 
 _BN = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
-register_channelwise(nn.BatchNorm1d, ChannelSpec(_BN, _bn_update, dims=(-1, -2)))
-register_channelwise(nn.BatchNorm2d, ChannelSpec(_BN, _bn_update, dims=(-3,)))
-register_channelwise(nn.BatchNorm3d, ChannelSpec(_BN, _bn_update, dims=(-4,)))
+for _bn in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+    register_channelwise(_bn, ChannelSpec(_BN, _bn_update, dims=(1,)))  # (N, C, ...): axis 1
 register_channelwise(nn.LayerNorm, ChannelSpec({"weight": 1.0, "bias": 0.0}, _ln_update, dims=(-1,),
                                                uniform_only=True, check=_ln_check))
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4

@@ -14,7 +14,7 @@ import torch.nn as nn
 from autogrow.errors import fail
 from autogrow.ops import OpKind, classify_module
 
-__all__ = ["call_sites", "describe", "trace"]
+__all__ = ["call_sites", "describe", "trace", "unwrap"]
 
 try:  # torch.compile's wrapper; its original module holds the live parameters
     from torch._dynamo.eval_frame import OptimizedModule
@@ -33,6 +33,15 @@ class _Tracer(fx.Tracer):
         if classify_module(m).kind is not OpKind.OTHER:
             return True
         return super().is_leaf_module(m, qualname)
+
+
+def unwrap(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """``torch.compile(model)`` -> the compiled module and ``name`` relative to it (a leading
+    ``_orig_mod.`` dropped): surgery works on the original module, dynamo recompiles after it."""
+    while isinstance(model, OptimizedModule):
+        model = model._orig_mod
+        name = name.removeprefix("_orig_mod.")
+    return model, name
 
 
 def trace(model: nn.Module) -> fx.Graph:

@@ -25,6 +25,8 @@ from autogrow.growth import Growth, Transform, UnitMap, make_seed
 from autogrow.init import WidenInit, get_init
 from autogrow.plan import Plan, Undo, register_plan
 from autogrow.registry import channel_spec, layer_spec
+from autogrow.shapes import propagate
+from autogrow.trace import trace, unwrap
 
 __all__ = ["MAPPINGS", "TensorChange", "WidenPlan", "plan_widen", "widen"]
 
@@ -48,6 +50,7 @@ class TensorChange:
     new_shape: tuple[int, ...]
     transforms: list[Transform]
     fill: float | None = None  # a normalisation's neutral value for brand-new entries
+    aliases: list[tuple[str, str]] = field(default_factory=list)  # every (module, name) holding a tied tensor
 
     @property
     def name(self) -> str:
@@ -75,6 +78,7 @@ class WidenPlan(Plan):
     changes: list[TensorChange] = field(repr=False)
     # (module, how to write the new size into it, the new size)
     resizes: list[tuple[str, Callable[[nn.Module, int], None], int]] = field(repr=False)
+    assumptions: tuple[str, ...] = ()
     example_inputs: Any = field(default=None, repr=False)
 
     @property
@@ -98,6 +102,8 @@ class WidenPlan(Plan):
         if self.channelwise:
             lines.append(f"  channel-wise (entries copied): {self.channelwise}")
         lines.append(f"  consumers (input grows): {self.consumers}")
+        if self.assumptions:
+            lines.append(f"  assumed without example_inputs: {'; '.join(self.assumptions)}")
         for c in self.changes:
             how = ", ".join(f"dim {t.dim} {t.role}" + (f" x{t.block} block" if t.block > 1 else "")
                             for t in c.transforms)
@@ -115,16 +121,19 @@ class WidenPlan(Plan):
         with torch.no_grad():
             new = {c.name: self._transform(current[c.name].detach(), c, init, gen) for c in self.changes}
         # Nothing above touched the model; from here on only assignments, which cannot fail.
-        for name in {c.module for c in self.changes} | {m for m, _, _ in self.resizes}:
+        holders = {c.name: c.aliases or [(c.module, c.tensor)] for c in self.changes}
+        for name in {m for c in self.changes for m, _ in holders[c.name]} | {m for m, _, _ in self.resizes}:
             undo.save(modules[name])
         replaced: dict[str, torch.Tensor] = {}
         for c in self.changes:
-            m, old = modules[c.module], current[c.name]
+            old = current[c.name]
             if c.is_param:
                 replaced[c.name] = old
-                setattr(m, c.tensor, nn.Parameter(new[c.name], requires_grad=old.requires_grad))
+                param = nn.Parameter(new[c.name], requires_grad=old.requires_grad)
+                for mod, tensor in holders[c.name]:  # tied: every holder gets the one new Parameter
+                    setattr(modules[mod], tensor, param)
             else:
-                m._buffers[c.tensor] = new[c.name]
+                modules[c.module]._buffers[c.tensor] = new[c.name]
         for mod, setter, value in self.resizes:
             setter(modules[mod], value)
         return Growth(
@@ -236,7 +245,44 @@ def _changes(model: nn.Module, c: Coupling, maps: dict[str, UnitMap], exact: boo
         for tname, d in spec.in_params.items():
             add(mod, tname, Transform(d, map_name(key), "in", block))
         resizes.append((mod, _setter(spec.in_attr), len(maps[map_name(key)].idx) * block))
-    return list(by_name.values()), resizes
+    return _tie(model, list(by_name.values())), resizes
+
+
+def _tie(model: nn.Module, changes: list[TensorChange]) -> list[TensorChange]:
+    """Tied parameters (one Parameter held by several modules) grow once and stay one Parameter.
+
+    Refused when the holders would need different transforms (a tied embedding and output layer on the
+    widened axis: one is copied, the other split), or when a holder does not grow at all.
+    """
+    holders: dict[int, list[tuple[str, str]]] = {}
+    for mname, m in model.named_modules(remove_duplicate=False):
+        for pname, p in m._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append((mname, pname))
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    by_tensor: dict[int, list[TensorChange]] = {}
+    for ch in changes:
+        t = getattr(model.get_submodule(ch.module), ch.tensor)
+        by_tensor.setdefault(id(t), []).append(ch)
+    out = []
+    for tid, group in by_tensor.items():
+        held = holders.get(tid, [])
+        first = group[0]
+        names = sorted({ch.name for ch in group})
+        if any(ch.transforms != first.transforms for ch in group[1:]):
+            how = "; ".join(f"{ch.name}: " + ", ".join(f"dim {t.dim} {t.role}" for t in ch.transforms) for ch in group)
+            fail(f"target: {' and '.join(names)} are one tied Parameter, but widening would reshape them differently "
+                 f"({how}); untie them, or widen a layer whose tensors are not shared")
+        missing = [f"{m}.{t}" if m else t for m, t in held if f"{m}.{t}" not in {ch.name for ch in group}]
+        if missing:
+            fail(f"target: {first.name} is tied to {missing} (one Parameter), which would not grow with it; "
+                 "untie them, or widen a layer whose tensors are not shared")
+        if len(held) > 1 and tid in canonical:
+            module, _, tensor = canonical[tid].rpartition(".")
+            first = TensorChange(module, tensor, first.is_param, first.old_shape, first.new_shape, first.transforms,
+                                 first.fill, aliases=[(m, t) for m, t in held])
+        out.append(first)
+    return out
 
 
 def _setter(attr: str) -> Callable[[nn.Module, int], None]:
@@ -284,7 +330,10 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
     check_float("noise", noise, 0.0)
     check_float("split", split, 0.0, 1.0, high_open=True)
     seed = make_seed(generator)
-    c = couple(model, target)
+    model, target = unwrap(model, target)
+    graph = trace(model)
+    shapes = propagate(model, graph, example_inputs) if example_inputs is not None else None
+    c = couple(model, target, width, graph=graph, shapes=shapes)
     check("width", width, width > c.old_width, f"more than {target!r}'s current {c.old_width} units")
     mapping = _choose_mapping(c, init, mapping, width)
     maps = _draw_maps(c, width, init, mapping, float(split), seed)
@@ -292,7 +341,7 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
     return WidenPlan(model=model, target=target, old_width=c.old_width, width=width, init=init, noise=float(noise),
                      split=float(split), mapping=mapping, seed=seed, maps=maps, producers=list(c.producers),
                      channelwise=list(c.channelwise), consumers=list(c.consumers), changes=changes,
-                     resizes=resizes, example_inputs=example_inputs)
+                     resizes=resizes, assumptions=c.assumptions, example_inputs=example_inputs)
 
 
 def widen(model: nn.Module, target: str, width: int, *, optimizer: Optimizer | None = None,

@@ -13,6 +13,7 @@ and seeds come from rank 0 and the DDP wrapper is rebuilt.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -23,14 +24,16 @@ from autogrow.actions import GrowthAction, discover_targets, make_action, width_
 from autogrow.checkpoint import CHECKPOINT_KEY, history_of, set_history
 from autogrow.errors import check, check_bool, check_choice, check_int
 from autogrow.events import Change, GrowthEvent, Reason, StopReason
+from autogrow.plan import Undo
 from autogrow.plateau import PayoffCheck, Trigger, make_trigger
 from autogrow.policy import Candidate, GradientTracker, GrowthPolicy, make_policy
 
 from ._compat import CALLBACK_BASES, MisconfigurationError, check_supported, info, warn
 from .mixin import unwrap_load_hook, wrap_load_hook
+from .probe import Probe
 from .rebuild import TrainingState, rebuild
 from .report import report
-from .snapshot import Snapshot
+from .snapshot import Skeleton, Snapshot
 
 __all__ = ["AutoGrow"]
 
@@ -56,6 +59,9 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         rollback: with ``stop_patience``, also restore the weights, optimizer and schedule from just
             before that last growth (in memory only; not across a resume).
         optimizer_state: ``"carry"`` the optimizer state across growth, or ``"reset"`` it (ablation).
+        on_error: every growth is checked on a validation batch; one that fails (the grown forward raises or
+            computes another function) is undone exactly, then ``"raise"`` stops the fit with an
+            :class:`~autogrow.AutogrowError`, ``"skip"`` warns and trains on without that layer's growth.
         seed: base seed of all growth randomness (mappings, splits, new weights).
 
     Example::
@@ -70,7 +76,7 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
                  grow: str | GrowthAction = "widen", policy: str | GrowthPolicy = "all",
                  targets: list[str] | None = None, max_params: int | None = None, max_width: int | None = None,
                  max_events: int | None = None, stop_patience: int | None = None, rollback: bool = False,
-                 optimizer_state: str = "carry", seed: int = 0) -> None:
+                 optimizer_state: str = "carry", on_error: str = "raise", seed: int = 0) -> None:
         super().__init__()
         check("monitor", monitor, isinstance(monitor, str) and bool(monitor), "a metric name")
         check("targets", targets, targets is None or (isinstance(targets, list) and bool(targets) and all(
@@ -81,14 +87,18 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         check_bool("rollback", rollback)
         check("rollback", rollback, not rollback or stop_patience is not None, "False unless stop_patience is set")
         check_choice("optimizer_state", optimizer_state, autogrow.optim.STATES)
+        check_choice("on_error", on_error, ("raise", "skip"))
         check_int("seed", seed, 0, 2**62)  # seeds derived per event stay below 2**63
+        if ("loss" in monitor and mode == "max") or ("acc" in monitor and mode == "min"):
+            warnings.warn(f"AutoGrow: mode={mode!r} for monitor={monitor!r}: is that the right direction?",
+                          UserWarning, stacklevel=2)
         self.monitor, self.mode = monitor, mode
         self.trigger = make_trigger(trigger, mode)
         self.action = make_action(grow)
         self.policy = make_policy(policy)
         self.max_params, self.max_width, self.max_events = max_params, max_width, max_events
         self.stop_patience, self.rollback = stop_patience, rollback
-        self.optimizer_state, self.seed = optimizer_state, seed
+        self.optimizer_state, self.on_error, self.seed = optimizer_state, on_error, seed
         self._configured_targets = list(targets) if targets is not None else None
         # state (saved in checkpoints)
         self.targets: list[str] = []
@@ -99,7 +109,8 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         self.best: float | None = None  # best monitored value seen
         self.payoff = PayoffCheck(mode, stop_patience or 1, getattr(self.trigger, "min_delta", 0.0))
         # in memory only
-        self._probe: torch.Tensor | None = None
+        self.probe = Probe()
+        self._skeleton: Skeleton | None = None  # the original architecture, for checkpoints from before growth
         self._snapshot: Snapshot | None = None
         self._rollback_pending = False
         self._gradients = GradientTracker()
@@ -111,6 +122,9 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
 
     # -- set-up: refuse what is not supported before training starts ----------------------------------
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self._skeleton is None and not history_of(pl_module):
+            self._skeleton = Skeleton(pl_module)
+        wrap_load_hook(pl_module, self._skeleton.reset if self._skeleton is not None else None)
         if stage != "fit":
             return
         check_supported(trainer, pl_module)
@@ -119,7 +133,6 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
                 self.targets = discover_targets(pl_module, self.action, self._configured_targets)
             except autogrow.AutogrowError as e:
                 raise MisconfigurationError(f"AutoGrow: {e}") from e
-        wrap_load_hook(pl_module)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         unwrap_load_hook(pl_module)
@@ -128,20 +141,25 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         if len(trainer.optimizers) != 1:
             raise MisconfigurationError(f"AutoGrow: expects exactly one optimizer, configure_optimizers "
                                         f"returned {len(trainer.optimizers)}")
+        try:
+            autogrow.check_optimizer(trainer.optimizers[0], pl_module, self.optimizer_state)
+        except autogrow.AutogrowError as e:
+            raise MisconfigurationError(f"AutoGrow: {e}") from e
 
     # -- deciding ---------------------------------------------------------------------------------------
     def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
                                   dataloader_idx: int = 0) -> None:
-        if batch_idx == 0 and dataloader_idx == 0 and isinstance(batch, (tuple, list)) and \
-                isinstance(batch[0], torch.Tensor):
-            self._probe = batch[0][:256].detach()  # measures function preservation at each growth
+        if batch_idx == 0 and dataloader_idx == 0:
+            self.probe.capture(batch, validation=True)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
+        if trainer.state.fn != "fit":
             return
         if self.monitor not in trainer.callback_metrics:
             raise RuntimeError(f"AutoGrow: monitor={self.monitor!r} was not logged in validation; available: "
                                f"{sorted(trainer.callback_metrics)}")
+        if trainer.sanity_checking:
+            return
         value = float(trainer.strategy.broadcast(float(trainer.callback_metrics[self.monitor]), src=0))
         if not math.isfinite(value):
             warn(trainer, f"AutoGrow: {self.monitor} = {value}; no growth decision on a non-finite metric")
@@ -163,6 +181,8 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
 
     # -- growing ------------------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.probe.inputs is None:
+            self.probe.capture(batch, validation=False)
         # After a mid-epoch validation: grow at an accumulation boundary (no pending gradients).
         if (self.pending or self._rollback_pending) and batch_idx % trainer.accumulate_grad_batches == 0:
             self._act(trainer, pl_module)
@@ -199,17 +219,20 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         if self.max_events is not None and len([e for e in self.events if e.reason is not Reason.ROLLBACK]) \
                 >= self.max_events:
             return self._stop(trainer, StopReason.MAX_EVENTS, f"max_events={self.max_events} reached")
+        bad = next((n for n, p in pl_module.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:
+            return warn(trainer, f"AutoGrow: not growing: parameter {bad!r} holds NaN/inf values (training diverged)")
         chosen = self.policy.choose(self._candidates(pl_module))
         seed = int(trainer.strategy.broadcast(self.seed + 7919 * (len(history_of(pl_module)) + 1), src=0))
         n_before = autogrow.num_params(pl_module)
         saved = TrainingState.capture(trainer, pl_module)
         snapshot = Snapshot.take(trainer, pl_module, self.targets) if self.rollback else None
-        before = self._forward_probe(pl_module)
+        before = self.probe.outputs(pl_module)
         growths, changes = self._apply_plans(trainer, pl_module, chosen, seed, n_before)
         if not growths:
             return self._stop(trainer, StopReason.BUDGET, "no layer can grow within max_params / max_width")
         rebuild(trainer, pl_module, saved, growths, self.optimizer_state)
-        after = self._forward_probe(pl_module)
+        after = self.probe.outputs(pl_module)
         set_history(pl_module, history_of(pl_module) + [g.to_dict() for g in growths])
         for cb in trainer.early_stopping_callbacks:  # growth is progress: do not stop right after it
             cb.wait_count = 0
@@ -217,23 +240,27 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         self._gradients.clear()
         self._snapshot = snapshot
         self.payoff.grew(self.best)
-        error = None if before is None or after is None else float((after - before).abs().max())
-        self._record(trainer, pl_module, Reason(self.trigger.reason), changes, n_before, error)
+        self._record(trainer, pl_module, Reason(self.trigger.reason), changes, n_before, Probe.error(before, after))
 
     def _apply_plans(self, trainer: Any, pl_module: Any, chosen: list[str], seed: int, n_params: int
                      ) -> tuple[list[autogrow.Growth], list[Change]]:
-        growths, changes = [], []
+        growths, changes, event, targets = [], [], Undo(), list(self.targets)
         for i, name in enumerate(chosen):
             try:
-                plan = self.action.plan(pl_module, name, seed + i, max_width=self.max_width)
-            except autogrow.AutogrowError as e:  # refused before anything changed: skip this layer
+                plan = self.action.plan(pl_module, name, seed + i, max_width=self.max_width,
+                                        example_inputs=self.probe.inputs)
+                delta = plan.param_delta
+                if self.max_params is not None and n_params + delta > self.max_params:
+                    continue
+                width = width_of(pl_module.get_submodule(name))
+                growth = plan.apply(record=event)  # checked on the probe; undone if it fails
+            except autogrow.AutogrowError as e:
+                if self.on_error == "raise":
+                    event.restore()  # the layers grown earlier in this event too: the model is as before
+                    self.targets = targets
+                    raise autogrow.AutogrowError(f"AutoGrow: growing {name!r} failed and was undone: {e}") from e
                 warn(trainer, f"AutoGrow: skipping {name!r}: {e}")
                 continue
-            delta = plan.param_delta
-            if self.max_params is not None and n_params + delta > self.max_params:
-                continue
-            width = width_of(pl_module.get_submodule(name))
-            growth = plan.apply()
             n_params += delta
             growths.append(growth)
             new_name = self._renamed(name, growth)
@@ -252,22 +279,6 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
     def _renamed(name: str, growth: autogrow.Growth) -> str:
         new = growth.renames.get(f"{name}.weight")
         return new.rsplit(".", 1)[0] if new else name
-
-    def _forward_probe(self, pl_module: Any) -> torch.Tensor | None:
-        """The model's output on a validation batch, in eval mode, without touching train/eval flags."""
-        if self._probe is None:
-            return None
-        modes = {m: m.training for m in pl_module.modules()}
-        try:
-            pl_module.eval()
-            with torch.no_grad():
-                out = pl_module(self._probe)
-            return out.detach().float() if isinstance(out, torch.Tensor) else None
-        except Exception:  # a forward that does not take the batch's first element: no measurement
-            return None
-        finally:
-            for m, training in modes.items():
-                m.training = training
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:

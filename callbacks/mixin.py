@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from autogrow.checkpoint import history_from, restore_history
@@ -21,18 +22,20 @@ class GrowableMixin:
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
 
 
-def wrap_load_hook(module: Any) -> None:
-    """Replay a checkpoint's growth history in ``module.on_load_checkpoint`` (for ``fit(ckpt_path=...)``).
+def wrap_load_hook(module: Any, reset: Callable[[Any], None] | None = None) -> None:
+    """Replay a checkpoint's growth history in ``module.on_load_checkpoint`` (``ckpt_path=...`` of fit,
+    validate, test and predict); ``reset`` rebuilds the original architecture for a checkpoint taken
+    before the module's last growth.
 
-    On resume, Lightning loads the weights right after the module's ``on_load_checkpoint`` and long
-    before any callback hook: the history must be replayed there, on the freshly built model.
+    Lightning loads the weights right after the module's ``on_load_checkpoint`` and long before any
+    callback hook: the history must be replayed there.
     """
     original = module.on_load_checkpoint
     if getattr(original, "_autogrow", False):
         return
 
     def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-        restore_history(module, history_from(checkpoint))
+        restore_history(module, history_from(checkpoint), reset)
         original(checkpoint)
 
     on_load_checkpoint._autogrow = True  # type: ignore[attr-defined]

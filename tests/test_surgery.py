@@ -81,14 +81,10 @@ def grow_and_check(model: nn.Module, x: torch.Tensor, ops: list[tuple[str, int, 
         if kind == "widen":
             m = model.get_submodule(target)
             n = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-            autogrow.widen(model, target, n + extra, split=0.3 if extra % 2 else 0.0, generator=seed + pick)
-        else:
-            plan = None
-            try:
-                plan = autogrow.plan_deepen(model, target, generator=seed)
-            except autogrow.AutogrowError:  # non-idempotent activation: the exact residual form
-                plan = autogrow.plan_deepen(model, target, residual=True, generator=seed)
-            plan.apply()
+            autogrow.widen(model, target, n + extra, split=0.3 if extra % 2 else 0.0, generator=seed + pick,
+                           example_inputs=x if seed % 2 else None)
+        else:  # residual=None: the exact residual form where the activation is not idempotent
+            autogrow.deepen(model, target, residual=None, generator=seed, example_inputs=x if seed % 2 else None)
         with torch.no_grad():
             out = model(x)
         err = max_rel_error(ref, out)
