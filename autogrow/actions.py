@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from autogrow.deepen import INITS as DEEPEN_INITS
 from autogrow.deepen import plan_deepen
-from autogrow.errors import AutogrowError, check_bool, check_choice, check_float, check_int, fail
+from autogrow.errors import AutogrowError, NeedsShapes, check, check_bool, check_choice, check_float, check_int, fail
 from autogrow.init import get_init
 from autogrow.plan import Plan
 from autogrow.registry import layer_spec
@@ -140,9 +140,11 @@ def make_action(action: str | GrowthAction) -> GrowthAction:
     return ACTIONS[action]()
 
 
-def discover_targets(model: nn.Module, action: GrowthAction, names: list[str] | None = None) -> list[str]:
+def discover_targets(model: nn.Module, action: GrowthAction, names: list[str] | None = None,
+                     example_inputs: Any = None) -> list[str]:
     """The layers ``action`` can grow exactly: ``names`` (each checked) or, with ``None``, every weighted
-    layer that can; layers that grow together (one residual stream) are represented by the first.
+    layer that can; layers that grow together (one residual stream) are represented by the first. Without
+    ``example_inputs``, layers whose growth depends on tensor shapes are kept (checked when they grow).
 
         >>> import torch.nn as nn
         >>> discover_targets(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), Widen())
@@ -152,6 +154,10 @@ def discover_targets(model: nn.Module, action: GrowthAction, names: list[str] | 
         AutogrowError: an explicit name cannot grow (with the reason), or no layer can (with the reasons).
     """
     candidates = names or [n for n, m in model.named_modules() if layer_spec(m) is not None]
+    known = dict(model.named_modules())
+    for name in names or []:
+        check("targets", name, name in known, f"names of submodules of {type(model).__name__}, such as "
+              f"{[n for n, m in known.items() if layer_spec(m) is not None][:8]}")
     found: list[str] = []
     covered: set[str] = set()  # layers already growing with an earlier candidate
     reasons: dict[str, list[str]] = {}
@@ -159,7 +165,10 @@ def discover_targets(model: nn.Module, action: GrowthAction, names: list[str] | 
         if name in covered:
             continue
         try:
-            plan = action.plan(model, name, seed=0)
+            plan = action.plan(model, name, seed=0, example_inputs=example_inputs)
+        except NeedsShapes:
+            found.append(name)
+            continue
         except AutogrowError as e:
             if names:
                 fail(f"targets: {name!r} cannot {action.name}: {e}")

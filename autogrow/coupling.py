@@ -55,7 +55,6 @@ class Coupling:
     consumers: Mapping[str, tuple[MapKey, bool]]  # module -> (mapping, input is a flattened block)
     cats: Mapping[fx.Node, CatParts]  # in the order they were found (a cat may contain an earlier one)
     uniform_only: tuple[str, ...]  # channel-wise layers exact only under uniform replication
-    assumptions: tuple[str, ...] = ()  # taken for granted for lack of recorded shapes (no example inputs)
 
     def width(self, key: MapKey) -> int:
         """Old width of the tensor mapped by ``key``."""
@@ -97,7 +96,6 @@ class _Walk:
         self.consumers: dict[str, tuple[MapKey, bool]] = {}
         self.cats: dict[fx.Node, CatParts] = {}
         self.uniform_only: list[str] = []
-        self.assumptions: list[str] = []  # what was taken for granted without recorded shapes
         self._queue: deque[fx.Node] = deque()
 
     def run(self) -> Coupling:
@@ -117,7 +115,7 @@ class _Walk:
         self._check_size_uses()
         assert self.old_width is not None
         return Coupling(self.target, self.old_width, dict(self.producers), dict(self.channelwise),
-                        dict(self.consumers), dict(self.cats), tuple(self.uniform_only), tuple(self.assumptions))
+                        dict(self.consumers), dict(self.cats), tuple(self.uniform_only))
 
     def fail(self, node: fx.Node, why: str, fix: str = "", needs_shapes: bool = False) -> NoReturn:
         msg = f"target: cannot widen {self.target!r} exactly: {describe(node, self.model)} {why}." + (
@@ -243,9 +241,6 @@ class _Walk:
     def _is_axis(self, lay: Layout, axis: int, node: fx.Node) -> bool:
         if axis < 0:
             return lay.dim == axis
-        if lay.ndim is None and lay.dim == -1 and axis == 1:
-            self.assumptions.append(f"{node.name}: its input is taken to be 2-D (N, C)")
-            return True
         if lay.ndim is None:
             self.fail(node, f"normalises axis {axis}, and the rank of its input is unknown", SHAPES_HINT, True)
         return lay.ndim + lay.dim == axis
@@ -286,9 +281,6 @@ class _Walk:
         tensors, dim = arg(user, 0, "tensors", None), arg(user, 1, "dim", 0)
         if any(isinstance(t, fx.Node) and t in self.layouts and self.layouts[t].flat for t in tensors):
             raise Refusal("concatenates a flattened widened tensor")
-        if lay.ndim is None and lay.dim == -1 and dim == 1:
-            self.assumptions.append(f"{user.name}: concatenates 2-D (N, C) tensors along C")
-            dim = -1
         if cat_axis(lay, dim) != lay.dim:
             return self.merge(user, lay)  # along another axis: an element-wise merge
         parts: list[tuple[MapKey | bool, int]] = []

@@ -24,7 +24,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.optim import Optimizer
 
-from autogrow.errors import check, check_bool, check_choice, check_int, fail
+from autogrow.errors import SHAPES_HINT, NeedsShapes, check, check_bool, check_choice, check_int, fail
 from autogrow.growth import Growth, make_seed
 from autogrow.ops import Op, OpKind, classify
 from autogrow.plan import Plan, Undo, register_plan
@@ -155,8 +155,9 @@ class DeepenPlan(Plan):
     @classmethod
     def replay(cls, model: nn.Module, record: Growth) -> Growth:
         o = record.options
+        # The BatchNorm's axis was checked when the growth was first applied: no example inputs needed now.
         plan = plan_deepen(model, record.target, init=o["init"], residual=o["residual"], batch_norm=o["batch_norm"],
-                           kernel_size=o["kernel_size"], generator=record.seed)
+                           kernel_size=o["kernel_size"], generator=record.seed, _check_axis=False)
         if plan.wrap != o["wrap"]:
             fail(f"growths: deepening after {record.target!r} would wrap {plan.wrap!r}, recorded {o['wrap']!r}; "
                  "the model differs from the recorded one")
@@ -246,7 +247,8 @@ def _check_batch_norm_axis(model: nn.Module, graph: fx.Graph, site: fx.Node, aft
     if spec.out_dim != -1:
         return  # a convolution: channels are axis 1
     if example_inputs is None:
-        return  # taken to be 2-D (N, C), as an MLP's; apply's check on example inputs would catch (N, T, C)
+        raise NeedsShapes(f"batch_norm: True after {after!r} needs example_inputs: a BatchNorm normalises axis 1, "
+                          f"which holds {after!r}'s units only if its output is 2-D. {SHAPES_HINT}")
     shape = propagate(model, graph, example_inputs).get(site)
     check("batch_norm", True, isinstance(shape, tuple) and len(shape) == 2,
           f"False: {after!r}'s output has shape {shape}; a BatchNorm would normalise axis 1, not its units")
@@ -254,7 +256,8 @@ def _check_batch_norm_axis(model: nn.Module, graph: fx.Graph, site: fx.Node, aft
 
 def plan_deepen(model: nn.Module, after: str, *, init: str = "identity", residual: bool | None = False,
                 batch_norm: bool = False, kernel_size: int | None = None,
-                generator: torch.Generator | int | None = None, example_inputs: Any = None) -> DeepenPlan:
+                generator: torch.Generator | int | None = None, example_inputs: Any = None,
+                _check_axis: bool = True) -> DeepenPlan:
     """Plan inserting a new layer after module ``after`` (a ``Linear`` or ``ConvNd``).
 
     Args:
@@ -284,7 +287,7 @@ def plan_deepen(model: nn.Module, after: str, *, init: str = "identity", residua
     graph = trace(model)
     sites = call_sites(graph)
     _check_deepen_args(model, after, init, residual, batch_norm, kernel_size, sites)
-    if batch_norm:
+    if batch_norm and _check_axis:
         _check_batch_norm_axis(model, graph, sites[after][0], after, example_inputs)
     prev, act, op = _activation_after(model, sites, after)
     factory = _factory(model, act, op)

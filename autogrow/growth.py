@@ -113,6 +113,10 @@ class Growth:
     renames: dict[str, str] = field(default_factory=dict)  # old parameter name -> new name
     new_params: dict[str, str] = field(default_factory=dict)  # new parameter -> parameter it joins
     buffers: list[str] = field(default_factory=list)  # buffers reshaped (BatchNorm statistics)
+    # Every tensor changed, in order, with shapes and transforms, and every size attribute written: enough to
+    # replay the growth on another copy of the model without tracing it (see WidenPlan.replay).
+    tensors: list[dict[str, Any]] = field(default_factory=list)
+    resizes: list[list[Any]] = field(default_factory=list)
     # The Parameter objects that were replaced, by old name: live objects for remapping an optimizer
     # that still holds them. Not serialised.
     replaced: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
@@ -123,6 +127,7 @@ class Growth:
             "maps": {k: m.to_dict() for k, m in self.maps.items()},
             "params": {k: [asdict(t) for t in ts] for k, ts in self.params.items()},
             "renames": dict(self.renames), "new_params": dict(self.new_params), "buffers": list(self.buffers),
+            "tensors": [dict(t) for t in self.tensors], "resizes": [list(r) for r in self.resizes],
         }
 
     @staticmethod
@@ -132,6 +137,7 @@ class Growth:
             maps={k: UnitMap.from_dict(m) for k, m in d["maps"].items()},
             params={k: [Transform(**t) for t in ts] for k, ts in d["params"].items()},
             renames=dict(d["renames"]), new_params=dict(d["new_params"]), buffers=list(d["buffers"]),
+            tensors=[dict(t) for t in d.get("tensors", [])], resizes=[list(r) for r in d.get("resizes", [])],
         )
 
     def summary(self) -> str:

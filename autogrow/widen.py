@@ -11,8 +11,7 @@ the copies' outgoing weights instead: that is *not* exact. Other initialisers (`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -20,7 +19,7 @@ import torch.nn as nn
 from torch.optim import Optimizer
 
 from autogrow.coupling import Coupling, MapKey, couple
-from autogrow.errors import check, check_choice, check_float, check_int, fail
+from autogrow.errors import AutogrowError, check, check_choice, check_float, check_int, fail
 from autogrow.growth import Growth, Transform, UnitMap, make_seed
 from autogrow.init import WidenInit, get_init
 from autogrow.plan import Plan, Undo, register_plan
@@ -56,6 +55,17 @@ class TensorChange:
     def name(self) -> str:
         return f"{self.module}.{self.tensor}" if self.module else self.tensor
 
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["transforms"] = [asdict(t) for t in self.transforms]
+        return d
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> TensorChange:
+        return TensorChange(d["module"], d["tensor"], d["is_param"], tuple(d["old_shape"]), tuple(d["new_shape"]),
+                            [Transform(**t) for t in d["transforms"]], d["fill"],
+                            [tuple(a) for a in d.get("aliases", [])])
+
 
 @dataclass(kw_only=True)
 class WidenPlan(Plan):
@@ -77,8 +87,7 @@ class WidenPlan(Plan):
     consumers: list[str]
     changes: list[TensorChange] = field(repr=False)
     # (module, how to write the new size into it, the new size)
-    resizes: list[tuple[str, Callable[[nn.Module, int], None], int]] = field(repr=False)
-    assumptions: tuple[str, ...] = ()
+    resizes: list[tuple[str, str, int]] = field(repr=False)  # (module, "out" | "in" | "channel", new size)
     example_inputs: Any = field(default=None, repr=False)
 
     @property
@@ -102,8 +111,6 @@ class WidenPlan(Plan):
         if self.channelwise:
             lines.append(f"  channel-wise (entries copied): {self.channelwise}")
         lines.append(f"  consumers (input grows): {self.consumers}")
-        if self.assumptions:
-            lines.append(f"  assumed without example_inputs: {'; '.join(self.assumptions)}")
         for c in self.changes:
             how = ", ".join(f"dim {t.dim} {t.role}" + (f" x{t.block} block" if t.block > 1 else "")
                             for t in c.transforms)
@@ -112,7 +119,8 @@ class WidenPlan(Plan):
 
     def _apply(self, undo: Undo) -> Growth:
         modules = dict(self.model.named_modules())
-        current = {c.name: getattr(modules[c.module], c.tensor, None) for c in self.changes}
+        current = {c.name: getattr(modules[c.module], c.tensor, None) if c.module in modules else None
+                   for c in self.changes}
         for c in self.changes:
             if current[c.name] is None or tuple(current[c.name].shape) != c.old_shape:
                 fail(f"plan: {c.name} changed since the plan was made ({c.old_shape} planned); make a new plan")
@@ -134,14 +142,15 @@ class WidenPlan(Plan):
                     setattr(modules[mod], tensor, param)
             else:
                 modules[c.module]._buffers[c.tensor] = new[c.name]
-        for mod, setter, value in self.resizes:
-            setter(modules[mod], value)
+        for mod, kind, value in self.resizes:
+            resize(modules[mod], kind, value)
         return Growth(
             kind=self.kind, target=self.target, seed=self.seed,
             options={"width": self.width, "old_width": self.old_width, "init": self.init, "noise": self.noise,
                      "split": self.split, "mapping": self.mapping},
             maps=dict(self.maps), params={c.name: c.transforms for c in self.changes if c.is_param},
-            buffers=[c.name for c in self.changes if not c.is_param], replaced=replaced)
+            buffers=[c.name for c in self.changes if not c.is_param], replaced=replaced,
+            tensors=[c.to_dict() for c in self.changes], resizes=[list(r) for r in self.resizes])
 
     def _transform(self, t: torch.Tensor, c: TensorChange, init: WidenInit, gen: torch.Generator) -> torch.Tensor:
         needs_std = self.noise > 0 or not init.exact  # a full pass over t: only when used
@@ -169,7 +178,20 @@ class WidenPlan(Plan):
 
     @classmethod
     def replay(cls, model: nn.Module, record: Growth) -> Growth:
+        """The recorded tensors and sizes, re-applied without tracing (records of autogrow 0.1: re-planned)."""
         o = record.options
+        if record.tensors:
+            changes = [TensorChange.from_dict(t) for t in record.tensors]
+            resizes = [(m, kind, int(v)) for m, kind, v in record.resizes]
+            by_kind = {k: [m for m, kind, _ in resizes if kind == k] for k in ("out", "channel", "in")}
+            plan = WidenPlan(model=unwrap(model, "")[0], target=record.target, old_width=o["old_width"],
+                             width=o["width"], init=o["init"], noise=o["noise"], split=o["split"], mapping=o["mapping"],
+                             seed=record.seed, maps=dict(record.maps), producers=by_kind["out"],
+                             channelwise=by_kind["channel"], consumers=by_kind["in"], changes=changes, resizes=resizes)
+            try:
+                return plan.apply()
+            except AutogrowError as e:
+                fail(f"growths: the widening of {record.target!r} does not fit this model ({e})")
         plan = plan_widen(model, record.target, o["width"], init=o["init"], noise=o["noise"], split=o["split"],
                           mapping=o["mapping"], generator=record.seed)
         if any(not torch.equal(plan.maps[k].idx, m.idx) for k, m in record.maps.items()):
@@ -207,11 +229,11 @@ def _draw_maps(c: Coupling, width: int, init: str, mapping: str, split: float, s
 
 
 def _changes(model: nn.Module, c: Coupling, maps: dict[str, UnitMap], exact: bool
-             ) -> tuple[list[TensorChange], list[tuple[str, Callable[[nn.Module, int], None], int]]]:
+             ) -> tuple[list[TensorChange], list[tuple[str, str, int]]]:
     """Every tensor that changes shape (and how), and every size attribute to update."""
     modules = dict(model.named_modules())
     by_name: dict[str, TensorChange] = {}
-    resizes: list[tuple[str, Callable[[nn.Module, int], None], int]] = []
+    resizes: list[tuple[str, str, int]] = []
 
     def add(mod: str, tname: str, tr: Transform, fill: float | None = None) -> None:
         t = getattr(modules[mod], tname, None)
@@ -229,12 +251,12 @@ def _changes(model: nn.Module, c: Coupling, maps: dict[str, UnitMap], exact: boo
         spec = layer_spec(modules[mod])
         for tname, d in spec.out_params.items():
             add(mod, tname, Transform(d, map_name(key), "out"))
-        resizes.append((mod, _setter(spec.out_attr), len(maps[map_name(key)].idx)))
+        resizes.append((mod, "out", len(maps[map_name(key)].idx)))
     for mod, key in c.channelwise.items():
         cspec = channel_spec(modules[mod])
         for tname, fill in cspec.tensors.items():
             add(mod, tname, Transform(0, map_name(key), "out"), fill)
-        resizes.append((mod, cspec.attr_update, len(maps[map_name(key)].idx)))
+        resizes.append((mod, "channel", len(maps[map_name(key)].idx)))
         counts = torch.bincount(maps[map_name(key)].idx)
         if mod in c.uniform_only and exact and not bool((counts == counts[0]).all()):
             fail(f"target: {mod!r} normalises a concatenation in which only some units are copied; LayerNorm "
@@ -244,7 +266,7 @@ def _changes(model: nn.Module, c: Coupling, maps: dict[str, UnitMap], exact: boo
         block = getattr(modules[mod], spec.in_attr) // c.width(key) if flat else 1
         for tname, d in spec.in_params.items():
             add(mod, tname, Transform(d, map_name(key), "in", block))
-        resizes.append((mod, _setter(spec.in_attr), len(maps[map_name(key)].idx) * block))
+        resizes.append((mod, "in", len(maps[map_name(key)].idx) * block))
     return _tie(model, list(by_name.values())), resizes
 
 
@@ -285,8 +307,14 @@ def _tie(model: nn.Module, changes: list[TensorChange]) -> list[TensorChange]:
     return out
 
 
-def _setter(attr: str) -> Callable[[nn.Module, int], None]:
-    return lambda m, n: setattr(m, attr, n)
+def resize(module: nn.Module, kind: str, value: int) -> None:
+    """Write a new size into a layer's attributes: ``"out"``/``"in"`` units of a weighted layer, or the
+    features of a channel-wise one."""
+    if kind == "channel":
+        channel_spec(module).attr_update(module, value)  # type: ignore[union-attr]
+    else:
+        spec = layer_spec(module)
+        setattr(module, spec.out_attr if kind == "out" else spec.in_attr, value)  # type: ignore[union-attr,arg-type]
 
 
 def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wider", noise: float = 0.0,
@@ -341,7 +369,7 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
     return WidenPlan(model=model, target=target, old_width=c.old_width, width=width, init=init, noise=float(noise),
                      split=float(split), mapping=mapping, seed=seed, maps=maps, producers=list(c.producers),
                      channelwise=list(c.channelwise), consumers=list(c.consumers), changes=changes,
-                     resizes=resizes, assumptions=c.assumptions, example_inputs=example_inputs)
+                     resizes=resizes, example_inputs=example_inputs)
 
 
 def widen(model: nn.Module, target: str, width: int, *, optimizer: Optimizer | None = None,

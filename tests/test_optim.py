@@ -47,8 +47,11 @@ def loss_of(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.T
     return F.cross_entropy(net(batch[0]), batch[1])
 
 
+X = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))  # shows BatchNorm1d's input
+
+
 def grow(net: nn.Module, opt: torch.optim.Optimizer, split: float) -> list[autogrow.Growth]:
-    return [autogrow.widen(net, "0", 10, optimizer=opt, split=split, generator=7),
+    return [autogrow.widen(net, "0", 10, optimizer=opt, split=split, generator=7, example_inputs=X),
             autogrow.widen(net, "3", 7, optimizer=opt, generator=8)]
 
 
@@ -101,7 +104,7 @@ def test_state_rule_is_not_vacuous():
         loss_of(net, b).backward()
         opt.step()
     before = {k: v.clone() for k, v in opt.state[net[0].weight].items()}
-    g = autogrow.widen(net, "0", 12, mapping="uniform", generator=0)  # every unit copied exactly twice
+    g = autogrow.widen(net, "0", 12, mapping="uniform", generator=0, example_inputs=X)  # each unit copied twice
     autogrow.grow_optimizer(opt, g, net)
     st = opt.state[net[0].weight]
     assert torch.allclose(st["exp_avg"], before["exp_avg"].repeat(2, 1) / 2)
@@ -123,7 +126,7 @@ def test_step_updates_every_parameter_and_new_params_start_empty():
     net = teacher()
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     train_steps(net, opt, None, batches(3))
-    autogrow.widen(net, "0", 9, optimizer=opt, generator=0)
+    autogrow.widen(net, "0", 9, optimizer=opt, generator=0, example_inputs=X)
     g = autogrow.deepen(net, "3", optimizer=opt, residual=True, generator=0)  # after Tanh: residual form
     new = [dict(net.named_parameters())[n] for n in g.new_params]
     assert all(p not in opt.state for p in new)
@@ -187,10 +190,10 @@ def test_schedule_continues(name, path):
         for i, b in enumerate(data):
             if i == grow_at:
                 if path == "in-place":
-                    autogrow.widen(net, "0", 9, optimizer=opt, generator=0)
+                    autogrow.widen(net, "0", 9, optimizer=opt, generator=0, example_inputs=X)
                 else:
                     saved, names = opt.state_dict(), autogrow.param_names(opt, net)
-                    g = autogrow.widen(net, "0", 9, generator=0)
+                    g = autogrow.widen(net, "0", 9, generator=0, example_inputs=X)
                     new_opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
                     new_sched = SCHEDULERS[name](new_opt)
                     autogrow.translate_state_dict(saved, names, [g], new_opt, net)
@@ -219,11 +222,11 @@ def test_rebuild_path_equals_in_place_path():
         opt = torch.optim.Adam(net.parameters(), lr=1e-2)
         train_steps(net, opt, None, data[:2])
         if path == "in-place":
-            autogrow.widen(net, "0", 9, optimizer=opt, generator=3)
+            autogrow.widen(net, "0", 9, optimizer=opt, generator=3, example_inputs=X)
             autogrow.deepen(net, "0", optimizer=opt, generator=3)
         else:
             saved, names = opt.state_dict(), autogrow.param_names(opt, net)
-            gs = [autogrow.widen(net, "0", 9, generator=3), autogrow.deepen(net, "0", generator=3)]
+            gs = [autogrow.widen(net, "0", 9, generator=3, example_inputs=X), autogrow.deepen(net, "0", generator=3)]
             opt = torch.optim.Adam(net.parameters(), lr=1e-2)
             autogrow.translate_state_dict(saved, names, gs, opt, net)
         train_steps(net, opt, None, data[2:])
@@ -239,8 +242,8 @@ def test_checkpoint_round_trip_is_bit_identical():
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20)
     train_steps(net, opt, sched, data[:2])
-    growths = [autogrow.widen(net, "0", 11, optimizer=opt, split=0.3, generator=1),
-               autogrow.deepen(net, "0", optimizer=opt, batch_norm=True, generator=2),
+    growths = [autogrow.widen(net, "0", 11, optimizer=opt, split=0.3, generator=1, example_inputs=X),
+               autogrow.deepen(net, "0", optimizer=opt, batch_norm=True, generator=2, example_inputs=X),
                autogrow.widen(net, "3", 6, optimizer=opt, generator=3)]
     train_steps(net, opt, sched, data[2:4])
     ckpt = copy.deepcopy({"model": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),

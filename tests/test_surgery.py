@@ -82,9 +82,9 @@ def grow_and_check(model: nn.Module, x: torch.Tensor, ops: list[tuple[str, int, 
             m = model.get_submodule(target)
             n = m.out_features if isinstance(m, nn.Linear) else m.out_channels
             autogrow.widen(model, target, n + extra, split=0.3 if extra % 2 else 0.0, generator=seed + pick,
-                           example_inputs=x if seed % 2 else None)
+                           example_inputs=x)
         else:  # residual=None: the exact residual form where the activation is not idempotent
-            autogrow.deepen(model, target, residual=None, generator=seed, example_inputs=x if seed % 2 else None)
+            autogrow.deepen(model, target, residual=None, generator=seed, example_inputs=x)
         with torch.no_grad():
             out = model(x)
         err = max_rel_error(ref, out)
@@ -246,9 +246,10 @@ def test_noise_is_inexact_and_split_is_exact():
 def test_dtype_device_requires_grad_and_no_global_rng():
     model = mlp([4, 6, 3], "relu", True, False, True).double()
     model[0].weight.requires_grad_(False)
+    x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     state = torch.random.get_rng_state()
-    autogrow.widen(model, "0", 9, init="random", noise=0.1, generator=0)
-    autogrow.deepen(model, "0", init="random", batch_norm=True)
+    autogrow.widen(model, "0", 9, init="random", noise=0.1, generator=0, example_inputs=x)
+    autogrow.deepen(model, "0", init="random", batch_norm=True, example_inputs=x)
     assert torch.equal(state, torch.random.get_rng_state())
     assert not model[0].weight.requires_grad and model[0].weight.shape == (9, 4)
     assert all(p.dtype == torch.float64 for p in model.parameters())
@@ -321,7 +322,8 @@ def test_param_delta_is_what_apply_adds(kw):
                        (nn.Sequential(nn.Conv2d(3, 4, 2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 9, 2)), "0")):
         if "kernel_size" in kw and isinstance(net[0], nn.Linear):
             continue
-        for plan in (autogrow.plan_deepen(net, after, **kw), autogrow.plan_widen(net, after, 11)):
+        x = torch.randn(2, 4) if isinstance(net[0], nn.Linear) else torch.randn(2, 3, 4, 4)
+        for plan in (autogrow.plan_deepen(net, after, example_inputs=x, **kw), autogrow.plan_widen(net, after, 11)):
             before = sum(p.numel() for p in net.parameters())
             delta = plan.param_delta
             plan.apply()
