@@ -16,7 +16,6 @@ returns a frozen :class:`Coupling`; whatever cannot stay exact is refused, namin
 
 from __future__ import annotations
 
-import operator
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -29,7 +28,7 @@ from autogrow.errors import SHAPES_HINT, AutogrowError, NeedsShapes, fail
 from autogrow.layout import Layout, Refusal, arg, cat_axis
 from autogrow.ops import Op, OpKind, classify
 from autogrow.registry import ChannelSpec, LayerSpec, channel_width, layer_spec
-from autogrow.sizes import SCALAR_OPS, SizeReader
+from autogrow.sizes import SizeReader
 from autogrow.trace import call_sites, describe, trace
 
 __all__ = ["CatParts", "Coupling", "couple"]
@@ -223,13 +222,13 @@ class _Walk:
         reason = spec.check(m)
         if reason:
             self.fail(node, f"has {reason}")
+        n = channel_width(m)
+        if n is not None and n != self.width(lay.key):
+            self.fail(node, f"has {n} features, but the widened tensor has {self.width(lay.key)}")
         if lay.flat or not any(self._is_axis(lay, d, node) for d in spec.dims):
             where = f"axis {lay.dim} of {lay.ndim}" if lay.ndim is not None else f"axis {lay.dim}"
             self.fail(node, f"normalises axis {' or '.join(map(str, spec.dims))} (counted from the front if >= 0), "
                       f"but the widened units are on {where} (from the end)" + (" (flattened)" if lay.flat else ""))
-        n = channel_width(m)
-        if n is not None and n != self.width(lay.key):
-            self.fail(node, f"has {n} features, but the widened tensor has {self.width(lay.key)}")
         if spec.uniform_only and node.target not in self.uniform_only:
             self.uniform_only.append(node.target)
         self.channelwise[node.target] = lay.key
@@ -304,12 +303,9 @@ class _Walk:
     def _check_size_uses(self) -> None:
         """Every use of a size read from a widened axis must still be right after widening."""
         for node in self.graph.nodes:
-            if node.op == "call_function" and (node.target in SCALAR_OPS or node.target is getattr
-                                               or node.target is operator.getitem):
+            if self.sizes.is_size(node):
                 continue  # arithmetic on sizes: its uses are checked where they land
             op = self.classify(node)
-            if op.kind is OpKind.SHAPE:
-                continue
             args = [a for a in list(node.args) + list(node.kwargs.values())]
             try:
                 dependent = [a for a in args if self.sizes.reads_width(a)]

@@ -224,6 +224,8 @@ def _check_deepen_args(model: nn.Module, after: str, init: str, residual: bool |
     if residual is not None:
         check_bool("residual", residual)
     check_bool("batch_norm", batch_norm)
+    check("batch_norm", batch_norm, not (batch_norm and residual), "False with residual=True (a residual block "
+          "starts as x + 0 and has no BatchNorm)")
     check_int("kernel_size", kernel_size, 1, optional=True)
     check("kernel_size", kernel_size, kernel_size is None or kernel_size % 2 == 1, "an odd int >= 1 or None")
     if after not in sites:

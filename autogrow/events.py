@@ -32,6 +32,7 @@ class StopReason(str, enum.Enum):
     MAX_EVENTS = "max_events"
     BUDGET = "budget"  # no layer fits within max_params / max_width
     NO_PAYOFF = "no_payoff"  # Ash's validation stop: the last growth did not improve the metric
+    REFUSED = "refused"  # every layer's growth failed its check (with on_error="skip")
 
 
 @dataclass(frozen=True)

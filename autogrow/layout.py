@@ -176,6 +176,9 @@ def reshape(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) 
     if old_in is None or old_out is None:
         if len(shape) == 2 and shape[1] == -1 and _is_batch_size(shape[0], node.args[0]):
             return flatten_axes(lay, 1, -1)
+        if any(isinstance(v, fx.Node) for v in shape):
+            raise Refusal(f"reshapes the widened tensor to a shape computed from sizes {tuple(map(str, shape))}",
+                          SHAPES_HINT, needs_shapes=True)
         raise Refusal(f"reshapes the widened tensor to a fixed shape {tuple(map(str, shape))}", _FIXED)
     out, q = _units_after_reshape(lay, old_in, old_out)
     old, new = ctx.widths(lay)

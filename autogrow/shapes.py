@@ -80,5 +80,5 @@ def propagate(model: nn.Module, graph: fx.Graph, example_inputs: Any) -> dict[fx
         with torch.no_grad(), eval_mode(model):
             recorder.run(*as_args(example_inputs))
     except Exception as e:
-        fail(f"example_inputs: the model's forward failed on them ({type(e).__name__}: {e})")
+        fail(f"example_inputs: the model's forward failed on them ({type(e).__name__}: {str(e).splitlines()[0]})")
     return recorder.meta

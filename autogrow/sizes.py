@@ -58,10 +58,22 @@ class SizeReader:
             return False  # the batch axis (a widened tensor of unknown rank is at least 2-D)
         raise Refusal(f"reads axis {axis} of a widened tensor of unknown rank", SHAPES_HINT, needs_shapes=True)
 
+    def is_size(self, x: object) -> bool:
+        """Whether ``x`` is a size expression: literals, size queries and integer arithmetic on them."""
+        if not isinstance(x, fx.Node):
+            return not isinstance(x, (tuple, list)) or all(self.is_size(a) for a in x)
+        if self._query(x)[0] is not None or (x.op == "call_method" and x.target == "dim"):
+            return True
+        if x.op == "call_function" and x.target is operator.getitem:
+            return self._is_size_tuple(x.args[0])
+        return x.op == "call_function" and x.target in SCALAR_OPS and all(self.is_size(a) for a in x.args)
+
     def reads_width(self, x: object) -> bool:
-        """Whether scalar (or size-tuple) node ``x`` is computed from a widened units' axis."""
+        """Whether size expression ``x`` is computed from a widened units' axis (False for tensors)."""
         if not isinstance(x, fx.Node):
             return isinstance(x, (tuple, list)) and any(self.reads_width(a) for a in x)
+        if not self.is_size(x):
+            return False
         tensor, axis = self._query(x)
         if tensor is not None:
             lay = self.layout_of(tensor)

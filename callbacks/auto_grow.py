@@ -229,6 +229,8 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         snapshot = Snapshot.take(trainer, pl_module, self.targets) if self.rollback else None
         before = self.probe.outputs(pl_module)
         growths, changes = self._apply_plans(trainer, pl_module, chosen, seed, n_before)
+        if not growths and not self.targets:
+            return self._stop(trainer, StopReason.REFUSED, "every layer's growth failed its check")
         if not growths:
             return self._stop(trainer, StopReason.BUDGET, "no layer can grow within max_params / max_width")
         rebuild(trainer, pl_module, saved, growths, self.optimizer_state)
@@ -259,7 +261,8 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
                     event.restore()  # the layers grown earlier in this event too: the model is as before
                     self.targets = targets
                     raise autogrow.AutogrowError(f"AutoGrow: growing {name!r} failed and was undone: {e}") from e
-                warn(trainer, f"AutoGrow: skipping {name!r}: {e}")
+                warn(trainer, f"AutoGrow: {name!r} will not grow any more: {e}")
+                self.targets = [t for t in self.targets if t != name]
                 continue
             n_params += delta
             growths.append(growth)

@@ -155,6 +155,9 @@ class ArrayDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False)
 
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
 
 class DigitsDataModule(ArrayDataModule):
     """scikit-learn's 8x8 digits (real, shipped with the package): 20% test split by ``seed``."""

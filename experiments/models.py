@@ -13,6 +13,7 @@ from pytorch_lightning import LightningModule
 from torch.utils.flop_counter import FlopCounterMode
 
 from autogrow import num_params
+from autogrow.shapes import eval_mode
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
@@ -103,7 +104,7 @@ class Classifier(GrowableMixin, LightningModule):
         key = (num_params(self), tuple(x.shape[1:]))
         if key != self._flops_key:
             counter = FlopCounterMode(display=False)
-            with counter, torch.no_grad():
+            with counter, torch.no_grad(), eval_mode(self.model):  # eval: no BatchNorm statistics move
                 self.model(x[:1])
             self._flops_key, self._flops_per_sample = key, float(counter.get_total_flops())
         return self._flops_per_sample
