@@ -110,8 +110,8 @@ class _Walk:
             node = self._queue.popleft()
             for user in list(node.users):
                 self._forward(node, user)
-        self._check_cats()
-        self._check_size_uses()
+        _check_cats(self)
+        _check_size_uses(self)
         assert self.old_width is not None
         return Coupling(self.target, self.old_width, dict(self.producers), dict(self.channelwise),
                         dict(self.consumers), dict(self.cats), tuple(self.uniform_only))
@@ -290,47 +290,55 @@ class _Walk:
                     self.fail(user, f"concatenates {t.name}, whose units sit on another axis")
                 parts.append((tl.key, self.width(tl.key)))
             else:
-                parts.append((False, self.width_of(t, user)))
+                parts.append((False, self.width_of(t, user, lay.dim)))
         self.cats[user] = CatParts(tuple(parts))
         self.mark(user, Layout(lay.dim, lay.ndim, user))
 
-    def _check_cats(self) -> None:
-        for node, cp in self.cats.items():
-            for (k, _), t in zip(cp.parts, arg(node, 0, "tensors", None)):
-                if k is False and t in self.layouts:
-                    self.fail(node, f"concatenates {t.name}, which became widened by a later residual path")
-
-    def _check_size_uses(self) -> None:
-        """Every use of a size read from a widened axis must still be right after widening."""
-        for node in self.graph.nodes:
-            if self.sizes.is_size(node):
-                continue  # arithmetic on sizes: its uses are checked where they land
-            op = self.classify(node)
-            args = [a for a in list(node.args) + list(node.kwargs.values())]
-            try:
-                dependent = [a for a in args if self.sizes.reads_width(a)]
-            except Refusal as r:
-                self.fail(node, r.why, r.fix, r.needs_shapes)
-            if not dependent:
-                continue
-            if op.kind is OpKind.LAYOUT and node.args[0] in self.layouts:
-                try:  # a reshape of a widened tensor: re-check with every layout final
-                    op.layout(self.layouts[node.args[0]], node, op.module, self)  # type: ignore[misc]
-                    continue
-                except Refusal as r:
-                    self.fail(node, r.why, r.fix, r.needs_shapes)
-            names = ", ".join(a.name if isinstance(a, fx.Node) else str(a) for a in dependent)
-            self.fail(node, f"uses a size read from the widened units' axis ({names}), which changes with the width",
-                      "Reshapes of the widened tensor itself (view/reshape) can follow it; compute other sizes "
-                      "from fixed quantities (module attributes, config values).")
-
-    def width_of(self, node: fx.Node, via: fx.Node) -> int:
+    def width_of(self, node: fx.Node, via: fx.Node, axis: int) -> int:
+        """The size of an unwidened concatenation operand along the concatenated axis."""
+        shape = self.shape(node)
+        if shape is not None:
+            return shape[axis]
         op = self.classify(node)
         if op.kind is OpKind.WEIGHTED:
             return getattr(op.module, op.spec.out_attr)  # type: ignore[union-attr]
         if op.kind in (OpKind.CHANNELWISE, OpKind.ELEMENTWISE):
-            return self.width_of(node.args[0], via)
-        self.fail(via, f"concatenates {describe(node, self.model)}, whose width autogrow cannot determine")
+            return self.width_of(node.args[0], via, axis)
+        self.fail(via, f"concatenates {describe(node, self.model)}, whose width autogrow cannot determine",
+                  SHAPES_HINT, needs_shapes=True)
+
+
+# --- checks once every layout is known -----------------------------------------------------------
+
+def _check_cats(w: _Walk) -> None:
+    for node, cp in w.cats.items():
+        for (k, _), t in zip(cp.parts, arg(node, 0, "tensors", None)):
+            if k is False and t in w.layouts:
+                w.fail(node, f"concatenates {t.name}, which became widened by a later residual path")
+
+def _check_size_uses(w: _Walk) -> None:
+    """Every use of a size read from a widened axis must still be right after widening."""
+    for node in w.graph.nodes:
+        if w.sizes.is_size(node):
+            continue  # arithmetic on sizes: its uses are checked where they land
+        op = w.classify(node)
+        args = list(node.args) + list(node.kwargs.values())
+        try:
+            dependent = [a for a in args if w.sizes.reads_width(a)]
+        except Refusal as r:
+            w.fail(node, r.why, r.fix, r.needs_shapes)
+        if not dependent:
+            continue
+        if op.kind is OpKind.LAYOUT and node.args[0] in w.layouts:
+            try:  # a reshape of a widened tensor: re-check with every layout final
+                op.layout(w.layouts[node.args[0]], node, op.module, w)  # type: ignore[misc]
+                continue
+            except Refusal as r:
+                w.fail(node, r.why, r.fix, r.needs_shapes)
+        names = ", ".join(a.name if isinstance(a, fx.Node) else str(a) for a in dependent)
+        w.fail(node, f"uses a size read from the widened units' axis ({names}), which changes with the width",
+               "Reshapes of the widened tensor itself (view/reshape) can follow it; compute other sizes "
+               "from fixed quantities (module attributes, config values).")
 
 
 # --- forward rules, one per op kind: (walk, widened input, user node, its classification, layout) ----------

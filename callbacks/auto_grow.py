@@ -34,6 +34,7 @@ from .probe import Probe
 from .rebuild import TrainingState, rebuild
 from .report import report
 from .snapshot import Skeleton, Snapshot
+from .state import dump_state, load_state
 
 __all__ = ["AutoGrow"]
 
@@ -69,8 +70,6 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         trainer = pl.Trainer(callbacks=[AutoGrow(monitor="val_loss", max_params=1_000_000)])
         trainer.fit(model, datamodule=dm)
     """
-
-    STATE_VERSION = 2
 
     def __init__(self, monitor: str = "val_loss", mode: str = "min", trigger: str | Trigger = "plateau",
                  grow: str | GrowthAction = "widen", policy: str | GrowthPolicy = "all",
@@ -288,27 +287,8 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         checkpoint[CHECKPOINT_KEY] = {"history": history_of(pl_module)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": self.STATE_VERSION, "trigger": self.trigger.state_dict(),
-                "policy": self.policy.state_dict(), "targets": self.targets,
-                "events": [e.to_dict() for e in self.events], "pending": self.pending,
-                "stopped": self.stopped.value if self.stopped else None, "stop_message": self.stop_message,
-                "best": self.best, "since_growth": self.payoff.since_growth,
-                "best_at_growth": self.payoff.best_at_growth}
+        return dump_state(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the callback's state; tolerant of checkpoints from autogrow 0.1 (no ``version``)."""
-        s = state_dict
-        self.trigger.load_state_dict(s.get("trigger", {}))
-        self.policy.load_state_dict(s.get("policy", {}))
-        self.targets = list(s.get("targets", self.targets))
-        self.events = [GrowthEvent.from_dict(e) for e in s.get("events", [])]
-        self.pending, self.best = bool(s.get("pending", False)), s.get("best")
-        self.payoff.since_growth, self.payoff.best_at_growth = s.get("since_growth"), s.get("best_at_growth")
-        stopped = s.get("stopped")
-        if stopped is not None and s.get("version", 1) < 2:  # 0.1 saved free text
-            self.stop_message = stopped
-            stopped = next((r.value for r in StopReason if r.value in stopped), StopReason.BUDGET.value)
-            stopped = StopReason.NO_PAYOFF.value if "did not improve" in self.stop_message else stopped
-        else:
-            self.stop_message = s.get("stop_message", "")
-        self.stopped = StopReason(stopped) if stopped is not None else None
+        load_state(self, state_dict)

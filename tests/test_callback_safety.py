@@ -151,3 +151,18 @@ def test_growth_is_verified_on_a_validation_batch(tmp_path, dm):
     trainer(tmp_path, [grow], max_epochs=3).fit(model, datamodule=dm)
     assert [e.changes[0].new for e in grow.events] == [8, 16]
     assert all(e.preservation_error < 1e-5 for e in grow.events)
+
+
+def test_checkpoints_of_autogrow_0_1_still_load_and_resume(tmp_path, dm):
+    """A checkpoint written by autogrow 0.1 (events as dicts, records without tensor lists) loads and resumes."""
+    old = "tests/data/autogrow-0.1.ckpt"
+    x = next(iter(dm.test_dataloader()))[0][:8]
+    expected = torch.load("tests/data/autogrow-0.1-outputs.pt")  # what 0.1 computed with this checkpoint
+    model = load_grown(Classifier, old, model=MLP(64, [3]))
+    assert model.model.fc1.out_features == 12 and torch.equal(model(x), expected)
+    pl.seed_everything(0, verbose=False)
+    fresh = Classifier(MLP(64, [3]), optimizer="adam", lr=0.01, scheduler="cosine", max_epochs=4)
+    grow = AutoGrow(trigger=EveryN(every=1), max_events=2, policy="round_robin", seed=3)
+    trainer(tmp_path, [grow], max_epochs=4).fit(fresh, datamodule=dm, ckpt_path=old)
+    assert [e.index for e in grow.events] == [1, 2] and grow.events[1].changes[0].old == 6
+    assert grow.stopped is StopReason.MAX_EVENTS and fresh.model.fc1.out_features == 12

@@ -1,0 +1,332 @@
+"""Fuzzing the surgery: random architectures x random growth sequences; nothing may be silently wrong.
+
+Each case builds a random network (an MLP, a token model on ``(B, T, C)``, a CNN, or a token model on
+ids with a tied output layer) from blocks that include the constructs that once grew wrongly: sizes
+read from tensors (``x / x.size(-1)``, ``b, t, c = x.shape`` and reshapes with them, splitting the
+units into heads), ``BatchNorm1d`` on 3-D input, concatenations in keyword form and along other axes,
+tied weights, residual streams, flatten, pooling over tokens, LayerNorm and every activation. Then it
+widens or deepens random layers, with and without example inputs, and classifies every operation:
+
+* ``exact``: no error, the output is unchanged (<= 1e-9 relative in float64) and a training step runs;
+* ``refused``: an ``AutogrowError``, with the model and optimizer byte-identical;
+* ``silently wrong`` / ``broken`` / ``foreign exception`` / ``dirty refusal``: failures.
+
+    python -m autogrow.experiments.fuzz --cases 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+import traceback
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import autogrow
+from autogrow.actions import width_of
+from autogrow.shapes import eval_mode
+
+__all__ = ["Draw", "Outcome", "build", "run_case"]
+
+ACTS: dict[str, Any] = {
+    "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "leaky": nn.LeakyReLU, "elu": nn.ELU,
+    "sigmoid": nn.Sigmoid, "relu6": nn.ReLU6, "hardtanh": nn.Hardtanh, "mish": nn.Mish, "f.relu": F.relu,
+    "f.gelu": F.gelu, "torch.tanh": torch.tanh, "method.relu": "relu",
+}
+BAD = ("silently wrong", "broken", "foreign exception", "dirty refusal")
+
+
+class Draw(Protocol):
+    """Where random choices come from (``random.Random`` in the benchmark, hypothesis in the tests)."""
+
+    def choice(self, options: Sequence[Any]) -> Any: ...
+
+    def integer(self, low: int, high: int) -> int: ...
+
+
+class RandomDraw:
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def choice(self, options: Sequence[Any]) -> Any:
+        return self.rng.choice(list(options))
+
+    def integer(self, low: int, high: int) -> int:
+        return self.rng.randint(low, high)
+
+
+def activate(x: torch.Tensor, act: Any) -> torch.Tensor:
+    if isinstance(act, str):
+        return getattr(x, act)()
+    return act(x)
+
+
+class Block(nn.Module):
+    """One drawn block: ``kind`` selects the forward; layers are created as needed."""
+
+    def __init__(self, kind: str, w: int, out: int, act: str, draw: Draw, tokens: int) -> None:
+        super().__init__()
+        self.kind, self.act_name, self.width_out = kind, act, out
+        self.tokens_out = 2 * tokens if kind == "cat_other" else tokens
+        act_obj = ACTS[act]
+        self.act = act_obj() if isinstance(act_obj, type) else None
+        self._fn = None if self.act is not None else act_obj
+        if kind in ("dense", "scale", "roundtrip", "heads"):
+            self.fc = nn.Linear(w, out, bias=bool(draw.integer(0, 1)))
+        if kind == "bn":  # on tokens, BatchNorm1d normalises the T axis: the trap
+            self.fc = nn.Linear(w, out)
+            self.bn = nn.BatchNorm1d(tokens if tokens else out)
+        if kind == "ln":
+            self.fc, self.ln = nn.Linear(w, out), nn.LayerNorm(out)
+        if kind == "residual":
+            self.fc1, self.fc2 = nn.Linear(w, draw.integer(1, 6)), None
+            self.fc2 = nn.Linear(self.fc1.out_features, w)
+        if kind in ("cat", "cat_kw"):
+            a = draw.integer(1, 5)
+            self.a, self.b = nn.Linear(w, a), nn.Linear(w, max(1, out - a))
+            self.width_out = a + max(1, out - a)
+        if kind == "cat_other":
+            self.a, self.b = nn.Linear(w, out), nn.Linear(w, out)
+        if kind == "tied":
+            self.a, self.b = nn.Linear(w, out), nn.Linear(w, out)
+            self.b.weight = self.a.weight
+
+    def nonlin(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x) if self.act is not None else activate(x, self._fn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.kind
+        if k == "dense":
+            return self.nonlin(self.fc(x))
+        if k == "bn":
+            return self.nonlin(self.bn(self.fc(x)))
+        if k == "ln":
+            return self.nonlin(self.ln(self.fc(x)))
+        if k == "scale":
+            h = self.nonlin(self.fc(x))
+            return h / h.size(-1)
+        if k == "roundtrip":
+            h = self.nonlin(self.fc(x))
+            b, t, c = h.shape
+            return h.reshape(b * t, c).view(b, t, c)
+        if k == "heads":
+            h = self.fc(x)
+            b, t, d = h.shape
+            return self.nonlin(h.view(b, t, 2, d // 2).flip(2).reshape(b, t, d))
+        if k == "residual":
+            return x + self.fc2(self.nonlin(self.fc1(x)))
+        if k == "cat":
+            return self.nonlin(torch.cat([self.a(x), self.b(x)], dim=-1))
+        if k == "cat_kw":
+            return self.nonlin(torch.cat(tensors=[self.a(x), self.b(x)], dim=-1))
+        if k == "cat_other":  # along the tokens: an element-wise merge, not a feature concat
+            return self.nonlin(torch.cat([self.a(x), self.b(x)], dim=1))
+        if k == "tied":
+            return self.nonlin(self.a(x) + self.b(2 * x))
+        raise AssertionError(k)
+
+
+class Net(nn.Module):
+    """The drawn network: an input stage per mode, the blocks, a head."""
+
+    def __init__(self, mode: str, blocks: list[Block], w_in: int, w: int, classes: int, tied: bool,
+                 pool: str) -> None:
+        super().__init__()
+        self.mode, self.pool = mode, pool
+        if mode == "image":
+            self.conv1, self.bn1 = nn.Conv2d(2, w_in, 3, padding=1), nn.BatchNorm2d(w_in)
+            self.conv2 = nn.Conv2d(w_in, w_in, 3, padding=1)
+        if mode == "ids":
+            self.emb = nn.Embedding(classes, w_in)
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(w, classes, bias=not tied)
+        if tied:
+            self.head.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "image":
+            h = F.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 2)
+            h = torch.relu(self.conv2(h))
+            x = h.mean((2, 3)) if self.pool == "mean" else h.flatten(1)
+        if self.mode == "ids":
+            x = self.emb(x)
+        h = self.blocks(x)
+        if self.mode in ("tokens", "ids") and self.pool == "mean":
+            h = h.mean(dim=1)
+        return self.head(h)
+
+
+@dataclass
+class Outcome:
+    """What one growth operation did."""
+
+    kind: str  # "exact", "refused", or one of BAD
+    op: str
+    detail: str = ""
+    blocks: list[str] = field(default_factory=list)
+
+
+def build(draw: Draw) -> tuple[nn.Module, torch.Tensor]:
+    """A random float64 network and a batch for it."""
+    mode = draw.choice(["flat", "tokens", "image", "ids"])
+    tokens = 4 if mode in ("tokens", "ids") else 0
+    kinds = ["dense", "bn", "ln", "residual", "cat", "cat_kw", "tied", "scale"]
+    if mode in ("tokens", "ids"):
+        kinds += ["roundtrip", "heads", "cat_other"]
+    pool = draw.choice(["mean", "none"]) if mode != "flat" else "none"
+    w_in = draw.integer(2, 6)
+    classes, w = 5, w_in
+    w = w_in * 16 if mode == "image" and pool == "none" else w_in  # a 4x4 image after pooling, flattened
+    blocks = []
+    for _ in range(draw.integer(1, 3)):
+        kind = draw.choice(kinds)
+        out = w if kind == "residual" else 2 * draw.integer(1, 4)
+        blocks.append(Block(kind, w, out, draw.choice(list(ACTS)), draw, tokens))
+        w, tokens = blocks[-1].width_out, blocks[-1].tokens_out
+    tied = mode == "ids" and bool(draw.integer(0, 1))
+    if tied:  # the head shares the embedding's weight: the last block returns to the embedding's width
+        blocks.append(Block("dense", w, w_in, draw.choice(list(ACTS)), draw, tokens))
+        w = w_in
+    model = Net(mode, blocks, w_in, w, classes, tied, pool).double()
+    gen = torch.Generator().manual_seed(draw.integer(0, 2**20))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):  # statistics a wrong copy would show
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen, dtype=torch.float64))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen, dtype=torch.float64) + 0.5)
+    shape = {"flat": (6, w_in), "tokens": (6, 4, w_in), "image": (6, 2, 8, 8)}.get(mode)
+    x = torch.randint(0, classes, (6, 4), generator=gen) if mode == "ids" else \
+        torch.randn(shape, generator=gen, dtype=torch.float64)
+    return model, x
+
+
+def _state(model: nn.Module, opt: torch.optim.Optimizer) -> tuple:
+    return (repr(model), [(k, v.clone()) for k, v in model.state_dict(keep_vars=True).items()],
+            [id(p) for p in model.parameters()], repr(opt.state_dict()))
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return a[0] == b[0] and a[2] == b[2] and a[3] == b[3] and len(a[1]) == len(b[1]) and all(
+        ka == kb and va.shape == vb.shape and torch.equal(va, vb) for (ka, va), (kb, vb) in zip(a[1], b[1]))
+
+
+def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad(), eval_mode(model):
+        return model(x)
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    opt.zero_grad()
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    opt.step()
+    if not torch.isfinite(loss):
+        raise FloatingPointError("non-finite loss")
+
+
+def _operation(model: nn.Module, draw: Draw, x: torch.Tensor) -> tuple[str, dict[str, Any]]:
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding))]
+    target = draw.choice(names)
+    kw: dict[str, Any] = {"generator": draw.integer(0, 999)}
+    if draw.integer(0, 2):
+        kw["example_inputs"] = x
+    if isinstance(model.get_submodule(target), nn.Embedding) or draw.integer(0, 2):
+        m = model.get_submodule(target)
+        n = width_of(m)
+        kw.update(width=n * draw.choice([2, 3]) if draw.integer(0, 1) else n + draw.integer(1, 4),
+                  split=draw.choice([0.0, 0.3]))
+        return f"widen {target}", {"target": target, **kw}
+    kw.update(residual=draw.choice([None, True, False]), batch_norm=bool(draw.integer(0, 3) == 0))
+    return f"deepen {target}", {"after": target, **kw}
+
+
+def run_op(model: nn.Module, opt: torch.optim.Optimizer, draw: Draw, x: torch.Tensor) -> Outcome:
+    """One random growth of ``model``, classified."""
+    name, kw = _operation(model, draw, x)
+    blocks = [b.kind for b in model.blocks] if hasattr(model, "blocks") else []
+    before, ref = _state(model, opt), _outputs(model, x)
+    try:
+        if name.startswith("widen"):
+            autogrow.widen(model, kw.pop("target"), kw.pop("width"), optimizer=opt, **kw)
+        else:
+            autogrow.deepen(model, kw.pop("after"), optimizer=opt, **kw)
+    except autogrow.AutogrowError as e:
+        ok = _same(before, _state(model, opt))
+        return Outcome("refused" if ok else "dirty refusal", name, str(e)[:300], blocks)
+    except Exception as e:  # noqa: BLE001 - classified, not swallowed
+        return Outcome("foreign exception", name, f"{type(e).__name__}: {e}\n{traceback.format_exc()[-800:]}", blocks)
+    try:
+        out = _outputs(model, x)
+    except Exception as e:  # noqa: BLE001
+        return Outcome("broken", name, f"forward raised {type(e).__name__}: {e}", blocks)
+    err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)) if out.shape == ref.shape else 1.0
+    if err > 1e-9:
+        return Outcome("silently wrong", name, f"relative error {err:.3g}", blocks)
+    try:
+        _step(model, opt, x)
+    except Exception as e:  # noqa: BLE001
+        return Outcome("broken", name, f"training step raised {type(e).__name__}: {e}", blocks)
+    return Outcome("exact", name, "", blocks)
+
+
+def run_case(draw: Draw, ops: int = 4) -> list[Outcome]:
+    """Build a network, take one optimizer step, then ``ops`` random growths (a failure ends the case)."""
+    model, x = build(draw)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    _step(model, opt, x)
+    out = []
+    for _ in range(ops):
+        out.append(run_op(model, opt, draw, x))
+        if out[-1].kind in BAD:
+            break
+    return out
+
+
+def report(outcomes: list[Outcome], cases: int, seconds: float) -> str:
+    counts = Counter(o.kind for o in outcomes)
+    by_block: Counter = Counter()
+    for o in outcomes:
+        for b in set(o.blocks):
+            by_block[(b, o.kind)] += 1
+    kinds = ["exact", "refused", *BAD]
+    lines = [f"### Surgery fuzz: {cases} random networks, {len(outcomes)} growth operations ({seconds:.0f} s)\n",
+             "| outcome | operations |", "|---|---|"] + [f"| {k} | {counts[k]} |" for k in kinds]
+    blocks = sorted({b for b, _ in by_block})
+    lines += ["", "Operations on networks containing each block:", "",
+              "| block | " + " | ".join(kinds[:2]) + " | failures |", "|---|---|---|---|"]
+    lines += [f"| {b} | {by_block[(b, 'exact')]} | {by_block[(b, 'refused')]} | "
+              f"{sum(by_block[(b, k)] for k in BAD)} |" for b in blocks]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, int]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="markdown report (default experiments/results/fuzz.md)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    t0, outcomes = time.perf_counter(), []
+    for case in range(args.cases):
+        outcomes += run_case(RandomDraw(args.seed * 1_000_003 + case))
+    text = report(outcomes, args.cases, time.perf_counter() - t0)
+    bad = [o for o in outcomes if o.kind in BAD]
+    for o in bad[:10]:
+        text += f"\n\n- {o.kind}: {o.op} on {o.blocks}: {o.detail}"
+    out = Path(args.out or Path(__file__).parent / "results" / "fuzz.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + f"\n\n_Measured {time.strftime('%Y-%m-%d')}, torch {torch.__version__}._\n")
+    print(text)
+    return dict(Counter(o.kind for o in outcomes))
+
+
+if __name__ == "__main__":
+    main()
