@@ -37,14 +37,15 @@ from autogrow.registry import (
     register_layer,
 )
 from autogrow.replay import replay
+from autogrow.shrink import ShrinkPlan, plan_shrink, shrink
 from autogrow.widen import WidenPlan, plan_widen, widen
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AutogrowError", "ChannelSpec", "DeepenPlan", "Growth", "LayerSpec", "OpKind", "Plan", "Residual", "Transform",
-    "UnitMap", "WidenInit", "WidenPlan", "carry_scheduler", "check_optimizer", "deepen", "grow_optimizer",
-    "load_grown", "num_params", "param_names", "plan_deepen", "plan_widen", "register_channelwise",
+    "AutogrowError", "ChannelSpec", "DeepenPlan", "Growth", "LayerSpec", "OpKind", "Plan", "Residual", "ShrinkPlan",
+    "Transform", "UnitMap", "WidenInit", "WidenPlan", "carry_scheduler", "check_optimizer", "deepen", "grow_optimizer",
+    "load_grown", "num_params", "param_names", "plan_deepen", "plan_shrink", "plan_widen", "register_channelwise",
     "register_elementwise", "register_function", "register_init", "register_layer", "register_optimizer_state",
-    "replay", "translate_state_dict", "widen",
+    "replay", "shrink", "translate_state_dict", "widen",
 ]

@@ -16,6 +16,7 @@ returns a frozen :class:`Coupling`; whatever cannot stay exact is refused, namin
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -23,9 +24,10 @@ from typing import Any, NoReturn
 
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from autogrow.errors import SHAPES_HINT, AutogrowError, NeedsShapes, fail
-from autogrow.layout import Layout, Refusal, arg, cat_axis
+from autogrow.layout import Layout, NeedsBlock, Refusal, arg, cat_axis
 from autogrow.ops import Op, OpKind, classify
 from autogrow.registry import ChannelSpec, LayerSpec, channel_width, layer_spec
 from autogrow.sizes import SizeReader
@@ -54,6 +56,7 @@ class Coupling:
     consumers: Mapping[str, tuple[MapKey, bool]]  # module -> (mapping, input is a flattened block)
     cats: Mapping[fx.Node, CatParts]  # in the order they were found (a cat may contain an earlier one)
     uniform_only: tuple[str, ...]  # channel-wise layers exact only under uniform replication
+    unit_block: int = 1  # features per unit: 1, or the head size when the units are attention heads
 
     def width(self, key: MapKey) -> int:
         """Old width of the tensor mapped by ``key``."""
@@ -71,21 +74,27 @@ def couple(model: nn.Module, target: str, width: int | None = None, *, graph: fx
     Raises:
         AutogrowError: naming the node that cannot follow the widening exactly.
     """
-    return _Walk(model, target, graph if graph is not None else trace(model), shapes, width).run()
+    graph = graph if graph is not None else trace(model)
+    try:
+        return _Walk(model, target, graph, shapes, width).run()
+    except NeedsBlock as nb:  # the units are heads of nb.block features: count whole heads
+        return _Walk(model, target, graph, shapes, width, nb.block).run()
 
 
-def _tensor_args(node: fx.Node, model: nn.Module) -> list[fx.Node]:
+def _tensor_args(node: fx.Node, w: _Walk) -> list[fx.Node]:
     args = list(node.args) + list(node.kwargs.values())
     flat = [a for x in args for a in (x if isinstance(x, (list, tuple)) else [x])]
-    return [a for a in flat if isinstance(a, fx.Node) and classify(a, model).kind is not OpKind.SHAPE]
+    return [a for a in flat if isinstance(a, fx.Node) and not w.sizes.is_size(a)]
 
 
 class _Walk:
     """The walk's state: the layout of every tensor reached so far, and what it found."""
 
     def __init__(self, model: nn.Module, target: str, graph: fx.Graph, shapes: dict[fx.Node, Any] | None,
-                 new_width: int | None) -> None:
-        self.model, self.target, self.graph, self.shapes, self.new_width = model, target, graph, shapes, new_width
+                 new_width: int | None, unit_block: int = 1) -> None:
+        self.model, self.target, self.graph, self.shapes = model, target, graph, shapes
+        self.unit_block = unit_block
+        self.new_width = new_width // unit_block if new_width is not None else None
         self.sizes = SizeReader(shapes, self.layouts_get, self.widths)
         self.sites = call_sites(graph)
         self.layouts: dict[fx.Node, Layout] = {}
@@ -114,7 +123,7 @@ class _Walk:
         _check_size_uses(self)
         assert self.old_width is not None
         return Coupling(self.target, self.old_width, dict(self.producers), dict(self.channelwise),
-                        dict(self.consumers), dict(self.cats), tuple(self.uniform_only))
+                        dict(self.consumers), dict(self.cats), tuple(self.uniform_only), self.unit_block)
 
     def fail(self, node: fx.Node, why: str, fix: str = "", needs_shapes: bool = False) -> NoReturn:
         msg = f"target: cannot widen {self.target!r} exactly: {describe(node, self.model)} {why}." + (
@@ -186,7 +195,10 @@ class _Walk:
         reason = spec.check(m)
         if reason:
             self.fail(node, f"is a producer with {reason}")
-        width = getattr(m, spec.out_attr)
+        features = getattr(m, spec.out_attr)
+        if features % self.unit_block:
+            self.fail(node, f"has {features} units, not a whole number of heads of {self.unit_block}")
+        width = features // self.unit_block
         if self.old_width is None:
             self.old_width = width
         elif width != self.old_width:
@@ -194,7 +206,7 @@ class _Walk:
         self.producers[name] = None
         ndim = -spec.out_dim + 1 if spec.out_dim < -1 else None
         for site in self.sites[name]:  # a module called twice shares its parameters: both outputs grow
-            self.mark(site, Layout(spec.out_dim, ndim, None))
+            self.mark(site, Layout(spec.out_dim, ndim, None, flat=self.unit_block > 1))
 
     def add_consumer(self, user: fx.Node, lay: Layout, spec: LayerSpec, m: nn.Module) -> None:
         if spec.in_attr is None:
@@ -245,13 +257,20 @@ class _Walk:
         return lay.ndim + lay.dim == axis
 
     def merge(self, user: fx.Node, lay: Layout) -> None:
-        """Element-wise op over several tensors: all of them must grow with the same mapping."""
+        """Element-wise op over several tensors: all of them must grow with the same mapping (a tensor that
+        broadcasts along the units' axis, size 1 there, needs nothing)."""
         self.mark(user, lay)
-        for a in _tensor_args(user, self.model):
+        for a in _tensor_args(user, self):
             if a not in self.layouts:
+                if self._broadcasts(a, lay):
+                    continue
                 self.backward(a, lay, user)
-            if self.layouts[a].key != lay.key or self.layouts[a].dim != lay.dim:
+            if self.layouts[a].key != lay.key or self.layouts[a].dim != lay.dim or self.layouts[a].flat != lay.flat:
                 self.fail(user, f"combines tensors whose units are mapped differently ({a.name})")
+
+    def _broadcasts(self, a: fx.Node, lay: Layout) -> bool:
+        shape = self.shape(a)
+        return shape is not None and (len(shape) < -lay.dim or shape[lay.dim] == 1)
 
     # -- backward: a tensor combined with a widened one must itself become widened ----------------------
     def backward(self, node: object, lay: Layout, via: fx.Node) -> None:
@@ -262,7 +281,7 @@ class _Walk:
         op = self.classify(node)
         if op.kind is OpKind.WEIGHTED:
             assert isinstance(op.spec, LayerSpec)
-            if lay.key is not None or op.spec.out_dim != lay.dim or lay.flat:
+            if lay.key is not None or op.spec.out_dim != lay.dim or lay.flat != (self.unit_block > 1):
                 self.fail(via, f"joins {node.target!r} to a tensor it cannot be mapped onto")
             return self._add_producer(node.target, node)
         if op.kind is OpKind.CHANNELWISE:
@@ -272,8 +291,20 @@ class _Walk:
             return self.backward(node.args[0], lay, node)
         if op.kind is OpKind.BINARY:
             return self.merge(node, lay)
-        self.fail(via, f"adds or multiplies the widened tensor with {describe(node, self.model)}, whose width "
-                  "is fixed", "Residual paths can be widened when every operand comes from a registered layer.")
+        if op.kind is OpKind.BATCHED:
+            try:
+                return _fwd_batched(self, node, node, op, lay)
+            except Refusal as r:
+                self.fail(node, r.why, r.fix, r.needs_shapes)
+        if op.kind is OpKind.LAYOUT and op.inverse is not None and isinstance(node.args[0], fx.Node):
+            try:
+                before = op.inverse(lay, node, op.module, self)
+            except Refusal as r:
+                self.fail(node, r.why, r.fix, r.needs_shapes)
+            self.mark(node, lay)
+            return self.backward(node.args[0], before, node)
+        self.fail(via, f"combines the widened tensor with {_origin(node, self.model)}, whose width is fixed",
+                  "Residual paths can be widened when every operand comes from a registered layer.")
 
     # -- concatenations -------------------------------------------------------------------------------
     def cat(self, user: fx.Node, lay: Layout) -> None:
@@ -360,7 +391,7 @@ def _fwd_channelwise(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout
 
 
 def _fwd_elementwise(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout) -> None:
-    if user.op != "call_module" and (user.args[0] is not node or _tensor_args(user, w.model)[1:]):
+    if user.op != "call_module" and (user.args[0] is not node or _tensor_args(user, w)[1:]):
         raise Refusal("mixes the widened tensor with another tensor")
     w.mark(user, lay)
 
@@ -371,6 +402,28 @@ def _fwd_layout(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout) -> 
     w.mark(user, op.layout(lay, user, op.module, w))  # type: ignore[misc]
 
 
+def _fwd_batched(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout) -> None:
+    """matmul / attention: independent along the leading axes; the units must be one of them (heads)."""
+    if lay.flat or lay.dim > -3:
+        raise Refusal("contracts or mixes the widened units (matmul over features)",
+                      "Units on a leading (batch-like) axis, such as attention heads, can grow.")
+    mask = arg(user, 3, "attn_mask", None)
+    if isinstance(mask, fx.Node) and mask not in w.layouts and not w._broadcasts(mask, lay):
+        raise Refusal("uses an attention mask with a size along the widened heads", SHAPES_HINT, w.shapes is None)
+    operands = [a for a in (user.args[:3] if user.target is F.scaled_dot_product_attention else user.args[:2])]
+    for a in operands:
+        if isinstance(a, fx.Node) and a not in w.layouts and not w._broadcasts(a, lay):
+            w.backward(a, lay, user)
+    w.mark(user, lay)
+
+
+def _origin(node: fx.Node, model: nn.Module) -> str:
+    """Describe a fixed-width tensor by where it comes from (``getitem`` of a module's tuple output)."""
+    while node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return describe(node, model)
+
+
 _FORWARD: dict[OpKind, Callable[[_Walk, fx.Node, fx.Node, Op, Layout], None]] = {
     OpKind.OUTPUT: _fwd_output,
     OpKind.SHAPE: _fwd_shape,
@@ -378,6 +431,7 @@ _FORWARD: dict[OpKind, Callable[[_Walk, fx.Node, fx.Node, Op, Layout], None]] = 
     OpKind.CHANNELWISE: _fwd_channelwise,
     OpKind.ELEMENTWISE: _fwd_elementwise,
     OpKind.LAYOUT: _fwd_layout,
+    OpKind.BATCHED: _fwd_batched,
     OpKind.BINARY: lambda w, node, user, op, lay: w.merge(user, lay),
     OpKind.CAT: lambda w, node, user, op, lay: w.cat(user, lay),
 }

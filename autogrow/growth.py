@@ -17,7 +17,8 @@ import torch.nn as nn
 
 from autogrow.errors import check, check_choice
 
-__all__ = ["Growth", "GrowthKind", "Transform", "UnitMap", "make_seed", "num_params", "register_kind"]
+__all__ = ["MERGES", "SHRINK_ROLES", "Growth", "GrowthKind", "Transform", "UnitMap", "make_seed", "merge_members",
+           "merge_units", "num_params", "register_kind", "shrunk_width"]
 
 
 @dataclass
@@ -83,12 +84,89 @@ class Transform:
     ``role`` is ``"out"`` for dimensions indexed by the widened units themselves (producer rows,
     normalisation entries: their gradients scale with the unit's share) and ``"in"`` for consumer
     input features (their gradients are copied unchanged).
+
+    Shrinking (``autogrow.shrink``) uses two more roles, whose mapping is read the other way round
+    (see :func:`merge_units`): ``"merge"`` for the dimension indexed by the merged units themselves
+    (each group keeps its first member) and ``"sum"`` for consumer input features (each group's
+    columns are added up).
     """
 
     dim: int
     map: str
     role: str
     block: int = 1
+
+
+SHRINK_ROLES = ("merge", "sum")  # Transform roles whose map is a merge map (old unit -> new unit)
+MERGES = ("first", "sum", "mean", "sqrtsum")  # how merge_units combines a group
+
+
+def shrunk_width(um: UnitMap) -> int:
+    """Number of new units of a *merge map* (as used by the ``"merge"``/``"sum"`` roles).
+
+    A merge map is a :class:`UnitMap` over the **old** units: old unit ``u`` becomes part of new unit
+    ``idx[u]``, or is removed when ``fresh[u]``; every new unit ``0..m-1`` has at least one member.
+
+        >>> shrunk_width(UnitMap(torch.tensor([0, 1, 0, 0]), torch.ones(4, dtype=torch.float64),
+        ...                      torch.tensor([False, False, False, True])))
+        2
+    """
+    kept = um.idx[~um.fresh]
+    return int(kept.max()) + 1 if len(kept) else 0
+
+
+def merge_members(um: UnitMap) -> torch.Tensor:
+    """The members of each new unit of a merge map, ascending: ``(m, largest group)``, padded with -1.
+
+        >>> merge_members(UnitMap(torch.tensor([1, 0, 1]), torch.ones(3, dtype=torch.float64),
+        ...                       torch.zeros(3, dtype=torch.bool)))
+        tensor([[ 1, -1],
+                [ 0,  2]])
+    """
+    n = len(um.idx)
+    old = torch.arange(n)[~um.fresh]
+    grp = um.idx[~um.fresh]
+    order = torch.argsort(grp * n + old)  # by new unit, then by old index
+    grp, old = grp[order], old[order]
+    counts = torch.bincount(grp, minlength=shrunk_width(um))
+    rank = torch.arange(len(grp)) - (counts.cumsum(0) - counts)[grp]
+    members = torch.full((len(counts), int(counts.max()) if len(counts) else 0), -1, dtype=torch.long)
+    members[grp, rank] = old
+    return members
+
+
+def merge_units(t: torch.Tensor, dim: int, um: UnitMap, how: str) -> torch.Tensor:
+    """``t`` with the units along ``dim`` merged by the merge map ``um`` (a new tensor).
+
+    ``how`` combines each group: ``"first"`` its first member (a merged unit's own rows), ``"sum"``
+    the sum (consumer columns; first moments), ``"mean"`` the mean, ``"sqrtsum"`` ``(sum sqrt(v))**2``
+    (second moments). A group of one is returned bit-for-bit; groups are summed member by member in
+    ascending order, so the result is deterministic on every device.
+
+        >>> um = UnitMap(torch.tensor([0, 1, 0]), torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.bool))
+        >>> merge_units(torch.tensor([[1., 2., 3.]]), 1, um, "sum")
+        tensor([[4., 2.]])
+        >>> merge_units(torch.tensor([1., 4., 4.]), 0, um, "sqrtsum")
+        tensor([9., 4.])
+    """
+    check_choice("how", how, MERGES)
+    members = merge_members(um).to(t.device)
+    first = t.index_select(dim, members[:, 0])
+    if how == "first" or members.shape[1] == 1:
+        return first
+    total = first.sqrt() if how == "sqrtsum" else first
+    for r in range(1, members.shape[1]):
+        col = members[:, r]
+        x = t.index_select(dim, col.clamp_min(0))
+        x = x.sqrt() if how == "sqrtsum" else x
+        total = total + torch.where(UnitMap.along(col >= 0, x, dim), x, torch.zeros((), dtype=x.dtype,
+                                                                                     device=x.device))
+    counts = UnitMap.along((members >= 0).sum(1), t, dim)
+    if how == "mean":
+        return torch.where(counts > 1, total / counts.to(t.dtype), first)
+    if how == "sqrtsum":
+        return torch.where(counts > 1, total * total, first)
+    return total
 
 
 @dataclass

@@ -28,11 +28,12 @@ from typing import Any, Protocol
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from autogrow.errors import SHAPES_HINT
 from autogrow.ops import LayoutRule, OpKind, register_function, register_layout_module
 
-__all__ = ["Context", "Layout", "Refusal", "arg", "cat_axis", "flatten_axes", "reduce_axes"]
+__all__ = ["Context", "Layout", "NeedsBlock", "Refusal", "arg", "cat_axis", "flatten_axes", "reduce_axes"]
 
 
 class Refusal(Exception):
@@ -42,6 +43,15 @@ class Refusal(Exception):
     def __init__(self, why: str, fix: str = "", needs_shapes: bool = False) -> None:
         super().__init__(why)
         self.why, self.fix, self.needs_shapes = why, fix, needs_shapes
+
+
+class NeedsBlock(Exception):
+    """The units turn out to be blocks of ``block`` features (attention heads of that size): the walk
+    restarts, counting whole blocks as units."""
+
+    def __init__(self, block: int) -> None:
+        super().__init__(block)
+        self.block = block
 
 
 @dataclass(frozen=True)
@@ -74,16 +84,27 @@ def arg(node: fx.Node, pos: int, name: str, default: object) -> object:
     return node.kwargs.get(name, default)
 
 
-def layout_rule(*targets: Callable | str | type[nn.Module]) -> Callable[[LayoutRule], LayoutRule]:
-    """Register the decorated rule for functions, tensor methods (by name) and module types."""
+def layout_rule(*targets: Callable | str | type[nn.Module], inverse: LayoutRule | None = None
+                ) -> Callable[[LayoutRule], LayoutRule]:
+    """Register the decorated rule for functions, tensor methods (by name) and module types; ``inverse``
+    gives the input's layout from the output's (to follow a residual path backwards through the op)."""
     def register(rule: LayoutRule) -> LayoutRule:
         for t in targets:
             if isinstance(t, type) and issubclass(t, nn.Module):
-                register_layout_module(t, rule)
+                register_layout_module(t, rule, inverse)
             else:
-                register_function(t, OpKind.LAYOUT, layout=rule)
+                register_function(t, OpKind.LAYOUT, layout=rule, inverse=inverse)
         return rule
     return register
+
+
+def _axis(dim: int, ndim: int | None) -> int:
+    """``dim`` counted from the end; needs the rank for a dim counted from the front."""
+    if dim < 0:
+        return dim
+    if ndim is None:
+        raise Refusal(f"addresses axis {dim} of a tensor of unknown rank", SHAPES_HINT, needs_shapes=True)
+    return dim - ndim
 
 
 # --- the arithmetic of axes ---------------------------------------------------------------------------
@@ -167,7 +188,25 @@ def reshape_target(node: fx.Node) -> Sequence[object]:
 _FIXED = "Use x.flatten(1), x.view(x.size(0), -1) or nn.Flatten() instead."
 
 
-@layout_rule(torch.reshape, "view", "reshape")
+def _inverse_reshape(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
+    """Where the units sat before a reshape, given where they are after it (needs recorded shapes)."""
+    old_in, old_out = ctx.shape(node.args[0]), ctx.shape(node)
+    if old_in is None or old_out is None:
+        raise Refusal("reshapes a tensor that must grow with the widened one", SHAPES_HINT, needs_shapes=True)
+    q = len(old_out) + lay.dim
+    pre, acc, p = math.prod(old_out[:q]), 1, 0
+    while p < len(old_in) and acc < pre:
+        acc *= old_in[p]
+        p += 1
+    if acc == pre and p < len(old_in):
+        if old_in[p] == old_out[q] and not lay.flat:
+            return Layout(p - len(old_in), len(old_in), lay.key)
+        if not lay.flat and q + 1 < len(old_out) and old_in[p] == old_out[q] * old_out[q + 1]:
+            return Layout(p - len(old_in), len(old_in), lay.key, flat=True)  # heads merged into features
+    raise Refusal(f"reshapes {old_in} to {old_out} in a way autogrow cannot follow backwards")
+
+
+@layout_rule(torch.reshape, "view", "reshape", inverse=_inverse_reshape)
 def reshape(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
     """A reshape that keeps the units an axis (or merges them, outermost, with the trailing axes) and
     whose target, re-evaluated at the new width, still fits; ``view(x.size(0), -1)`` without shapes."""
@@ -180,7 +219,7 @@ def reshape(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) 
             raise Refusal(f"reshapes the widened tensor to a shape computed from sizes {tuple(map(str, shape))}",
                           SHAPES_HINT, needs_shapes=True)
         raise Refusal(f"reshapes the widened tensor to a fixed shape {tuple(map(str, shape))}", _FIXED)
-    out, q = _units_after_reshape(lay, old_in, old_out)
+    out, q = _units_after_reshape(lay, old_in, old_out, ctx, node)
     old, new = ctx.widths(lay)
     expected = list(old_out)
     expected[q] = old_out[q] // old * new
@@ -198,7 +237,8 @@ def reshape(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) 
     return out
 
 
-def _units_after_reshape(lay: Layout, old_in: tuple[int, ...], old_out: tuple[int, ...]) -> tuple[Layout, int]:
+def _units_after_reshape(lay: Layout, old_in: tuple[int, ...], old_out: tuple[int, ...], ctx: Context,
+                         node: fx.Node) -> tuple[Layout, int]:
     """Where the units land in the reshaped tensor (and which output axis holds them)."""
     p = len(old_in) + lay.dim
     pre, units, post = math.prod(old_in[:p]), old_in[p], math.prod(old_in[p + 1:])
@@ -207,14 +247,148 @@ def _units_after_reshape(lay: Layout, old_in: tuple[int, ...], old_out: tuple[in
         acc *= old_out[q]
         q += 1
     if acc == pre and q < len(old_out):
+        n_units = ctx.widths(lay)[0]
         if old_out[q] == units and (not lay.flat or q == len(old_out) - 1):
             return Layout(q - len(old_out), len(old_out), lay.key, lay.flat), q
         if old_out[q] == units * post and q == len(old_out) - 1 and not lay.flat:
             return Layout(-1, len(old_out), lay.key, flat=True), q
+        if lay.flat and old_out[q] == n_units and q + 1 < len(old_out) and old_out[q] * old_out[q + 1] == units:
+            return Layout(q - len(old_out), len(old_out), lay.key), q  # blocks (heads) back to their own axis
+        if not lay.flat and q + 1 < len(old_out) and old_out[q] * old_out[q + 1] == units:
+            _split_units(node, q, old_out, ctx, lay)
     raise Refusal(f"reshapes {old_in} to {old_out}, splitting the widened units (axis {p}) across several axes "
                   "or behind others", "Reshapes that keep the units one axis, or flatten them outermost, work.")
+
+
+def _split_units(node: fx.Node, q: int, old_out: tuple[int, ...], ctx: Context, lay: Layout) -> None:
+    """The units' axis is split in two (``view(b, t, heads, head_size)``): if the target makes the number
+    of heads follow the width, units are whole heads (restart counting heads); head size growing: refused."""
+    old, new = ctx.widths(lay)
+    try:
+        target = [int(v) for v in ctx.value(list(reshape_target(node)), new=True)]
+    except Exception:
+        raise Refusal(f"splits the widened units into {old_out[q:q + 2]} with sizes autogrow cannot follow",
+                      SHAPES_HINT, needs_shapes=True) from None
+    heads, size = target[q], target[q + 1]
+    if size == old_out[q + 1] and new % size:
+        raise Refusal(f"splits the widened units into heads of {size}: the new width {new} is not a whole number "
+                      "of heads", f"Widen to a multiple of {size}.")
+    if size == old_out[q + 1] and heads in (-1, new // size):
+        raise NeedsBlock(size)
+    raise Refusal(f"splits the widened units into {old_out[q]} x {old_out[q + 1]} (heads x head size?) and the head "
+                  f"size would change to {size} (it sets the attention's 1/sqrt(d) scale and rotary frequencies)",
+                  "Grow the number of heads: compute it from the tensor (x.size(-1) // head_size) with a fixed "
+                  "head size, or widen another layer.")
 
 
 @layout_rule(torch.mean, torch.sum, torch.amax, "mean", "sum", "amax")
 def reduce(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
     return reduce_axes(lay, arg(node, 1, "dim", None), bool(arg(node, 2, "keepdim", False)))
+
+
+def _swap(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
+    d0, d1 = _axis(arg(node, 1, "dim0", 0), lay.ndim), _axis(arg(node, 2, "dim1", 1), lay.ndim)
+    dim = d1 if lay.dim == d0 else d0 if lay.dim == d1 else lay.dim
+    return replace(lay, dim=dim)
+
+
+layout_rule(torch.transpose, "transpose", inverse=_swap)(_swap)  # its own inverse
+
+
+def _perm(node: fx.Node) -> list[int]:
+    dims = node.args[1:] if node.op == "call_method" else arg(node, 1, "dims", ())
+    return list(dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims)
+
+
+def _unpermute(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
+    perm, nd = _perm(node), lay.ndim if lay.ndim is not None else len(_perm(node))
+    return replace(lay, dim=perm[nd + lay.dim] % nd - nd)
+
+
+@layout_rule(torch.permute, "permute", inverse=_unpermute)
+def permute(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
+    perm = [d % len(_perm(node)) for d in _perm(node)]
+    nd = len(perm)
+    return replace(lay, dim=perm.index(nd + lay.dim) - nd, ndim=nd)
+
+
+def _squeeze_at(lay: Layout, dim: int) -> Layout:
+    """The layout after removing axis ``dim`` (from the end), which is not the units'."""
+    if dim == lay.dim:
+        raise Refusal("squeezes the widened units' axis")
+    return replace(lay, dim=lay.dim + (1 if dim < lay.dim else 0), ndim=None if lay.ndim is None else lay.ndim - 1)
+
+
+def _unsqueeze_at(lay: Layout, node: fx.Node) -> Layout:
+    d = arg(node, 1, "dim", 0)
+    if d >= 0 and lay.ndim is None:
+        raise Refusal(f"inserts axis {d} in a tensor of unknown rank", SHAPES_HINT, needs_shapes=True)
+    nd = None if lay.ndim is None else lay.ndim + 1
+    d = d - nd if d >= 0 else d  # type: ignore[operator]
+    return replace(lay, dim=lay.dim - (1 if d >= lay.dim else 0), ndim=nd)
+
+
+def _inverse_unsqueeze(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
+    d = _axis(arg(node, 1, "dim", 0), lay.ndim)
+    return _squeeze_at(lay, d)
+
+
+@layout_rule(torch.unsqueeze, "unsqueeze", inverse=_inverse_unsqueeze)
+def unsqueeze(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
+    return _unsqueeze_at(lay, node)
+
+
+def softmax(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
+    """Normalises along one axis: exact for copies only when that axis is not the units'."""
+    if _axis(arg(node, 1, "dim", -1), lay.ndim) == lay.dim:
+        raise Refusal("normalises over the widened units (a softmax over features changes when units are copied)")
+    return lay
+
+
+layout_rule(torch.softmax, F.softmax, F.log_softmax, "softmax", "log_softmax", inverse=softmax)(softmax)
+
+
+@layout_rule(torch.chunk, torch.split, "chunk", "split")
+def split(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
+    """Pieces along another axis keep the layout (``getitem`` then picks one); along the units': refused."""
+    if _axis(arg(node, 2, "dim", 0), lay.ndim) == lay.dim:
+        raise Refusal("splits the widened units into fixed parts (a fused projection?)",
+                      "Use separate layers (e.g. q, k and v Linear layers) for the parts.")
+    return lay
+
+
+def _index_items(node: fx.Node) -> list[object]:
+    idx = node.args[1]
+    return list(idx) if isinstance(idx, tuple) else [idx]
+
+
+@layout_rule(operator.getitem)
+def getitem(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
+    """Indexing: picking a piece of a split keeps the layout; on a tensor, ints, full slices, ``None``
+    and ``...`` are followed; anything but a full slice on the units' axis is refused."""
+    src = node.args[0]
+    if isinstance(src, fx.Node) and src.target in (torch.chunk, torch.split, "chunk", "split"):
+        return lay  # one piece of a split along another axis
+    items, nd = _index_items(node), lay.ndim
+    if nd is None:
+        raise Refusal("indexes a widened tensor of unknown rank", SHAPES_HINT, needs_shapes=True)
+    if sum(1 for i in items if i is Ellipsis) > 1 or any(isinstance(i, fx.Node) for i in items):
+        raise Refusal("indexes the widened tensor with tensors or several ellipses")
+    used = sum(1 for i in items if i is not None and i is not Ellipsis)
+    expanded: list[object] = []
+    for i in items:
+        expanded += [slice(None)] * (nd - used) if i is Ellipsis else [i]
+    expanded += [slice(None)] * (nd - sum(1 for i in expanded if i is not None))
+    p, axis, out_axis, out_nd = nd + lay.dim, 0, None, 0
+    for i in expanded:
+        if i is None:
+            out_nd += 1
+            continue
+        if axis == p:
+            if i != slice(None):
+                raise Refusal(f"indexes the widened units' axis with {i!r}")
+            out_axis = out_nd
+        if not isinstance(i, int):
+            out_nd += 1
+        axis += 1
+    return replace(lay, dim=out_axis - out_nd, ndim=out_nd)  # type: ignore[operator]

@@ -41,6 +41,7 @@ class OpKind(enum.Enum):
     BINARY = "binary"  # element-wise over several tensors (add, sub, mul, div)
     CAT = "cat"
     LAYOUT = "layout"  # moves the units' axis (flatten, reshape, reduce, ...): its rule says how
+    BATCHED = "batched"  # combines tensors independently along leading axes (matmul, attention)
     SHAPE = "shape"  # reads a size, rank, dtype or device
     INPUT = "input"
     OUTPUT = "output"
@@ -63,6 +64,7 @@ class Op:
     # For functional activations: the module a new Net2DeeperNet block uses in their place.
     factory: Callable[[], nn.Module] | None = None
     layout: LayoutRule | None = None
+    inverse: LayoutRule | None = None  # the input's layout from the output's (following a residual backwards)
 
 
 @dataclass(frozen=True)
@@ -71,14 +73,16 @@ class _Entry:
     elementwise: Elementwise | None = None
     factory: Callable[[], nn.Module] | None = None
     layout: LayoutRule | None = None
+    inverse: LayoutRule | None = None
 
 
 _TABLE: dict[Callable | str, _Entry] = {}  # functions by identity, tensor methods by name
-_LAYOUT_MODULES: dict[type, LayoutRule] = {}  # parameter-free modules that move the units' axis
+_LAYOUT_MODULES: dict[type, tuple[LayoutRule, LayoutRule | None]] = {}  # parameter-free modules moving the units
 
 
 def register_function(target: Callable | str, kind: OpKind, *, activation: bool = False, idempotent: bool = False,
-                      module: Callable[[], nn.Module] | None = None, layout: LayoutRule | None = None) -> None:
+                      module: Callable[[], nn.Module] | None = None, layout: LayoutRule | None = None,
+                      inverse: LayoutRule | None = None) -> None:
     """Tell autogrow what a function (or a tensor method, by name) does to a widened tensor.
 
     For ``OpKind.ELEMENTWISE``: ``activation`` marks a nonlinearity, ``idempotent`` declares
@@ -89,12 +93,12 @@ def register_function(target: Callable | str, kind: OpKind, *, activation: bool 
         >>> register_function(torch.special.expit, OpKind.ELEMENTWISE, activation=True, module=torch.nn.Sigmoid)
     """
     ew = Elementwise(activation=activation, idempotent=idempotent) if kind is OpKind.ELEMENTWISE else None
-    _TABLE[target] = _Entry(kind, ew, module, layout)
+    _TABLE[target] = _Entry(kind, ew, module, layout, inverse)
 
 
-def register_layout_module(cls: type[nn.Module], rule: LayoutRule) -> None:
+def register_layout_module(cls: type[nn.Module], rule: LayoutRule, inverse: LayoutRule | None = None) -> None:
     """A parameter-free module type that moves the units' axis (like ``nn.Flatten``), with its rule."""
-    _LAYOUT_MODULES[cls] = rule
+    _LAYOUT_MODULES[cls] = (rule, inverse)
 
 
 def classify(node: fx.Node, model: nn.Module | None) -> Op:
@@ -115,7 +119,7 @@ def classify(node: fx.Node, model: nn.Module | None) -> Op:
     ew = entry.elementwise
     if ew is not None and ew.idempotent and not _plain_call(node):
         ew = Elementwise(activation=ew.activation, idempotent=False)  # F.hardtanh(x, a, b): other bounds
-    return Op(entry.kind, elementwise=ew, factory=entry.factory, layout=entry.layout)
+    return Op(entry.kind, elementwise=ew, factory=entry.factory, layout=entry.layout, inverse=entry.inverse)
 
 
 def classify_module(m: nn.Module) -> Op:
@@ -131,7 +135,8 @@ def classify_module(m: nn.Module) -> Op:
         return Op(OpKind.ELEMENTWISE, m, elementwise=ew)
     for cls in type(m).__mro__:
         if cls in _LAYOUT_MODULES:
-            return Op(OpKind.LAYOUT, m, layout=_LAYOUT_MODULES[cls])
+            rule, inverse = _LAYOUT_MODULES[cls]
+            return Op(OpKind.LAYOUT, m, layout=rule, inverse=inverse)
     return Op(OpKind.OTHER, m)
 
 
@@ -177,9 +182,11 @@ for _t in (torch.abs, torch.exp, "abs", "exp",  # not activations Net2DeeperNet 
     register_function(_t, OpKind.ELEMENTWISE)
 for _t in (operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
            operator.imul, torch.add, torch.sub, torch.mul, torch.div, "add", "sub", "mul", "div", "add_", "sub_",
-           "mul_", "div_"):
+           "mul_", "div_", "masked_fill", torch.masked_fill):
     register_function(_t, OpKind.BINARY)
 for _t in (torch.cat, torch.concat, torch.concatenate):
     register_function(_t, OpKind.CAT)
+for _t in (operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", F.scaled_dot_product_attention):
+    register_function(_t, OpKind.BATCHED)
 for _t in ("size", "dim"):
     register_function(_t, OpKind.SHAPE)

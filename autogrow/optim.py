@@ -11,6 +11,15 @@ Adagrad ``sum``) and left alone for scale-free buffers; step counters are kept. 
 Net2DeeperNet start with no state (zero state with an old step count makes Adam's first update far
 too large).
 
+Shrinking (``autogrow.shrink``) runs the rule backwards. When the copies of a unit were made with
+shares ``s_j`` (summing to 1) and the state was built while they were copies, copy j holds
+``s_j**p`` times the teacher's state along the unit's own dimension, so the merged unit's state is
+``(sum_j state_j**(1/p))**p``: the plain sum for first moments, ``(sum_j sqrt(v_j))**2`` for second
+moments (the sum of the ``v_j`` would be ``sum_j s_j**2`` times too small, 1/k for an even split),
+the mean for scale-free buffers. The shares need not be known. A consumer's columns from the copies
+all received the teacher's gradient: their states are equal and the merged column takes their mean.
+Removed (pruned) units' state is dropped and kept units keep theirs: approximate, as pruning is.
+
 Two paths share this transform:
 
 * :func:`grow_optimizer` updates a live optimizer in place (plain PyTorch loops);
@@ -29,7 +38,7 @@ import torch.nn as nn
 from torch.optim import Optimizer
 
 from autogrow.errors import AutogrowError, check_choice, fail
-from autogrow.growth import Growth, Transform, UnitMap
+from autogrow.growth import SHRINK_ROLES, Growth, Transform, UnitMap, merge_units
 
 __all__ = ["STATES", "carry_scheduler", "check_optimizer", "grow_optimizer", "param_names",
            "register_optimizer_state", "translate_state_dict"]
@@ -124,6 +133,9 @@ def transform_state(st: Mapping[str, Any], transforms: Sequence[Transform], maps
             power = powers.get(k, 0)
             for tr in transforms:
                 um = maps[tr.map].expand(tr.block)
+                if tr.role in SHRINK_ROLES:
+                    v = merge_units(v, tr.dim, um, _merge_how(tr.role, power))
+                    continue
                 v = um.take(v, tr.dim)
                 if power == PARAM:  # like the parameter: consumer inputs carry the unit's share
                     if tr.role == "in" and um.scaled:
@@ -134,6 +146,15 @@ def transform_state(st: Mapping[str, Any], transforms: Sequence[Transform], maps
                     v.masked_fill_(um.along(um.fresh, v, tr.dim), 0)
         out[k] = v
     return out
+
+
+def _merge_how(role: str, power: int | str) -> str:
+    """How a merge combines a state buffer (the inverse of the widening rule, see the module docstring)."""
+    if power == PARAM:  # like the parameter: own rows keep the first copy, consumer columns add up
+        return "first" if role == "merge" else "sum"
+    if role == "sum":  # consumer columns of copies saw identical gradients: equal states
+        return "mean"
+    return {0: "mean", 1: "sum", 2: "sqrtsum"}.get(power, "mean")  # type: ignore[call-overload]
 
 
 def grow_named_state(state: Mapping[str, dict], groups: Sequence[list[str]], growths: Iterable[Growth],

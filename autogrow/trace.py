@@ -23,6 +23,8 @@ except ImportError:  # pragma: no cover - torch builds without dynamo
 
 
 class _Tracer(fx.Tracer):
+    proxy_buffer_attributes = True  # buffers sliced with sizes (causal masks) must stay symbolic
+
     def call_module(self, m: nn.Module, forward: object, args: tuple, kwargs: dict) -> object:
         if isinstance(m, OptimizedModule):  # trace what was compiled; surgery then triggers a recompile
             return self.call_module(m._orig_mod, m._orig_mod.forward, args, kwargs)

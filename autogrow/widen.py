@@ -249,9 +249,9 @@ def _changes(model: nn.Module, c: Coupling, maps: dict[str, UnitMap], exact: boo
 
     for mod, key in c.producers.items():
         spec = layer_spec(modules[mod])
-        for tname, d in spec.out_params.items():
-            add(mod, tname, Transform(d, map_name(key), "out"))
-        resizes.append((mod, "out", len(maps[map_name(key)].idx)))
+        for tname, d in spec.out_params.items():  # unit_block > 1: whole heads of that many rows
+            add(mod, tname, Transform(d, map_name(key), "out", c.unit_block))
+        resizes.append((mod, "out", len(maps[map_name(key)].idx) * c.unit_block))
     for mod, key in c.channelwise.items():
         cspec = channel_spec(modules[mod])
         for tname, fill in cspec.tensors.items():
@@ -362,11 +362,14 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
     graph = trace(model)
     shapes = propagate(model, graph, example_inputs) if example_inputs is not None else None
     c = couple(model, target, width, graph=graph, shapes=shapes)
-    check("width", width, width > c.old_width, f"more than {target!r}'s current {c.old_width} units")
-    mapping = _choose_mapping(c, init, mapping, width)
-    maps = _draw_maps(c, width, init, mapping, float(split), seed)
+    block = c.unit_block  # > 1: the units are attention heads of that many features
+    old = c.old_width * block
+    check("width", width, width > old and width % block == 0, f"more than {target!r}'s current {old} units"
+          + (f" and a multiple of its head size {block}" if block > 1 else ""))
+    mapping = _choose_mapping(c, init, mapping, width // block)
+    maps = _draw_maps(c, width // block, init, mapping, float(split), seed)
     changes, resizes = _changes(model, c, maps, exact)
-    return WidenPlan(model=model, target=target, old_width=c.old_width, width=width, init=init, noise=float(noise),
+    return WidenPlan(model=model, target=target, old_width=old, width=width, init=init, noise=float(noise),
                      split=float(split), mapping=mapping, seed=seed, maps=maps, producers=list(c.producers),
                      channelwise=list(c.channelwise), consumers=list(c.consumers), changes=changes,
                      resizes=resizes, example_inputs=example_inputs)

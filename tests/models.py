@@ -90,3 +90,53 @@ def conv_nd(nd: int, bias: bool = True) -> nn.Module:
 def max_rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention written by hand: q/k/v/o Linears, heads from the tensor's size."""
+
+    def __init__(self, d: int = 8, heads: int = 2, head_size: int = 3, sdpa: bool = True) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(d, heads * head_size) for _ in range(3))
+        self.o = nn.Linear(heads * head_size, d)
+        self.head_size, self.sdpa = head_size, sdpa
+        self.register_buffer("causal", torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = (f(x).view(B, T, -1, self.head_size).transpose(1, 2) for f in (self.q, self.k, self.v))
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            att = (q @ k.transpose(-2, -1)) * k.size(-1) ** -0.5
+            att = att.masked_fill(self.causal[:, :, :T, :T] == 0, float("-inf")).softmax(dim=-1)
+            y = att @ v
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class TinyGPT(nn.Module):
+    """Token + position embeddings, pre-LN blocks (attention + MLP), tied-free head."""
+
+    def __init__(self, vocab: int = 11, d: int = 8, heads: int = 2, head_size: int = 3, hidden: int = 12,
+                 layers: int = 2, sdpa: bool = True) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(16, d)
+        self.blocks = nn.ModuleList(GPTBlock(d, heads, head_size, hidden, sdpa) for _ in range(layers))
+        self.ln_f, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, d: int, heads: int, head_size: int, hidden: int, sdpa: bool) -> None:
+        super().__init__()
+        self.ln1, self.attn, self.ln2 = nn.LayerNorm(d), Attention(d, heads, head_size, sdpa), nn.LayerNorm(d)
+        self.fc1, self.act, self.fc2 = nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(self.act(self.fc1(self.ln2(x))))
