@@ -182,7 +182,7 @@ class Growth:
         'in'
     """
 
-    kind: str  # "widen" | "deepen"
+    kind: str  # "widen" | "deepen" | "shrink" (and any registered kind)
     target: str
     options: dict[str, Any]
     seed: int

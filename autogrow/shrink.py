@@ -114,14 +114,17 @@ class ShrinkPlan(Plan):
         lines = [f"ShrinkPlan: {self.target!r} {self.old_width} -> {self.width} units (mode={self.mode}, "
                  f"tol={self.tol:.3g}{', correct=' + str(self.correct) if self.mode == 'prune' else ''})"]
         base = self.maps[BASE]
+        unit = self.old_width // len(base.idx)  # > 1: the units are attention heads of that many features
+        units = "units" if unit == 1 else f"heads (of {unit} units)"
         if self.mode == "merge":
             groups = [[u for u in g if u >= 0] for g in merge_members(base).tolist()]
             groups = [g for g in groups if len(g) > 1]
-            lines.append(f"  merges {len(groups)} groups of copies: {groups[:8]}{' ...' if len(groups) > 8 else ''}")
+            lines.append(f"  merges {len(groups)} groups of copied {units}: {groups[:8]}"
+                         f"{' ...' if len(groups) > 8 else ''}")
         else:
             gone = torch.nonzero(base.fresh).flatten().tolist()
             err = f"; relative output change {self.error:.3g} on the example inputs" if self.error is not None else ""
-            lines.append(f"  removes units {gone[:16]}{' ...' if len(gone) > 16 else ''}{err}")
+            lines.append(f"  removes {units} {gone[:16]}{' ...' if len(gone) > 16 else ''}{err}")
         lines.append(f"  producers (output shrinks): {self.producers}")
         if self.channelwise:
             lines.append(f"  channel-wise (entries merged): {self.channelwise}")
@@ -341,14 +344,15 @@ def _merge_base(gid: torch.Tensor, width: int | None) -> UnitMap:
 
 def _plan_merge(model: nn.Module, c: Coupling, width: int | None, tol: float) -> UnitMap:
     gid = _duplicate_groups(_unit_features(model, c, _labels(c)), tol)
-    groups = int(gid.max()) + 1
+    groups, unit = int(gid.max()) + 1, c.unit_block
+    what = "units" if unit == 1 else f"heads of {unit}"
     if groups == c.old_width:
-        fail(f"target: {c.target!r} has no duplicate units to merge: its {c.old_width} units differ pairwise by more "
+        fail(f"target: {c.target!r} has no duplicate units to merge: its {c.old_width} {what} differ pairwise by more "
              f"than tol={tol:.3g} (relative) in their incoming weights, bias or normalisation entries; "
              "mode='prune' removes units approximately")
-    check("width", width, width is None or width >= groups,
-          f"at least {groups}: {c.target!r} has {groups} distinct units, and exact merges reach no fewer")
-    return _merge_base(gid, width)
+    check("width", width, width is None or width >= groups * unit,
+          f"at least {groups * unit}: {c.target!r} has {groups} distinct {what}, and exact merges reach no fewer")
+    return _merge_base(gid, width // unit if width is not None else None)
 
 
 def _recorder(store: list[torch.Tensor]) -> Any:
@@ -390,7 +394,7 @@ def _in_weight(m: nn.Module) -> tuple[str, int, torch.Tensor]:
 
 
 def _plan_prune(model: nn.Module, c: Coupling, width: int, inputs: dict[str, torch.Tensor]) -> UnitMap:
-    """Keep the ``width`` units with the largest ``|consumer columns| x RMS activation`` (ties: lower index)."""
+    """Keep the ``width`` units (heads) with the largest ``|consumer columns| x RMS activation`` (ties: lower index)."""
     labels = _labels(c)
     importance = torch.zeros(c.old_width, dtype=torch.float64)
     for mod, (key, _) in c.consumers.items():
@@ -462,10 +466,10 @@ def _shrink_changes(model: nn.Module, c: Coupling, maps: dict[str, UnitMap]
         shape[tr.dim] = shrunk_width(maps[tr.map]) * tr.block
         ch.new_shape = tuple(shape)
 
-    for mod, key in c.producers.items():
+    for mod, key in c.producers.items():  # unit_block > 1: the units are attention heads of that many rows
         for tname, d in layer_spec(modules[mod]).out_params.items():  # type: ignore[union-attr]
-            add(mod, tname, Transform(d, map_name(key), "merge"))
-        resizes.append((mod, "out", shrunk_width(maps[map_name(key)])))
+            add(mod, tname, Transform(d, map_name(key), "merge", c.unit_block))
+        resizes.append((mod, "out", shrunk_width(maps[map_name(key)]) * c.unit_block))
     for mod, key in c.channelwise.items():
         for tname in channel_spec(modules[mod]).tensors:  # type: ignore[union-attr]
             add(mod, tname, Transform(0, map_name(key), "merge"))
@@ -482,7 +486,7 @@ def _shrink_changes(model: nn.Module, c: Coupling, maps: dict[str, UnitMap]
 
 _REWORDED = (("cannot widen", "cannot shrink"), ("Widen a hidden layer", "Shrink a hidden layer"),
              ("widening would", "shrinking would"), ("would not grow with it", "would not shrink with it"),
-             ("or widen a layer", "or shrink a layer"))
+             ("or widen a layer", "or shrink a layer"), ("Widen to a multiple", "Shrink to a multiple"))
 
 
 def _reworded(e: AutogrowError) -> AutogrowError:
@@ -515,10 +519,18 @@ def _couple(model: nn.Module, target: str, width: int | None, graph: Any, shapes
         c = couple(model, target, width, graph=graph, shapes=shapes)
     except AutogrowError as e:
         raise _reworded(e) from None
-    if getattr(c, "unit_block", 1) != 1:
-        fail(f"target: the units of {target!r} are attention heads of {c.unit_block} features; "  # type: ignore[attr-defined]
-             "shrinking whole heads is not supported")
     return c
+
+
+def _current_width(model: nn.Module, target: str) -> int | None:
+    """The target's current number of output features: a safe first guess of the new width for the coupling walk
+    (a whole number of heads; the walk is repeated at the final width), ``None`` where the walk will refuse."""
+    try:
+        m = model.get_submodule(target)
+    except AttributeError:
+        return None
+    spec = layer_spec(m)
+    return getattr(m, spec.out_attr, None) if spec is not None else None
 
 
 def _check_uniform(c: Coupling, maps: dict[str, UnitMap]) -> None:
@@ -603,21 +615,24 @@ def plan_shrink(model: nn.Module, target: str, width: int | None = None, *, mode
     model, target = unwrap(model, target)
     graph = trace(model)
     shapes = propagate(model, graph, example_inputs) if example_inputs is not None else None
-    c = _couple(model, target, width, graph, shapes)
-    check("width", width, width is None or width < c.old_width, f"fewer than {target!r}'s current {c.old_width} units")
+    c = _couple(model, target, width if width is not None else _current_width(model, target), graph, shapes)
+    unit, old = c.unit_block, c.old_width * c.unit_block  # unit > 1: the units are attention heads of that size
+    check("width", width, width is None or (width < old and width % unit == 0), f"fewer than {target!r}'s current "
+          f"{old} units" + (f" and a multiple of its head size {unit}" if unit > 1 else ""))
     weight = next(iter(model.get_submodule(target).parameters()), None)
     tol = default_tol(weight.dtype if weight is not None else torch.float32) if tol is None else float(tol)
     inputs = _consumer_inputs(model, c, example_inputs) if mode == "prune" else {}
-    base = _plan_merge(model, c, width, tol) if mode == "merge" else _plan_prune(model, c, width, inputs)
-    if shrunk_width(base) != width:  # re-check the size-dependent ops at the final width
-        c = _couple(model, target, shrunk_width(base), graph, shapes)
+    base = _plan_merge(model, c, width, tol) if mode == "merge" else _plan_prune(model, c, width // unit, inputs)
+    new = shrunk_width(base) * unit
+    if new != width:  # re-check the size-dependent ops at the final width
+        c = _couple(model, target, new, graph, shapes)
     maps = _cat_maps(c, base)
     if mode == "merge":
         _check_uniform(c, maps)
     changes, resizes = _shrink_changes(model, c, maps)
     if mode == "prune" and correct:
         changes = _correct(model, c, maps, inputs, changes)
-    plan = ShrinkPlan(model=model, target=target, mode=mode, old_width=c.old_width, width=shrunk_width(base), tol=tol,
+    plan = ShrinkPlan(model=model, target=target, mode=mode, old_width=old, width=new, tol=tol,
                       correct=correct, maps=maps, producers=list(c.producers), channelwise=list(c.channelwise),
                       consumers=list(c.consumers), changes=_tied(model, changes), resizes=resizes,
                       example_inputs=example_inputs)
