@@ -38,6 +38,7 @@ from autogrow.registry import (
 )
 from autogrow.replay import replay
 from autogrow.shrink import ShrinkPlan, plan_shrink, shrink
+from autogrow.stack import StackPlan, plan_stack, stack
 from autogrow.widen import WidenPlan, plan_widen, widen
 
 __version__ = "0.1.0"
@@ -45,7 +46,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AutogrowError", "ChannelSpec", "DeepenPlan", "Growth", "LayerSpec", "OpKind", "Plan", "Residual", "ShrinkPlan",
     "Transform", "UnitMap", "WidenInit", "WidenPlan", "carry_scheduler", "check_optimizer", "deepen", "grow_optimizer",
-    "load_grown", "num_params", "param_names", "plan_deepen", "plan_shrink", "plan_widen", "register_channelwise",
-    "register_elementwise", "register_function", "register_init", "register_layer", "register_optimizer_state",
-    "replay", "shrink", "translate_state_dict", "widen",
+    "load_grown", "num_params", "param_names", "plan_deepen", "plan_shrink", "plan_stack", "plan_widen",
+    "register_channelwise", "register_elementwise", "register_function", "register_init", "register_layer",
+    "register_optimizer_state", "replay", "shrink", "stack", "StackPlan", "translate_state_dict", "widen",
 ]

@@ -31,7 +31,7 @@ from autogrow.layout import Layout, NeedsBlock, Refusal, arg, cat_axis
 from autogrow.ops import Op, OpKind, classify
 from autogrow.registry import ChannelSpec, LayerSpec, channel_width, layer_spec
 from autogrow.sizes import SizeReader
-from autogrow.trace import call_sites, describe, trace
+from autogrow.trace import call_sites, describe, not_called, trace
 
 __all__ = ["CatParts", "Coupling", "couple"]
 
@@ -108,8 +108,7 @@ class _Walk:
 
     def run(self) -> Coupling:
         if self.target not in self.sites:
-            names = [n for n, m in self.model.named_modules() if layer_spec(m) is not None]
-            fail(f"target: {self.target!r} is not a module called in forward; growable layers: {names}")
+            fail("target: " + not_called(self.model, self.target, self.sites, "growable layers"))
         module = self.model.get_submodule(self.target)
         if layer_spec(module) is None:
             fail(f"target: {self.target!r} is a {type(module).__name__}, which has no registered LayerSpec; "
@@ -140,7 +139,7 @@ class _Walk:
     def _new(self, key: MapKey) -> int:
         assert self.old_width is not None
         if key is None:
-            return self.new_width if self.new_width is not None else 2 * self.old_width + 1
+            return self.new_width if self.new_width is not None else 2 * self.old_width  # a probe: doubled
         return sum(self._new(k) if k is not False else w for k, w in self.cats[key].parts)
 
     # -- the context layout rules see (autogrow.layout.Context) --------------------------------------------

@@ -30,7 +30,7 @@ from autogrow.ops import Op, OpKind, classify
 from autogrow.plan import Plan, Undo, register_plan
 from autogrow.registry import identity_kernel_size, layer_spec
 from autogrow.shapes import propagate
-from autogrow.trace import call_sites, describe, trace, unwrap
+from autogrow.trace import call_sites, describe, not_called, trace, unwrap
 
 __all__ = ["INITS", "DeepenPlan", "Residual", "deepen", "plan_deepen"]
 
@@ -229,8 +229,7 @@ def _check_deepen_args(model: nn.Module, after: str, init: str, residual: bool |
     check_int("kernel_size", kernel_size, 1, optional=True)
     check("kernel_size", kernel_size, kernel_size is None or kernel_size % 2 == 1, "an odd int >= 1 or None")
     if after not in sites:
-        names = [n for n, m in model.named_modules() if getattr(layer_spec(m), "identity", None) and n in sites]
-        fail(f"after: {after!r} is not a module called in forward; layers that can be deepened: {names}")
+        fail("after: " + not_called(model, after, sites, "growable layers"))
     module = model.get_submodule(after)
     spec = layer_spec(module)
     if spec is None or spec.identity is None:

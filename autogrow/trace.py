@@ -14,7 +14,7 @@ import torch.nn as nn
 from autogrow.errors import fail
 from autogrow.ops import OpKind, classify_module
 
-__all__ = ["call_sites", "describe", "trace", "unwrap"]
+__all__ = ["call_sites", "describe", "not_called", "trace", "unwrap"]
 
 try:  # torch.compile's wrapper; its original module holds the live parameters
     from torch._dynamo.eval_frame import OptimizedModule
@@ -74,3 +74,21 @@ def describe(node: fx.Node, model: nn.Module | None = None) -> str:
     if model is not None and node.op == "call_module":
         target = f"{target}: {type(model.get_submodule(node.target)).__name__}"
     return f"node '{node.name}' ({node.op} {target})"
+
+
+def not_called(model: nn.Module, name: str, sites: dict[str, list[fx.Node]], what: str) -> str:
+    """Why module ``name`` has no call site: it is missing, inside an opaque (untraced) module, or unused."""
+    callable_ = [n for n in sites if classify_module(model.get_submodule(n)).kind is OpKind.WEIGHTED]
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return f"{name!r} is not a module called in forward (no such submodule); {what}: {callable_}"
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        outer = ".".join(parts[:i])
+        if outer in sites:
+            kind = type(model.get_submodule(outer)).__name__
+            return (f"{name!r} is inside {outer!r} ({kind}), which torch.fx records as one opaque call (it does not "
+                    f"trace into torch.nn's own layers); autogrow can grow only what it sees. Write the block from "
+                    f"Linear/LayerNorm/attention ops (see autogrow's TinyGPT), or grow one of: {callable_}")
+    return f"{name!r} is not called in forward; {what}: {callable_}"

@@ -1,10 +1,34 @@
-"""Shared fixtures: a tiny Fashion-MNIST-shaped IDX data set written to disk (tests never download)."""
+"""Shared fixtures: a tiny Fashion-MNIST-shaped IDX data set written to disk (tests never download), and an
+environment for subprocesses.
+
+torchvision's only build for torch 2.13 here is a CUDA build whose import fails on the CPU torch
+("operator torchvision::nms does not exist"); timm, transformers, torchmetrics and Lightning import it when
+installed. The model definitions never need its compiled ops, so the tests import it without them, in this
+process (below) and in the subprocesses they start (``subprocess_env``: a ``sitecustomize`` doing the same).
+"""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-from autogrow.experiments.data import write_idx
+import os
+from pathlib import Path
+
+from tests.torchvision_without_ops import SOURCE, import_torchvision_without_ops
+
+import_torchvision_without_ops()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from autogrow.experiments.data import write_idx  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def subprocess_env(tmp_path_factory) -> dict[str, str]:
+    """``os.environ`` plus a PYTHONPATH holding the repository and a sitecustomize that imports torchvision
+    without its ops (for subprocesses: the console script, DDP ranks)."""
+    site = tmp_path_factory.mktemp("site")
+    (site / "sitecustomize.py").write_text(SOURCE + "\nimport_torchvision_without_ops()\n")
+    paths = [str(site), str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
 @pytest.fixture(scope="session")

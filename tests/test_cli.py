@@ -31,14 +31,14 @@ def test_print_config(capsys):
     assert "class_path: autogrow.callbacks.AutoGrow" in capsys.readouterr().out
 
 
-def test_console_script_exits_zero(tmp_path):
+def test_console_script_exits_zero(tmp_path, subprocess_env):
     """The installed ``autogrow`` command: exit status 0 and nothing printed after the summary."""
     import subprocess
     import sys
 
     script = Path(sys.executable).with_name("autogrow")
     proc = subprocess.run([str(script), "fit", "--config", str(CONFIG), "--trainer.max_epochs", "6",
-                           "--trainer.logger.init_args.save_dir", str(tmp_path)], cwd=tmp_path,
+                           "--trainer.logger.init_args.save_dir", str(tmp_path)], cwd=tmp_path, env=subprocess_env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "== autogrow summary ==" in proc.stdout and "AutogrowCLI object" not in proc.stdout + proc.stderr

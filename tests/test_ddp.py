@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,11 +9,10 @@ from pathlib import Path
 import torch
 
 
-def test_ddp_two_ranks_grow_together(tmp_path):
+def test_ddp_two_ranks_grow_together(tmp_path, subprocess_env):
     script = Path(__file__).with_name("ddp_run.py")
-    env = {**os.environ, "PYTHONPATH": str(script.parent.parent)}
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=subprocess_env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert len(r0["events"]) == len(r1["events"]) == 2

@@ -13,11 +13,12 @@ def test_readme_example_runs():
     exec(compile(block, "README.md", "exec"), {})
 
 
-def test_core_does_not_import_lightning():
+def test_core_does_not_import_lightning(subprocess_env):
     import subprocess
     import sys
 
     code = ("import sys, autogrow, autogrow.checkpoint, autogrow.plateau, autogrow.policy; "
             "print([m for m in sys.modules if 'lightning' in m or 'torchmetrics' in m])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=subprocess_env).stdout
     assert out.strip() == "[]"

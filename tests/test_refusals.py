@@ -94,7 +94,7 @@ CASES = [
     (mlp, lambda m: autogrow.plan_widen(m, "0", 8, split=1.5),
      r"split: 1.5 is not allowed; expected a number in \[0.0, 1.0\)"),
     (FixedView, lambda m: autogrow.plan_widen(m, "conv", 4), r"node 'view'.*fixed shape.*x.flatten\(1\)"),
-    (SoftmaxOverFeatures, lambda m: autogrow.plan_widen(m, "fc1", 8), r"node 'softmax'.*normalises over the widened units"),
+    (SoftmaxOverFeatures, lambda m: autogrow.plan_widen(m, "fc1", 8), r"node 'softmax'.*normalises over the widened"),
     (MatmulFixed, lambda m: autogrow.plan_widen(m, "fc1", 8), r"node 'matmul'"),
     (WithUnregistered, lambda m: autogrow.plan_widen(m, "fc1", 8), r"node 'mid_scale'.*fixed"),
     (mlp, lambda m: autogrow.plan_deepen(m, "0"),

@@ -1,0 +1,196 @@
+"""Transformers grow in every dimension staged training grows: MLP width, heads, d_model, depth."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import autogrow
+from tests.models import TinyGPT, max_rel_error
+from tests.test_refusals import assert_unchanged, snapshot
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def ids(t: int = 7) -> torch.Tensor:
+    return torch.randint(0, 11, (3, t), generator=torch.Generator().manual_seed(0))
+
+
+def trained(sdpa: bool) -> tuple[nn.Module, torch.optim.Optimizer, torch.Tensor]:
+    torch.manual_seed(0)
+    model, x = TinyGPT(sdpa=sdpa), ids()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+        opt.step()
+    return model, opt, x
+
+
+@pytest.mark.parametrize("sdpa", [True, False])
+def test_every_dimension_grows_exactly_and_trains(sdpa):
+    model, opt, x = trained(sdpa)
+    ref = model(x)
+    steps = [
+        lambda: autogrow.widen(model, "blocks.0.attn.q", 12, split=0.3, generator=1, optimizer=opt, example_inputs=x),
+        lambda: autogrow.widen(model, "blocks.1.fc1", 24, split=0.3, generator=2, optimizer=opt, example_inputs=x),
+        lambda: autogrow.widen(model, "tok", 16, generator=3, optimizer=opt, example_inputs=x),  # d_model, x2
+        lambda: autogrow.stack(model, "blocks.1", generator=4, optimizer=opt, example_inputs=x),
+        lambda: autogrow.deepen(model, "blocks.0.fc1", residual=None, generator=5, optimizer=opt, example_inputs=x),
+    ]
+    for step in steps:
+        step()
+        assert max_rel_error(ref, model(x)) <= 1e-9
+    assert model.blocks[0].attn.q.out_features == 12 and model.blocks[0].attn.k.out_features == 12
+    assert model.blocks[0].attn.o.in_features == 12 and model.tok.embedding_dim == 16 and len(model.blocks) == 3
+    held = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(held) == sorted(id(p) for p in model.parameters())
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x).flatten(0, 1), x.flatten())
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+
+
+def test_new_heads_compute_what_their_originals_do():
+    model, _, x = trained(True)
+    g = autogrow.widen(model, "blocks.0.attn.v", 9, generator=0, example_inputs=x)  # 2 heads of 3 -> 3 heads
+    head_map = g.maps["base"]
+    assert head_map.idx.tolist()[:2] == [0, 1] and len(head_map.idx) == 3
+    assert g.params["blocks.0.attn.q.weight"][0].block == 3  # rows move by whole heads
+
+
+def test_head_size_and_partial_heads_are_refused():
+    model, opt, x = trained(True)
+
+    class FixedHeads(nn.Module):  # heads fixed by the config, head size from the width: it would change
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.o = nn.Linear(8, 6), nn.Linear(6, 8)
+
+        def forward(self, h):
+            b, t, c = h.shape
+            y = self.q(h)
+            return self.o(y.view(b, t, 2, y.size(-1) // 2).flip(2).reshape(b, t, -1))
+
+    h = torch.randn(2, 5, 8)
+    net = FixedHeads()
+    before = snapshot(net)
+    with pytest.raises(autogrow.AutogrowError, match=r"head size would change.*Grow the number of heads"):
+        autogrow.widen(net, "q", 10, example_inputs=h)
+    assert_unchanged(before, net)
+    before = snapshot(model, opt)
+    with pytest.raises(autogrow.AutogrowError, match=r"new width 10 is not a whole number of heads.*multiple of 3"):
+        autogrow.widen(model, "blocks.0.attn.q", 10, optimizer=opt, example_inputs=x)
+    assert_unchanged(before, model, opt)
+
+
+class Pooling(nn.Module):
+    """Token pooling (mean over T, or the first token) and a concatenation along time."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.a, self.b, self.head = how, nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.how == "mean":
+            h = h.mean(dim=1)
+        elif self.how == "cls":
+            h = h[:, 0]
+        else:  # time: (B, 2T, C), an element-wise merge of both branches
+            h = torch.cat([h, torch.relu(self.b(x))], dim=1).amax(dim=1)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("how", ["mean", "cls", "time"])
+def test_token_pooling_and_time_concatenation(how):
+    x = torch.randn(3, 5, 4)
+    model = Pooling(how)
+    ref = model(x)
+    autogrow.widen(model, "a", 9, split=0.3, generator=0, example_inputs=x)
+    assert max_rel_error(ref, model(x)) <= 1e-9
+    if how == "time":
+        assert model.b.out_features == 9  # the other branch grows with it
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.conv, self.fc1, self.fc2 = nn.Conv2d(3, c, 3, padding=1), nn.Linear(c, 2), nn.Linear(2, c)
+        self.head = nn.Linear(c, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        b, c, _, _ = h.shape
+        s = torch.sigmoid(self.fc2(torch.relu(self.fc1(h.mean((2, 3))))))
+        return self.head((h * s.view(b, c, 1, 1)).mean((2, 3)))
+
+
+def test_squeeze_excitation_gate_grows_with_its_channels():
+    x = torch.randn(2, 3, 6, 6)
+    model = SqueezeExcite()
+    ref = model(x)
+    plan = autogrow.plan_widen(model, "conv", 7, split=0.3, generator=0, example_inputs=x)
+    assert set(plan.producers) == {"conv", "fc2"} and set(plan.consumers) == {"fc1", "head"}
+    plan.apply()
+    assert max_rel_error(ref, model(x)) <= 1e-9
+
+
+def test_library_attention_blocks_are_named_in_refusals():
+    class WithMHA(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.mha, self.head = nn.Linear(4, 8), nn.MultiheadAttention(8, 2, batch_first=True), \
+                nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.emb(x)
+            return self.head(h + self.mha(h, h, h)[0])
+
+    x = torch.randn(2, 5, 4)
+    with pytest.raises(autogrow.AutogrowError, match=r"node 'mha' \(call_module mha: MultiheadAttention\)"):
+        autogrow.widen(WithMHA(), "emb", 16, example_inputs=x)
+    layer = nn.Sequential(nn.Linear(4, 8), nn.TransformerEncoderLayer(8, 2, 16, batch_first=True))
+    with pytest.raises(autogrow.AutogrowError, match=r"'1.linear1' is inside '1' \(TransformerEncoderLayer\)"):
+        autogrow.widen(layer, "1.linear1", 32, example_inputs=x)
+
+
+def test_stacking_a_post_norm_block_is_refused_and_undone():
+    class PostNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.ln = nn.Linear(4, 4), nn.LayerNorm(4)
+
+        def forward(self, x):
+            return self.ln(x + self.fc(x))
+
+    net = nn.Sequential(nn.Linear(3, 4), PostNorm(), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    before = snapshot(net)
+    with pytest.raises(autogrow.AutogrowError, match="changed the model's output"):
+        autogrow.stack(net, "1", example_inputs=x)
+    assert_unchanged(before, net)
+    with pytest.raises(autogrow.errors.NeedsShapes, match="needs example_inputs"):
+        autogrow.stack(net, "1")
+
+
+def test_stack_replays_and_carries_the_optimizer():
+    model, opt, x = trained(True)
+    fresh = copy.deepcopy(model)
+    g = autogrow.stack(model, "blocks.0", optimizer=opt, generator=0, example_inputs=x)
+    assert "blocks.1.fc2.weight" in g.renames and g.renames["blocks.1.fc2.weight"] == "blocks.2.fc2.weight"
+    new = [p for n, p in model.named_parameters() if n.startswith("blocks.1.")]
+    assert all(p not in opt.state for p in new) and all(p.sum() == 0 for p in model.blocks[1].fc2.parameters())
+    autogrow.replay(fresh, [g.to_dict()])
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
