@@ -268,8 +268,10 @@ class _Walk:
                 self.fail(user, f"combines tensors whose units are mapped differently ({a.name})")
 
     def _broadcasts(self, a: fx.Node, lay: Layout) -> bool:
+        """``a`` has no units' axis, or size 1 there while the widened tensor has more (with a width of 1
+        that size says nothing: the tensor must grow with the others)."""
         shape = self.shape(a)
-        return shape is not None and (len(shape) < -lay.dim or shape[lay.dim] == 1)
+        return shape is not None and (len(shape) < -lay.dim or (shape[lay.dim] == 1 and self.width(lay.key) > 1))
 
     # -- backward: a tensor combined with a widened one must itself become widened ----------------------
     def backward(self, node: object, lay: Layout, via: fx.Node) -> None:

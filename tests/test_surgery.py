@@ -328,3 +328,15 @@ def test_param_delta_is_what_apply_adds(kw):
             delta = plan.param_delta
             plan.apply()
             assert sum(p.numel() for p in net.parameters()) - before == delta
+
+
+def test_a_width_one_residual_branch_grows_with_its_stream():
+    """With one unit, a size-1 tensor is not a broadcast: the residual branch must grow with the stream."""
+    torch.manual_seed(0)
+    model = mlp([1, 1, 1], "tanh", False, False, False)
+    x = torch.randn(16, 1)
+    autogrow.deepen(model, "0", residual=None, generator=0, example_inputs=x)
+    autogrow.widen(model, "0", 2, generator=0, example_inputs=x)
+    assert model[1][1].body[2].out_features == 2
+    autogrow.widen(model, "1.1.body.2", 3, generator=0, example_inputs=x)  # the stream stays one group
+    assert model[0].out_features == 3
