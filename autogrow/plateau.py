@@ -22,7 +22,8 @@ from typing import Any, ClassVar
 
 from autogrow.errors import check_choice, check_float, check_int
 
-__all__ = ["MODES", "TRIGGERS", "DynamicNodeCreation", "EveryN", "PayoffCheck", "Plateau", "Trigger", "make_trigger"]
+__all__ = ["MODES", "TRIGGERS", "Deadline", "DynamicNodeCreation", "EveryN", "PayoffCheck", "Plateau", "Trigger",
+           "make_trigger"]
 
 MODES = ("min", "max")
 
@@ -237,3 +238,27 @@ class PayoffCheck:
             return False
         self.since_growth = None
         return True
+
+
+@dataclass
+class Deadline:
+    """Grow in time: the size budget is reached by ``fraction`` of the run, growth events evenly spread.
+
+    With ``done`` events behind and ``needed`` still to go, the next one is due at progress
+    ``fraction * (done + 1) / (done + needed)`` (a plateau may bring it earlier).
+
+        >>> d = Deadline(0.6)
+        >>> [d.due(p, done=0, needed=3) for p in (0.1, 0.2)], d.due(0.4, done=1, needed=2)
+        ([False, True], True)
+    """
+
+    fraction: float = 0.6
+
+    def __post_init__(self) -> None:
+        check_float("deadline", self.fraction, 0.0, 1.0, low_open=True)
+
+    def due(self, progress: float, done: int, needed: int) -> bool:
+        """Whether a growth is due at ``progress`` (0..1 of the run)."""
+        if needed <= 0:
+            return False
+        return progress >= self.fraction * (done + 1) / (done + needed) - 1e-9

@@ -12,6 +12,7 @@ and seeds come from rank 0 and the DDP wrapper is rebuilt.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from typing import Any
@@ -21,22 +22,26 @@ import torch.nn as nn
 
 import autogrow
 from autogrow.actions import GrowthAction, discover_targets, make_action, width_of
+from autogrow.budget import Budget
 from autogrow.checkpoint import CHECKPOINT_KEY, history_of, set_history
 from autogrow.errors import check, check_bool, check_choice, check_int
 from autogrow.events import Change, GrowthEvent, Reason, StopReason
-from autogrow.plan import Undo
-from autogrow.plateau import PayoffCheck, Trigger, make_trigger
+from autogrow.lr import GrowthLR, shrink_perturb
+from autogrow.plateau import Deadline, PayoffCheck, Trigger, make_trigger
 from autogrow.policy import Candidate, GradientTracker, GrowthPolicy, make_policy
 
 from ._compat import CALLBACK_BASES, MisconfigurationError, check_supported, info, warn
+from .growing import grow_layers
 from .mixin import unwrap_load_hook, wrap_load_hook
 from .probe import Probe
 from .rebuild import TrainingState, rebuild
 from .report import report
+from .schedule import RunSchedule
 from .snapshot import Skeleton, Snapshot
 from .state import dump_state, load_state
 
 __all__ = ["AutoGrow"]
+
 
 
 class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
@@ -55,6 +60,15 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         targets: module names (relative to the LightningModule) that may grow; ``None``: every layer that
             can grow exactly, found by tracing.
         max_params, max_width, max_events: the growth budget; growth stops when nothing fits.
+        deadline: with a size budget (``max_params`` or ``max_width``), the fraction of the run by which it is
+            reached: growth events are spread evenly up to it when the metric does not plateau first
+            (``None``: grow on the trigger only).
+        lr: the learning rate around growth (:class:`~autogrow.lr.GrowthLR`), a multiplier applied on top of
+            your optimizer and scheduler: ``"wsd"`` (the default ``GrowthLR()``) holds it while growing and
+            decays it linearly to zero over the last 40% of the run (never before the last growth); ``None``:
+            leave the LR alone.
+        shrink_perturb: ``(shrink, noise)``: after each growth every weight becomes ``shrink * w + noise * u``
+            (Ash & Adams 2020; not function-preserving; opt-in).
         stop_patience: stop growing when the monitored metric has not beaten its pre-growth best within
             this many evaluations after a growth (Ash's validation stop); ``None``: never.
         rollback: with ``stop_patience``, also restore the weights, optimizer and schedule from just
@@ -74,19 +88,23 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
     def __init__(self, monitor: str = "val_loss", mode: str = "min", trigger: str | Trigger = "plateau",
                  grow: str | GrowthAction = "widen", policy: str | GrowthPolicy = "all",
                  targets: list[str] | None = None, max_params: int | None = None, max_width: int | None = None,
-                 max_events: int | None = None, stop_patience: int | None = None, rollback: bool = False,
-                 optimizer_state: str = "carry", on_error: str = "raise", seed: int = 0) -> None:
+                 max_events: int | None = None, deadline: float | None = 0.6,
+                 lr: str | GrowthLR | None = "wsd", shrink_perturb: tuple[float, float] | None = None,
+                 stop_patience: int | None = None, rollback: bool = False, optimizer_state: str = "carry",
+                 on_error: str = "raise", seed: int = 0) -> None:
         super().__init__()
         check("monitor", monitor, isinstance(monitor, str) and bool(monitor), "a metric name")
         check("targets", targets, targets is None or (isinstance(targets, list) and bool(targets) and all(
             isinstance(t, str) for t in targets)), "a non-empty list of module names, or None")
-        for name, v in (("max_params", max_params), ("max_width", max_width), ("max_events", max_events),
-                        ("stop_patience", stop_patience)):
-            check_int(name, v, 1, optional=True)
+        check_int("stop_patience", stop_patience, 1, optional=True)
         check_bool("rollback", rollback)
         check("rollback", rollback, not rollback or stop_patience is not None, "False unless stop_patience is set")
         check_choice("optimizer_state", optimizer_state, autogrow.optim.STATES)
         check_choice("on_error", on_error, ("raise", "skip"))
+        check("lr", lr, lr is None or lr == "wsd" or isinstance(lr, GrowthLR), "'wsd', a GrowthLR or None")
+        check("shrink_perturb", shrink_perturb, shrink_perturb is None or (
+            len(shrink_perturb) == 2 and 0 <= shrink_perturb[0] <= 1 and shrink_perturb[1] >= 0),
+              "(shrink in [0, 1], noise >= 0) or None")
         check_int("seed", seed, 0, 2**62)  # seeds derived per event stay below 2**63
         if ("loss" in monitor and mode == "max") or ("acc" in monitor and mode == "min"):
             warnings.warn(f"AutoGrow: mode={mode!r} for monitor={monitor!r}: is that the right direction?",
@@ -95,14 +113,18 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         self.trigger = make_trigger(trigger, mode)
         self.action = make_action(grow)
         self.policy = make_policy(policy)
-        self.max_params, self.max_width, self.max_events = max_params, max_width, max_events
+        self.budget = Budget(max_params, max_width, max_events)
         self.stop_patience, self.rollback = stop_patience, rollback
         self.optimizer_state, self.on_error, self.seed = optimizer_state, on_error, seed
+        self.shrink_perturb = shrink_perturb
+        self.schedule = RunSchedule(GrowthLR() if lr == "wsd" else copy.deepcopy(lr),
+                                    Deadline(deadline) if deadline is not None else None)
         self._configured_targets = list(targets) if targets is not None else None
         # state (saved in checkpoints)
         self.targets: list[str] = []
         self.events: list[GrowthEvent] = []
         self.pending = False
+        self._reason = Reason(self.trigger.reason)  # why the pending growth was decided
         self.stopped: StopReason | None = None
         self.stop_message = ""
         self.best: float | None = None  # best monitored value seen
@@ -144,6 +166,7 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
             autogrow.check_optimizer(trainer.optimizers[0], pl_module, self.optimizer_state)
         except autogrow.AutogrowError as e:
             raise MisconfigurationError(f"AutoGrow: {e}") from e
+        self.schedule.start(trainer, pl_module)
 
     # -- deciding ---------------------------------------------------------------------------------------
     def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
@@ -171,7 +194,12 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
             self._rollback_pending = self.rollback and self._snapshot is not None
             if self._rollback_pending:
                 info(trainer, "AutoGrow: rolling back to the pre-growth model")
-        grow = self.trigger.update(value) and self.stopped is None
+        grow = self.trigger.update(value)
+        if not grow and self.schedule.due(trainer, self._grown(), self._events_needed(pl_module)):
+            grow, self._reason = True, Reason.DEADLINE
+        elif grow:
+            self._reason = Reason(self.trigger.reason)
+        grow = grow and self.stopped is None
         self.pending = self.pending or bool(trainer.strategy.broadcast(grow, src=0))
 
     def _stop(self, trainer: Any, reason: StopReason, message: str) -> None:
@@ -182,6 +210,7 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.probe.inputs is None:
             self.probe.capture(batch, validation=False)
+        self.schedule.sync(trainer)
         # After a mid-epoch validation: grow at an accumulation boundary (no pending gradients).
         if (self.pending or self._rollback_pending) and batch_idx % trainer.accumulate_grad_batches == 0:
             self._act(trainer, pl_module)
@@ -194,6 +223,7 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         if self.pending or self._rollback_pending:
             self._act(trainer, pl_module)
         pl_module.log("autogrow/params", float(autogrow.num_params(pl_module)), prog_bar=True, rank_zero_only=True)
+        pl_module.log("autogrow/lr_multiplier", self.schedule.multiplier(), rank_zero_only=True)
 
     def _act(self, trainer: Any, pl_module: Any) -> None:
         if self._rollback_pending:
@@ -201,23 +231,33 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
             n_before = autogrow.num_params(pl_module)
             snapshot, self._snapshot = self._snapshot, None
             self.targets = snapshot.restore(trainer, pl_module)
+            self.schedule.rebuilt(trainer, pl_module, grew=False)
             self._record(trainer, pl_module, Reason.ROLLBACK, [], n_before, None)
         elif self.pending:
             self.pending = False
             self._grow(trainer, pl_module)
 
+    def _grown(self) -> int:
+        return sum(e.reason is not Reason.ROLLBACK for e in self.events)
+
+    def _events_needed(self, pl_module: nn.Module) -> int:
+        if not self.budget.sized:
+            return 0
+        candidates = self._candidates(pl_module)
+        chosen = copy.deepcopy(self.policy).choose(candidates)  # a copy: choosing may advance its state
+        return self.budget.events_needed(pl_module, self.action, chosen, [c.width for c in candidates])
+
     def _candidates(self, pl_module: nn.Module) -> list[Candidate]:
         out = []
         for name in self.targets:
-            if not self.action.can_grow(pl_module, name, self.max_width):
+            if not self.action.can_grow(pl_module, name, self.budget.max_width):
                 continue  # at max_width
             out.append(Candidate(name, width_of(pl_module.get_submodule(name)), self._gradients.score(name)))
         return out
 
     def _grow(self, trainer: Any, pl_module: Any) -> None:
-        if self.max_events is not None and len([e for e in self.events if e.reason is not Reason.ROLLBACK]) \
-                >= self.max_events:
-            return self._stop(trainer, StopReason.MAX_EVENTS, f"max_events={self.max_events} reached")
+        if self.budget.max_events is not None and self._grown() >= self.budget.max_events:
+            return self._stop(trainer, StopReason.MAX_EVENTS, f"max_events={self.budget.max_events} reached")
         bad = next((n for n, p in pl_module.named_parameters() if not bool(torch.isfinite(p).all())), None)
         if bad is not None:
             return warn(trainer, f"AutoGrow: not growing: parameter {bad!r} holds NaN/inf values (training diverged)")
@@ -227,13 +267,16 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         saved = TrainingState.capture(trainer, pl_module)
         snapshot = Snapshot.take(trainer, pl_module, self.targets) if self.rollback else None
         before = self.probe.outputs(pl_module)
-        growths, changes = self._apply_plans(trainer, pl_module, chosen, seed, n_before)
+        growths, changes, self.targets = grow_layers(self, trainer, pl_module, chosen, seed, n_before)
         if not growths and not self.targets:
             return self._stop(trainer, StopReason.REFUSED, "every layer's growth failed its check")
         if not growths:
             return self._stop(trainer, StopReason.BUDGET, "no layer can grow within max_params / max_width")
         rebuild(trainer, pl_module, saved, growths, self.optimizer_state)
+        self.schedule.rebuilt(trainer, pl_module, grew=True)
         after = self.probe.outputs(pl_module)
+        if self.shrink_perturb is not None:
+            shrink_perturb(pl_module, *self.shrink_perturb, torch.Generator().manual_seed(seed))
         set_history(pl_module, history_of(pl_module) + [g.to_dict() for g in growths])
         for cb in trainer.early_stopping_callbacks:  # growth is progress: do not stop right after it
             cb.wait_count = 0
@@ -241,34 +284,7 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         self._gradients.clear()
         self._snapshot = snapshot
         self.payoff.grew(self.best)
-        self._record(trainer, pl_module, Reason(self.trigger.reason), changes, n_before, Probe.error(before, after))
-
-    def _apply_plans(self, trainer: Any, pl_module: Any, chosen: list[str], seed: int, n_params: int
-                     ) -> tuple[list[autogrow.Growth], list[Change]]:
-        growths, changes, event, targets = [], [], Undo(), list(self.targets)
-        for i, name in enumerate(chosen):
-            try:
-                plan = self.action.plan(pl_module, name, seed + i, max_width=self.max_width,
-                                        example_inputs=self.probe.inputs)
-                delta = plan.param_delta
-                if self.max_params is not None and n_params + delta > self.max_params:
-                    continue
-                width = width_of(pl_module.get_submodule(name))
-                growth = plan.apply(record=event)  # checked on the probe; undone if it fails
-            except autogrow.AutogrowError as e:
-                if self.on_error == "raise":
-                    event.restore()  # the layers grown earlier in this event too: the model is as before
-                    self.targets = targets
-                    raise autogrow.AutogrowError(f"AutoGrow: growing {name!r} failed and was undone: {e}") from e
-                warn(trainer, f"AutoGrow: {name!r} will not grow any more: {e}")
-                self.targets = [t for t in self.targets if t != name]
-                continue
-            n_params += delta
-            growths.append(growth)
-            new_name = self._renamed(name, growth)
-            changes.append(Change(name, width, width_of(pl_module.get_submodule(new_name)), growth.summary()))
-            self.targets = [self._renamed(t, growth) for t in self.targets]
-        return growths, changes
+        self._record(trainer, pl_module, self._reason, changes, n_before, Probe.error(before, after))
 
     def _record(self, trainer: Any, pl_module: Any, reason: Reason, changes: list[Change], n_before: int,
                 error: float | None) -> None:
@@ -276,11 +292,6 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
                             reason, changes, n_before, autogrow.num_params(pl_module), error)
         self.events.append(event)
         report(trainer, pl_module, event)
-
-    @staticmethod
-    def _renamed(name: str, growth: autogrow.Growth) -> str:
-        new = growth.renames.get(f"{name}.weight")
-        return new.rsplit(".", 1)[0] if new else name
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from autogrow.events import GrowthEvent, StopReason
+from autogrow.events import GrowthEvent, Reason, StopReason
 
 __all__ = ["STATE_VERSION", "dump_state", "load_state"]
 
@@ -16,7 +16,8 @@ def dump_state(cb: Any) -> dict[str, Any]:
     return {"version": STATE_VERSION, "trigger": cb.trigger.state_dict(), "policy": cb.policy.state_dict(),
             "targets": cb.targets, "events": [e.to_dict() for e in cb.events], "pending": cb.pending,
             "stopped": cb.stopped.value if cb.stopped else None, "stop_message": cb.stop_message, "best": cb.best,
-            "since_growth": cb.payoff.since_growth, "best_at_growth": cb.payoff.best_at_growth}
+            "since_growth": cb.payoff.since_growth, "best_at_growth": cb.payoff.best_at_growth,
+            "reason": cb._reason.value, "schedule": cb.schedule.state_dict()}
 
 
 def load_state(cb: Any, s: dict[str, Any]) -> None:
@@ -27,6 +28,8 @@ def load_state(cb: Any, s: dict[str, Any]) -> None:
     cb.events = [GrowthEvent.from_dict(e) for e in s.get("events", [])]
     cb.pending, cb.best = bool(s.get("pending", False)), s.get("best")
     cb.payoff.since_growth, cb.payoff.best_at_growth = s.get("since_growth"), s.get("best_at_growth")
+    cb._reason = Reason(s.get("reason", cb._reason.value))
+    cb.schedule.load_state_dict(s.get("schedule", {}))
     stopped = s.get("stopped")
     if stopped is not None and s.get("version", 1) < 2:  # 0.1 saved free text
         cb.stop_message = stopped

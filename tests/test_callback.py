@@ -89,12 +89,25 @@ def test_fixed_schedule_respects_warmup_and_cooldown(tmp_path, dm):
     assert [e.epoch for e in grow.events] == [2, 5, 8]
 
 
+class StopAfter(Callback):
+    """Interrupts a run after ``epochs`` epochs (its schedule still planned for the whole run)."""
+
+    def __init__(self, epochs: int | None) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.epochs is not None and trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
 def test_resume_is_bit_identical(tmp_path, dm):
+    """Also the LR multiplier (decaying over the last 40% of the run) resumes exactly."""
     def run(epochs, ckpt=None, root="a"):
         model = tiny(hidden=(3, 3), optimizer="adam", lr=0.01, scheduler="cosine", max_epochs=8)
         grow = AutoGrow(trigger=EveryN(every=2), policy="round_robin", seed=3)
         ckpt_cb = ModelCheckpoint(dirpath=tmp_path / root, save_last=True, every_n_epochs=1)
-        trainer(tmp_path, [grow, ckpt_cb], max_epochs=epochs).fit(model, datamodule=dm, ckpt_path=ckpt)
+        stop = StopAfter(epochs if epochs < 8 else None)
+        trainer(tmp_path, [grow, stop, ckpt_cb], max_epochs=8).fit(model, datamodule=dm, ckpt_path=ckpt)
         return model, grow
 
     full, grow_full = run(8, root="full")
@@ -286,7 +299,8 @@ def test_resume_from_a_checkpoint_with_growth_pending(tmp_path, dm):
         grow = AutoGrow(trigger=EveryN(every=2), seed=5)
         ckpt_cb = ModelCheckpoint(dirpath=tmp_path / root, monitor="val_loss", save_top_k=-1,
                                   filename="{epoch}", save_on_train_epoch_end=False)
-        trainer(tmp_path, [grow, ckpt_cb], max_epochs=epochs).fit(model, datamodule=dm, ckpt_path=ckpt)
+        stop = StopAfter(epochs if epochs < 6 else None)
+        trainer(tmp_path, [grow, stop, ckpt_cb], max_epochs=6).fit(model, datamodule=dm, ckpt_path=ckpt)
         return model, grow
 
     full, _ = run(6, root="full")

@@ -25,7 +25,7 @@ class HypothesisDraw:
         return self.data.draw(st.integers(low, high))
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.data())
 def test_every_growth_is_exact_or_cleanly_refused(data):
     outcomes = run_case(HypothesisDraw(data))

@@ -1,0 +1,63 @@
+"""How big the network may get, and how many growth events that still takes (framework-free)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from autogrow.actions import GrowthAction, Widen
+from autogrow.errors import AutogrowError, check_int
+from autogrow.growth import num_params
+
+__all__ = ["Budget"]
+
+
+@dataclass
+class Budget:
+    """The growth budget: parameters, units per layer, events (``None``: unlimited).
+
+        >>> import torch.nn as nn
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> Budget(max_width=64).events_needed(net, Widen(factor=2.0), ["0"], [8])
+        3
+    """
+
+    max_params: int | None = None
+    max_width: int | None = None
+    max_events: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_params", "max_width", "max_events"):
+            check_int(name, getattr(self, name), 1, optional=True)
+
+    @property
+    def sized(self) -> bool:
+        """Whether there is a size to grow to (a deadline needs one)."""
+        return self.max_params is not None or self.max_width is not None
+
+    def fits(self, params: int, delta: int) -> bool:
+        return self.max_params is None or params + delta <= self.max_params
+
+    def events_needed(self, model: nn.Module, action: GrowthAction, chosen: Sequence[str],
+                      widths: Sequence[int]) -> int:
+        """Events still needed to reach the budget, if each grows like the next one (``chosen`` layers)
+        would; ``widths``: the current widths of the layers that can still grow."""
+        needed = 0
+        n = num_params(model)
+        if self.max_params is not None and self.max_params > n:
+            try:
+                delta = sum(action.plan(model, c, 0, max_width=self.max_width).param_delta for c in chosen)
+            except AutogrowError:
+                delta = 0
+            if delta > 0:
+                needed = math.ceil(math.log(self.max_params / n) / math.log1p(delta / n) - 1e-9)
+        if self.max_width is not None and isinstance(action, Widen):
+            for w in widths:
+                if w < self.max_width:
+                    steps = math.ceil((self.max_width - w) / action.units) if action.units else \
+                        math.ceil(math.log(self.max_width / w) / math.log(action.factor) - 1e-9)
+                    needed = max(needed, steps)
+        return needed

@@ -1,0 +1,159 @@
+"""The learning rate around growth: a multiplier on top of any optimizer and scheduler (framework-free).
+
+Growing well needs the LR to cooperate: hold it while the network grows and decay it only after the
+last growth (warmup-stable-decay), optionally re-warm it briefly after each growth, and optionally
+scale the updates of layers whose fan-in grew (muP-style). :class:`GrowthLR` does all three without
+touching the user's optimizer or scheduler: it multiplies each group's ``lr`` just for the duration of
+``optimizer.step()`` (a step pre-hook) and puts it back right after (a post-hook), so a scheduler
+that reads or writes ``lr`` never sees the multiplier.
+
+    >>> import torch
+    >>> p = torch.nn.Parameter(torch.zeros(1)); opt = torch.optim.SGD([p], lr=1.0)
+    >>> lr = GrowthLR(decay=0.5, total_steps=4); lr.attach(opt)
+    >>> for _ in range(4):
+    ...     p.grad = torch.ones(1); opt.step(); lr.step()
+    >>> float(p), opt.param_groups[0]["lr"]   # multipliers 1, 1, 1, 0.5: the group's lr itself untouched
+    (-3.5, 1.0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.optim import Optimizer
+
+from autogrow.errors import check_bool, check_float, check_int
+
+__all__ = ["GrowthLR", "shrink_perturb"]
+
+
+@dataclass
+class GrowthLR:
+    """The LR multiplier around growth.
+
+    Args:
+        decay: fraction of the run, at its end, over which the multiplier falls linearly from 1 to
+            ``final`` (warmup-stable-decay's decay phase; 0: no decay). It starts no earlier than the
+            last growth.
+        final: the multiplier at the end of the run.
+        rewarm: steps after each growth over which the multiplier ramps from ``rewarm_start`` to 1 (0: none).
+        rewarm_start: the multiplier right after a growth.
+        width_scaling: scale each weight matrix's updates by (fan-in at the first growth / fan-in now),
+            muP-style, so that a layer whose inputs doubled takes half-size steps.
+        total_steps: the run's length in optimizer steps (the callback fills it from the Trainer).
+    """
+
+    decay: float = 0.4
+    final: float = 0.0
+    rewarm: int = 0
+    rewarm_start: float = 0.1
+    width_scaling: bool = False
+    total_steps: int | None = None
+    step_count: int = field(default=0, init=False)
+    last_growth: int | None = field(default=None, init=False)  # step of the last growth
+    base_fan_in: dict[str, int] = field(default_factory=dict, init=False)  # weight name -> fan-in at start
+
+    def __post_init__(self) -> None:
+        check_float("decay", self.decay, 0.0, 1.0)
+        check_float("final", self.final, 0.0, 1.0)
+        check_int("rewarm", self.rewarm, 0)
+        check_float("rewarm_start", self.rewarm_start, 0.0, 1.0)
+        check_bool("width_scaling", self.width_scaling)
+        check_int("total_steps", self.total_steps, 1, optional=True)
+        self._handles: list[Any] = []
+        self._saved: list[float] = []
+        self._scales: dict[int, float] = {}  # id(param) -> update scale
+        self._before: dict[int, torch.Tensor] = {}
+
+    def multiplier(self, step: int | None = None) -> float:
+        """The multiplier at optimizer step ``step`` (default: the next one)."""
+        t = self.step_count if step is None else step
+        m = 1.0
+        if self.decay > 0 and self.total_steps:
+            start = (1 - self.decay) * self.total_steps
+            if self.last_growth is not None:
+                start = max(start, float(self.last_growth))
+            if t >= start:
+                m = 1 - (1 - self.final) * min(1.0, (t - start) / max(1.0, self.total_steps - start))
+        if self.rewarm and self.last_growth is not None and t - self.last_growth < self.rewarm:
+            m *= self.rewarm_start + (1 - self.rewarm_start) * (t - self.last_growth) / self.rewarm
+        return m
+
+    def attach(self, optimizer: Optimizer, model: nn.Module | None = None) -> None:
+        """Apply the multiplier (and, with ``model``, the width scaling) to every step of ``optimizer``."""
+        self.detach()
+        self._handles = [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
+        self._scales = self._width_scales(model) if self.width_scaling and model is not None else {}
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def step(self) -> None:
+        """Count one optimizer step (call after each step)."""
+        self.step_count += 1
+
+    def grew(self, model: nn.Module | None = None) -> None:
+        """A growth just happened: re-warm from here; the decay starts no earlier than now."""
+        self.last_growth = self.step_count
+
+    def _width_scales(self, model: nn.Module) -> dict[int, float]:
+        out = {}
+        for name, p in model.named_parameters():
+            if p.dim() < 2:
+                continue
+            fan_in = p[0].numel()
+            base = self.base_fan_in.setdefault(name, fan_in)
+            if fan_in != base:
+                out[id(p)] = base / fan_in
+        return out
+
+    def _pre(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        m = self.multiplier()
+        self._saved = [g["lr"] for g in optimizer.param_groups]
+        for g in optimizer.param_groups:
+            g["lr"] = g["lr"] * m
+        self._before = {id(p): p.detach().clone() for g in optimizer.param_groups for p in g["params"]
+                        if id(p) in self._scales}
+
+    def _post(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        for g, lr in zip(optimizer.param_groups, self._saved):
+            g["lr"] = lr
+        with torch.no_grad():  # muP-style: this parameter's update, scaled
+            for g in optimizer.param_groups:
+                for p in g["params"]:
+                    if id(p) in self._before:
+                        old = self._before[id(p)]
+                        p.copy_(old + self._scales[id(p)] * (p - old))
+        self._before = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the counters (keys this version does not know are ignored)."""
+        for k in ("step_count", "last_growth", "total_steps", "base_fan_in"):
+            if k in state:
+                setattr(self, k, state[k])
+
+
+def shrink_perturb(model: nn.Module, shrink: float, noise: float, generator: torch.Generator) -> None:
+    """Ash & Adams (2020): every weight ``w <- shrink * w + noise * u``, ``u`` a fresh default init
+    (uniform, bound 1/sqrt(fan-in)). Not function-preserving: opt-in, against the warm-start gap.
+
+        >>> net = torch.nn.Linear(4, 2); w = net.weight.detach().clone()
+        >>> shrink_perturb(net, 0.5, 0.0, torch.Generator().manual_seed(0))
+        >>> bool(torch.equal(net.weight, 0.5 * w))
+        True
+    """
+    check_float("shrink", shrink, 0.0, 1.0)
+    check_float("noise", noise, 0.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            fan_in = p[0].numel() if p.dim() > 1 else p.numel()
+            u = (torch.rand(p.shape, generator=generator, dtype=torch.float64) * 2 - 1) / fan_in ** 0.5
+            p.mul_(shrink).add_(noise * u.to(p.device, p.dtype))

@@ -1,0 +1,61 @@
+"""The run's clock for AutoGrow: where training is (progress), the LR multiplier, the growth deadline."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch.nn as nn
+
+from autogrow.lr import GrowthLR
+from autogrow.plateau import Deadline
+
+__all__ = ["RunSchedule"]
+
+
+class RunSchedule:
+    """Ties a :class:`~autogrow.lr.GrowthLR` and a :class:`~autogrow.plateau.Deadline` to a Trainer."""
+
+    def __init__(self, lr: GrowthLR | None, deadline: Deadline | None) -> None:
+        self.lr, self.deadline = lr, deadline
+        self.total_steps: int | None = None
+
+    def start(self, trainer: Any, module: nn.Module) -> None:
+        """At fit start: the run's length (optimizer steps), and the multiplier on the optimizer."""
+        total = trainer.estimated_stepping_batches
+        self.total_steps = int(total) if math.isfinite(total) and total > 0 else None
+        if self.lr is not None:
+            self.lr.total_steps = self.total_steps
+            self.lr.step_count = trainer.global_step
+            self.lr.attach(trainer.optimizers[0], module)
+
+    def sync(self, trainer: Any) -> None:
+        """Before each batch: the multiplier follows the Trainer's optimizer-step count (resumes exactly)."""
+        if self.lr is not None:
+            self.lr.step_count = trainer.global_step
+
+    def progress(self, trainer: Any) -> float | None:
+        return trainer.global_step / self.total_steps if self.total_steps else None
+
+    def due(self, trainer: Any, done: int, needed: int) -> bool:
+        """Whether the deadline calls for a growth now."""
+        p = self.progress(trainer)
+        return self.deadline is not None and p is not None and self.deadline.due(p, done, needed)
+
+    def rebuilt(self, trainer: Any, module: nn.Module, grew: bool) -> None:
+        """After the optimizer was rebuilt (growth or rollback): the multiplier moves to the new one."""
+        if self.lr is not None:
+            self.sync(trainer)  # growth at an epoch's end comes after its last step: count it
+            if grew:
+                self.lr.grew()
+            self.lr.attach(trainer.optimizers[0], module)
+
+    def multiplier(self) -> float:
+        return self.lr.multiplier() if self.lr is not None else 1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.lr.state_dict() if self.lr is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.lr is not None:
+            self.lr.load_state_dict(state)

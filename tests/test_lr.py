@@ -1,0 +1,108 @@
+"""The LR around growth: multiplier sequence, composition with any scheduler, width scaling, resume, the
+deadline through the callback."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+from autogrow.callbacks import AutoGrow
+from autogrow.experiments.data import DigitsDataModule
+from autogrow.experiments.models import MLP, Classifier
+
+import autogrow
+from autogrow.events import Reason
+from autogrow.lr import GrowthLR, shrink_perturb
+from autogrow.plateau import Plateau
+from tests.test_callback import trainer
+
+
+def test_multiplier_holds_decays_after_the_last_growth_and_rewarms():
+    lr = GrowthLR(decay=0.5, final=0.0, rewarm=4, rewarm_start=0.2, total_steps=20)
+    assert [lr.multiplier(t) for t in (0, 9, 10, 15, 20)] == [1.0, 1.0, 1.0, 0.5, 0.0]
+    lr.step_count = 12
+    lr.grew()  # after step 12: re-warm 0.2 -> 1 over 4 steps, and the decay starts no earlier than here
+    ramp = [lr.multiplier(t) for t in range(12, 17)]
+    assert ramp[0] == pytest.approx(0.2) and ramp[2] == pytest.approx(0.6 * (1 - 2 / 8))
+    assert lr.multiplier(16) == pytest.approx(1 - 4 / 8) and lr.multiplier(20) == 0.0
+
+
+def test_multiplier_composes_with_any_scheduler():
+    """The scheduler never sees the multiplier; every update is lr(scheduler) x multiplier x gradient."""
+    def run(with_lr: bool) -> tuple[list[float], list[float]]:
+        p = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+        opt = torch.optim.SGD([p], lr=1.0)
+        sched = torch.optim.lr_scheduler.StepLR(opt, 2, gamma=0.5)
+        mult = GrowthLR(decay=0.5, total_steps=6)
+        if with_lr:
+            mult.attach(opt)
+        lrs, steps = [], []
+        for _ in range(6):
+            before = float(p)
+            p.grad = torch.ones(1, dtype=torch.float64)
+            opt.step()
+            mult.step()
+            sched.step()
+            lrs.append(opt.param_groups[0]["lr"])
+            steps.append(before - float(p))
+        return lrs, steps
+
+    lrs, plain = run(False)
+    lrs_with, steps = run(True)
+    assert lrs_with == lrs  # the schedule itself is untouched
+    expected = [plain[t] * GrowthLR(decay=0.5, total_steps=6).multiplier(t) for t in range(6)]
+    assert steps == pytest.approx(expected)
+
+
+def test_width_scaling_shrinks_the_updates_of_widened_layers():
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    lr = GrowthLR(decay=0.0, width_scaling=True)
+    lr.attach(opt, net)  # fan-ins recorded: 4 and 8
+    autogrow.widen(net, "0", 16, optimizer=opt, generator=0)
+    lr.attach(opt, net)  # the consumer's fan-in is now 16: its updates are halved
+    x = torch.randn(5, 4, dtype=torch.float64)
+    net(x).sum().backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    opt.step()
+    moved = {n: (before[n] - p.detach()) for n, p in net.named_parameters()}
+    assert torch.allclose(moved["2.weight"], 0.1 * 0.5 * grads["2.weight"])
+    assert torch.allclose(moved["0.weight"], 0.1 * grads["0.weight"])  # fan-in 4 unchanged
+
+
+def test_shrink_perturb_is_seeded_and_leaves_the_global_rng_alone():
+    net = nn.Linear(4, 3)
+    a, b = copy.deepcopy(net), copy.deepcopy(net)
+    state = torch.random.get_rng_state()
+    shrink_perturb(a, 0.8, 0.1, torch.Generator().manual_seed(3))
+    shrink_perturb(b, 0.8, 0.1, torch.Generator().manual_seed(3))
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert torch.equal(a.weight, b.weight) and not torch.allclose(a.weight, 0.8 * net.weight)
+    with pytest.raises(ValueError, match=r"shrink: 1.5 is not allowed"):
+        shrink_perturb(a, 1.5, 0.1, torch.Generator())
+
+
+def test_the_deadline_reaches_the_budget_in_time_and_the_lr_decays_after(tmp_path):
+    dm = DigitsDataModule(batch_size=64, seed=0)
+    pl.seed_everything(0, verbose=False)
+    model = Classifier(MLP(64, [2]), lr=0.05)
+    grow = AutoGrow(trigger=Plateau(patience=100), max_width=16, deadline=0.5)  # no plateau: the deadline rules
+    trainer(tmp_path, [grow], max_epochs=8).fit(model, datamodule=dm)
+    assert [e.reason for e in grow.events] == [Reason.DEADLINE] * 3 and model.model.fc1.out_features == 16
+    assert [e.epoch for e in grow.events][-1] <= 4  # by half the run (8 epochs)
+    assert grow.schedule.lr.last_growth is not None and grow.schedule.multiplier() == pytest.approx(0.0, abs=0.02)
+
+
+def test_growth_lr_arguments_are_checked():
+    for kw, message in (({"decay": 1.5}, "decay: 1.5"), ({"rewarm": -1}, "rewarm: -1"),
+                        ({"width_scaling": 1}, "width_scaling: 1")):
+        with pytest.raises(ValueError, match=message):
+            GrowthLR(**kw)
+    with pytest.raises(ValueError, match=r"deadline: 0 is not allowed"):
+        AutoGrow(deadline=0)
+    with pytest.raises(ValueError, match=r"shrink_perturb: \(2, 0.1\) is not allowed"):
+        AutoGrow(shrink_perturb=(2, 0.1))
