@@ -26,9 +26,11 @@ from autogrow.errors import AutogrowError, NeedsShapes, check, check_bool, check
 from autogrow.init import get_init
 from autogrow.plan import Plan
 from autogrow.registry import layer_spec
+from autogrow.stack import INITS as STACK_INITS
+from autogrow.stack import plan_stack
 from autogrow.widen import plan_widen
 
-__all__ = ["ACTIONS", "Deepen", "GrowthAction", "Widen", "discover_targets", "make_action", "width_of"]
+__all__ = ["ACTIONS", "Deepen", "GrowthAction", "Stack", "Widen", "discover_targets", "make_action", "width_of"]
 
 
 def width_of(module: nn.Module) -> int:
@@ -51,6 +53,10 @@ class GrowthAction:
     def can_grow(self, model: nn.Module, target: str, max_width: int | None) -> bool:
         """Whether ``target`` has room to grow under ``max_width``."""
         return True
+
+    def candidates(self, model: nn.Module) -> list[str]:
+        """Names this action may grow, before checking: every registered weighted layer."""
+        return [n for n, m in model.named_modules() if layer_spec(m) is not None]
 
 
 @dataclass
@@ -125,7 +131,36 @@ class Deepen(GrowthAction):
                            generator=seed, example_inputs=example_inputs)
 
 
-ACTIONS: dict[str, type[GrowthAction]] = {"widen": Widen, "deepen": Deepen}
+@dataclass
+class Stack(GrowthAction):
+    """Deeper by whole residual blocks: a copy of a block after it, starting as the identity
+    (:func:`autogrow.plan_stack`). Candidates are the items of ``nn.ModuleList``/``nn.Sequential``
+    containers that hold weighted layers; with policy ``"all"`` every block gets its copy (depth x2).
+
+    Args:
+        init: ``"copy"`` (the block's weights, its stream outputs at zero) or ``"random"``.
+    """
+
+    name = "stack"
+    init: str = "copy"
+
+    def __post_init__(self) -> None:
+        check_choice("init", self.init, STACK_INITS)
+
+    def candidates(self, model: nn.Module) -> list[str]:
+        out = []
+        for name, m in model.named_modules():
+            if isinstance(m, (nn.ModuleList, nn.Sequential)):
+                out += [f"{name}.{i}" if name else str(i) for i, child in enumerate(m)
+                        if any(layer_spec(c) is not None for c in child.modules())]
+        return out
+
+    def plan(self, model: nn.Module, target: str, seed: int, *, max_width: int | None = None,
+             example_inputs: Any = None) -> Plan:
+        return plan_stack(model, target, init=self.init, generator=seed, example_inputs=example_inputs)
+
+
+ACTIONS: dict[str, type[GrowthAction]] = {"widen": Widen, "deepen": Deepen, "stack": Stack}
 
 
 def make_action(action: str | GrowthAction) -> GrowthAction:
@@ -153,7 +188,7 @@ def discover_targets(model: nn.Module, action: GrowthAction, names: list[str] | 
     Raises:
         AutogrowError: an explicit name cannot grow (with the reason), or no layer can (with the reasons).
     """
-    candidates = names or [n for n, m in model.named_modules() if layer_spec(m) is not None]
+    candidates = names or action.candidates(model)
     known = dict(model.named_modules())
     for name in names or []:
         check("targets", name, name in known, f"names of submodules of {type(model).__name__}, such as "

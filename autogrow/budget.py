@@ -35,16 +35,19 @@ class Budget:
 
     @property
     def sized(self) -> bool:
-        """Whether there is a size to grow to (a deadline needs one)."""
-        return self.max_params is not None or self.max_width is not None
+        """Whether there is a size (or a number of events) to grow to: a deadline needs one."""
+        return self.max_params is not None or self.max_width is not None or self.max_events is not None
 
     def fits(self, params: int, delta: int) -> bool:
         return self.max_params is None or params + delta <= self.max_params
 
     def events_needed(self, model: nn.Module, action: GrowthAction, chosen: Sequence[str],
-                      widths: Sequence[int]) -> int:
+                      widths: Sequence[int], done: int = 0) -> int:
         """Events still needed to reach the budget, if each grows like the next one (``chosen`` layers)
-        would; ``widths``: the current widths of the layers that can still grow."""
+        would; ``widths``: the current widths of the layers that can still grow; ``done``: events so far."""
+        left = max(0, self.max_events - done) if self.max_events is not None else None
+        if self.max_params is None and self.max_width is None:
+            return left or 0
         needed = 0
         n = num_params(model)
         if self.max_params is not None and self.max_params > n:
@@ -60,4 +63,4 @@ class Budget:
                     steps = math.ceil((self.max_width - w) / action.units) if action.units else \
                         math.ceil(math.log(self.max_width / w) / math.log(action.factor) - 1e-9)
                     needed = max(needed, steps)
-        return needed
+        return needed if left is None else min(needed, left)

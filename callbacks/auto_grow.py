@@ -245,7 +245,8 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
             return 0
         candidates = self._candidates(pl_module)
         chosen = copy.deepcopy(self.policy).choose(candidates)  # a copy: choosing may advance its state
-        return self.budget.events_needed(pl_module, self.action, chosen, [c.width for c in candidates])
+        widths = [c.width for c in candidates]
+        return self.budget.events_needed(pl_module, self.action, chosen, widths, self._grown())
 
     def _candidates(self, pl_module: nn.Module) -> list[Candidate]:
         out = []
@@ -261,6 +262,11 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         bad = next((n for n, p in pl_module.named_parameters() if not bool(torch.isfinite(p).all())), None)
         if bad is not None:
             return warn(trainer, f"AutoGrow: not growing: parameter {bad!r} holds NaN/inf values (training diverged)")
+        if self._configured_targets is None:  # new layers (a stacked block) become candidates too
+            try:
+                self.targets = discover_targets(pl_module, self.action, None, self.probe.inputs)
+            except autogrow.AutogrowError:
+                pass  # keep the targets found before
         chosen = self.policy.choose(self._candidates(pl_module))
         seed = int(trainer.strategy.broadcast(self.seed + 7919 * (len(history_of(pl_module)) + 1), src=0))
         n_before = autogrow.num_params(pl_module)

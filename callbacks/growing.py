@@ -15,9 +15,15 @@ __all__ = ["grow_layers", "renamed"]
 
 
 def renamed(name: str, growth: autogrow.Growth) -> str:
-    """A layer's name after ``growth`` (deepening wraps modules: ``fc1`` -> ``fc1.0``)."""
+    """A module's name after ``growth`` (deepening wraps modules: ``fc1`` -> ``fc1.0``; stacking shifts the
+    blocks after the new one: ``blocks.1`` -> ``blocks.2``)."""
     new = growth.renames.get(f"{name}.weight")
-    return new.rsplit(".", 1)[0] if new else name
+    if new:
+        return new.rsplit(".", 1)[0]
+    for old, new in growth.renames.items():  # a module without its own weight: follow any parameter below it
+        if old.startswith(f"{name}."):
+            return new[: len(new) - (len(old) - len(name))]
+    return name
 
 
 def grow_layers(cb: Any, trainer: Any, module: Any, chosen: list[str], seed: int, n_params: int
@@ -30,7 +36,9 @@ def grow_layers(cb: Any, trainer: Any, module: Any, chosen: list[str], seed: int
             event is undone first, so the model is exactly as before.
     """
     growths, changes, event, targets = [], [], Undo(), list(cb.targets)
-    for i, name in enumerate(chosen):
+    chosen = list(chosen)
+    for i in range(len(chosen)):
+        name = chosen[i]
         try:
             plan = cb.action.plan(module, name, seed + i, max_width=cb.budget.max_width,
                                   example_inputs=cb.probe.inputs)
@@ -50,4 +58,5 @@ def grow_layers(cb: Any, trainer: Any, module: Any, chosen: list[str], seed: int
         growths.append(growth)
         changes.append(Change(name, width, width_of(module.get_submodule(renamed(name, growth))), growth.summary()))
         targets = [renamed(t, growth) for t in targets]
+        chosen[i + 1:] = [renamed(c, growth) for c in chosen[i + 1:]]  # stacking shifts later blocks
     return growths, changes, targets

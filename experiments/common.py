@@ -44,7 +44,8 @@ class History(Callback):
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         m = trainer.callback_metrics
-        self.evals.append({"epoch": trainer.current_epoch + 1, "step": trainer.global_step,
+        epoch = trainer.global_step / max(1, trainer.num_training_batches)  # fractional with max_steps
+        self.evals.append({"epoch": round(epoch, 3), "step": trainer.global_step,
                            "time": time.perf_counter() - self._t0, "val_loss": float(m["val_loss"]),
                            "val_acc": float(m["val_acc"]), "train_flops": float(pl_module.train_flops),
                            "params": num_params(pl_module)})
@@ -73,10 +74,12 @@ class Run:
 
 
 def train(label: str, module: Classifier, dm: ArrayDataModule, epochs: int, callbacks: Sequence[Callback] = (),
-          seed: int = 0, validate_first: bool = False) -> Run:
-    """Fit ``module`` for ``epochs`` on ``dm``, then test; returns the recorded :class:`Run`."""
+          seed: int = 0, validate_first: bool = False, max_steps: int = -1) -> Run:
+    """Fit ``module`` for ``epochs`` (or ``max_steps`` optimizer steps) on ``dm``, then test; returns the
+    recorded :class:`Run`."""
     history = History()
-    trainer = pl.Trainer(max_epochs=epochs, callbacks=[history, *callbacks], logger=False, accelerator="cpu",
+    trainer = pl.Trainer(max_epochs=epochs if max_steps < 0 else None, max_steps=max_steps,
+                         callbacks=[history, *callbacks], logger=False, accelerator="cpu",
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          num_sanity_val_steps=0, deterministic=True)
     extra = {}
@@ -163,32 +166,33 @@ def write(out: Path, name: str, rows: list[dict[str, Any]], markdown: str) -> No
 
 
 def plot(out: Path, name: str, runs: Sequence[Run], title: str) -> None:
-    """Validation loss/accuracy against epochs and FLOPs, and the parameter count; growth events marked."""
+    """Validation loss/accuracy against epochs, training FLOPs and wall time, and the parameter count;
+    growth events marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    axes_x = (("epoch", "epoch"), ("train_flops", "training FLOPs"), ("time", "wall time (s)"))
+    fig, axes = plt.subplots(2, 4, figsize=(19, 8))
     for run in runs:
         for row, key in enumerate(("val_loss", "val_acc")):
-            for col, x in enumerate(("epoch", "train_flops")):
+            for col, (x, xlabel) in enumerate(axes_x):
                 ax = axes[row][col]
                 xs, ys = [e[x] for e in run.evals], [e[key] for e in run.evals]
                 (line,) = ax.plot(xs, ys, marker=".", label=run.label)
                 grown = [e for i, e in enumerate(run.evals[1:], 1) if e["params"] != run.evals[i - 1]["params"]]
                 ax.plot([e[x] for e in grown], [e[key] for e in grown], "o", mfc="none", ms=10,
                         color=line.get_color())
-                ax.set_xlabel("training FLOPs" if x == "train_flops" else x)
+                ax.set_xlabel(xlabel)
                 ax.set_ylabel(key)
-        ax = axes[0][2]
+        ax = axes[0][3]
         ax.step([e["epoch"] for e in run.evals], [e["params"] for e in run.evals], where="post", label=run.label)
         ax.set_xlabel("epoch")
         ax.set_ylabel("parameters")
-    axes[1][2].axis("off")
+    axes[1][3].axis("off")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{title} (circles: evaluation after a growth)")
     fig.tight_layout()
-    fig.savefig(out / f"{name}.png", dpi=90)
+    fig.savefig(out / f"{name}.png", dpi=80)
     plt.close(fig)
-

@@ -66,6 +66,28 @@ class SeedCNN(nn.Module):
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
+class ConvNet(nn.Sequential):
+    """A width-scalable CNN: two conv-BN-ReLU stages of ``channels`` and ``2 * channels``, global average pooling.
+
+        >>> ConvNet(4)(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, channels: int = 16, in_channels: int = 1, classes: int = 10) -> None:
+        c = channels
+        layers: dict[str, nn.Module] = {}
+        for i, (cin, cout) in enumerate([(in_channels, c), (c, c), (c, 2 * c), (2 * c, 2 * c)], 1):
+            layers[f"conv{i}"] = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+            layers[f"bn{i}"] = nn.BatchNorm2d(cout)
+            layers[f"act{i}"] = nn.ReLU()
+            if i in (2, 4):
+                layers[f"pool{i // 2}"] = nn.MaxPool2d(2)
+        layers["gap"] = nn.AdaptiveAvgPool2d(1)
+        layers["flat"] = nn.Flatten()
+        layers["out"] = nn.Linear(2 * c, classes)
+        super().__init__(OrderedDict(layers))
+
+
 class Classifier(GrowableMixin, LightningModule):
     """Wraps any ``nn.Module`` classifier: cross-entropy, torchmetrics accuracy, counted FLOPs.
 
@@ -77,17 +99,20 @@ class Classifier(GrowableMixin, LightningModule):
         model: the network. Not saved in hyper-parameters; pass it again to ``load_grown``.
         optimizer: ``"sgd"`` or ``"adam"``.
         lr, momentum, weight_decay: optimizer settings.
-        scheduler: ``None``, ``"cosine"`` (over ``max_epochs``) or ``"step"`` (x0.1 every ``step_size``).
+        scheduler: ``None``, ``"cosine"`` (over ``max_epochs``), ``"step"`` (x0.1 every ``step_size``) or
+            ``"wsd"`` (hold, then decay linearly to zero over the last ``decay`` fraction of the run's steps:
+            the schedule a from-scratch baseline gets to match AutoGrow's default LR).
+        decay: the decay fraction of ``"wsd"``.
     """
 
     def __init__(self, model: nn.Module, optimizer: str = "sgd", lr: float = 0.05, momentum: float = 0.9,
                  weight_decay: float = 0.0, scheduler: str | None = None, max_epochs: int = 10,
-                 step_size: int = 10, num_classes: int = 10) -> None:
+                 step_size: int = 10, num_classes: int = 10, decay: float = 0.4) -> None:
         super().__init__()
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer: {optimizer!r} is not one of ('sgd', 'adam')")
-        if scheduler not in (None, "cosine", "step"):
-            raise ValueError(f"scheduler: {scheduler!r} is not one of (None, 'cosine', 'step')")
+        if scheduler not in (None, "cosine", "step", "wsd"):
+            raise ValueError(f"scheduler: {scheduler!r} is not one of (None, 'cosine', 'step', 'wsd')")
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.val_acc = torchmetrics.classification.MulticlassAccuracy(num_classes)
@@ -139,6 +164,12 @@ class Classifier(GrowableMixin, LightningModule):
             opt = torch.optim.Adam(self.parameters(), lr=h.lr, weight_decay=h.weight_decay)
         if h.scheduler is None:
             return opt
+        if h.scheduler == "wsd":
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            hold = (1 - h.decay) * total
+            wsd = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda t: 1.0 if t < hold else max(0.0, (total - t) / (total - hold)))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": wsd, "interval": "step"}}
         if h.scheduler == "cosine":
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=h.max_epochs)
         else:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from autogrow.callbacks import AutoGrow
 
 import autogrow
 from tests.models import TinyGPT, max_rel_error
@@ -194,3 +196,50 @@ def test_stack_replays_and_carries_the_optimizer():
     assert all(p not in opt.state for p in new) and all(p.sum() == 0 for p in model.blocks[1].fc2.parameters())
     autogrow.replay(fresh, [g.to_dict()])
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+class TinyLM(pl.LightningModule):
+    """TinyGPT as a LightningModule: next-token cross-entropy, AdamW."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__()
+        self.net = TinyGPT(**kw)
+
+    def forward(self, idx):
+        return self.net(idx)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x).flatten(0, 1), y.flatten())
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x).flatten(0, 1), y.flatten()))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+
+def test_the_callback_grows_width_and_depth_of_a_transformer(tmp_path):
+    """One AutoGrow widens (d_model, heads, MLP: all discovered), another stacks blocks; both exact."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from autogrow.actions import Stack
+    from autogrow.plateau import EveryN
+
+    torch.set_default_dtype(torch.float32)
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(0, 11, (96, 9), generator=g)
+    data = TensorDataset(seq[:, :-1], seq[:, 1:])
+    loader = DataLoader(data, batch_size=16)
+    pl.seed_everything(0, verbose=False)
+    model = TinyLM(layers=1, d=8, heads=1, head_size=4, hidden=8)
+    widen = AutoGrow(trigger=EveryN(every=1), max_events=2, policy="all")
+    deeper = AutoGrow(grow=Stack(), trigger=EveryN(every=1), max_events=2, policy="all")
+    trainer = pl.Trainer(max_epochs=4, callbacks=[widen, deeper], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, accelerator="cpu")
+    trainer.fit(model, loader, loader)
+    net = model.net
+    assert len(net.blocks) == 4 and net.tok.embedding_dim == 32
+    assert all(b.attn.q.out_features == 16 and b.fc1.out_features == 32 for b in net.blocks)
+    assert all(e.preservation_error < 1e-5 for e in widen.events + deeper.events)
