@@ -56,7 +56,7 @@ class Budget:
             except AutogrowError:
                 delta = 0
             if delta > 0:
-                needed = math.ceil(math.log(self.max_params / n) / math.log1p(delta / n) - 1e-9)
+                needed = _events_to(n, delta, self.max_params, action.factor if isinstance(action, Widen) else None)
         if self.max_width is not None and isinstance(action, Widen):
             for w in widths:
                 if w < self.max_width:
@@ -64,3 +64,23 @@ class Budget:
                         math.ceil(math.log(self.max_width / w) / math.log(action.factor) - 1e-9)
                     needed = max(needed, steps)
         return needed if left is None else min(needed, left)
+
+
+def _events_to(n: int, delta: int, budget: int, factor: float | None) -> int:
+    """Events until ``budget`` parameters, the next adding ``delta`` to ``n``.
+
+    Widening every layer by ``factor``: parameters are ``A m + B m^2`` in the width multiplier ``m``
+    (layers between a fixed and a grown side scale linearly, between grown sides quadratically), fitted
+    to ``n`` (m = 1) and ``n + delta`` (m = factor). Otherwise each event is taken to add ``delta``.
+
+        >>> _events_to(26_506, 28_544, 269_322, 2.0)   # an MLP 784-32-32-10 doubling to 256
+        3
+    """
+    if factor is None or factor <= 1:
+        return math.ceil((budget - n) / delta - 1e-9)
+    quadratic = max(0.0, (n + delta - factor * n) / (factor * factor - factor))  # B
+    linear = n - quadratic  # A
+    m, k = 1.0, 0
+    while linear * m + quadratic * m * m < 0.99 * budget and k < 64:  # 1%: constant terms (output bias)
+        m, k = m * factor, k + 1
+    return k
