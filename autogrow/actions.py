@@ -24,6 +24,7 @@ from autogrow.deepen import INITS as DEEPEN_INITS
 from autogrow.deepen import plan_deepen
 from autogrow.errors import AutogrowError, NeedsShapes, check, check_bool, check_choice, check_float, check_int, fail
 from autogrow.init import get_init
+from autogrow.optim import NEW_STATES
 from autogrow.plan import Plan
 from autogrow.registry import layer_spec
 from autogrow.stack import INITS as STACK_INITS
@@ -70,6 +71,8 @@ class Widen(GrowthAction):
         split: uneven shares of the copies' outgoing weights (exact, breaks the symmetry between copies;
             with ``split=0`` exact copies get identical gradients and stay copies).
         noise: keras-style noise on the copies' outgoing weights (inexact).
+        new_state: optimizer state of fresh units (``init="zero_out"``, ``"vt"``, ``"random"``): ``"zero"`` or
+            ``"mean"`` (see :func:`autogrow.plan_widen`).
     """
 
     name = "widen"
@@ -79,9 +82,11 @@ class Widen(GrowthAction):
     init: str = "net2wider"
     split: float = 0.5
     noise: float = 0.0
+    new_state: str = "zero"
 
     def __post_init__(self) -> None:
         check_float("factor", self.factor, 1.0, low_open=True)
+        check_choice("new_state", self.new_state, NEW_STATES)
         check_int("units", self.units, 1, optional=True)
         get_init(self.init)
         check_float("split", self.split, 0.0, 1.0, high_open=True)
@@ -100,7 +105,8 @@ class Widen(GrowthAction):
              example_inputs: Any = None) -> Plan:
         old = width_of(model.get_submodule(target))
         return plan_widen(model, target, max(self.new_width(old, max_width), old + 1), init=self.init,
-                          split=self.split, noise=self.noise, generator=seed, example_inputs=example_inputs)
+                          split=self.split, noise=self.noise, generator=seed, example_inputs=example_inputs,
+                          new_state=self.new_state)
 
 
 @dataclass

@@ -40,10 +40,11 @@ from torch.optim import Optimizer
 from autogrow.errors import AutogrowError, check_choice, fail
 from autogrow.growth import SHRINK_ROLES, Growth, Transform, UnitMap, merge_units
 
-__all__ = ["STATES", "carry_scheduler", "check_optimizer", "grow_optimizer", "param_names",
+__all__ = ["NEW_STATES", "STATES", "carry_scheduler", "check_optimizer", "grow_optimizer", "param_names",
            "register_optimizer_state", "translate_state_dict"]
 
 STATES = ("carry", "reset")
+NEW_STATES = ("zero", "mean")  # fresh units' optimizer state: empty, or second moments at the old units' mean
 PARAM = "param"  # a state buffer holding parameter values (ASGD's average): transformed like the parameter
 
 # How each per-parameter state buffer scales with the gradient: 1 (first moment), 2 (second
@@ -123,8 +124,14 @@ def _warn_unknown(owner: str, key: str) -> None:
 
 
 def transform_state(st: Mapping[str, Any], transforms: Sequence[Transform], maps: Mapping[str, UnitMap],
-                    powers: Mapping[str, int | str], owner: str = "the optimizer") -> dict[str, Any]:
-    """One parameter's optimizer state after the parameter was re-indexed by ``transforms``."""
+                    powers: Mapping[str, int | str], owner: str = "the optimizer", new_state: str = "zero"
+                    ) -> dict[str, Any]:
+    """One parameter's optimizer state after the parameter was re-indexed by ``transforms``.
+
+    Fresh units (random new units) have no history: their buffers start at zero, or with ``new_state="mean"``
+    their second moments start at the mean of the old units' (so that Adam's first steps for them are not
+    several times larger than the others', as they are from zero with the tensor's step count carried).
+    """
     out: dict[str, Any] = {}
     for k, v in st.items():
         if isinstance(v, torch.Tensor) and v.dim() > 0:
@@ -143,7 +150,12 @@ def transform_state(st: Mapping[str, Any], transforms: Sequence[Transform], maps
                 elif tr.role == "out" and power and um.scaled:
                     v.mul_(um.along(um.scale.to(v.dtype).pow(power), v, tr.dim))
                 if bool(um.fresh.any()):  # random units: no history
-                    v.masked_fill_(um.along(um.fresh, v, tr.dim), 0)
+                    mask = um.along(um.fresh, v, tr.dim)
+                    if new_state == "mean" and power == 2:
+                        old = v.masked_fill(mask, 0).sum(tr.dim, keepdim=True) / max(1, int((~um.fresh).sum()))
+                        v = torch.where(mask, old.expand_as(v), v)
+                    else:
+                        v.masked_fill_(mask, 0)
         out[k] = v
     return out
 
@@ -169,7 +181,8 @@ def grow_named_state(state: Mapping[str, dict], groups: Sequence[list[str]], gro
     for g in growths:
         for name, transforms in g.params.items():
             if name in state:
-                state[name] = transform_state(state[name], transforms, g.maps, powers, owner)
+                state[name] = transform_state(state[name], transforms, g.maps, powers, owner,
+                                              g.options.get("new_state", "zero"))
         state = {g.renames.get(k, k): v for k, v in state.items()}
         groups = [[g.renames.get(n, n) for n in grp] for grp in groups]
         for new, anchor in g.new_params.items():

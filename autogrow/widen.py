@@ -21,7 +21,8 @@ from torch.optim import Optimizer
 from autogrow.coupling import Coupling, MapKey, couple
 from autogrow.errors import AutogrowError, check, check_choice, check_float, check_int, fail
 from autogrow.growth import Growth, Transform, UnitMap, make_seed
-from autogrow.init import WidenInit, get_init
+from autogrow.init import Net2Wider, WidenInit, get_init
+from autogrow.optim import NEW_STATES
 from autogrow.plan import Plan, Undo, register_plan
 from autogrow.registry import channel_spec, layer_spec
 from autogrow.shapes import propagate
@@ -89,6 +90,7 @@ class WidenPlan(Plan):
     # (module, how to write the new size into it, the new size)
     resizes: list[tuple[str, str, int]] = field(repr=False)  # (module, "out" | "in" | "channel", new size)
     example_inputs: Any = field(default=None, repr=False)
+    new_state: str = "zero"
 
     @property
     def param_delta(self) -> int:
@@ -147,13 +149,13 @@ class WidenPlan(Plan):
         return Growth(
             kind=self.kind, target=self.target, seed=self.seed,
             options={"width": self.width, "old_width": self.old_width, "init": self.init, "noise": self.noise,
-                     "split": self.split, "mapping": self.mapping},
+                     "split": self.split, "mapping": self.mapping, "new_state": self.new_state},
             maps=dict(self.maps), params={c.name: c.transforms for c in self.changes if c.is_param},
             buffers=[c.name for c in self.changes if not c.is_param], replaced=replaced,
             tensors=[c.to_dict() for c in self.changes], resizes=[list(r) for r in self.resizes])
 
     def _transform(self, t: torch.Tensor, c: TensorChange, init: WidenInit, gen: torch.Generator) -> torch.Tensor:
-        needs_std = self.noise > 0 or not init.exact  # a full pass over t: only when used
+        needs_std = self.noise > 0 or init.needs_std  # a full pass over t: only when used
         std = float(t.float().std()) if needs_std and t.numel() > 1 else 0.0
         for tr in c.transforms:
             um = self.maps[tr.map].expand(tr.block)
@@ -167,7 +169,7 @@ class WidenPlan(Plan):
                 t = torch.cat([t.narrow(tr.dim, 0, n_old), copies + eps], dim=tr.dim)
             if bool(um.fresh.any()):
                 mask = um.along(um.fresh, t, tr.dim).expand_as(t)
-                t = torch.where(mask, init.fresh(t, tr.role, c.fill, std, gen), t)
+                t = torch.where(mask, init.fresh(t, tr.dim, tr.role, c.fill, std, gen, um.fresh, tr.block), t)
         return t
 
     @classmethod
@@ -187,7 +189,8 @@ class WidenPlan(Plan):
             plan = WidenPlan(model=unwrap(model, "")[0], target=record.target, old_width=o["old_width"],
                              width=o["width"], init=o["init"], noise=o["noise"], split=o["split"], mapping=o["mapping"],
                              seed=record.seed, maps=dict(record.maps), producers=by_kind["out"],
-                             channelwise=by_kind["channel"], consumers=by_kind["in"], changes=changes, resizes=resizes)
+                             channelwise=by_kind["channel"], consumers=by_kind["in"], changes=changes, resizes=resizes,
+                             new_state=o.get("new_state", "zero"))
             try:
                 return plan.apply()
             except AutogrowError as e:
@@ -206,6 +209,10 @@ register_plan(WidenPlan)
 def _choose_mapping(c: Coupling, init: str, mapping: str, width: int) -> str:
     """``mapping="auto"`` is uniform exactly when a LayerNorm needs every unit copied equally often."""
     n = c.old_width
+    fresh = get_init(init).exact and not isinstance(get_init(init), Net2Wider)
+    if c.uniform_only and fresh:
+        fail(f"init: {init!r} is not allowed for {c.target!r}: it adds fresh units, which would change the statistics "
+             f"of {list(c.uniform_only)} (they normalise over the units); use init='net2wider'")
     if c.uniform_only and get_init(init).exact:
         if mapping == "random" or width % n:
             fail(f"width: widening {c.target!r} reaches {list(c.uniform_only)}, which normalise over the units "
@@ -319,7 +326,7 @@ def resize(module: nn.Module, kind: str, value: int) -> None:
 
 def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wider", noise: float = 0.0,
                split: float = 0.0, mapping: str = "auto", generator: torch.Generator | int | None = None,
-               example_inputs: Any = None) -> WidenPlan:
+               example_inputs: Any = None, new_state: str = "zero") -> WidenPlan:
     """Plan giving module ``target`` ``width`` output units, and every coupled layer what follows.
 
     Args:
@@ -336,6 +343,8 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
         generator: a ``torch.Generator`` or int seed; ``None`` draws a seed from the OS.
         example_inputs: a batch (or tuple of forward arguments): :meth:`~autogrow.plan.Plan.apply`
             then checks the grown model on it and undoes a growth that does not preserve the function.
+        new_state: optimizer state of fresh units (``init="zero_out"``/``"vt"``/``"random"``): ``"zero"``, or
+            ``"mean"`` (second moments at the old units' mean: no oversized first Adam steps).
 
     Raises:
         AutogrowError: a bad argument, or a model that cannot be widened exactly there (the message names
@@ -354,6 +363,7 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
     """
     exact = get_init(init).exact
     check_choice("mapping", mapping, MAPPINGS)
+    check_choice("new_state", new_state, NEW_STATES)
     check_int("width", width)
     check_float("noise", noise, 0.0)
     check_float("split", split, 0.0, 1.0, high_open=True)
@@ -372,7 +382,7 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
     return WidenPlan(model=model, target=target, old_width=old, width=width, init=init, noise=float(noise),
                      split=float(split), mapping=mapping, seed=seed, maps=maps, producers=list(c.producers),
                      channelwise=list(c.channelwise), consumers=list(c.consumers), changes=changes,
-                     resizes=resizes, example_inputs=example_inputs)
+                     resizes=resizes, example_inputs=example_inputs, new_state=new_state)
 
 
 def widen(model: nn.Module, target: str, width: int, *, optimizer: Optimizer | None = None,
