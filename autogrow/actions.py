@@ -67,8 +67,10 @@ class Widen(GrowthAction):
     Args:
         factor: growth factor per event (> 1).
         units: add this many units instead (takes precedence over ``factor``).
-        init: a widening initialiser (``autogrow.init``): ``"net2wider"`` (exact) or ``"random"``.
-        split: uneven shares of the copies' outgoing weights (exact, breaks the symmetry between copies;
+        init: a widening initialiser (``autogrow.init``): ``"auto"`` (the default: ``"zero_out"``, new units
+            with random incoming and zero outgoing weights, or ``"net2wider"`` copies where a LayerNorm
+            normalises over the units), ``"zero_out"``, ``"vt"``, ``"net2wider"`` (exact) or ``"random"``.
+        split: for copies, uneven shares of their outgoing weights (exact, breaks the symmetry between copies;
             with ``split=0`` exact copies get identical gradients and stay copies).
         noise: keras-style noise on the copies' outgoing weights (inexact).
         new_state: optimizer state of fresh units (``init="zero_out"``, ``"vt"``, ``"random"``): ``"zero"`` or
@@ -79,7 +81,7 @@ class Widen(GrowthAction):
     changes_width = True
     factor: float = 2.0
     units: int | None = None
-    init: str = "net2wider"
+    init: str = "auto"
     split: float = 0.5
     noise: float = 0.0
     new_state: str = "zero"
@@ -88,7 +90,8 @@ class Widen(GrowthAction):
         check_float("factor", self.factor, 1.0, low_open=True)
         check_choice("new_state", self.new_state, NEW_STATES)
         check_int("units", self.units, 1, optional=True)
-        get_init(self.init)
+        if self.init != "auto":
+            get_init(self.init)
         check_float("split", self.split, 0.0, 1.0, high_open=True)
         check_float("noise", self.noise, 0.0)
 

@@ -333,8 +333,11 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
         model: any ``nn.Module`` whose forward torch.fx can trace.
         target: name of a ``Linear``/``ConvNd``/``Embedding`` (or registered) module.
         width: the new number of units; larger than the current one.
-        init: a registered initialiser (``autogrow.init``): ``"net2wider"`` (function-preserving) or
-            ``"random"`` (random padding baseline).
+        init: a registered initialiser (``autogrow.init``): ``"net2wider"`` (copies, exact), ``"zero_out"``
+            (random incoming, zero outgoing weights: new features, exact), ``"vt"`` (variance-transfer pairs,
+            exact), ``"random"`` (random padding baseline, inexact), or ``"auto"``: ``"zero_out"``, or
+            ``"net2wider"`` where a LayerNorm normalises over the units (fresh units would change its
+            statistics).
         noise: keras-style noise on the copies' outgoing weights, relative to their std (inexact).
         split: 0 splits a unit's outgoing weights evenly between its copies; ``0 < split < 1``
             draws uneven shares ``(1 +- split)`` that still sum to 1 (exact, breaks symmetry).
@@ -361,7 +364,8 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
         >>> bool(torch.allclose(net(x), y, atol=1e-6)), net[0].out_features
         (True, 12)
     """
-    exact = get_init(init).exact
+    if init != "auto":
+        get_init(init)
     check_choice("mapping", mapping, MAPPINGS)
     check_choice("new_state", new_state, NEW_STATES)
     check_int("width", width)
@@ -376,6 +380,9 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
     old = c.old_width * block
     check("width", width, width > old and width % block == 0, f"more than {target!r}'s current {old} units"
           + (f" and a multiple of its head size {block}" if block > 1 else ""))
+    if init == "auto":  # new features where nothing normalises over the units; copies where a LayerNorm does
+        init = "net2wider" if c.uniform_only else "zero_out"
+    exact = get_init(init).exact
     mapping = _choose_mapping(c, init, mapping, width // block)
     maps = _draw_maps(c, width // block, init, mapping, float(split), seed)
     changes, resizes = _changes(model, c, maps, exact)

@@ -2,9 +2,9 @@
 
 Per seed (the seed sets the data split, the initialisation and the batch order; same seed, same data):
 
-* ``grown``: the small network + ``AutoGrow(max_params=<the final size>)`` with the library's defaults (plateau trigger
-  with a deadline at 60% of the run, x2 per event, uneven split, carried optimizer state, LR held while
-  growing and decayed over the last 40%);
+* ``grown``: the small network + ``AutoGrow(max_params=<the final size>)`` with the library's defaults (plateau
+  trigger with a deadline at 60% of the run, x2 per event, new units with random incoming and zero outgoing
+  weights, carried optimizer state, LR held while growing and decayed over the last 40%);
 * ``scratch``: the final-size network from scratch, same epochs, its own tuned LR and the same
   warmup-free hold-then-decay schedule (``Classifier(scheduler="wsd")``);
 * ``scratch @ budget``: the final-size network trained for the grown run's training FLOPs;
@@ -62,10 +62,13 @@ SETTINGS = {
 
 ABLATIONS: dict[str, dict[str, Any]] = {
     "- LR schedule (constant LR)": {"lr": None},
-    "- uneven split (even split, the paper's)": {"grow": Widen(split=0.0)},
     "- deadline (plateau trigger only)": {"deadline": None},
-    "- carried optimizer state (reset)": {"optimizer_state": "reset"},
+    "- fresh units (net2wider copies, split 0.5)": {"grow": Widen(init="net2wider")},
+    "- fresh units (net2wider copies, even split)": {"grow": Widen(init="net2wider", split=0.0)},
     "- exact init (random padding)": {"grow": Widen(init="random")},
+    "fresh units as VT pairs": {"grow": Widen(init="vt")},
+    "fresh units' state at the old units' mean": {"grow": Widen(new_state="mean")},
+    "- carried optimizer state (reset)": {"optimizer_state": "reset"},
     "+ width-aware LR (muP-style)": {"lr": GrowthLR(width_scaling=True)},
     "+ LR re-warm after growth (100 steps)": {"lr": GrowthLR(rewarm=100)},
     "+ shrink-and-perturb (0.9, 0.05)": {"shrink_perturb": (0.9, 0.05)},
