@@ -1,0 +1,574 @@
+"""The model zoo: every weighted layer of the models people actually train, widened and deepened.
+
+Model definitions from torchvision (ResNet-18, MobileNetV3 small), timm (ViT tiny, ConvNeXt atto) and
+Hugging Face transformers (GPT-2, BERT, Llama), each built from a small config with random weights (no
+download), in float64 on a small batch. For every weighted layer (every module holding a ``weight`` of
+rank >= 2: Linear, ConvNd, Embedding, transformers' Conv1D...) and every operation (``widen x2``,
+``widen +1``, ``deepen``), on a fresh copy with an Adam optimizer that has taken one step:
+
+* ``exact``: no error, the output is unchanged (<= 1e-9 relative), every parameter is in the optimizer
+  and a training step with Adam runs;
+* ``refused``: an ``AutogrowError``, with the model and optimizer byte-identical;
+* ``silently wrong`` / ``broken`` / ``foreign exception`` / ``dirty refusal``: failures.
+
+It also records whether autogrow can trace each model at all (and, for transformers, a thin wrapper
+``forward(input_ids) -> model(input_ids=input_ids).logits``); the transformers models do not trace, so their
+MLP blocks are swept on their own too (``gpt2_mlp``, ``bert_ffn``, ``llama_mlp``). It writes
+``experiments/results/zoo.md`` (about 4 minutes on 2 CPU cores):
+
+    python -m autogrow.experiments.zoo [--models resnet18 vit_tiny] [--out path.md] [--json raw.json] [--verbose]
+
+Needs ``torchvision``, ``timm`` and ``transformers``. A CUDA build of torchvision cannot register its
+C++ ops next to a CPU torch (``operator torchvision::nms does not exist``); :func:`import_torchvision`
+then imports its Python model definitions without those ops (they are not needed here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import json
+import re
+import sys
+import time
+import traceback
+import types
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_leaves
+
+import autogrow
+from autogrow.errors import NeedsShapes
+from autogrow.registry import layer_spec
+from autogrow.shapes import as_args, eval_mode
+from autogrow.trace import trace
+
+__all__ = ["BAD", "MODELS", "OPS", "FeedForward", "Logits", "ModelSpec", "Outcome", "assert_unchanged", "build",
+           "import_torchvision", "report", "run_op", "snapshot", "sweep", "tracing", "weighted_layers"]
+
+OPS = ("widen x2", "widen +1", "deepen")
+BAD = ("silently wrong", "broken", "foreign exception", "dirty refusal")
+TOLERANCE = 1e-9  # relative change of the output an exact growth may cause (float64)
+VOCAB, SEQ, BATCH = 50, 8, 2
+
+
+def import_torchvision() -> types.ModuleType:
+    """``import torchvision``; with a CUDA torchvision next to a CPU torch, import it without its C++ ops.
+
+    The first import fails while registering fake kernels for ``torchvision::nms``. The half-imported
+    modules are dropped, the two modules that register those kernels are replaced by empty ones, and
+    the import is repeated: the model definitions work, the detection ops (nms, roi_align) do not.
+    """
+    try:
+        return importlib.import_module("torchvision")
+    except RuntimeError as e:
+        if "torchvision::" not in str(e):
+            raise
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+        del sys.modules[name]
+    for name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
+        sys.modules[name] = types.ModuleType(name)
+    return importlib.import_module("torchvision")
+
+
+# --- the models ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One zoo model: how to build it (random weights, small config) and what to feed it."""
+
+    name: str
+    library: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[torch.Generator], Any]
+    note: str = ""
+    part: bool = False  # a block taken out of a model that does not trace as a whole
+
+
+def _images(gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(BATCH, 3, 32, 32, generator=gen, dtype=torch.float64)
+
+
+def _tokens(gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+
+
+def _hidden(gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(BATCH, SEQ, 32, generator=gen, dtype=torch.float64)
+
+
+def _resnet18() -> nn.Module:
+    return import_torchvision().models.resnet18(num_classes=10)
+
+
+def _mobilenet_v3_small() -> nn.Module:
+    return import_torchvision().models.mobilenet_v3_small(num_classes=10)
+
+
+def _vit_tiny() -> nn.Module:
+    import_torchvision()
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=8,
+                             depth=2)
+
+
+def _convnext_atto() -> nn.Module:
+    import_torchvision()
+    import timm
+
+    # ls_init_value=1: the blocks' LayerScale starts at 1, not 1e-6, so that a wrong block shows in the output.
+    return timm.create_model("convnext_atto", pretrained=False, num_classes=10, dims=(16, 24, 32, 40),
+                             depths=(1, 1, 2, 1), ls_init_value=1.0)
+
+
+def _transformers() -> types.ModuleType:
+    import_torchvision()
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def _gpt2() -> nn.Module:
+    t = _transformers()
+    return t.GPT2LMHeadModel(t.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=16,
+                                          bos_token_id=0, eos_token_id=0))
+
+
+def _bert() -> nn.Module:
+    t = _transformers()
+    return t.BertForSequenceClassification(t.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                        num_attention_heads=2, intermediate_size=64,
+                                                        max_position_embeddings=16, num_labels=3))
+
+
+def _llama() -> nn.Module:
+    t = _transformers()
+    return t.LlamaForCausalLM(t.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                                            bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+
+class FeedForward(nn.Module):
+    """A BERT layer's feed-forward half, as its ``feed_forward_chunk`` runs it: ``output(intermediate(x), x)``."""
+
+    def __init__(self, intermediate: nn.Module, output: nn.Module) -> None:
+        super().__init__()
+        self.intermediate, self.output = intermediate, output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.intermediate(x), x)
+
+
+def _gpt2_mlp() -> nn.Module:
+    return _gpt2().transformer.h[0].mlp
+
+
+def _bert_ffn() -> nn.Module:
+    layer = _bert().bert.encoder.layer[0]
+    return FeedForward(layer.intermediate, layer.output)
+
+
+def _llama_mlp() -> nn.Module:
+    return _llama().model.layers[0].mlp
+
+
+MODELS: dict[str, ModelSpec] = {s.name: s for s in (
+    ModelSpec("resnet18", "torchvision", _resnet18, _images, "resnet18(num_classes=10), 32x32 input"),
+    ModelSpec("mobilenet_v3_small", "torchvision", _mobilenet_v3_small, _images,
+              "mobilenet_v3_small(num_classes=10), 32x32 input: depthwise convs, squeeze-excitation, hardswish"),
+    ModelSpec("vit_tiny", "timm", _vit_tiny, _images,
+              "vit_tiny_patch16_224(img_size=32, patch_size=8, depth=2, num_classes=10): fused qkv, cls token"),
+    ModelSpec("convnext_atto", "timm", _convnext_atto, _images,
+              "convnext_atto(dims=(16, 24, 32, 40), depths=(1, 1, 2, 1), ls_init_value=1, num_classes=10): "
+              "depthwise 7x7, LayerNorm2d, 1x1-conv MLP, LayerScale"),
+    ModelSpec("gpt2", "transformers", _gpt2, _tokens,
+              "GPT2LMHeadModel(n_layer=2, n_embd=32, n_head=2, vocab_size=50): Conv1D, tied lm_head"),
+    ModelSpec("bert", "transformers", _bert, _tokens,
+              "BertForSequenceClassification(hidden_size=32, 2 layers, 2 heads, intermediate_size=64)"),
+    ModelSpec("llama", "transformers", _llama, _tokens,
+              "LlamaForCausalLM(hidden_size=32, 2 layers, 4 heads, 2 kv heads): RMSNorm, rotary, SwiGLU"),
+    # The whole transformers models do not trace; their MLP blocks do, on hidden states (B, T, 32):
+    ModelSpec("gpt2_mlp", "transformers", _gpt2_mlp, _hidden,
+              "GPT-2's first block's MLP (GPT2MLP: Conv1D c_fc, gelu_new, Conv1D c_proj), on its own", part=True),
+    ModelSpec("bert_ffn", "transformers", _bert_ffn, _hidden,
+              "BERT's first layer's feed-forward (BertIntermediate: dense + GELU; BertOutput: dense, dropout, "
+              "residual, LayerNorm), on its own", part=True),
+    ModelSpec("llama_mlp", "transformers", _llama_mlp, _hidden,
+              "Llama's first layer's MLP (LlamaMLP: down(silu(gate(x)) * up(x))), on its own", part=True),
+)}
+
+
+class Logits(nn.Module):
+    """The usual thin wrapper around a transformers model: ``input_ids -> logits``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids).logits
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """The global RNG seeded inside, restored after (model constructors draw from it)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def build(spec: ModelSpec, seed: int = 0) -> tuple[nn.Module, Any]:
+    """``spec``'s model in float64 with seeded random weights, and its example inputs.
+
+    One-dimensional parameters (biases, normalisation weights, LayerScale) and BatchNorm statistics are
+    randomised too: at their initial values (0, 1) a unit copied from the wrong place would not show.
+    """
+    with _seeded(seed):
+        model = spec.build().to(torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1 and p.is_floating_point():
+                p.add_(0.2 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=gen, dtype=torch.float64))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen, dtype=torch.float64) + 0.5)
+    return model.train(), spec.inputs(gen)
+
+
+def weighted_layers(model: nn.Module) -> list[str]:
+    """Every module that holds a ``weight`` Parameter of rank >= 2 itself (Linear, ConvNd, Embedding,
+    Conv1D...), registered with autogrow or not, in definition order."""
+    names = []
+    for name, m in model.named_modules():
+        w = m._parameters.get("weight")
+        if name and isinstance(w, nn.Parameter) and w.dim() >= 2:
+            names.append(name)
+    return names
+
+
+def out_width(module: nn.Module) -> int:
+    """The number of output units of a weighted layer (registered: its spec; else a guess from the weight)."""
+    spec = layer_spec(module)
+    if spec is not None:
+        return int(getattr(module, spec.out_attr))
+    for attr in ("out_features", "out_channels", "embedding_dim", "nf"):
+        if isinstance(getattr(module, attr, None), int):
+            return int(getattr(module, attr))
+    return int(module.weight.shape[0])
+
+
+# --- one operation ---------------------------------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    """What one operation on one layer of one model did."""
+
+    model: str
+    layer: str
+    op: str
+    kind: str  # "exact", "refused" or one of BAD
+    detail: str = ""  # the refusal message or what went wrong
+    needs_shapes: bool = False
+    seconds: float = 0.0
+
+    @property
+    def pattern(self) -> str:
+        """The layer name with its first index (the block's) replaced by ``*``: ``blocks.*.mlp.fc1``,
+        ``features.*.block.1.0`` (the position inside a block is kept: it is the layer's role)."""
+        return re.sub(r"(?:(?<=\.)|^)\d+(?=\.|$)", "*", self.layer, count=1)
+
+
+def snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> tuple:
+    """Everything a refusal must leave as it was: architecture, tensors, Parameter identities, optimizer."""
+    sd = {k: (v.detach().clone(), v.dtype, v.requires_grad) for k, v in model.state_dict(keep_vars=True).items()}
+    return repr(model), sd, [id(p) for p in model.parameters()], copy.deepcopy(opt.state_dict())
+
+
+def assert_unchanged(before: tuple, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Raise ``AssertionError`` naming the first thing that differs from ``before`` (a :func:`snapshot`)."""
+    after = snapshot(model, opt)
+    assert before[0] == after[0], "the module structure changed"
+    assert before[2] == after[2], "the Parameter objects changed"
+    assert before[1].keys() == after[1].keys(), "the state_dict keys changed"
+    for k, (v, dt, rg) in before[1].items():
+        w, dt2, rg2 = after[1][k]
+        assert v.shape == w.shape and torch.equal(v, w) and dt == dt2 and rg == rg2, f"{k} changed"
+    assert _same_tree(before[3], after[3]), "the optimizer state changed"
+
+
+def _same_tree(a: Any, b: Any) -> bool:
+    """Equal nested containers of tensors and plain values (tensors: same dtype, shape and values)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and torch.equal(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_tree(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_tree(u, v) for u, v in zip(a, b))
+    return a == b
+
+
+def as_tensor(out: Any) -> torch.Tensor:
+    """The output a loss is computed on: ``.logits`` of a transformers output, else the first tensor."""
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    return next(t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
+def outputs(model: nn.Module, x: Any) -> torch.Tensor:
+    """The model's output on ``x`` in eval mode (train/eval flags restored), without gradients."""
+    with torch.no_grad(), eval_mode(model):
+        return as_tensor(model(*as_args(x))).detach().clone()
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Any) -> None:
+    """One Adam step on ``mean(output ** 2)``; raises on a non-finite loss."""
+    opt.zero_grad()
+    loss = as_tensor(model(*as_args(x))).pow(2).mean()
+    loss.backward()
+    opt.step()
+    if not bool(torch.isfinite(loss)):
+        raise FloatingPointError(f"non-finite loss {float(loss)}")
+
+
+def prepare(prototype: nn.Module, x: Any) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A fresh copy of ``prototype`` and an Adam optimizer that has taken one step on ``x`` (state to carry)."""
+    model = copy.deepcopy(prototype)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    train_step(model, opt, x)
+    return model, opt
+
+
+def grow(model: nn.Module, opt: torch.optim.Optimizer, layer: str, op: str, x: Any) -> autogrow.Growth:
+    """Perform ``op`` (one of :data:`OPS`) on ``layer``, verified on ``x``, carrying ``opt``."""
+    if op == "deepen":
+        return autogrow.deepen(model, layer, residual=None, optimizer=opt, example_inputs=x, generator=0)
+    n = out_width(model.get_submodule(layer))
+    width = 2 * n if op == "widen x2" else n + 1
+    return autogrow.widen(model, layer, width, optimizer=opt, example_inputs=x, generator=0, split=0.3)
+
+
+def run_op(spec: ModelSpec, prototype: nn.Module, x: Any, layer: str, op: str,
+           snap: Callable[[nn.Module, torch.optim.Optimizer], Any] = snapshot,
+           unchanged: Callable[[Any, nn.Module, torch.optim.Optimizer], None] = assert_unchanged) -> Outcome:
+    """``op`` on ``layer`` of a fresh copy of ``prototype``, classified (see the module docstring).
+
+    ``snap``/``unchanged`` take and compare the before-state of a refusal (the tests pass their own).
+    """
+    t0 = time.perf_counter()
+    model, opt = prepare(prototype, x)
+    ref = outputs(model, x)
+    before = snap(model, opt)
+    params = autogrow.num_params(model)
+
+    def done(kind: str, detail: str = "", needs_shapes: bool = False) -> Outcome:
+        return Outcome(spec.name, layer, op, kind, detail, needs_shapes, time.perf_counter() - t0)
+
+    try:
+        grow(model, opt, layer, op, x)
+    except autogrow.AutogrowError as e:
+        try:
+            unchanged(before, model, opt)
+        except AssertionError as a:
+            return done("dirty refusal", f"{e} -- but {a}")
+        return done("refused", str(e), isinstance(e, NeedsShapes))
+    except Exception as e:  # noqa: BLE001 - classified, not swallowed
+        return done("foreign exception", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}")
+    try:
+        out = outputs(model, x)
+    except Exception as e:  # noqa: BLE001
+        return done("broken", f"forward raised {type(e).__name__}: {e}")
+    if out.shape != ref.shape:
+        return done("silently wrong", f"output shape {tuple(ref.shape)} -> {tuple(out.shape)}")
+    err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+    if err > TOLERANCE:
+        return done("silently wrong", f"relative error {err:.3g}")
+    if autogrow.num_params(model) <= params:
+        return done("silently wrong", "reported success but the model did not grow")
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    missing = [n for n, p in model.named_parameters() if id(p) not in in_opt]
+    if missing:
+        return done("broken", f"parameters not in the optimizer: {missing}")
+    try:
+        train_step(model, opt, x)
+    except Exception as e:  # noqa: BLE001
+        return done("broken", f"training step raised {type(e).__name__}: {e}")
+    return done("exact")
+
+
+def tracing(spec: ModelSpec, prototype: nn.Module) -> dict[str, str]:
+    """Whether autogrow traces the model (``"ok"`` or the refusal), and for transformers the wrapper too."""
+    out = {}
+    candidates = {"model": prototype}
+    if spec.library == "transformers" and not spec.part:
+        candidates["Logits(model)"] = Logits(prototype)
+    for what, m in candidates.items():
+        try:
+            trace(m)
+            out[what] = "ok"
+        except autogrow.AutogrowError as e:
+            out[what] = str(e)
+    return out
+
+
+def sweep(spec: ModelSpec, layers: list[str] | None = None, ops: tuple[str, ...] = OPS, verbose: bool = False
+          ) -> list[Outcome]:
+    """Every operation in ``ops`` on every layer (default: all :func:`weighted_layers`) of ``spec``'s model."""
+    prototype, x = build(spec)
+    layers = weighted_layers(prototype) if layers is None else layers
+    out = []
+    for layer in layers:
+        for op in ops:
+            out.append(run_op(spec, prototype, x, layer, op))
+            if verbose:
+                o = out[-1]
+                first = o.detail.splitlines()[0][:150] if o.detail else ""
+                print(f"  {o.seconds:5.1f} s  {o.kind:8s} {op:8s} {layer}: {first}", flush=True)
+    return out
+
+
+# --- the report ----------------------------------------------------------------------------------------------
+
+def reason(message: str) -> str:
+    """A refusal message with names, numbers and shapes blanked out, so that equal causes count together."""
+    m = re.sub(r"^target: cannot widen '[^']*' exactly: ", "", message)
+    m = re.sub(r"^(after|target): '[^']*' ", r"\1: '…' ", m)
+    m = re.sub(r"node '[^']*' \((\w+) ([^):]*)(: (\w+))?\)", lambda g: f"<{g.group(4) or g.group(2)}>", m)
+    m = re.sub(r"'[^']*'", "'…'", m)
+    # numbers become N, but not the digits of names (Conv2d, GPT2) nor axes ("axis -1", ">= 0", "dim=1")
+    m = re.sub(r"(?<![\w.])(?<!axis )(?<!axis -)(?<!>= )(?<!dim=)(?<!dim )\d+(?![\w])", "N", m)
+    m = re.sub(r"\((?:N, )*N\)|\[(?:N, )*N\]", "(…)", m)
+    m = re.sub(r"(?<=\.)\d+(?=\.)", "*", m)  # block indices in module names
+    return m[:300]
+
+
+def _grows(outs: list[Outcome], op: str) -> str:
+    """What ``op`` grows exactly: every layer, nothing, or the layer patterns with their counts."""
+    sel = [o for o in outs if o.op == op]
+    exact = sum(o.kind == "exact" for o in sel)
+    if exact == 0:
+        return "nothing"
+    if exact == len(sel):
+        return f"every layer ({exact})"
+    by: dict[str, list[int]] = {}
+    for o in sel:
+        c = by.setdefault(o.pattern, [0, 0])
+        c[0] += o.kind == "exact"
+        c[1] += 1
+    return f"{exact}/{len(sel)}: " + ", ".join(f"`{p}` ({e}/{n})" for p, (e, n) in by.items() if e)
+
+
+def _section(name: str, outs: list[Outcome], traces: dict[str, str]) -> list[str]:
+    spec = MODELS[name]
+    lines = ["", f"## {name} ({spec.library})", "", spec.note, ""]
+    for what, msg in traces.items():
+        lines.append(f"- traces `{what}`: " + ("yes" if msg == "ok" else f"**no**: {msg}"))
+    lines += [f"- {op} grows: {_grows(outs, op)}" for op in OPS]
+    reasons = Counter(reason(o.detail) for o in outs if o.kind == "refused")
+    number = {r: i + 1 for i, (r, _) in enumerate(reasons.most_common())}
+    if reasons:
+        lines += ["- refusals, most common first:", ""]
+        lines += [f"  {number[r]}. ({n}x) {r}" for r, n in reasons.most_common()]
+    bad = [o for o in outs if o.kind in BAD]
+    lines += [f"- **{o.kind}**: {o.op} `{o.layer}`: {o.detail.splitlines()[0][:300]}" for o in bad]
+    cell = {(o.layer, o.op): o for o in outs}
+    layers = list(dict.fromkeys(o.layer for o in outs))
+    lines += ["", "<details><summary>every layer (R<i>: refusal i above)</summary>", "",
+              "| layer | " + " | ".join(OPS) + " |", "|---|" + "---|" * len(OPS)]
+    for layer in layers:
+        marks = []
+        for op in OPS:
+            o = cell.get((layer, op))
+            marks.append("" if o is None else "exact" if o.kind == "exact" else
+                         f"R{number[reason(o.detail)]}" if o.kind == "refused" else f"**{o.kind}**")
+        lines.append(f"| `{layer}` | " + " | ".join(marks) + " |")
+    return lines + ["", "</details>"]
+
+
+def report(results: dict[str, list[Outcome]], traces: dict[str, dict[str, str]], seconds: float) -> str:
+    """The markdown of ``experiments/results/zoo.md``."""
+    kinds = ["exact", "refused", *BAD]
+    lines = ["# The model zoo: what grows", "",
+             "Every weighted layer of each model, widened to twice its units (`widen x2`), by one unit "
+             "(`widen +1`) and deepened after (`deepen`, `residual=None`), each on a fresh copy with example "
+             "inputs and an Adam optimizer that has taken a step. `exact`: output unchanged to 1e-9 (float64), "
+             "every parameter in the optimizer and a training step runs; `refused`: `AutogrowError` with model "
+             "and optimizer byte-identical; anything else is a failure. Reproduce: "
+             "`python -m autogrow.experiments.zoo` (tests: `tests/test_zoo.py` runs a sample).", "",
+             "| model | library | layers | op | " + " | ".join(kinds) + " |",
+             "|---|---|---|---|" + "---|" * len(kinds)]
+    for name, outs in results.items():
+        n_layers = len({o.layer for o in outs})
+        for op in OPS:
+            c = Counter(o.kind for o in outs if o.op == op)
+            lines.append(f"| {name} | {MODELS[name].library} | {n_layers} | {op} | "
+                         + " | ".join(str(c[k]) for k in kinds) + " |")
+    for name, outs in results.items():
+        lines += _section(name, outs, traces.get(name, {}))
+    lines += ["", f"_{sum(len(o) for o in results.values())} operations in {seconds:.0f} s; measured "
+              f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}{_versions()}._"]
+    return "\n".join(lines) + "\n"
+
+
+def _versions() -> str:
+    out = ""
+    for pkg in ("torchvision", "timm", "transformers"):
+        mod = sys.modules.get(pkg)
+        if mod is not None:
+            out += f", {pkg} {getattr(mod, '__version__', '?')}"
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Counter]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--out", default=None, help="markdown report (default experiments/results/zoo.md)")
+    ap.add_argument("--json", default=None, help="also write every outcome to this JSON file")
+    ap.add_argument("--load", default=None, help="render the report from a --json file instead of running")
+    ap.add_argument("--verbose", action="store_true", help="print every operation as it finishes")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)  # small tensors; two threads spin against other processes on a shared machine
+    t0 = time.perf_counter()
+    if args.load:
+        saved = json.loads(Path(args.load).read_text())
+        results = {m: [Outcome(**o) for o in outs] for m, outs in saved["results"].items()}
+        traces, seconds = saved["traces"], saved["seconds"]
+        for name in results:
+            build(MODELS[name])  # imports the libraries, for the versions line
+    else:
+        results, traces = {}, {}
+        for name in args.models:
+            spec = MODELS[name]
+            t1 = time.perf_counter()
+            prototype, _ = build(spec)
+            traces[name] = tracing(spec, prototype)
+            results[name] = sweep(spec, verbose=args.verbose)
+            print(f"{name}: {dict(Counter(o.kind for o in results[name]))} ({time.perf_counter() - t1:.0f} s)",
+                  flush=True)
+        seconds = time.perf_counter() - t0
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": {m: [asdict(o) for o in outs] for m, outs in results.items()},
+                                               "traces": traces, "seconds": seconds}, indent=1))
+    text = report(results, traces, seconds)
+    out = Path(args.out or Path(__file__).parent / "results" / "zoo.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    return {name: Counter(o.kind for o in outs) for name, outs in results.items()}
+
+
+if __name__ == "__main__":
+    main()
