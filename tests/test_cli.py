@@ -14,12 +14,13 @@ CONFIG = Path(__file__).parent.parent / "experiments" / "configs" / "quickstart.
 
 def test_quickstart_config_runs_and_grows(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing lands in the repository
-    run = cli(["fit", "--config", str(CONFIG), "--trainer.max_epochs", "20",
+    run = cli(["fit", "--config", str(CONFIG), "--trainer.max_epochs", "10",
                "--trainer.logger.init_args.save_dir", str(tmp_path)])
     grow = next(cb for cb in run.trainer.callbacks if isinstance(cb, AutoGrow))
     out = capsys.readouterr().out
-    assert len(grow.events) >= 1 and "== autogrow summary ==" in out and "test accuracy" in out
-    assert f"parameters: 160 -> {sum(p.numel() for p in run.model.parameters()):,}" in out
+    assert len(grow.events) == 3 and "== autogrow summary ==" in out and "test accuracy" in out
+    assert f"parameters: 610 -> {sum(p.numel() for p in run.model.parameters()):,}" in out
+    assert "the same network trained at its final size from the start (4,810 parameters" in out
     acc = EventAccumulator(run.trainer.logger.log_dir)
     acc.Reload()
     assert "autogrow/params" in acc.Tags()["scalars"]
@@ -37,7 +38,8 @@ def test_console_script_exits_zero(tmp_path, subprocess_env):
     import sys
 
     script = Path(sys.executable).with_name("autogrow")
-    proc = subprocess.run([str(script), "fit", "--config", str(CONFIG), "--trainer.max_epochs", "6",
+    proc = subprocess.run([str(script), "fit", "--config", str(CONFIG), "--trainer.max_epochs", "6", "--compare_fixed",
+                           "false",
                            "--trainer.logger.init_args.save_dir", str(tmp_path)], cwd=tmp_path, env=subprocess_env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
