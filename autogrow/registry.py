@@ -95,10 +95,13 @@ _ELEMENTWISE: dict[type, Elementwise] = {}
 
 
 def _lookup(table: Mapping[type, _T], module: nn.Module) -> _T | None:
-    # Walk the MRO so that subclasses of a registered type are handled too, most specific first.
+    # Walk the MRO so that subclasses of a registered type are handled too, most specific first; but a
+    # subclass with its own forward may compute something else (timm's LayerNorm2d normalises channels,
+    # not the last axis): it must be registered itself.
+    forward = type(module).forward
     for cls in type(module).__mro__:
         if cls in table:
-            return table[cls]
+            return table[cls] if cls is type(module) or getattr(cls, "forward", None) is forward else None
     return None
 
 

@@ -8,6 +8,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import traceback
+from collections.abc import Iterator
+
 import torch.fx as fx
 import torch.nn as nn
 
@@ -53,10 +58,43 @@ def trace(model: nn.Module) -> fx.Graph:
         AutogrowError: torch.fx could not trace the forward (data-dependent control flow).
     """
     try:
-        return _Tracer().trace(model)
+        with _undecorated_forward(type(model)):
+            return _Tracer().trace(model)
     except Exception as e:  # fx raises many types for data-dependent control flow
-        fail(f"model: torch.fx could not trace {type(model).__name__}.forward ({type(e).__name__}: {e}). "
-             "autogrow needs a forward without data-dependent Python control flow.")
+        where = _user_frame(e)
+        why = ("autogrow needs a forward without data-dependent Python control flow (if/for on tensor values or "
+               "sizes); move such code out of forward, or grow the submodule that does trace")
+        fail(f"model: torch.fx could not trace {type(model).__name__}.forward ({type(e).__name__}: "
+             f"{str(e).splitlines()[0] if str(e) else ''}){where}: {why}.")
+
+
+@contextlib.contextmanager
+def _undecorated_forward(cls: type) -> Iterator[None]:
+    """Trace the function under a ``functools.wraps`` decorator of the root's forward (torch.fx would patch the
+    wrapper's code with the wrapped function's argument count and fail); the grown model is still checked by
+    running its real, decorated forward."""
+    original = cls.forward
+    if not hasattr(original, "__wrapped__"):
+        yield
+        return
+    own = "forward" in cls.__dict__
+    cls.forward = inspect.unwrap(original)
+    try:
+        yield
+    finally:
+        if own:
+            cls.forward = original
+        else:
+            del cls.forward
+
+
+def _user_frame(e: BaseException) -> str:
+    """`` at file:line `code` ``: the last frame of the failing trace outside torch (the call to change)."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {f.filename.rsplit('/', 1)[-1]}:{f.lineno} `{(f.line or '').strip()}`"
 
 
 def call_sites(graph: fx.Graph) -> dict[str, list[fx.Node]]:
@@ -80,9 +118,13 @@ def not_called(model: nn.Module, name: str, sites: dict[str, list[fx.Node]], wha
     """Why module ``name`` has no call site: it is missing, inside an opaque (untraced) module, or unused."""
     callable_ = [n for n in sites if classify_module(model.get_submodule(n)).kind is OpKind.WEIGHTED]
     try:
-        model.get_submodule(name)
+        module = model.get_submodule(name)
     except AttributeError:
         return f"{name!r} is not a module called in forward (no such submodule); {what}: {callable_}"
+    if classify_module(module).kind is OpKind.OTHER and any(True for _ in module.parameters(recurse=False)):
+        return (f"{name!r} is a {type(module).__name__} with its own parameters, which autogrow does not know as a "
+                f"layer (torch.fx traced through it); register it with autogrow.register_layer("
+                f"{type(module).__name__}, LayerSpec(...)), or grow one of: {callable_}")
     parts = name.split(".")
     for i in range(len(parts) - 1, 0, -1):
         outer = ".".join(parts[:i])
