@@ -45,7 +45,8 @@ class History(Callback):
             return
         m = trainer.callback_metrics
         epoch = trainer.global_step / max(1, trainer.num_training_batches)  # fractional with max_steps
-        self.evals.append({"epoch": round(epoch, 3), "step": trainer.global_step,
+        epoch = int(epoch) if epoch.is_integer() else round(epoch, 3)  # 'e3', not 'e3.0', in tables
+        self.evals.append({"epoch": epoch, "step": trainer.global_step,
                            "time": time.perf_counter() - self._t0, "val_loss": float(m["val_loss"]),
                            "val_acc": float(m["val_acc"]), "train_flops": float(pl_module.train_flops),
                            "params": num_params(pl_module)})

@@ -17,6 +17,7 @@ with each ingredient of the recipe switched off (or an opt-in one switched on) i
 
     python -m autogrow.experiments.suite_pays                    # MLP, Fashion-MNIST, 32x32 -> 256x256
     python -m autogrow.experiments.suite_pays --model cnn        # ConvNet 4 -> 16 channels
+    python -m autogrow.experiments.suite_pays --model digits     # the README's main job, 8 -> 64 units
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import pytorch_lightning as pl
 import torch
 from autogrow.callbacks import AutoGrow
 from autogrow.experiments.common import Run, fashion, finish_args, machine, parser, plot, train, write
+from autogrow.experiments.data import ArrayDataModule, DigitsDataModule
 from autogrow.experiments.models import MLP, Classifier, ConvNet
 
 from autogrow import num_params
@@ -53,12 +55,22 @@ class Setting:
     others: tuple[int, ...]
     flatten: bool
     epochs: int
+    data: str = "Fashion-MNIST"
 
 
 SETTINGS = {
     "mlp": Setting("MLP 784-h-h-10", lambda h: MLP(784, [h, h]), 32, 256, (64, 128, 192), True, 10),
     "cnn": Setting("ConvNet (c, c, 2c, 2c channels)", lambda c: ConvNet(c), 4, 16, (8, 12), False, 4),
+    "digits": Setting("MLP 64-h-10 (the README's main job)", lambda h: MLP(64, [h]), 8, 64, (16, 32), True, 20,
+                      "digits"),
 }
+
+
+def data(s: Setting, args: argparse.Namespace, seed: int) -> ArrayDataModule:
+    """The setting's data; the seed sets the shuffle (and, for Fashion-MNIST, the train/validation split)."""
+    if s.data == "digits":
+        return DigitsDataModule(batch_size=64, seed=seed)
+    return fashion(args, s.flatten, seed)
 
 ABLATIONS: dict[str, dict[str, Any]] = {
     "- LR schedule (constant LR)": {"lr": None},
@@ -82,14 +94,13 @@ def classifier(net: torch.nn.Module, lr: float, scheduler: str | None) -> Classi
 def run_grown(s: Setting, args: argparse.Namespace, seed: int, lr: float, **overrides: Any) -> Run:
     pl.seed_everything(seed, verbose=False)
     grow = AutoGrow(**{"max_params": num_params(s.build(s.final)), "seed": seed, **overrides})
-    return train("grown", classifier(s.build(s.start), lr, None), fashion(args, s.flatten, seed), args.epochs,
-                 [grow], seed=seed)
+    return train("grown", classifier(s.build(s.start), lr, None), data(s, args, seed), args.epochs, [grow], seed=seed)
 
 
 def run_fixed(s: Setting, args: argparse.Namespace, seed: int, lr: float, width: int, flops: float | None) -> Run:
     """A fixed width from scratch: the run's epochs, or (``flops``) as many steps as that budget buys."""
     pl.seed_everything(seed, verbose=False)
-    dm = fashion(args, s.flatten, seed)
+    dm = data(s, args, seed)
     module = classifier(s.build(width), lr, "wsd")
     steps = -1
     if flops is not None:
@@ -128,7 +139,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args.epochs = args.epochs or s.epochs
     out = finish_args(args, f"pays_{args.model}")
     if args.quick:
-        s = Setting(s.name, s.build, 2, 8, (4,), s.flatten, args.epochs)
+        s = Setting(s.name, s.build, 2, 8, (4,), s.flatten, args.epochs, s.data)
         args.tune_seeds, args.lrs = 1, args.lrs[:1]
     torch.set_num_threads(args.threads)
     lrs = {"grown": tune("grown", lambda seed, lr: run_grown(s, args, seed, lr), args),
@@ -182,7 +193,7 @@ def report(out: Path, args: argparse.Namespace, s: Setting, rows: list[dict[str,
     grown = _stats(rows, "grown", "test_acc")[0]
     target = f"grown {100 * grown:.2f} vs scratch - 0.1 = {100 * scratch - 0.1:.2f}: " + (
         "met" if grown >= scratch - 0.001 else f"missed by {100 * (scratch - grown) - 0.1:.2f} pp")
-    md = (f"### Does growth pay? {s.name}, Fashion-MNIST, {args.epochs} epochs, {args.seeds} seeds\n\n"
+    md = (f"### Does growth pay? {s.name}, {s.data}, {args.epochs} epochs, {args.seeds} seeds\n\n"
           f"Grown {s.start} -> {s.final} with `AutoGrow(max_params=...)` defaults (peak LR {lrs['grown']:g}); "
           f"from-scratch baselines with their own tuned peak LR ({lrs['scratch']:g}) and the same hold-then-decay "
           f"schedule. LRs chosen from {args.lrs} by validation accuracy on {args.tune_seeds} separate seeds.\n\n"
