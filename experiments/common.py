@@ -94,6 +94,12 @@ def train(label: str, module: Classifier, dm: ArrayDataModule, epochs: int, call
     wall = time.perf_counter() - t0
     if validate_first:
         history.evals.insert(0, extra["epoch0"])
+    if not history.evals or history.evals[-1]["step"] != trainer.global_step:  # max_steps stopped mid-epoch
+        res = trainer.validate(module, datamodule=dm, verbose=False)[0]
+        history.evals.append({"epoch": round(trainer.global_step / max(1, trainer.num_training_batches), 3),
+                              "step": trainer.global_step, "time": wall, "val_loss": res["val_loss"],
+                              "val_acc": res["val_acc"], "train_flops": float(module.train_flops),
+                              "params": num_params(module)})
     test = trainer.test(module, datamodule=dm, verbose=False)[0]
     events = [e for cb in callbacks if isinstance(cb, AutoGrow) for e in cb.events]
     return Run(label, history.evals, float(test["test_acc"]), wall, float(module.train_flops),

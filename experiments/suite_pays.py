@@ -91,10 +91,11 @@ def classifier(net: torch.nn.Module, lr: float, scheduler: str | None) -> Classi
     return Classifier(net, optimizer="adam", lr=lr, scheduler=scheduler)
 
 
-def run_grown(s: Setting, args: argparse.Namespace, seed: int, lr: float, **overrides: Any) -> Run:
+def run_grown(s: Setting, args: argparse.Namespace, seed: int, peak_lr: float, **overrides: Any) -> Run:
+    """The grown run; ``overrides`` are AutoGrow arguments (an ablation's ``lr=None`` is AutoGrow's, not the peak)."""
     pl.seed_everything(seed, verbose=False)
     grow = AutoGrow(**{"max_params": num_params(s.build(s.final)), "seed": seed, **overrides})
-    return train("grown", classifier(s.build(s.start), lr, None), data(s, args, seed), args.epochs, [grow], seed=seed)
+    return train("grown", classifier(s.build(s.start), peak_lr, None), data(s, args, seed), args.epochs, [grow], seed=seed)
 
 
 def run_fixed(s: Setting, args: argparse.Namespace, seed: int, lr: float, width: int, flops: float | None) -> Run:
