@@ -1,4 +1,4 @@
-"""What happened at a growth decision: typed, JSON-able event records (framework-free).
+"""What happened at a resize decision (growth, shrink, rollback): typed, JSON-able records (framework-free).
 
     >>> e = GrowthEvent(index=1, epoch=3, step=120, monitor="val_loss", value=0.41, reason=Reason.PLATEAU,
     ...                 changes=[Change("fc1", 32, 64, "widen fc1: 32 -> 64 units (net2wider)")],
@@ -13,7 +13,7 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Change", "GrowthEvent", "Reason", "StopReason"]
+__all__ = ["GROWTH_REASONS", "SHRINK_REASONS", "Change", "GrowthEvent", "Reason", "StopReason"]
 
 
 class Reason(str, enum.Enum):
@@ -24,6 +24,13 @@ class Reason(str, enum.Enum):
     SCHEDULE = "schedule"  # a fixed schedule (every N evaluations)
     DEADLINE = "deadline"  # the growth budget had to be reached by a fraction of the run
     ROLLBACK = "rollback"  # the last growth did not pay and was undone
+    DUPLICATES = "duplicates"  # shrink: units that compute the same thing were merged (exact)
+    REDUNDANT = "redundant"  # shrink: the least important units were pruned, the output changed by less than a tol
+    OVERFIT = "overfit"  # shrink: validation got worse while training improved (over capacity)
+
+
+GROWTH_REASONS = frozenset({Reason.PLATEAU, Reason.DNC, Reason.SCHEDULE, Reason.DEADLINE})
+SHRINK_REASONS = frozenset({Reason.DUPLICATES, Reason.REDUNDANT, Reason.OVERFIT})
 
 
 class StopReason(str, enum.Enum):
@@ -47,7 +54,13 @@ class Change:
 
 @dataclass
 class GrowthEvent:
-    """One growth (or rollback): when, why, what changed, and what it cost."""
+    """One growth, shrink or rollback: when, why, what changed, and what it cost.
+
+    ``extra_flops``: FLOPs spent deciding (candidate growths tried for a few steps, then rolled back), on
+    top of training; ``notes``: how the decision was made (the candidates' scores), for the logs;
+    ``measured_change``: a shrink's relative output change on the held-out training batch it was judged on
+    (the one held to :class:`~autogrow.resize.Shrink`'s ``tol``).
+    """
 
     index: int
     epoch: int
@@ -59,6 +72,19 @@ class GrowthEvent:
     params_before: int = 0
     params_after: int = 0
     preservation_error: float | None = None  # max relative |f - g| on a validation batch, eval mode
+    extra_flops: float = 0.0
+    notes: str = ""
+    measured_change: float | None = None
+
+    @property
+    def grew(self) -> bool:
+        """Whether the event is a growth (not a shrink or a rollback)."""
+        return self.reason in GROWTH_REASONS
+
+    @property
+    def shrank(self) -> bool:
+        """Whether the event is a shrink (duplicates merged, redundant units pruned, over capacity)."""
+        return self.reason in SHRINK_REASONS
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -77,4 +103,5 @@ class GrowthEvent:
                                d.get("preservation_error"))
         return GrowthEvent(d["index"], d["epoch"], d["step"], d["monitor"], d["value"], Reason(d["reason"]),
                            [Change(**c) for c in d["changes"]], d["params_before"], d["params_after"],
-                           d.get("preservation_error"))
+                           d.get("preservation_error"), float(d.get("extra_flops", 0.0)), d.get("notes", ""),
+                           d.get("measured_change"))

@@ -4,8 +4,10 @@ Works with ``pytorch_lightning`` and with the unified ``lightning`` package (whi
 """
 
 from autogrow.checkpoint import load_grown
+from autogrow.policy import TryCandidates
+from autogrow.resize import Shrink
 
 from .auto_grow import AutoGrow
 from .mixin import GrowableMixin
 
-__all__ = ["AutoGrow", "GrowableMixin", "load_grown"]
+__all__ = ["AutoGrow", "GrowableMixin", "Shrink", "TryCandidates", "load_grown"]

@@ -28,7 +28,8 @@ from autogrow.errors import check, check_bool, check_choice, check_int
 from autogrow.events import Change, GrowthEvent, Reason, StopReason
 from autogrow.lr import GrowthLR, shrink_perturb
 from autogrow.plateau import Deadline, PayoffCheck, Trigger, make_trigger
-from autogrow.policy import Candidate, GradientTracker, GrowthPolicy, make_policy
+from autogrow.policy import Candidate, GradientTracker, GrowthPolicy, TryCandidates, make_policy
+from autogrow.resize import Shrink
 
 from ._compat import CALLBACK_BASES, MisconfigurationError, check_supported, info, warn
 from .growing import grow_layers
@@ -36,12 +37,12 @@ from .mixin import unwrap_load_hook, wrap_load_hook
 from .probe import Probe
 from .rebuild import TrainingState, rebuild
 from .report import report
+from .resizing import Resizer, choose_growth
 from .schedule import RunSchedule
 from .snapshot import Skeleton, Snapshot
 from .state import dump_state, load_state
 
 __all__ = ["AutoGrow"]
-
 
 
 class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
@@ -55,8 +56,9 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         grow: what to do to a layer: ``"widen"``, ``"deepen"`` or an :class:`~autogrow.actions.Widen` /
             :class:`~autogrow.actions.Deepen` with its options (factor, initialiser, split, residual...).
         policy: which candidates grow at an event: ``"all"``, ``"round_robin"``, ``"smallest"``,
-            ``"gradient"`` or a :class:`~autogrow.policy.GrowthPolicy`. Layers coupled through a residual
-            stream form one candidate.
+            ``"gradient"``, ``"try"`` (:class:`~autogrow.policy.TryCandidates`: the growth that lowers the loss
+            most per added FLOP in a few trial steps) or a :class:`~autogrow.policy.GrowthPolicy`. Layers coupled
+            through a residual stream form one candidate.
         targets: module names (relative to the LightningModule) that may grow; ``None``: every layer that
             can grow exactly, found by tracing.
         max_params, max_width, max_events: the growth budget; growth stops when nothing fits.
@@ -78,6 +80,9 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
             computes another function) is undone exactly, then ``"raise"`` stops the fit with an
             :class:`~autogrow.AutogrowError`, ``"skip"`` warns and trains on without that layer's growth.
         seed: base seed of all growth randomness (mappings, splits, new weights).
+        shrink: also shrink (:class:`~autogrow.resize.Shrink`): merge duplicate units, prune redundant ones within
+            a tolerance, prune when over capacity; ``min_params`` there; a layer that shrank does not grow until
+            the metric beats its best at the shrink. ``None``: never shrink.
 
     Example::
 
@@ -91,7 +96,7 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
                  max_events: int | None = None, deadline: float | None = 0.6,
                  lr: str | GrowthLR | None = "wsd", shrink_perturb: tuple[float, float] | None = None,
                  stop_patience: int | None = None, rollback: bool = False, optimizer_state: str = "carry",
-                 on_error: str = "raise", seed: int = 0) -> None:
+                 on_error: str = "raise", seed: int = 0, shrink: Shrink | None = None) -> None:
         super().__init__()
         check("monitor", monitor, isinstance(monitor, str) and bool(monitor), "a metric name")
         check("targets", targets, targets is None or (isinstance(targets, list) and bool(targets) and all(
@@ -106,6 +111,10 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
             len(shrink_perturb) == 2 and 0 <= shrink_perturb[0] <= 1 and shrink_perturb[1] >= 0),
               "(shrink in [0, 1], noise >= 0) or None")
         check_int("seed", seed, 0, 2**62)  # seeds derived per event stay below 2**63
+        check("shrink", shrink, shrink is None or isinstance(shrink, Shrink), "a Shrink(...) or None")
+        low = shrink.min_params if shrink is not None else None
+        check("Shrink.min_params", low, low is None or max_params is None or low <= max_params,
+              f"at most max_params={max_params}")
         if ("loss" in monitor and mode == "max") or ("acc" in monitor and mode == "min"):
             warnings.warn(f"AutoGrow: mode={mode!r} for monitor={monitor!r}: is that the right direction?",
                           UserWarning, stacklevel=2)
@@ -120,6 +129,9 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         self.schedule = RunSchedule(GrowthLR() if lr == "wsd" else copy.deepcopy(lr),
                                     Deadline(deadline) if deadline is not None else None)
         self._configured_targets = list(targets) if targets is not None else None
+        tries = isinstance(self.policy, TryCandidates)
+        self.resizer = Resizer(shrink, mode, max(shrink.batches if shrink else 0, min(self.policy.steps, 8) if tries
+                                                 else 0))  # the training batches the decisions need
         # state (saved in checkpoints)
         self.targets: list[str] = []
         self.events: list[GrowthEvent] = []
@@ -199,7 +211,9 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
             grow, self._reason = True, Reason.DEADLINE
         elif grow:
             self._reason = Reason(self.trigger.reason)
-        grow = grow and self.stopped is None
+        over = self.resizer.decide(value, self.trigger.better, lambda b: bool(trainer.strategy.broadcast(b, src=0))
+                                   ) is Reason.OVERFIT  # then shrink, not grow
+        grow = grow and self.stopped is None and not over
         self.pending = self.pending or bool(trainer.strategy.broadcast(grow, src=0))
 
     def _stop(self, trainer: Any, reason: StopReason, message: str) -> None:
@@ -212,20 +226,31 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
             self.probe.capture(batch, validation=False)
         self.schedule.sync(trainer)
         # After a mid-epoch validation: grow at an accumulation boundary (no pending gradients).
-        if (self.pending or self._rollback_pending) and batch_idx % trainer.accumulate_grad_batches == 0:
+        if self._due() and batch_idx % trainer.accumulate_grad_batches == 0:
             self._act(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.resizer.observe(outputs, batch)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
         if self.policy.needs_gradients:
             self._gradients.add(pl_module, self.targets)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.pending or self._rollback_pending:
+        if self._due():
             self._act(trainer, pl_module)
         pl_module.log("autogrow/params", float(autogrow.num_params(pl_module)), prog_bar=True, rank_zero_only=True)
         pl_module.log("autogrow/lr_multiplier", self.schedule.multiplier(), rank_zero_only=True)
 
+    def _due(self) -> bool:
+        return self.pending or self._rollback_pending or self.resizer.pending is not None
+
     def _act(self, trainer: Any, pl_module: Any) -> None:
+        if self.resizer.pending is not None and not self._rollback_pending:
+            shrunk = self.resizer.shrink(self, trainer, pl_module)
+            if shrunk is not None:
+                reason, done, n_before, error = shrunk
+                self._record(trainer, pl_module, reason, done.changes, n_before, error, measured_change=done.change)
         if self._rollback_pending:
             self._rollback_pending = self.pending = False
             n_before = autogrow.num_params(pl_module)
@@ -238,7 +263,7 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
             self._grow(trainer, pl_module)
 
     def _grown(self) -> int:
-        return sum(e.reason is not Reason.ROLLBACK for e in self.events)
+        return sum(e.grew for e in self.events)
 
     def _events_needed(self, pl_module: nn.Module) -> int:
         if not self.budget.sized:
@@ -251,8 +276,8 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
     def _candidates(self, pl_module: nn.Module) -> list[Candidate]:
         out = []
         for name in self.targets:
-            if not self.action.can_grow(pl_module, name, self.budget.max_width):
-                continue  # at max_width
+            if not self.action.can_grow(pl_module, name, self.budget.max_width) or not self.resizer.may_grow(name):
+                continue  # at max_width, or shrunk and not to be regrown yet
             out.append(Candidate(name, width_of(pl_module.get_submodule(name)), self._gradients.score(name)))
         return out
 
@@ -267,13 +292,18 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
                 self.targets = discover_targets(pl_module, self.action, None, self.probe.inputs)
             except autogrow.AutogrowError:
                 pass  # keep the targets found before
-        chosen = self.policy.choose(self._candidates(pl_module))
         seed = int(trainer.strategy.broadcast(self.seed + 7919 * (len(history_of(pl_module)) + 1), src=0))
+        candidates = self._candidates(pl_module)
+        if not candidates and any(not self.resizer.may_grow(t) for t in self.targets):
+            self.resizer.grew([], [])
+            return info(trainer, "AutoGrow: not growing: every layer that could grow shrank since its last best")
+        choice = choose_growth(self, trainer, pl_module, candidates, seed)
         n_before = autogrow.num_params(pl_module)
         saved = TrainingState.capture(trainer, pl_module)
         snapshot = Snapshot.take(trainer, pl_module, self.targets) if self.rollback else None
         before = self.probe.outputs(pl_module)
-        growths, changes, self.targets = grow_layers(self, trainer, pl_module, chosen, seed, n_before)
+        growths, changes, self.targets = grow_layers(self, trainer, pl_module, choice.names, seed, n_before,
+                                                     choice.action)
         if not growths and not self.targets:
             return self._stop(trainer, StopReason.REFUSED, "every layer's growth failed its check")
         if not growths:
@@ -288,14 +318,16 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
             cb.wait_count = 0
         self.trigger.notify_growth()
         self._gradients.clear()
+        self.resizer.grew(growths, changes)
         self._snapshot = snapshot
         self.payoff.grew(self.best)
-        self._record(trainer, pl_module, self._reason, changes, n_before, Probe.error(before, after))
+        self._record(trainer, pl_module, self._reason, changes, n_before, Probe.error(before, after),
+                     extra_flops=choice.extra_flops, notes=choice.notes)
 
     def _record(self, trainer: Any, pl_module: Any, reason: Reason, changes: list[Change], n_before: int,
-                error: float | None) -> None:
+                error: float | None, **extra: Any) -> None:
         event = GrowthEvent(len(self.events) + 1, trainer.current_epoch, trainer.global_step, self.monitor, self.best,
-                            reason, changes, n_before, autogrow.num_params(pl_module), error)
+                            reason, changes, n_before, autogrow.num_params(pl_module), error, **extra)
         self.events.append(event)
         report(trainer, pl_module, event)
 

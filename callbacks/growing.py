@@ -26,21 +26,23 @@ def renamed(name: str, growth: autogrow.Growth) -> str:
     return name
 
 
-def grow_layers(cb: Any, trainer: Any, module: Any, chosen: list[str], seed: int, n_params: int
-                ) -> tuple[list[autogrow.Growth], list[Change], list[str]]:
-    """Grow ``chosen`` layers of ``module`` within ``cb``'s budget; returns the growths, the changes and the
-    callback's targets afterwards (renamed; without layers that failed, with ``on_error="skip"``).
+def grow_layers(cb: Any, trainer: Any, module: Any, chosen: list[str], seed: int, n_params: int,
+                action: Any = None) -> tuple[list[autogrow.Growth], list[Change], list[str]]:
+    """Grow ``chosen`` layers of ``module`` by ``action`` (``None``: ``cb.action``) within ``cb``'s budget; returns
+    the growths, the changes and the callback's targets afterwards (renamed; without layers that failed, with
+    ``on_error="skip"``).
 
     Raises:
         AutogrowError: a growth failed its check and ``cb.on_error == "raise"``: every layer grown in this
             event is undone first, so the model is exactly as before.
     """
     growths, changes, event, targets = [], [], Undo(), list(cb.targets)
+    action = cb.action if action is None else action
     chosen = list(chosen)
     for i in range(len(chosen)):
         name = chosen[i]
         try:
-            plan = cb.action.plan(module, name, seed + i, max_width=cb.budget.max_width,
+            plan = action.plan(module, name, seed + i, max_width=cb.budget.max_width,
                                   example_inputs=cb.probe.inputs)
             delta = plan.param_delta
             if not cb.budget.fits(n_params, delta):

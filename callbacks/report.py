@@ -1,4 +1,4 @@
-"""Growth events where users look: a log line, TensorBoard text and scalars (rank 0 only)."""
+"""Resize events (growth, shrink, rollback) where users look: a log line, TensorBoard text and scalars (rank 0 only)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def report(trainer: Any, module: nn.Module, event: GrowthEvent) -> None:
     info(trainer, f"AutoGrow: event {event.index} at epoch {event.epoch}, step {event.step} ({event.monitor}="
                   f"{value}, {event.reason.value}): {what}; parameters {event.params_before:,} -> "
                   f"{event.params_after:,}" + (f"; max|f-g| on a validation batch {err:.2e}" if err is not None
-                                                 else ""))
+                                                 else "") + _extras(event))
     if not trainer.is_global_zero:
         return
     for logger in trainer.loggers:
@@ -33,10 +33,11 @@ def _tensorboard(exp: Any, module: nn.Module, event: GrowthEvent, step: int) -> 
     rows = "\n".join(f"| {c.target} | {c.old} | {c.new} | {c.summary} |" for c in event.changes)
     err = event.preservation_error
     value = "n/a" if event.value is None else f"{event.value:.5g}"
-    text = (f"**Growth event {event.index}** at epoch {event.epoch}, step {step}: {event.monitor} = {value} "
+    kind = "Shrink" if event.shrank else "Growth"
+    text = (f"**{kind} event {event.index}** at epoch {event.epoch}, step {step}: {event.monitor} = {value} "
             f"({event.reason.value})\n\n| layer | from | to | what |\n|---|---|---|---|\n{rows}\n\n"
             f"parameters {event.params_before:,} -> {event.params_after:,}; preservation error "
-            f"{'n/a' if err is None else f'{err:.3e}'}")
+            f"{'n/a' if err is None else f'{err:.3e}'}" + _extras(event))
     exp.add_text("autogrow/events", text, step)
     exp.add_scalar("autogrow/params", event.params_after, step)
     exp.add_scalar("autogrow/event", event.index, step)
@@ -46,3 +47,13 @@ def _tensorboard(exp: Any, module: nn.Module, event: GrowthEvent, step: int) -> 
         exp.add_scalar(f"autogrow/width/{c.target}", c.new, step)
     exp.add_scalar("autogrow/depth", sum(isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) for m in module.modules()),
                    step)
+
+
+def _extras(event: GrowthEvent) -> str:
+    """A shrink's measured change, a choice's trial cost and notes (empty for a plain growth)."""
+    out = ""
+    if event.measured_change is not None:
+        out += f"; output change on a held-out training batch {event.measured_change:.2e}"
+    if event.extra_flops:
+        out += f"; {event.extra_flops:.3g} FLOPs spent choosing"
+    return out + (f"; {event.notes}" if event.notes else "")

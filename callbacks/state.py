@@ -17,7 +17,8 @@ def dump_state(cb: Any) -> dict[str, Any]:
             "targets": cb.targets, "events": [e.to_dict() for e in cb.events], "pending": cb.pending,
             "stopped": cb.stopped.value if cb.stopped else None, "stop_message": cb.stop_message, "best": cb.best,
             "since_growth": cb.payoff.since_growth, "best_at_growth": cb.payoff.best_at_growth,
-            "reason": cb._reason.value, "schedule": cb.schedule.state_dict()}
+            "reason": cb._reason.value, "schedule": cb.schedule.state_dict(),
+            "resize": cb.resizer.state_dict()}
 
 
 def load_state(cb: Any, s: dict[str, Any]) -> None:
@@ -30,6 +31,7 @@ def load_state(cb: Any, s: dict[str, Any]) -> None:
     cb.payoff.since_growth, cb.payoff.best_at_growth = s.get("since_growth"), s.get("best_at_growth")
     cb._reason = Reason(s.get("reason", cb._reason.value))
     cb.schedule.load_state_dict(s.get("schedule", {}))
+    cb.resizer.load_state_dict(s.get("resize", {}))
     stopped = s.get("stopped")
     if stopped is not None and s.get("version", 1) < 2:  # 0.1 saved free text
         cb.stop_message = stopped
