@@ -13,8 +13,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 from autogrow.callbacks import AutoGrow
 from autogrow.experiments.common import fashion, finish_args, parser, plot, table, train, write
-from autogrow.experiments.models import MLP
-from autogrow.experiments.suite_grid import classifier
+from autogrow.experiments.models import MLP, Classifier
 
 from autogrow.actions import Widen
 from autogrow.plateau import DynamicNodeCreation
@@ -34,14 +33,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     net = MLP(784, [4])
     grow = AutoGrow(monitor="val_loss", trigger=DynamicNodeCreation(window=2, threshold=args.threshold),
                     grow=Widen(units=4), stop_patience=3, rollback=True)
-    dnc = train("dynamic node creation", classifier(net), dm, args.epochs, [grow])
+    dnc = train("dynamic node creation", Classifier(net, optimizer="adam", lr=1e-3), dm, args.epochs, [grow])
     rows.append({"run": "dnc", "hidden": net.fc1.out_features, "test_acc": dnc.test_acc,
                  "best_val_acc": dnc.best_val_acc, "wall_s": dnc.wall, "train_flops": dnc.flops,
                  "events": len(dnc.events), "stopped": grow.stop_message or None})
     runs.append(dnc)
     for h in fixed:
         pl.seed_everything(0, verbose=False)
-        run = train(f"fixed {h}", classifier(MLP(784, [h])), dm, args.epochs)
+        run = train(f"fixed {h}", Classifier(MLP(784, [h]), optimizer="adam", lr=1e-3), dm, args.epochs)
         rows.append({"run": "fixed", "hidden": h, "test_acc": run.test_acc, "best_val_acc": run.best_val_acc,
                      "wall_s": run.wall, "train_flops": run.flops, "events": 0, "stopped": None})
         runs.append(run)

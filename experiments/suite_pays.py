@@ -33,7 +33,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from autogrow.callbacks import AutoGrow
-from autogrow.experiments.common import Run, fashion, finish_args, machine, parser, plot, train, write
+from autogrow.experiments.common import Run, fashion, finish_args, parser, plot, train, write
 from autogrow.experiments.data import ArrayDataModule, DigitsDataModule
 from autogrow.experiments.models import MLP, Classifier, ConvNet
 
@@ -95,7 +95,8 @@ def run_grown(s: Setting, args: argparse.Namespace, seed: int, peak_lr: float, *
     """The grown run; ``overrides`` are AutoGrow arguments (an ablation's ``lr=None`` is AutoGrow's, not the peak)."""
     pl.seed_everything(seed, verbose=False)
     grow = AutoGrow(**{"max_params": num_params(s.build(s.final)), "seed": seed, **overrides})
-    return train("grown", classifier(s.build(s.start), peak_lr, None), data(s, args, seed), args.epochs, [grow], seed=seed)
+    module = classifier(s.build(s.start), peak_lr, None)
+    return train("grown", module, data(s, args, seed), args.epochs, [grow], seed=seed)
 
 
 def run_fixed(s: Setting, args: argparse.Namespace, seed: int, lr: float, width: int, flops: float | None) -> Run:
@@ -199,7 +200,7 @@ def report(out: Path, args: argparse.Namespace, s: Setting, rows: list[dict[str,
           f"from-scratch baselines with their own tuned peak LR ({lrs['scratch']:g}) and the same hold-then-decay "
           f"schedule. LRs chosen from {args.lrs} by validation accuracy on {args.tune_seeds} separate seeds.\n\n"
           f"Target (grown >= scratch - 0.1 pp): {target}.\n\n" + "\n".join(lines))
-    write(out, f"pays_{args.model}", rows, md + f"\n\n_{machine()}_")
+    write(out, f"pays_{args.model}", rows, md)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from autogrow.experiments import suite_ablations, suite_dnc, suite_grid, suite_net2net, suite_scratch
+from autogrow.experiments import suite_dnc, suite_grid, suite_net2net, suite_pays
 from autogrow.experiments.data import DigitsDataModule, FashionMNISTDataModule, MNISTDataModule, read_idx, write_idx
+
+import autogrow
 
 
 def outputs(out, name):
@@ -34,17 +36,45 @@ def test_grid_suite(tiny_idx, tmp_path):
     outputs(tmp_path, "grid")
     assert [r["kind"] for r in rows].count("grid") == 4 and [r["kind"] for r in rows].count("net2net") == 4
     assert all(r["train_flops"] > 0 for r in rows)
+    assert next(r for r in rows if r["kind"] == "growth")["events"] >= 1
+    assert "Target (within 0.3 pp" in (tmp_path / "grid.md").read_text()
 
 
-def test_scratch_ablation_dnc_suites(tiny_idx, tmp_path):
-    for suite, name in ((suite_scratch, "scratch"), (suite_ablations, "ablations"), (suite_dnc, "dnc")):
-        out = tmp_path / name
-        suite.main(["--quick", "--data-dir", tiny_idx, "--out", str(out)])
-        assert outputs(out, name)
-    ablations = json.loads((tmp_path / "ablations" / "ablations.json").read_text())
-    assert {r["variant"] for r in ablations} == set(suite_ablations.VARIANTS)
-    scratch = json.loads((tmp_path / "scratch" / "scratch.json").read_text())
-    assert {r["run"] for r in scratch} == {"grown", "scratch"}
+def test_grid_net2net_rows_carry_adam_state(tiny_idx):
+    """The widened student starts with the base run's Adam moments, re-indexed to its new width."""
+    from autogrow.experiments.common import fashion, train
+    from autogrow.experiments.models import MLP, Classifier
+    from pytorch_lightning.callbacks import Callback
+
+    args = suite_grid.parser("", 1, 1).parse_args(["--quick", "--data-dir", tiny_idx])
+    suite_grid.finish_args(args, "grid")
+    dm, kept = fashion(args), suite_grid.KeepOptimizer()
+    base = Classifier(MLP(784, [4, 4]), optimizer="adam", lr=1e-3)
+    train("base", base, dm, 1, [kept])
+    steps = float(kept.state["state"][0]["step"])
+    module = Classifier(base.model, optimizer="adam", lr=1e-3)
+    growth = autogrow.widen(module, "model.fc1", 8, split=0.5, generator=0)
+    seen = {}
+
+    class Look(Callback):
+        def on_train_start(self, trainer, pl_module):
+            state = trainer.optimizers[0].state[pl_module.model.fc1.weight]
+            seen["shape"], seen["step"] = tuple(state["exp_avg"].shape), float(state["step"])
+
+    train("student", module, dm, 1, [suite_grid.CarryOptimizer(kept, [growth]), Look()])
+    assert seen == {"shape": (8, 784), "step": steps} and float(kept.state["state"][0]["step"]) == steps  # copied
+
+
+def test_pays_and_dnc_suites(tiny_idx, tmp_path):
+    rows = suite_pays.main(["--quick", "--data-dir", tiny_idx, "--out", str(tmp_path / "pays"), "--seeds", "2",
+                            "--ablation"])
+    configs = {r["config"] for r in rows}
+    assert {"grown", "scratch", "scratch @ budget"} <= configs and set(suite_pays.ABLATIONS) <= configs
+    grown = [r for r in rows if r["config"] == "grown"]
+    assert all(r["events"] >= 1 and 0 < r["flops_ratio"] < 1 for r in grown)  # it grew, for less than scratch
+    assert "Target (grown >= scratch - 0.1 pp)" in (tmp_path / "pays" / "pays_mlp.md").read_text()
+    suite_dnc.main(["--quick", "--data-dir", tiny_idx, "--out", str(tmp_path / "dnc")])
+    assert outputs(tmp_path / "dnc", "dnc")
 
 
 def test_idx_round_trip_and_errors(tmp_path):
