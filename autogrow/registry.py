@@ -72,6 +72,8 @@ class ChannelSpec:
             end if < 0 (LayerNorm: -1); several entries for layers that accept either.
         uniform_only: exact only when every feature is replicated the same number of times
             (``LayerNorm``: then the mean and variance over the features are unchanged).
+        applies: whether an instance is channel-wise at all (a ``PReLU`` with one shared slope is
+            element-wise: register the type as both).
     """
 
     tensors: Mapping[str, float]
@@ -79,6 +81,7 @@ class ChannelSpec:
     dims: tuple[int, ...]
     uniform_only: bool = False
     check: Callable[[nn.Module], str | None] = lambda m: None
+    applies: Callable[[nn.Module], bool] = lambda m: True
 
 
 @dataclass(frozen=True)
@@ -131,8 +134,10 @@ def layer_spec(module: nn.Module) -> LayerSpec | None:
 
 
 def channel_spec(module: nn.Module) -> ChannelSpec | None:
-    """The registered :class:`ChannelSpec` of ``module``'s type, or ``None``."""
-    return _lookup(_CHANNELWISE, module)
+    """The registered :class:`ChannelSpec` of ``module``'s type, or ``None`` (also when it does not apply to
+    this instance)."""
+    spec = _lookup(_CHANNELWISE, module)
+    return spec if spec is not None and spec.applies(module) else None
 
 
 def channel_width(module: nn.Module) -> int | None:
@@ -171,11 +176,11 @@ def identity_kernel_size(m: nn.Module, kernel_size: int | None) -> int:
     return k + 1 - k % 2
 
 
-def _conv_identity(m: nn.Module, kernel_size: int | None) -> nn.Module:
+def _conv_identity(m: nn.Module, kernel_size: int | None, conv: type[nn.Module] | None = None) -> nn.Module:
     k = identity_kernel_size(m, kernel_size)
     n, nd = m.out_channels, len(m.kernel_size)
-    new = type(m)(n, n, k, padding=k // 2, bias=m.bias is not None, padding_mode=m.padding_mode,
-                  device="meta", dtype=m.weight.dtype).to_empty(device=m.weight.device)
+    new = (conv or type(m))(n, n, k, padding=k // 2, bias=m.bias is not None, padding_mode=m.padding_mode,
+                            device="meta", dtype=m.weight.dtype).to_empty(device=m.weight.device)
     with torch.no_grad():
         new.weight.zero_()
         centre = (k // 2,) * nd  # integer index: (k - 1) / 2 as a float would be a bug
@@ -198,6 +203,12 @@ for _nd, _conv in ((1, nn.Conv1d), (2, nn.Conv2d), (3, nn.Conv3d)):
     register_layer(_conv, LayerSpec({"weight": 0, "bias": 0}, {"weight": 1}, "out_channels",
                                     "in_channels", -(_nd + 1), -(_nd + 1), check=_conv_check,
                                     identity=_conv_identity))
+for _nd, (_convt, _conv) in enumerate(((nn.ConvTranspose1d, nn.Conv1d), (nn.ConvTranspose2d, nn.Conv2d),
+                                       (nn.ConvTranspose3d, nn.Conv3d)), 1):
+    # weight (in, out, *k): units on axis 1, features on axis 0; deepening after one adds a plain identity conv
+    register_layer(_convt, LayerSpec({"weight": 1, "bias": 0}, {"weight": 0}, "out_channels", "in_channels",
+                                     -(_nd + 1), -(_nd + 1), check=_conv_check,
+                                     identity=lambda m, k, conv=_conv: _conv_identity(m, k, conv)))
 register_layer(nn.Embedding, LayerSpec({"weight": 1}, {}, "embedding_dim", None, -1, -1))
 
 
@@ -220,13 +231,26 @@ for _bn in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
     register_channelwise(_bn, ChannelSpec(_BN, _bn_update, dims=(1,)))  # (N, C, ...): axis 1
 register_channelwise(nn.LayerNorm, ChannelSpec({"weight": 1.0, "bias": 0.0}, _ln_update, dims=(-1,),
                                                uniform_only=True, check=_ln_check))
+_IN = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}  # each tensor only if it exists
+for _inorm in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
+    # statistics per sample and channel: a copied channel normalises exactly as its original
+    register_channelwise(_inorm, ChannelSpec(_IN, _bn_update, dims=(1,)))
+
+
+def _prelu_update(m: nn.Module, n: int) -> None:
+    m.num_parameters = n
+
+
+# one slope per channel (axis 1, as PReLU applies it), or one shared slope: then an ordinary activation
+register_channelwise(nn.PReLU, ChannelSpec({"weight": 0.25}, _prelu_update, dims=(1,),
+                                           applies=lambda m: m.num_parameters > 1))
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
     register_channelwise(nn.RMSNorm, ChannelSpec({"weight": 1.0}, _ln_update, dims=(-1,),
                                                  uniform_only=True, check=_ln_check))
 
 for _cls in (nn.ReLU, nn.ReLU6, nn.Hardtanh):
     register_elementwise(_cls, idempotent=True)
-for _cls in (nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SELU, nn.CELU,
+for _cls in (nn.PReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SELU, nn.CELU,
              nn.Softplus, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Softsign, nn.Tanhshrink):
     register_elementwise(_cls)
 for _cls in (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
