@@ -58,8 +58,8 @@ class GrowthEvent:
 
     ``extra_flops``: FLOPs spent deciding (candidate growths tried for a few steps, then rolled back), on
     top of training; ``notes``: how the decision was made (the candidates' scores), for the logs;
-    ``measured_change``: a shrink's relative output change on the held-out training batch it was judged on
-    (the one held to :class:`~autogrow.resize.Shrink`'s ``tol``).
+    ``measured_change``: a shrink's relative output change on the inputs it was judged on (a held-out training
+    batch and the validation probe: what is held to :class:`~autogrow.resize.Shrink`'s ``tol``).
     """
 
     index: int

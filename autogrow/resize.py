@@ -44,7 +44,8 @@ class Shrink:
     Args:
         merge: merge units that compute the same thing (exact; copies left by widening), at each check.
         prune: at each check, remove the least important units of a layer (least-squares corrected) when the
-            output on a held-out training batch moves by at most ``tol`` (relative, ``max|f - g| / max|f|``).
+            output on a held-out training batch (and AutoGrow's validation probe) moves by at most ``tol`` (relative,
+            ``max|f - g| / max|f|``).
         tol: that tolerance.
         fraction: the largest fraction of a layer's units one check removes; halved (``attempts`` tries in all)
             until the change is within ``tol``.
@@ -54,8 +55,9 @@ class Shrink:
             its best while the mean training loss makes a new best (over capacity); ``None``: never.
         overfit_fraction: the fraction of the widest allowed layer's units an over-capacity prune removes.
         overfit_tol: the largest output change an over-capacity prune may make (``None``: no limit).
-        cooldown: evaluations after a layer grew during which it may not shrink. A layer that shrank may not
-            grow until the metric beats its best at the shrink.
+        cooldown: evaluations after a layer grew during which it may not shrink. A layer that shrank sits out the
+            next growth event and then grows only once the metric beats its best at the shrink (a growth decided
+            while every layer is so blocked waits for that).
         min_params, min_width: nothing shrinks below these.
         batches: training batches kept for the decisions: the last one measures the change, the others fit
             the correction (and :class:`~autogrow.policy.TryCandidates` trains on all of them).

@@ -81,8 +81,8 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
             :class:`~autogrow.AutogrowError`, ``"skip"`` warns and trains on without that layer's growth.
         seed: base seed of all growth randomness (mappings, splits, new weights).
         shrink: also shrink (:class:`~autogrow.resize.Shrink`): merge duplicate units, prune redundant ones within
-            a tolerance, prune when over capacity; ``min_params`` there; a layer that shrank does not grow until
-            the metric beats its best at the shrink. ``None``: never shrink.
+            a tolerance, prune when over capacity; ``min_params`` there; a layer that shrank sits out the next
+            growth and then waits for the metric to beat its best at the shrink. ``None``: never shrink.
 
     Example::
 
@@ -284,6 +284,10 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
     def _grow(self, trainer: Any, pl_module: Any) -> None:
         if self.budget.max_events is not None and self._grown() >= self.budget.max_events:
             return self._stop(trainer, StopReason.MAX_EVENTS, f"max_events={self.budget.max_events} reached")
+        if not self._candidates(pl_module) and any(not self.resizer.may_grow(t) for t in self.targets):
+            self.resizer.grew([], [])  # the decision stands: it is done once the metric lifts a shrink's block
+            self.pending = True
+            return None
         bad = next((n for n, p in pl_module.named_parameters() if not bool(torch.isfinite(p).all())), None)
         if bad is not None:
             return warn(trainer, f"AutoGrow: not growing: parameter {bad!r} holds NaN/inf values (training diverged)")
@@ -294,9 +298,6 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
                 pass  # keep the targets found before
         seed = int(trainer.strategy.broadcast(self.seed + 7919 * (len(history_of(pl_module)) + 1), src=0))
         candidates = self._candidates(pl_module)
-        if not candidates and any(not self.resizer.may_grow(t) for t in self.targets):
-            self.resizer.grew([], [])
-            return info(trainer, "AutoGrow: not growing: every layer that could grow shrank since its last best")
         choice = choose_growth(self, trainer, pl_module, candidates, seed)
         n_before = autogrow.num_params(pl_module)
         saved = TrainingState.capture(trainer, pl_module)

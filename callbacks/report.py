@@ -53,7 +53,7 @@ def _extras(event: GrowthEvent) -> str:
     """A shrink's measured change, a choice's trial cost and notes (empty for a plain growth)."""
     out = ""
     if event.measured_change is not None:
-        out += f"; output change on a held-out training batch {event.measured_change:.2e}"
+        out += f"; output change on held-out inputs {event.measured_change:.2e}"
     if event.extra_flops:
         out += f"; {event.extra_flops:.3g} FLOPs spent choosing"
     return out + (f"; {event.notes}" if event.notes else "")

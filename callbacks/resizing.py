@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 import autogrow
@@ -111,7 +112,14 @@ class Resizer:
             return None
         n_before, saved, probe = autogrow.num_params(module), TrainingState.capture(trainer, module), \
             cb.probe.outputs(module)
-        done = self._surgery(module, [t for t in cb.targets if self.blocks.may_shrink(t)], reason, *data, n_before)
+        fit, check = data
+        x = cb.probe.inputs
+        if isinstance(x, torch.Tensor) and x.shape[1:] == check.shape[1:]:
+            # also held to tol on the validation probe: a least-squares correction fitted on a few training
+            # batches can be ill-conditioned (near-dead units) and hold on training inputs only
+            check = torch.cat([check, x.to(check.device, check.dtype)])
+        done = self._surgery(module, [t for t in cb.targets if self.blocks.may_shrink(t)], reason, fit, check,
+                             n_before)
         if not done.growths:
             return None
         rebuild(trainer, module, saved, done.growths, cb.optimizer_state)
