@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from autogrow.errors import SHAPES_HINT, AutogrowError, NeedsShapes, fail
 from autogrow.layout import Layout, NeedsBlock, Refusal, arg, cat_axis
 from autogrow.ops import Op, OpKind, classify
-from autogrow.registry import ChannelSpec, LayerSpec, channel_width, layer_spec
+from autogrow.registry import ChannelSpec, LayerSpec, channel_spec, channel_width, layer_spec
 from autogrow.sizes import SizeReader
 from autogrow.trace import call_sites, describe, not_called, trace
 
@@ -111,6 +111,9 @@ class _Walk:
             fail("target: " + not_called(self.model, self.target, self.sites, "growable layers"))
         module = self.model.get_submodule(self.target)
         if layer_spec(module) is None:
+            if channel_spec(module) is not None:  # a depthwise conv, a PReLU: they follow their input's producer
+                fail(f"target: {self.target!r} is a channel-wise {type(module).__name__} (one filter or value per "
+                     "channel): it grows with the layer that produces its input; widen that layer")
             fail(f"target: {self.target!r} is a {type(module).__name__}, which has no registered LayerSpec; "
                  "widen a Linear/ConvNd/Embedding or register the type with autogrow.register_layer")
         self._add_producer(self.target, self.sites[self.target][0])

@@ -28,7 +28,7 @@ from autogrow.errors import SHAPES_HINT, NeedsShapes, check, check_bool, check_c
 from autogrow.growth import Growth, make_seed
 from autogrow.ops import Op, OpKind, classify
 from autogrow.plan import Plan, Undo, register_plan
-from autogrow.registry import identity_kernel_size, layer_spec
+from autogrow.registry import identity_kernel_size, identity_spec
 from autogrow.shapes import propagate
 from autogrow.trace import call_sites, describe, not_called, trace, unwrap
 
@@ -81,7 +81,7 @@ class DeepenPlan(Plan):
     @property
     def param_delta(self) -> int:
         after = self.model.get_submodule(self.after)
-        spec = layer_spec(after)
+        spec = identity_spec(after)
         assert spec is not None and spec.identity is not None
         n, nd = getattr(after, spec.out_attr), after.weight.dim() - 2
         k = identity_kernel_size(after, self.kernel_size) ** nd if nd > 0 else 1
@@ -128,7 +128,7 @@ class DeepenPlan(Plan):
         )
 
     def _build(self, after: nn.Module, gen: torch.Generator) -> list[nn.Module]:
-        spec = layer_spec(after)
+        spec = identity_spec(after)
         assert spec is not None and spec.identity is not None
         layer = spec.identity(after, self.kernel_size)
         if self.residual:
@@ -231,7 +231,7 @@ def _check_deepen_args(model: nn.Module, after: str, init: str, residual: bool |
     if after not in sites:
         fail("after: " + not_called(model, after, sites, "growable layers"))
     module = model.get_submodule(after)
-    spec = layer_spec(module)
+    spec = identity_spec(module)
     if spec is None or spec.identity is None:
         fail(f"after: {after!r} is a {type(module).__name__}, which has no identity construction; "
              "deepen after a Linear or ConvNd, or register one with autogrow.register_layer")
@@ -244,7 +244,7 @@ def _check_deepen_args(model: nn.Module, after: str, init: str, residual: bool |
 
 def _check_batch_norm_axis(model: nn.Module, graph: fx.Graph, site: fx.Node, after: str, example_inputs: Any) -> None:
     """A new BatchNorm normalises axis 1: the layer's units must sit there (not in a (B, T, C) output)."""
-    spec = layer_spec(model.get_submodule(after))
+    spec = identity_spec(model.get_submodule(after))
     if spec.out_dim != -1:
         return  # a convolution: channels are axis 1
     if example_inputs is None:

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["ChannelSpec", "Elementwise", "LayerSpec", "channel_spec", "channel_width", "elementwise",
-           "identity_kernel_size",
+           "identity_kernel_size", "identity_spec",
            "layer_spec", "register_channelwise", "register_elementwise", "register_layer"]
 
 _T = TypeVar("_T")
@@ -49,6 +49,7 @@ class LayerSpec:
         check: returns why a given instance cannot be resized, or ``None`` when it can.
         identity: builds a new layer of this type that computes the identity on ``n`` features
             (Net2DeeperNet), or ``None`` when the type cannot be deepened.
+        applies: whether an instance is a weighted layer at all (a depthwise conv is channel-wise).
     """
 
     out_params: Mapping[str, int]
@@ -59,6 +60,7 @@ class LayerSpec:
     in_dim: int
     check: Callable[[nn.Module], str | None] = lambda m: None
     identity: Callable[[nn.Module, int | None], nn.Module] | None = None
+    applies: Callable[[nn.Module], bool] = lambda m: True
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ class ChannelSpec:
     """A layer with one value per feature along ``dim`` of its input (and output) tensor.
 
     Args:
-        tensors: parameter/buffer name -> neutral value for a brand-new feature (``init="random"``).
+        tensors: parameter/buffer name -> neutral value for a brand-new feature (``None``: drawn like a
+            weight), indexed by the features on axis 0.
         attr_update: writes the new width into the layer's attributes.
         dims: the axis the features sit on: counted from the front if >= 0 (BatchNorm: 1), from the
             end if < 0 (LayerNorm: -1); several entries for layers that accept either.
@@ -76,7 +79,7 @@ class ChannelSpec:
             element-wise: register the type as both).
     """
 
-    tensors: Mapping[str, float]
+    tensors: Mapping[str, float | None]
     attr_update: Callable[[nn.Module, int], None]
     dims: tuple[int, ...]
     uniform_only: bool = False
@@ -129,7 +132,15 @@ def register_elementwise(cls: type[nn.Module], *, activation: bool = True, idemp
 
 
 def layer_spec(module: nn.Module) -> LayerSpec | None:
-    """The registered :class:`LayerSpec` of ``module``'s type, or ``None``."""
+    """The registered :class:`LayerSpec` of ``module``'s type, or ``None`` (also when it does not apply to
+    this instance)."""
+    spec = _lookup(_WEIGHTED, module)
+    return spec if spec is not None and spec.applies(module) else None
+
+
+def identity_spec(module: nn.Module) -> LayerSpec | None:
+    """The :class:`LayerSpec` whose ``identity`` builds a layer after ``module``: that of any registered weighted
+    type, also where the instance is channel-wise (after a depthwise conv comes a full identity conv)."""
     return _lookup(_WEIGHTED, module)
 
 
@@ -191,9 +202,19 @@ def _conv_identity(m: nn.Module, kernel_size: int | None, conv: type[nn.Module] 
     return new
 
 
+def _depthwise(m: nn.Module) -> bool:
+    """One filter per channel (groups == in == out channels): channel-wise, each channel on its own."""
+    return m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def _depthwise_update(m: nn.Module, n: int) -> None:
+    m.in_channels = m.out_channels = m.groups = n
+
+
 def _conv_check(m: nn.Module) -> str | None:
     if m.groups != 1:
-        return f"groups={m.groups} (grouped/depthwise convolutions couple input and output channels)"
+        return (f"groups={m.groups} with {m.in_channels} in and {m.out_channels} out channels (a grouped "
+                "convolution couples channels within a group; only depthwise convs, groups == in == out, grow)")
     return None
 
 
@@ -202,7 +223,7 @@ register_layer(nn.Linear, LayerSpec({"weight": 0, "bias": 0}, {"weight": 1}, "ou
 for _nd, _conv in ((1, nn.Conv1d), (2, nn.Conv2d), (3, nn.Conv3d)):
     register_layer(_conv, LayerSpec({"weight": 0, "bias": 0}, {"weight": 1}, "out_channels",
                                     "in_channels", -(_nd + 1), -(_nd + 1), check=_conv_check,
-                                    identity=_conv_identity))
+                                    identity=_conv_identity, applies=lambda m: not _depthwise(m)))
 for _nd, (_convt, _conv) in enumerate(((nn.ConvTranspose1d, nn.Conv1d), (nn.ConvTranspose2d, nn.Conv2d),
                                        (nn.ConvTranspose3d, nn.Conv3d)), 1):
     # weight (in, out, *k): units on axis 1, features on axis 0; deepening after one adds a plain identity conv
@@ -231,6 +252,9 @@ for _bn in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
     register_channelwise(_bn, ChannelSpec(_BN, _bn_update, dims=(1,)))  # (N, C, ...): axis 1
 register_channelwise(nn.LayerNorm, ChannelSpec({"weight": 1.0, "bias": 0.0}, _ln_update, dims=(-1,),
                                                uniform_only=True, check=_ln_check))
+for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):  # depthwise: a new channel copies (or draws) its own filter
+    register_channelwise(_conv, ChannelSpec({"weight": None, "bias": 0.0}, _depthwise_update, dims=(1,),
+                                            applies=_depthwise))
 _IN = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}  # each tensor only if it exists
 for _inorm in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
     # statistics per sample and channel: a copied channel normalises exactly as its original

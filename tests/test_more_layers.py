@@ -1,4 +1,4 @@
-"""ConvTranspose, InstanceNorm and PReLU grow exactly; GroupNorm and grouped convs are refused, untouched."""
+"""ConvTranspose, depthwise convs, InstanceNorm and PReLU grow exactly; GroupNorm and grouped convs are refused, untouched."""
 
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ CASES = {
                            (2, 3, 9)),
     "prelu_per_channel": (lambda: nn.Sequential(nn.Linear(3, 4), nn.PReLU(4), nn.Linear(4, 2)), (5, 3)),
     "prelu_shared": (lambda: nn.Sequential(nn.Linear(3, 4), nn.PReLU(), nn.Linear(4, 2)), (5, 3)),
+    "depthwise": (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(),
+                                        nn.Conv2d(4, 4, 3, groups=4, padding=1, bias=True), nn.ReLU(),
+                                        nn.Conv2d(4, 2, 1)), (2, 3, 8, 8)),
     "prelu_conv": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.PReLU(4), nn.Conv2d(4, 2, 3)), (2, 3, 8, 8)),
 }
 
@@ -53,6 +56,14 @@ def test_widen_and_deepen_are_exact_with_adam_state(name):
     assert (net(x) - before).abs().max() < 1e-12
     if isinstance(net[1], nn.PReLU) and net[1].num_parameters > 1:
         assert net[1].num_parameters == net[1].weight.numel() == 7
+    if name == "depthwise":  # the depthwise conv grew with its input: 7 filters, 7 groups
+        assert net[3].weight.shape[0] == net[3].groups == net[3].in_channels == net[3].out_channels == 7
+        with pytest.raises(autogrow.AutogrowError, match="channel-wise Conv2d"):
+            autogrow.widen(net, "3", 9, example_inputs=x)
+        autogrow.deepen(net, "3", optimizer=opt, generator=2, example_inputs=x)  # a full identity conv after it
+        assert any(isinstance(m, nn.Conv2d) and m.groups == 1 and m.in_channels == m.out_channels == 7
+                   for m in net.modules())
+        assert (net(x) - before).abs().max() < 1e-12
     autogrow.deepen(net, "0", optimizer=opt, generator=1, residual=True, example_inputs=x)
     assert (net(x) - before).abs().max() < 1e-12
     assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in net.parameters()}

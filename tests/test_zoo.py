@@ -30,7 +30,7 @@ pytest.importorskip("transformers")
 
 EXACT = "exact"
 TRACE = r"torch\.fx could not trace"  # transformers' forwards: see test_transformers_do_not_trace
-GROUPS = r"groups=\d+ \(grouped/depthwise"
+DEPTHWISE = r"is a channel-wise Conv2d.*grows with the layer that produces its input"
 OUTPUT = r"is the model's output"
 
 # model -> [(layer, operation, "exact" or a regex the refusal must match)]: a sample of the full sweep,
@@ -46,14 +46,15 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
         ("layer3.0.conv2", "deepen", EXACT),
         ("fc", "deepen", EXACT),
     ],
-    # MobileNetV3: the squeeze-excitation bottleneck (fc1), the projection convs (with their residual
-    # streams) and the classifier's hidden layer grow; the expansion convs feed a depthwise conv and the
-    # SE excitation (fc2) scales a depthwise conv's output: refused. Deepening works everywhere.
+    # MobileNetV3: the stem and expansion convs grow together with the depthwise convs they feed (one
+    # filter per channel, copied), the squeeze-excitation layers, the projection convs (with their residual
+    # streams) and the classifier's hidden layer grow; a depthwise conv is not a target of its own.
+    # Deepening works everywhere (after a depthwise conv: a full identity conv).
     "mobilenet_v3_small": [
-        ("features.0.0", "widen x2", GROUPS),
+        ("features.0.0", "widen x2", EXACT),
         ("features.1.block.1.fc1", "widen +1", EXACT),
-        ("features.1.block.1.fc2", "widen x2", GROUPS),
-        ("features.2.block.1.0", "widen x2", GROUPS),
+        ("features.1.block.1.fc2", "widen x2", EXACT),
+        ("features.2.block.1.0", "widen x2", DEPTHWISE),
         ("features.5.block.3.0", "widen x2", EXACT),
         ("classifier.0", "widen x2", EXACT),
         ("features.2.block.1.0", "deepen", EXACT),
@@ -75,8 +76,8 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
     # ConvNeXt: the MLP hidden width (1x1 conv fc1) grows; the stream is refused (depthwise 7x7 convs,
     # LayerNorm2d, LayerScale gamma). Deepening works everywhere.
     "convnext_atto": [
-        ("stem.0", "widen x2", r"node 'layer_norm'|" + GROUPS),  # LayerNorm2d is traced through: F.layer_norm
-        ("stages.0.blocks.0.conv_dw", "widen x2", GROUPS),
+        ("stem.0", "widen x2", r"node 'layer_norm'|whose width is fixed"),  # LayerNorm2d traced: F.layer_norm
+        ("stages.0.blocks.0.conv_dw", "widen x2", DEPTHWISE),
         ("stages.1.blocks.0.mlp.fc1", "widen x2", EXACT),
         ("stages.2.blocks.1.mlp.fc1", "widen +1", EXACT),
         ("stages.2.blocks.1.mlp.fc2", "widen x2", r"whose width is fixed"),
