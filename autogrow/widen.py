@@ -324,6 +324,16 @@ def resize(module: nn.Module, kind: str, value: int) -> None:
         setattr(module, spec.out_attr if kind == "out" else spec.in_attr, value)  # type: ignore[union-attr,arg-type]
 
 
+def _check_args(init: str, mapping: str, new_state: str, width: int, noise: float, split: float) -> None:
+    if init != "auto":
+        get_init(init)
+    check_choice("mapping", mapping, MAPPINGS)
+    check_choice("new_state", new_state, NEW_STATES)
+    check_int("width", width)
+    check_float("noise", noise, 0.0)
+    check_float("split", split, 0.0, 1.0, high_open=True)
+
+
 def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wider", noise: float = 0.0,
                split: float = 0.0, mapping: str = "auto", generator: torch.Generator | int | None = None,
                example_inputs: Any = None, new_state: str = "zero") -> WidenPlan:
@@ -364,18 +374,12 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
         >>> bool(torch.allclose(net(x), y, atol=1e-6)), net[0].out_features
         (True, 12)
     """
-    if init != "auto":
-        get_init(init)
-    check_choice("mapping", mapping, MAPPINGS)
-    check_choice("new_state", new_state, NEW_STATES)
-    check_int("width", width)
-    check_float("noise", noise, 0.0)
-    check_float("split", split, 0.0, 1.0, high_open=True)
+    _check_args(init, mapping, new_state, width, noise, split)
     seed = make_seed(generator)
     model, target = unwrap(model, target)
     graph = trace(model)
-    shapes = propagate(model, graph, example_inputs) if example_inputs is not None else None
-    c = couple(model, target, width, graph=graph, shapes=shapes)
+    c = couple(model, target, width, graph=graph,
+               shapes=propagate(model, graph, example_inputs) if example_inputs is not None else None)
     block = c.unit_block  # > 1: the units are attention heads of that many features
     old = c.old_width * block
     check("width", width, width > old and width % block == 0, f"more than {target!r}'s current {old} units"

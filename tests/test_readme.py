@@ -22,3 +22,11 @@ def test_core_does_not_import_lightning(subprocess_env):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=subprocess_env).stdout
     assert out.strip() == "[]"
+
+
+def test_readme_composed_callback_builds():
+    """The README's block of typed pieces is valid API: every name imports, every value passes validation."""
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "TryCandidates(" in b)
+    namespace: dict = {}
+    exec(compile("from autogrow.callbacks import AutoGrow\n" + block, "README.md", "exec"), namespace)
