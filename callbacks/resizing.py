@@ -72,7 +72,8 @@ class Resizer:
 
     def observe(self, outputs: Any, batch: Any) -> None:
         """One training batch: its loss (over-capacity check) and the batch itself (the decisions' data)."""
-        self.loss.add(outputs)
+        if self.overfit is not None:  # reading the loss syncs with the GPU: only when it is needed
+            self.loss.add(outputs)
         self.cache.add(batch)
 
     def decide(self, value: float, better: Callable[[float, float], bool],
