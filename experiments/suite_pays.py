@@ -123,10 +123,15 @@ def tune(name: str, make: Callable[[int, float], Run], args: argparse.Namespace)
     return best
 
 
-def row(config: str, seed: int, lr: float, run: Run, scratch_flops: float) -> dict[str, Any]:
+def row(config: str, seed: int, lr: float, run: Run, scratch: Run) -> dict[str, Any]:
+    """One run's numbers; ``reach_*``: the FLOPs and wall time at which its validation accuracy first reached
+    scratch's final one, as fractions of scratch's whole run (nan: never)."""
+    hit = run.first_reaching(scratch.evals[-1]["val_acc"])
     return {"config": config, "seed": seed, "lr": lr, "test_acc": run.test_acc, "best_val_acc": run.best_val_acc,
-            "train_flops": run.flops, "flops_ratio": run.flops / scratch_flops, "wall_s": run.wall,
-            "params": run.params, "events": len(run.events)}
+            "train_flops": run.flops, "flops_ratio": run.flops / scratch.flops, "wall_s": run.wall,
+            "params": run.params, "events": len(run.events),
+            "reach_flops": hit["train_flops"] / scratch.flops if hit else math.nan,
+            "reach_wall": hit["time"] / scratch.wall if hit else math.nan}
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     torch.set_num_threads(args.threads)
     lrs = {"grown": tune("grown", lambda seed, lr: run_grown(s, args, seed, lr), args),
            "scratch": tune("scratch", lambda seed, lr: run_fixed(s, args, seed, lr, s.final, None), args)}
-    rows, curves = [], {}
+    rows, curves, scratches = [], {}, {}
     for seed in range(args.seeds):
         grown = run_grown(s, args, seed, lrs["grown"])
         scratch = run_fixed(s, args, seed, lrs["scratch"], s.final, None)
@@ -154,15 +159,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "scratch @ budget": run_fixed(s, args, seed, lrs["scratch"], s.final, grown.flops)}
         for h in s.others:
             runs[f"fixed {h} @ budget"] = run_fixed(s, args, seed, lrs["scratch"], h, grown.flops)
-        rows += [row(k, seed, lrs["grown" if k == "grown" else "scratch"], r, scratch.flops) for k, r in runs.items()]
+        rows += [row(k, seed, lrs["grown" if k == "grown" else "scratch"], r, scratch) for k, r in runs.items()]
+        scratches[seed] = scratch
         if seed == 0:
             curves = runs
     if args.ablation:
         for label, kw in ABLATIONS.items():
             for seed in range(args.seeds):
                 run = run_grown(s, args, seed, lrs["grown"], **kw)
-                scratch_flops = next(r["train_flops"] for r in rows if r["config"] == "scratch" and r["seed"] == seed)
-                rows.append(row(label, seed, lrs["grown"], run, scratch_flops))
+                rows.append(row(label, seed, lrs["grown"], run, scratches[seed]))
     report(out, args, s, rows, lrs)
     plot(out, f"pays_{args.model}", list(curves.values()), f"{s.name}: grown vs baselines (seed 0)")
     return rows
@@ -171,6 +176,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 def _stats(rows: list[dict[str, Any]], config: str, key: str) -> tuple[float, float]:
     xs = [r[key] for r in rows if r["config"] == config]
     return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def _reach(rows: list[dict[str, Any]], config: str) -> str:
+    """Median FLOPs and wall-time fractions at which the runs that got there reached scratch's final val acc."""
+    hits = [r for r in rows if r["config"] == config and not math.isnan(r.get("reach_flops", math.nan))]
+    n = sum(r["config"] == config for r in rows)
+    if not hits:
+        return f"never (0/{n})"
+    return (f"{statistics.median(r['reach_flops'] for r in hits):.2f}, "
+            f"{statistics.median(r['reach_wall'] for r in hits):.2f} ({len(hits)}/{n})")
 
 
 def _paired(rows: list[dict[str, Any]], config: str) -> str:
@@ -184,13 +199,13 @@ def _paired(rows: list[dict[str, Any]], config: str) -> str:
 
 def report(out: Path, args: argparse.Namespace, s: Setting, rows: list[dict[str, Any]], lrs: dict[str, float]) -> None:
     configs = list(dict.fromkeys(r["config"] for r in rows))
-    lines = ["| run | test acc % | best val acc % | FLOPs / scratch | wall s | paired d test vs grown (pp) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| run | test acc % | best val acc % | FLOPs / scratch | wall s | paired d test vs grown (pp) | "
+             "reaches scratch's final val acc: FLOPs, wall / scratch (runs) |", "|---|---|---|---|---|---|---|"]
     for c in configs:
         (t, ts), (v, vs) = _stats(rows, c, "test_acc"), _stats(rows, c, "best_val_acc")
         f, w = _stats(rows, c, "flops_ratio")[0], _stats(rows, c, "wall_s")[0]
         lines.append(f"| {c} | {100 * t:.2f} ± {100 * ts:.2f} | {100 * v:.2f} ± {100 * vs:.2f} | {f:.3f} | {w:.0f} | "
-                     f"{'-' if c == 'grown' else _paired(rows, c)} |")
+                     f"{'-' if c == 'grown' else _paired(rows, c)} | {_reach(rows, c)} |")
     scratch = _stats(rows, "scratch", "test_acc")[0]
     grown = _stats(rows, "grown", "test_acc")[0]
     target = f"grown {100 * grown:.2f} vs scratch - 0.1 = {100 * scratch - 0.1:.2f}: " + (
