@@ -1,0 +1,544 @@
+"""The transformer acceptance benchmark: grow a char-level GPT and a ViT from 1/4 size, against scratch.
+
+Per seed (the seed sets the initialisation, the batches and, for Fashion-MNIST, the validation split;
+grown and scratch runs of one seed see the same data):
+
+* ``grown``: the 1/4-width, 1/4-depth model (d_model/4, heads/4, MLP/4, layers/4) with two AutoGrow
+  callbacks: one widens (d_model, heads, MLP: every target discovered by tracing) x2 per event, one stacks
+  blocks (depth x2 per event), ``max_events=2`` each, defaults otherwise (plateau trigger with a deadline at
+  60% of the run, uneven split, carried optimizer state, LR held while growing then decayed to 0 over the
+  last 40%); it ends at the full size;
+* ``scratch``: the full model for the same number of steps, the same warmup-free hold-then-decay schedule
+  (a ``LambdaLR``);
+* ``grown 2x steps``: the grown recipe for twice the steps (and the grown run's LR): what growing costs
+  when it is given about scratch's FLOPs;
+* ``grown, deadline 0.3`` (opt-in, ``--configs``): full size by 30% of the run instead of 60%, so that the full
+  model also trains at the peak LR before the decay.
+
+Each of ``grown`` and ``scratch`` picks its peak LR from ``--lrs`` by final validation loss over
+``--tune-seeds`` separate seeds. FLOPs are the training FLOPs actually spent (3x the forward pass, counted at
+the size the model had at every step, attention included). The target: the grown run reaches scratch's final
+validation loss at <= 0.7x scratch's training FLOPs.
+
+    python -m autogrow.experiments.suite_transformers --task lm      # GPT on Python's standard library
+    python -m autogrow.experiments.suite_transformers --task vit     # ViT on Fashion-MNIST
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+from autogrow.callbacks import AutoGrow
+from autogrow.experiments.common import write
+from autogrow.experiments.data import FashionMNISTDataModule
+from autogrow.experiments.transformers import GPT, CharDataModule, LMModule, ViT, ViTClassifier
+from pytorch_lightning.callbacks import Callback
+
+from autogrow import num_params
+from autogrow.actions import Stack, Widen
+
+__all__ = ["TASKS", "Record", "Task", "main", "reach", "run_config", "step_ratio"]
+
+TARGET = 0.7  # grown must reach scratch's final validation loss within this fraction of scratch's FLOPs
+WINDOW = 20  # training steps before/after a growth compared by the optimizer-state check
+
+
+@dataclass(frozen=True)
+class Task:
+    """One benchmark: the full model's dimensions (the grown one starts at 1/4 of each), the run's length."""
+
+    name: str
+    title: str
+    d: int
+    heads: int
+    head_size: int
+    hidden: int
+    layers: int
+    steps: int  # optimizer steps of one run
+    val_every: int  # steps between validations
+    batch_size: int
+    context: int = 64  # lm only
+
+    def dims(self, small: bool) -> dict[str, int]:
+        """The model's dimensions: full, or 1/4 in d_model, heads, MLP and depth."""
+        k = 4 if small else 1
+        return {"d": self.d // k, "heads": self.heads // k, "head_size": self.head_size,
+                "hidden": self.hidden // k, "layers": self.layers // k}
+
+
+# Sized for one thread of a shared 2-core CPU (minutes per run): d_model 64 in 4 heads of 16, MLP 256, 4 blocks.
+TASKS = {
+    "lm": Task("lm", "char-level GPT on Python's standard library", 64, 4, 16, 256, 4, 1200, 40, 32),
+    "vit": Task("vit", "ViT (7x7 patches) on Fashion-MNIST", 64, 4, 16, 256, 4, 1200, 40, 128),
+}
+QUICK = {"lm": Task("lm", "quick", 16, 4, 4, 32, 4, 12, 3, 4, context=16),
+         "vit": Task("vit", "quick", 16, 4, 4, 32, 4, 12, 3, 32)}
+
+
+class Record(Callback):
+    """Every validation (step, wall time, FLOPs, size, metrics) and every training step (loss, effective LR)."""
+
+    def __init__(self) -> None:
+        self.evals: list[dict[str, float]] = []
+        self.losses: list[float] = []
+        self.lrs: list[float] = []
+        self._t0 = 0.0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.losses.append(float(outputs["loss"]))
+        self.lrs.append(effective_lr(trainer))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        m = trainer.callback_metrics
+        row = {"step": trainer.global_step, "time": time.perf_counter() - self._t0, "val_loss": float(m["val_loss"]),
+               "train_flops": float(pl_module.train_flops), "params": num_params(pl_module)}
+        if "val_acc" in m:
+            row["val_acc"] = float(m["val_acc"])
+        self.evals.append(row)
+
+
+def effective_lr(trainer: pl.Trainer) -> float:
+    """The LR of the step just taken: the group's LR times the multiplier of every AutoGrow whose
+    :class:`~autogrow.lr.GrowthLR` hook sits on the live optimizer (a callback's hooks stay on the optimizer
+    it last attached to)."""
+    opt = trainer.optimizers[0]
+    lr = float(opt.param_groups[0]["lr"])
+    for cb in trainer.callbacks:
+        growth_lr = getattr(getattr(cb, "schedule", None), "lr", None)
+        handles = getattr(growth_lr, "_handles", [])
+        if handles and handles[0].id in opt._optimizer_step_pre_hooks:
+            lr *= growth_lr.multiplier()
+    return lr
+
+
+def data(task: Task, args: argparse.Namespace, seed: int) -> pl.LightningDataModule:
+    if task.name == "lm":
+        return CharDataModule(context=task.context, batch_size=task.batch_size, steps_per_epoch=task.val_every,
+                              val_windows=16 if args.quick else 128, max_bytes=100_000 if args.quick else 3_000_000,
+                              seed=seed)
+    if args.quick:
+        return FashionMNISTDataModule(data_dir=args.data_dir, batch_size=task.batch_size, val_size=0.2, seed=seed,
+                                      flatten=False, train_subset=160)
+    return FashionMNISTDataModule(data_dir=args.data_dir, batch_size=task.batch_size, val_size=2000, seed=seed,
+                                  flatten=False)
+
+
+def build(task: Task, dm: pl.LightningDataModule, small: bool, lr: float, scheduler: str | None) -> pl.LightningModule:
+    """The LightningModule of ``task``: full size or the 1/4 start, with its optimizer settings."""
+    if task.name == "lm":
+        net: nn.Module = GPT(dm.vocab_size, task.context, **task.dims(small))
+        return LMModule(net, lr=lr, scheduler=scheduler)
+    return ViTClassifier(ViT(**task.dims(small)), optimizer="adam", lr=lr, scheduler=scheduler)
+
+
+@dataclass
+class Outcome:
+    """One run: its record, test accuracy (ViT), wall time of the fit, FLOPs, the final size, growth events."""
+
+    config: str
+    seed: int
+    lr: float
+    record: Record
+    test_acc: float
+    wall: float
+    flops: float
+    params: int
+    shape: dict[str, int]
+    events: list[dict[str, Any]] = field(default_factory=list)
+    optimizer_ok: bool = True
+
+    @property
+    def final_loss(self) -> float:
+        return self.record.evals[-1]["val_loss"]
+
+
+def optimizer_holds_model(optimizer: torch.optim.Optimizer, module: nn.Module) -> bool:
+    """The optimizer-state check: the optimizer's parameters are exactly the model's (no stale tensor left
+    behind by a growth, none missing or repeated), and every moment it keeps has its parameter's shape.
+
+        >>> net = nn.Linear(2, 2); opt = torch.optim.Adam(net.parameters()); net(torch.ones(1, 2)).sum().backward()
+        >>> opt.step(); optimizer_holds_model(opt, net), optimizer_holds_model(opt, nn.Linear(2, 2))
+        (True, False)
+    """
+    held = [p for g in optimizer.param_groups for p in g["params"]]
+    if len(held) != len({id(p) for p in held}) or {id(p) for p in held} != {id(p) for p in module.parameters()}:
+        return False
+    return all(v.shape == p.shape for p in held for v in optimizer.state.get(p, {}).values()
+               if torch.is_tensor(v) and v.dim() > 0)
+
+
+def shape_of(net: nn.Module) -> dict[str, int]:
+    """d_model, heads, MLP width and depth of a GPT/ViT."""
+    attn = net.blocks[0].attn
+    return {"d": net.ln_f.normalized_shape[0], "heads": attn.q.out_features // attn.head_size,
+            "hidden": net.blocks[0].fc1.out_features, "layers": len(net.blocks)}
+
+
+CONFIGS = ("grown", "scratch", "grown 2x steps", "grown, deadline 0.3")  # the last: opt-in (--configs)
+DEFAULT_CONFIGS = CONFIGS[:3]
+
+
+def growers(config: str, seed: int) -> list[AutoGrow]:
+    """The two callbacks of a grown run (as in tests/test_transformers.py), none for scratch."""
+    if config == "scratch":
+        return []
+    deadline = 0.3 if config == "grown, deadline 0.3" else 0.6
+    return [AutoGrow(grow=Widen(), max_events=2, seed=seed, deadline=deadline),
+            AutoGrow(grow=Stack(), max_events=2, seed=seed, deadline=deadline)]
+
+
+def event_row(cb: AutoGrow, event: Any) -> dict[str, Any]:
+    return {"callback": cb.action.name, "index": event.index, "step": event.step, "reason": event.reason.value,
+            "changes": "; ".join(f"{c.target} {c.old}->{c.new}" if c.old or c.new else c.target for c in event.changes),
+            "params_before": event.params_before, "params_after": event.params_after,
+            "preservation_error": event.preservation_error}
+
+
+def run_config(task: Task, args: argparse.Namespace, config: str, seed: int, lr: float) -> Outcome:
+    """One run of ``config`` (``grown``, ``scratch`` or ``grown 2x steps``) at peak LR ``lr``."""
+    grown = config != "scratch"
+    steps = task.steps * (2 if config == "grown 2x steps" else 1)
+    pl.seed_everything(seed, verbose=False)
+    dm = data(task, args, seed)
+    dm.setup()
+    module = build(task, dm, small=grown, lr=lr, scheduler=None if grown else "wsd")
+    callbacks, record = growers(config, seed), Record()
+    trainer = pl.Trainer(max_steps=steps, max_epochs=-1, val_check_interval=task.val_every,
+                         check_val_every_n_epoch=None, callbacks=[record, *callbacks], logger=False,
+                         accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, num_sanity_val_steps=0, deterministic=True)
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    wall = time.perf_counter() - t0
+    test_acc = float(trainer.test(module, datamodule=dm, verbose=False)[0]["test_acc"]) if task.name == "vit" \
+        else float("nan")
+    events = sorted((event_row(cb, e) for cb in callbacks for e in cb.events), key=lambda r: r["step"])
+    out = Outcome(config, seed, lr, record, test_acc, wall, module.train_flops, num_params(module),
+                  shape_of(module.model), events, optimizer_holds_model(trainer.optimizers[0], module))
+    print(f"[{task.name}] {config} seed {seed} lr {lr:g}: val loss {out.final_loss:.4f}, FLOPs {out.flops:.3g}, "
+          f"{wall:.0f} s, shape {out.shape}", flush=True)
+    return out
+
+
+def tune(task: Task, args: argparse.Namespace, config: str, log: list[dict[str, Any]]) -> float:
+    """The peak LR of ``--lrs`` with the lowest mean final validation loss over the tuning seeds."""
+    if len(args.lrs) == 1:
+        return args.lrs[0]
+    scores = {}
+    for lr in args.lrs:
+        losses = [run_config(task, args, config, 1000 + s, lr).final_loss for s in range(args.tune_seeds)]
+        scores[lr] = statistics.mean(losses)
+        log.append({"config": config, "lr": lr, "val_loss": scores[lr], "seeds": args.tune_seeds})
+    return min(scores, key=scores.__getitem__)
+
+
+def reach(evals: list[dict[str, float]], loss: float) -> dict[str, float] | None:
+    """The first evaluation at or below validation loss ``loss`` (``None``: never).
+
+        >>> reach([{"val_loss": 2.0}, {"val_loss": 1.0}, {"val_loss": 0.5}], 1.0)
+        {'val_loss': 1.0}
+    """
+    return next((e for e in evals if e["val_loss"] <= loss), None)
+
+
+def step_ratio(losses: list[float], step: int, window: int = WINDOW) -> float:
+    """Mean training loss over the ``window`` steps after ``step`` over the ``window`` before (``losses[i]``:
+    the loss of optimizer step ``i + 1``); near 1 when a growth at ``step`` causes no spike.
+
+        >>> step_ratio([2.0, 2.0, 1.0, 1.0], 2, window=2)
+        0.5
+    """
+    if step < window or step + window > len(losses):
+        return float("nan")
+    return statistics.mean(losses[step: step + window]) / statistics.mean(losses[step - window: step])
+
+
+def nan_if_none(hit: dict[str, float] | None, key: str, total: float) -> float:
+    return hit[key] / total if hit is not None else float("nan")
+
+
+def summary_row(o: Outcome, scratch: Outcome | None) -> dict[str, Any]:
+    """One run's numbers, paired with the scratch run of its seed: where it first reaches scratch's final
+    validation loss (fractions of scratch's FLOPs and wall time), and where scratch reached its final loss."""
+    hit = reach(o.record.evals, scratch.final_loss) if scratch else None
+    back = reach(scratch.record.evals, o.final_loss) if scratch else None
+    s_flops, s_wall = (scratch.flops, scratch.wall) if scratch else (float("nan"), float("nan"))
+    return {"config": o.config, "seed": o.seed, "lr": o.lr, "final_val_loss": o.final_loss,
+            "best_val_loss": min(e["val_loss"] for e in o.record.evals), "test_acc": o.test_acc,
+            "train_flops": o.flops, "flops_ratio": o.flops / s_flops, "wall_s": o.wall, "wall_ratio": o.wall / s_wall,
+            "params": o.params, **o.shape, "events": len(o.events), "optimizer_ok": o.optimizer_ok,
+            "reach_flops": nan_if_none(hit, "train_flops", s_flops), "reach_time": nan_if_none(hit, "time", s_wall),
+            "reach_step": hit["step"] if hit else float("nan"),
+            "scratch_flops_at_this_loss": nan_if_none(back, "train_flops", s_flops)}
+
+
+def analyse(outcomes: list[Outcome]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows per run and per growth event (preservation error, the training-loss ratio around it, and
+    scratch's ratio over the same steps: the trend without growth)."""
+    scratch = {o.seed: o for o in outcomes if o.config == "scratch"}
+    rows, events = [], []
+    for o in outcomes:
+        s = scratch.get(o.seed)
+        rows.append(summary_row(o, s))
+        for e in o.events:
+            ratio = step_ratio(o.record.losses, e["step"])
+            trend = step_ratio(s.record.losses, e["step"]) if s else float("nan")
+            events.append({"config": o.config, "seed": o.seed, **e, "loss_ratio": ratio, "scratch_loss_ratio": trend})
+    return rows, events
+
+
+def _ms(xs: list[float], spec: str = ".4f", scale: float = 1.0) -> str:
+    xs = [scale * x for x in xs if x == x]
+    if not xs:
+        return "-"
+    return format(xs[0], spec) if len(xs) == 1 else f"{statistics.mean(xs):{spec}} ± {statistics.stdev(xs):{spec}}"
+
+
+def _per_seed(xs: list[float]) -> str:
+    return ", ".join("not reached" if x != x else f"{x:.2f}" for x in xs)
+
+
+def runs_table(rows: list[dict[str, Any]], vit: bool) -> str:
+    head = ("| run | final val loss | " + ("test acc % | " if vit else "") + "FLOPs / scratch | wall s | "
+            "first reaches scratch's final val loss at FLOPs / scratch (per seed) | ... at wall / scratch | "
+            "scratch reaches this final loss at FLOPs / scratch |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for c in dict.fromkeys(r["config"] for r in rows):
+        col = {k: [r[k] for r in rows if r["config"] == c] for k in rows[0]}
+        acc = f"{_ms(col['test_acc'], '.2f', 100)} | " if vit else ""
+        lines.append(f"| {c} | {_ms(col['final_val_loss'])} | {acc}{_ms(col['flops_ratio'], '.3f')} | "
+                     f"{_ms(col['wall_s'], '.0f')} | {_per_seed(col['reach_flops'])} | {_per_seed(col['reach_time'])} "
+                     f"| {_per_seed(col['scratch_flops_at_this_loss'])} |")
+    return "\n".join(lines)
+
+
+def events_table(events: list[dict[str, Any]]) -> str:
+    lines = ["| run | seed | step | action | changes | parameters | preservation error | train loss after / before "
+             f"({WINDOW} steps) | scratch, same steps |", "|---|---|---|---|---|---|---|---|---|"]
+    for e in events:
+        err = "n/a" if e["preservation_error"] is None else f"{e['preservation_error']:.1e}"
+        lines.append(f"| {e['config']} | {e['seed']} | {e['step']} | {e['callback']} ({e['reason']}) | "
+                     f"{e['changes']} | {e['params_before']:,} -> {e['params_after']:,} | {err} | "
+                     f"{e['loss_ratio']:.3f} | {e['scratch_loss_ratio']:.3f} |")
+    return "\n".join(lines)
+
+
+def verdict(rows: list[dict[str, Any]], config: str) -> str:
+    """Whether ``config`` met the target in every seed, with the FLOPs and wall-time fractions (mean ± std over
+    the seeds that reached scratch's final loss at all)."""
+    xs = [r["reach_flops"] for r in rows if r["config"] == config]
+    if not xs:
+        return ""
+    met = sum(x <= TARGET for x in xs if x == x)
+    reached = [x for x in xs if x == x]
+    worst = "never reached in " + str(len(xs) - len(reached)) + " seed(s)" if len(reached) < len(xs) else \
+        f"worst {max(reached):.2f}x"
+    times = [r["reach_time"] for r in rows if r["config"] == config]
+    where = (f"reaches scratch's final validation loss at {_ms(xs, '.2f')}x its FLOPs and {_ms(times, '.2f')}x its "
+             f"wall time (over the {len(reached)} seed(s) that reach it)" if reached else
+             "never reaches scratch's final validation loss")
+    return (f"- **{config}**: {where}; <= {TARGET}x FLOPs in {met}/{len(xs)} seeds ({worst}): "
+            f"target {'met' if met == len(xs) else 'NOT met'}.")
+
+
+COLORS = {"grown": "tab:blue", "scratch": "tab:orange", "grown 2x steps": "tab:green",
+          "grown, deadline 0.3": "tab:purple"}
+
+
+def _curves(ax: Any, outcomes: list[Outcome], x: str, y: str, xlabel: str) -> None:
+    for o in outcomes:
+        evals = o.record.evals
+        ax.plot([e[x] for e in evals], [e[y] for e in evals], color=COLORS.get(o.config), alpha=1.0 if o.seed == 0
+                else 0.35, lw=1.2, label=o.config if o.seed == 0 else None)
+        steps = {e["step"] for e in o.events}
+        marks = [e for e in evals if e["step"] in steps]
+        ax.plot([e[x] for e in marks], [e[y] for e in marks], "o", mfc="none", ms=8, color=COLORS.get(o.config),
+                alpha=1.0 if o.seed == 0 else 0.35)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(y)
+
+
+def _loss_range(outcomes: list[Outcome]) -> tuple[float, float]:
+    """Validation-loss limits that show every final loss and every growth event, not the first steep drop."""
+    lows = [e["val_loss"] for o in outcomes for e in o.record.evals]
+    steps = [{e["step"] for e in o.events} for o in outcomes]
+    shown = [o.final_loss for o in outcomes] + [e["val_loss"] for o, s in zip(outcomes, steps)
+                                                for e in o.record.evals if e["step"] in s]
+    margin = 0.08 * (max(shown) - min(lows)) + 0.01
+    return min(lows) - margin, max(shown) + margin
+
+
+def plot(out: Path, name: str, outcomes: list[Outcome], title: str) -> None:
+    """Validation loss against training FLOPs, wall time and steps (all seeds; seed 0 solid), parameters,
+    the effective LR and the training loss of seed 0; circles: the evaluation just before a growth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(17, 9))
+    scratch = next((o for o in outcomes if o.config == "scratch" and o.seed == 0), None)
+    for ax, (x, label) in zip(axes[0], (("train_flops", "training FLOPs"), ("time", "wall time (s)"),
+                                        ("step", "optimizer step"))):
+        _curves(ax, outcomes, x, "val_loss", label)
+        ax.set_ylim(*_loss_range(outcomes))
+        if scratch is not None:
+            ax.axhline(scratch.final_loss, color="gray", ls=":", lw=1)
+    if scratch is not None:
+        axes[0][0].axvline(TARGET * scratch.flops, color="red", ls="--", lw=1, label=f"{TARGET}x scratch FLOPs")
+    axes[0][0].legend(fontsize=8)
+    _curves(axes[1][0], [o for o in outcomes if o.seed == 0], "train_flops", "params", "training FLOPs")
+    for o in (o for o in outcomes if o.seed == 0):
+        axes[1][1].plot(o.record.lrs, color=COLORS.get(o.config), label=o.config)
+        k = 10
+        smooth = [statistics.mean(o.record.losses[max(0, i - k): i + 1]) for i in range(len(o.record.losses))]
+        axes[1][2].plot(smooth, color=COLORS.get(o.config), label=o.config, lw=1)
+        for e in o.events:
+            axes[1][2].axvline(e["step"], color=COLORS.get(o.config), ls=":", lw=0.8)
+    axes[1][1].set(xlabel="optimizer step", ylabel="effective LR (seed 0)")
+    axes[1][2].set(xlabel="optimizer step", ylabel="training loss, running mean of 10 (seed 0)")
+    axes[1][2].set_ylim(top=min(o.record.losses[0] for o in outcomes))
+    fig.suptitle(f"{title}: grown (1/4 -> full) vs scratch; circles: growth events; dotted: scratch's final loss")
+    fig.tight_layout()
+    fig.savefig(out / f"{name}.png", dpi=80)
+    plt.close(fig)
+
+
+def lr_text(args: argparse.Namespace, lrs: dict[str, float], tuning: list[dict[str, Any]]) -> str:
+    """How the peak LRs were set: fixed (one ``--lrs``), or the tuning table."""
+    head = "Peak LR (AdamW/Adam, held, then linearly to 0 over the last 40% of the steps)"
+    if not tuning:
+        return f"{head}: {lrs['grown']:g} for every run, fixed in advance, not tuned."
+    lines = "\n".join(f"| {t['config']} | {t['lr']:g} | {t['val_loss']:.4f} |" for t in tuning)
+    return (f"{head}: grown {lrs['grown']:g}, scratch {lrs['scratch']:g}, chosen from {args.lrs} by final "
+            f"validation loss on {args.tune_seeds} separate seed(s):\n\n| run | LR | val loss |\n|---|---|---|\n"
+            f"{lines}")
+
+
+def report(out: Path, task: Task, args: argparse.Namespace, rows: list[dict[str, Any]], events: list[dict[str, Any]],
+           tuning: list[dict[str, Any]], lrs: dict[str, float], described: str) -> str:
+    """The markdown report (also written with the rows as csv/json)."""
+    full, small = task.dims(False), task.dims(True)
+    errors = [e["preservation_error"] for e in events if e["preservation_error"] is not None]
+    md = (f"### Transformers grow: {task.title}, {args.seeds} seeds\n\n"
+          f"Full model {full}; grown from {small} with two AutoGrow callbacks (widen x2 and stack x2, "
+          f"`max_events=2` each, defaults otherwise). {task.steps} optimizer steps of batch {task.batch_size}"
+          + (f" x {task.context} characters" if task.name == "lm" else "") + f", validation every {task.val_every} "
+          f"steps. {described}\n\n{lr_text(args, lrs, tuning)}\n\n{runs_table(rows, task.name == 'vit')}\n\n"
+          f"**Target** (reach scratch's final validation loss at <= "
+          f"{TARGET}x scratch's training FLOPs, paired by seed):\n\n"
+          + "\n".join(v for v in (verdict(rows, c) for c in CONFIGS if c != "scratch") if v)
+          + f"\n\n**Growth events**: largest preservation error {max(errors, default=float('nan')):.1e} (relative, "
+          f"float32, on a validation batch in eval mode). Optimizer-state check (after training, the optimizer "
+          f"holds exactly the model's parameters, every moment of its parameter's shape): "
+          f"{sum(r['optimizer_ok'] for r in rows)}/{len(rows)} runs pass.\n\n{events_table(events)}\n\n"
+          f"FLOPs: training FLOPs (3x the forward pass, attention counted dense), at the size the model had at "
+          f"every step. Wall times on a shared machine ({args.threads} thread), validation included.")
+    write(out, f"transformers_{task.name}", rows, md)
+    write(out, f"transformers_{task.name}_events", events, events_table(events))
+    return md
+
+
+def describe(task: Task, args: argparse.Namespace) -> str:
+    if task.name == "vit":
+        return "Fashion-MNIST: 2,000 validation images split from the training set by seed, the 10,000 test images."
+    d = data(task, args, 0).describe()
+    return (f"Data: {d['files']} `.py` files of {d['source']} (Python {sys.version.split()[0]}, sorted, "
+            f"{d['first']} .. {d['last']}), every 10th file held out: {d['train_chars']:,} training and "
+            f"{d['val_chars']:,} validation characters, vocabulary {d['vocab']}.")
+
+
+def save_runs(out: Path, task: Task, outcomes: list[Outcome], tuning: list[dict[str, Any]],
+              lrs: dict[str, float]) -> None:
+    """Every run's curves and numbers, the tuning (``--reuse`` reads them back)."""
+    runs = [{"config": o.config, "seed": o.seed, "lr": o.lr, "evals": o.record.evals, "train_losses": o.record.losses,
+             "effective_lr": o.record.lrs, "events": o.events, "shape": o.shape, "wall": o.wall, "flops": o.flops,
+             "params": o.params, "test_acc": o.test_acc, "optimizer_ok": o.optimizer_ok} for o in outcomes]
+    (out / f"transformers_{task.name}_curves.json").write_text(json.dumps(runs, default=float))
+    (out / f"transformers_{task.name}_tuning.json").write_text(json.dumps({"lrs": lrs, "tuning": tuning}))
+
+
+def load_runs(out: Path, task: Task) -> tuple[list[Outcome], list[dict[str, Any]], dict[str, float]] | None:
+    """The runs and tuning a previous invocation saved in ``out`` (``None``: nothing saved)."""
+    curves, tuned = out / f"transformers_{task.name}_curves.json", out / f"transformers_{task.name}_tuning.json"
+    if not curves.exists() or not tuned.exists():
+        return None
+    outcomes = []
+    for r in json.loads(curves.read_text()):
+        record = Record()
+        record.evals, record.losses, record.lrs = r["evals"], r["train_losses"], r["effective_lr"]
+        last = r["evals"][-1]
+        outcomes.append(Outcome(r["config"], r["seed"], r["lr"], record, float(r.get("test_acc", "nan")), r["wall"],
+                                r.get("flops", last["train_flops"]), r.get("params", last["params"]), r["shape"],
+                                r["events"], r.get("optimizer_ok", True)))
+    saved = json.loads(tuned.read_text())
+    return outcomes, saved["tuning"], saved["lrs"]
+
+
+def run_task(task: Task, args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
+    """Tune, run every seed of every configuration, write the results; returns the rows per run."""
+    saved = load_runs(out, task) if args.reuse else None
+    outcomes, tuning, lrs = saved or ([], [], {})
+    if not saved:
+        lrs = {c: tune(task, args, c, tuning) for c in ("grown", "scratch")}
+    done = {(o.config, o.seed) for o in outcomes}
+    for seed in range(args.seeds):
+        for c in (c for c in args.configs if (c, seed) not in done):
+            outcomes.append(run_config(task, args, c, seed, lrs["scratch" if c == "scratch" else "grown"]))
+            outcomes.sort(key=lambda o: (o.seed, CONFIGS.index(o.config)))
+            save_runs(out, task, outcomes, tuning, lrs)  # after every run: an interrupted sweep resumes (--reuse)
+    rows, events = analyse(outcomes)
+    report(out, task, args, rows, events, tuning, lrs, describe(task, args))
+    plot(out, f"transformers_{task.name}", outcomes, TASKS[task.name].title)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", choices=["lm", "vit", "both"], default="both")
+    ap.add_argument("--quick", action="store_true", help="tiny settings for the test suite (seconds)")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--tune-seeds", type=int, default=1)
+    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
+    ap.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), choices=CONFIGS)
+    ap.add_argument("--reuse", action="store_true", help="keep the runs and tuning saved in the results folder; "
+                    "run only the missing (config, seed) pairs")
+    ap.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder (else the Debian location)")
+    ap.add_argument("--out", default=None, help="parent of the results folder `transformers` (default "
+                    "experiments/results)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seeds, args.tune_seeds, args.lrs = min(args.seeds, 1), 1, args.lrs[:1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    results = {}
+    try:
+        for name in (["lm", "vit"] if args.task == "both" else [args.task]):
+            task = (QUICK if args.quick else TASKS)[name]
+            out = Path(args.out or Path(__file__).parent / "results") / "transformers"
+            out.mkdir(parents=True, exist_ok=True)
+            results[name] = run_task(task, args, out)
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
+if __name__ == "__main__":
+    main()
