@@ -175,13 +175,13 @@ class _Walk:
         op = self.classify(user)
         if user in self.layouts and op.kind is not OpKind.WEIGHTED:
             return  # already handled when first reached (merges, cats, residual paths)
+        rule = _FORWARD.get(op.kind)
+        if rule is None and user.op == "call_module":
+            self.fail(user, f"is a {type(op.module).__name__}, which autogrow does not know how to widen",
+                      _unknown_module_fix(op.module))
         if user.op == "call_module" and (user.args[0] is not node or any(a is node for a in user.args[1:])):
             self.fail(user, "takes the widened tensor in an argument other than its first")
-        rule = _FORWARD.get(op.kind)
         if rule is None:
-            if user.op == "call_module":
-                self.fail(user, f"is a {type(op.module).__name__}, which autogrow does not know how to widen",
-                          "Register it with autogrow.register_layer, register_channelwise or register_elementwise.")
             self.fail(user, "is an operation that autogrow cannot keep exact on a widened tensor",
                       "Supported: registered modules, element-wise ops, add/sub/mul, cat, flatten, "
                       "view(x.size(0), -1), mean/sum over other axes.")
@@ -388,6 +388,14 @@ def _fwd_shape(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout) -> N
 
 def _fwd_weighted(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout) -> None:
     w.add_consumer(user, lay, op.spec, op.module)  # type: ignore[arg-type]
+
+
+def _unknown_module_fix(m: nn.Module | None) -> str:
+    if m is not None and type(m).__module__.startswith("torch.nn") and any(True for _ in m.children()):
+        # nn.MultiheadAttention, nn.TransformerEncoderLayer: fx does not trace into torch.nn's own layers
+        return ("torch.fx records torch.nn's own composite layers as one opaque call. Write the block from "
+                "Linear/LayerNorm and F.scaled_dot_product_attention (as autogrow.experiments.transformers does).")
+    return "Register it with autogrow.register_layer, register_channelwise or register_elementwise."
 
 
 def _fwd_channelwise(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout) -> None:

@@ -1,4 +1,4 @@
-"""ConvTranspose, depthwise convs, InstanceNorm and PReLU grow exactly; GroupNorm and grouped convs are refused, untouched."""
+"""ConvTranspose, depthwise convs, InstanceNorm, PReLU grow exactly; GroupNorm, grouped convs are refused untouched."""
 
 from __future__ import annotations
 
