@@ -11,6 +11,7 @@ from autogrow.callbacks import AutoGrow
 from autogrow.experiments.data import DigitsDataModule
 from autogrow.experiments.models import MLP, Classifier
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 import autogrow
@@ -44,17 +45,26 @@ def fit(tmp_path, model, dm, callbacks, epochs, **kw) -> pl.Trainer:
 
 
 def test_duplicates_merge_exactly_mid_fit(tmp_path, dm):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     model = model_of(duplicates=True)
     grow = AutoGrow(trigger=NEVER, shrink=Shrink(prune=False, overfit_patience=None, warmup=2))
-    fit(tmp_path, model, dm, [grow], 4, precision="64-true")
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    fit(tmp_path, model, dm, [grow], 4, precision="64-true", logger=logger)
+    acc = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
+    acc.Reload()
+    texts = [t.tensor_proto.string_val[0].decode() for t in acc.Tensors("autogrow/events/text_summary")]
+    assert len(texts) == 1 and "Shrink event 1" in texts[0] and "(duplicates)" in texts[0]
     shrinks = [e for e in grow.events if e.shrank]
     assert [e.reason for e in shrinks] == [Reason.DUPLICATES] and shrinks[0].epoch == 2
     assert (shrinks[0].changes[0].old, shrinks[0].changes[0].new) == (16, 8)
     assert shrinks[0].preservation_error < 1e-9 and shrinks[0].measured_change < 1e-9
     assert model.model.fc1.out_features == 8
     assert autogrow.checkpoint.history_of(model)[-1]["kind"] == "shrink"
-    held = [id(p) for g in model.trainer.optimizers[0].param_groups for p in g["params"]]
-    assert sorted(held) == sorted(id(p) for p in model.parameters())
+    opt = model.trainer.optimizers[0]
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert sorted(map(id, held)) == sorted(id(p) for p in model.parameters())
+    assert all(opt.state[p]["momentum_buffer"].shape == p.shape for p in held)  # the state followed the merge
 
 
 def test_prune_within_tolerance_and_min_params(tmp_path, dm):
@@ -178,3 +188,20 @@ def test_try_candidates_over_actions_and_layers(tmp_path, dm):
     assert len(grow.events) == 2 and all(e.notes.startswith("tried 3") for e in grow.events)
     assert all(e.preservation_error < 1e-4 and e.extra_flops > 0 for e in grow.events)
     assert grow.policy.events == 2
+
+
+def test_resize_suite_quick(tiny_idx, tmp_path):
+    """The benchmark end to end on a tiny IDX set: rows per run, the targets stated, the files written."""
+    import json
+
+    from autogrow.experiments import suite_resize
+
+    rows = suite_resize.main(["--quick", "--data-dir", tiny_idx, "--out", str(tmp_path), "--epochs", "2"])
+    assert {p.name for p in tmp_path.iterdir()} >= {"resize.csv", "resize.json", "resize.md", "resize.png",
+                                                     "targets.json"}
+    assert [r["config"] for r in rows] == ["fixed 4", "fixed 16", "resize from 4", "resize from 16",
+                                           "choice: round_robin", "choice: try"]
+    assert rows[-1]["extra_flops"] > 0 and rows[-2]["extra_flops"] == 0
+    met = json.loads((tmp_path / "targets.json").read_text())
+    assert len(met) == 4 and all(isinstance(t["met"], bool) for t in met)
+    assert "## Targets" in (tmp_path / "resize.md").read_text()
