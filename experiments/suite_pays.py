@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     torch.set_num_threads(args.threads)
     lrs = {"grown": tune("grown", lambda seed, lr: run_grown(s, args, seed, lr), args),
            "scratch": tune("scratch", lambda seed, lr: run_fixed(s, args, seed, lr, s.final, None), args)}
-    rows, curves, scratches = [], {}, {}
+    rows, scratches = [], {}
     for seed in range(args.seeds):
         grown = run_grown(s, args, seed, lrs["grown"])
         scratch = run_fixed(s, args, seed, lrs["scratch"], s.final, None)
@@ -162,14 +162,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         rows += [row(k, seed, lrs["grown" if k == "grown" else "scratch"], r, scratch) for k, r in runs.items()]
         scratches[seed] = scratch
         if seed == 0:
-            curves = runs
+            plot(out, f"pays_{args.model}", list(runs.values()), f"{s.name}: grown vs baselines (seed 0)")
+        report(out, args, s, rows, lrs)  # after every seed: a long run stopped early still leaves its numbers
     if args.ablation:
         for label, kw in ABLATIONS.items():
             for seed in range(args.seeds):
                 run = run_grown(s, args, seed, lrs["grown"], **kw)
                 rows.append(row(label, seed, lrs["grown"], run, scratches[seed]))
-    report(out, args, s, rows, lrs)
-    plot(out, f"pays_{args.model}", list(curves.values()), f"{s.name}: grown vs baselines (seed 0)")
+        report(out, args, s, rows, lrs)
     return rows
 
 
@@ -210,10 +210,13 @@ def report(out: Path, args: argparse.Namespace, s: Setting, rows: list[dict[str,
     grown = _stats(rows, "grown", "test_acc")[0]
     target = f"grown {100 * grown:.2f} vs scratch - 0.1 = {100 * scratch - 0.1:.2f}: " + (
         "met" if grown >= scratch - 0.001 else f"missed by {100 * (scratch - grown) - 0.1:.2f} pp")
-    md = (f"### Does growth pay? {s.name}, {s.data}, {args.epochs} epochs, {args.seeds} seeds\n\n"
+    seeds = len({r["seed"] for r in rows})
+    md = (f"### Does growth pay? {s.name}, {s.data}, {args.epochs} epochs, {seeds} seeds\n\n"
           f"Grown {s.start} -> {s.final} with `AutoGrow(max_params=...)` defaults (peak LR {lrs['grown']:g}); "
-          f"from-scratch baselines with their own tuned peak LR ({lrs['scratch']:g}) and the same hold-then-decay "
-          f"schedule. LRs chosen from {args.lrs} by validation accuracy on {args.tune_seeds} separate seeds.\n\n"
+          f"from-scratch baselines with their own peak LR ({lrs['scratch']:g}) and the same hold-then-decay "
+          f"schedule. " + (f"LRs chosen from {args.lrs} by validation accuracy on {args.tune_seeds} separate seeds."
+                           if len(args.lrs) > 1 else "The LR was given (--lrs), not tuned in this run.") +
+          f" Train subset: {args.train_subset or 'all'}.\n\n"
           f"Target (grown >= scratch - 0.1 pp): {target}.\n\n" + "\n".join(lines))
     write(out, f"pays_{args.model}", rows, md)
 
