@@ -16,12 +16,15 @@ grown and scratch runs of one seed see the same data):
   model also trains at the peak LR before the decay.
 
 Each of ``grown`` and ``scratch`` picks its peak LR from ``--lrs`` by final validation loss over
-``--tune-seeds`` separate seeds. FLOPs are the training FLOPs actually spent (3x the forward pass, counted at
-the size the model had at every step, attention included). The target: the grown run reaches scratch's final
-validation loss at <= 0.7x scratch's training FLOPs.
+``--tune-seeds`` separate seeds (one ``--lrs`` value: fixed, no tuning runs). FLOPs are the training FLOPs
+actually spent (3x the forward pass, counted at the size the model had at every step, attention included). The
+target: the grown run reaches scratch's final validation loss at <= 0.7x scratch's training FLOPs.
 
     python -m autogrow.experiments.suite_transformers --task lm      # GPT on Python's standard library
     python -m autogrow.experiments.suite_transformers --task vit     # ViT on Fashion-MNIST
+
+The committed results (experiments/results/transformers/): ``--lrs 2e-3 --configs grown scratch``, then
+``--reuse`` adding ``'grown 2x steps'`` and ``'grown, deadline 0.3'``, per task.
 """
 
 from __future__ import annotations
@@ -353,8 +356,13 @@ def verdict(rows: list[dict[str, Any]], config: str) -> str:
     where = (f"reaches scratch's final validation loss at {_ms(xs, '.2f')}x its FLOPs and {_ms(times, '.2f')}x its "
              f"wall time (over the {len(reached)} seed(s) that reach it)" if reached else
              "never reaches scratch's final validation loss")
+    spent = [r["flops_ratio"] for r in rows if r["config"] == config]
+    back = [r["scratch_flops_at_this_loss"] for r in rows if r["config"] == config]
+    pays = statistics.mean(spent) < statistics.mean(back) if all(b == b for b in back) else False
     return (f"- **{config}**: {where}; <= {TARGET}x FLOPs in {met}/{len(xs)} seeds ({worst}): "
-            f"target {'met' if met == len(xs) else 'NOT met'}.")
+            f"target {'met' if met == len(xs) else 'NOT met'}. It spends {_ms(spent, '.2f')}x scratch's FLOPs for "
+            f"its final loss, which scratch's run passes at {_ms(back, '.2f')}x (mid-run, before its LR decay): "
+            f"against scratch's curve at equal FLOPs growth {'pays' if pays else 'does not pay'} here.")
 
 
 COLORS = {"grown": "tab:blue", "scratch": "tab:orange", "grown 2x steps": "tab:green",
