@@ -5,7 +5,9 @@ last growth (warmup-stable-decay), optionally re-warm it briefly after each grow
 scale the updates of layers whose fan-in grew (muP-style). :class:`GrowthLR` does all three without
 touching the user's optimizer or scheduler: it multiplies each group's ``lr`` just for the duration of
 ``optimizer.step()`` (a step pre-hook) and puts it back right after (a post-hook), so a scheduler
-that reads or writes ``lr`` never sees the multiplier.
+that reads or writes ``lr`` never sees the multiplier. Several multipliers on one optimizer (two
+callbacks, one widening and one stacking) share one pair of hooks and apply the largest: the LR decays
+after the last growth of any of them, never twice.
 
     >>> import torch
     >>> p = torch.nn.Parameter(torch.zeros(1)); opt = torch.optim.SGD([p], lr=1.0)
@@ -18,6 +20,7 @@ that reads or writes ``lr`` never sees the multiplier.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -63,10 +66,8 @@ class GrowthLR:
         check_float("rewarm_start", self.rewarm_start, 0.0, 1.0)
         check_bool("width_scaling", self.width_scaling)
         check_int("total_steps", self.total_steps, 1, optional=True)
-        self._handles: list[Any] = []
-        self._saved: list[float] = []
+        self._optimizer: weakref.ref[Optimizer] | None = None
         self._scales: dict[int, float] = {}  # id(param) -> update scale
-        self._before: dict[int, torch.Tensor] = {}
 
     def multiplier(self, step: int | None = None) -> float:
         """The multiplier at optimizer step ``step`` (default: the next one)."""
@@ -85,13 +86,15 @@ class GrowthLR:
     def attach(self, optimizer: Optimizer, model: nn.Module | None = None) -> None:
         """Apply the multiplier (and, with ``model``, the width scaling) to every step of ``optimizer``."""
         self.detach()
-        self._handles = [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
+        _Hooks.on(optimizer).members.append(self)
+        self._optimizer = weakref.ref(optimizer)
         self._scales = self._width_scales(model) if self.width_scaling and model is not None else {}
 
     def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        optimizer = self._optimizer() if self._optimizer is not None else None
+        if optimizer is not None:
+            _Hooks.on(optimizer).remove(self, optimizer)
+        self._optimizer = None
 
     def step(self) -> None:
         """Count one optimizer step (call after each step)."""
@@ -112,25 +115,6 @@ class GrowthLR:
                 out[id(p)] = base / fan_in
         return out
 
-    def _pre(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        m = self.multiplier()
-        self._saved = [g["lr"] for g in optimizer.param_groups]
-        for g in optimizer.param_groups:
-            g["lr"] = g["lr"] * m
-        self._before = {id(p): p.detach().clone() for g in optimizer.param_groups for p in g["params"]
-                        if id(p) in self._scales}
-
-    def _post(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        for g, lr in zip(optimizer.param_groups, self._saved):
-            g["lr"] = lr
-        with torch.no_grad():  # muP-style: this parameter's update, scaled
-            for g in optimizer.param_groups:
-                for p in g["params"]:
-                    if id(p) in self._before:
-                        old = self._before[id(p)]
-                        p.copy_(old + self._scales[id(p)] * (p - old))
-        self._before = {}
-
     def state_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items()}
 
@@ -139,6 +123,60 @@ class GrowthLR:
         for k in ("step_count", "last_growth", "total_steps", "base_fan_in"):
             if k in state:
                 setattr(self, k, state[k])
+
+
+class _Hooks:
+    """One pair of step hooks per optimizer, applying its multipliers: the largest one, and each parameter's
+    width scale (from the first multiplier that scales it)."""
+
+    _by_optimizer: weakref.WeakKeyDictionary[Optimizer, _Hooks] = weakref.WeakKeyDictionary()
+
+    def __init__(self, optimizer: Optimizer) -> None:
+        self.members: list[GrowthLR] = []
+        self.handles = [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
+        self.saved: list[float] = []
+        self.before: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def on(cls, optimizer: Optimizer) -> _Hooks:
+        if optimizer not in cls._by_optimizer:
+            cls._by_optimizer[optimizer] = cls(optimizer)
+        return cls._by_optimizer[optimizer]
+
+    def remove(self, member: GrowthLR, optimizer: Optimizer) -> None:
+        self.members = [m for m in self.members if m is not member]
+        if not self.members:
+            for h in self.handles:
+                h.remove()
+            del self._by_optimizer[optimizer]
+
+    def _scales(self) -> dict[int, float]:
+        out: dict[int, float] = {}
+        for m in self.members:
+            for k, v in m._scales.items():
+                out.setdefault(k, v)
+        return out
+
+    def _pre(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        m = max((g.multiplier() for g in self.members), default=1.0)
+        self.saved = [g["lr"] for g in optimizer.param_groups]
+        for g in optimizer.param_groups:
+            g["lr"] = g["lr"] * m
+        scales = self._scales()
+        self.before = {id(p): p.detach().clone() for g in optimizer.param_groups for p in g["params"]
+                       if id(p) in scales}
+
+    def _post(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        for g, lr in zip(optimizer.param_groups, self.saved):
+            g["lr"] = lr
+        scales = self._scales()
+        with torch.no_grad():  # muP-style: this parameter's update, scaled
+            for g in optimizer.param_groups:
+                for p in g["params"]:
+                    if id(p) in self.before:
+                        old = self.before[id(p)]
+                        p.copy_(old + scales[id(p)] * (p - old))
+        self.before = {}
 
 
 def shrink_perturb(model: nn.Module, shrink: float, noise: float, generator: torch.Generator) -> None:

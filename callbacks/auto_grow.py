@@ -23,21 +23,20 @@ import torch.nn as nn
 import autogrow
 from autogrow.actions import GrowthAction, discover_targets, make_action, width_of
 from autogrow.budget import Budget
-from autogrow.checkpoint import CHECKPOINT_KEY, history_of, set_history
+from autogrow.checkpoint import CHECKPOINT_KEY, history_of
 from autogrow.errors import check, check_bool, check_choice, check_int
 from autogrow.events import Change, GrowthEvent, Reason, StopReason
-from autogrow.lr import GrowthLR, shrink_perturb
+from autogrow.lr import GrowthLR
 from autogrow.plateau import Deadline, PayoffCheck, Trigger, make_trigger
 from autogrow.policy import Candidate, GradientTracker, GrowthPolicy, TryCandidates, make_policy
 from autogrow.resize import Shrink
 
 from ._compat import CALLBACK_BASES, MisconfigurationError, check_supported, info, warn
-from .growing import grow_layers
+from .growth_event import grow_event
 from .mixin import unwrap_load_hook, wrap_load_hook
 from .probe import Probe
-from .rebuild import TrainingState, rebuild
 from .report import report
-from .resizing import Resizer, choose_growth
+from .resizing import Resizer
 from .schedule import RunSchedule
 from .snapshot import Skeleton, Snapshot
 from .state import dump_state, load_state
@@ -260,7 +259,7 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
             self._record(trainer, pl_module, Reason.ROLLBACK, [], n_before, None)
         elif self.pending:
             self.pending = False
-            self._grow(trainer, pl_module)
+            grow_event(self, trainer, pl_module)
 
     def _grown(self) -> int:
         return sum(e.grew for e in self.events)
@@ -280,50 +279,6 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
                 continue  # at max_width, or shrunk and not to be regrown yet
             out.append(Candidate(name, width_of(pl_module.get_submodule(name)), self._gradients.score(name)))
         return out
-
-    def _grow(self, trainer: Any, pl_module: Any) -> None:
-        if self.budget.max_events is not None and self._grown() >= self.budget.max_events:
-            return self._stop(trainer, StopReason.MAX_EVENTS, f"max_events={self.budget.max_events} reached")
-        if not self._candidates(pl_module) and any(not self.resizer.may_grow(t) for t in self.targets):
-            self.resizer.grew([], [])  # the decision stands: it is done once the metric lifts a shrink's block
-            self.pending = True
-            return None
-        bad = next((n for n, p in pl_module.named_parameters() if not bool(torch.isfinite(p).all())), None)
-        if bad is not None:
-            return warn(trainer, f"AutoGrow: not growing: parameter {bad!r} holds NaN/inf values (training diverged)")
-        if self._configured_targets is None:  # new layers (a stacked block) become candidates too
-            try:
-                self.targets = discover_targets(pl_module, self.action, None, self.probe.inputs)
-            except autogrow.AutogrowError:
-                pass  # keep the targets found before
-        seed = int(trainer.strategy.broadcast(self.seed + 7919 * (len(history_of(pl_module)) + 1), src=0))
-        candidates = self._candidates(pl_module)
-        choice = choose_growth(self, trainer, pl_module, candidates, seed)
-        n_before = autogrow.num_params(pl_module)
-        saved = TrainingState.capture(trainer, pl_module)
-        snapshot = Snapshot.take(trainer, pl_module, self.targets) if self.rollback else None
-        before = self.probe.outputs(pl_module)
-        growths, changes, self.targets = grow_layers(self, trainer, pl_module, choice.names, seed, n_before,
-                                                     choice.action)
-        if not growths and not self.targets:
-            return self._stop(trainer, StopReason.REFUSED, "every layer's growth failed its check")
-        if not growths:
-            return self._stop(trainer, StopReason.BUDGET, "no layer can grow within max_params / max_width")
-        rebuild(trainer, pl_module, saved, growths, self.optimizer_state)
-        self.schedule.rebuilt(trainer, pl_module, grew=True)
-        after = self.probe.outputs(pl_module)
-        if self.shrink_perturb is not None:
-            shrink_perturb(pl_module, *self.shrink_perturb, torch.Generator().manual_seed(seed))
-        set_history(pl_module, history_of(pl_module) + [g.to_dict() for g in growths])
-        for cb in trainer.early_stopping_callbacks:  # growth is progress: do not stop right after it
-            cb.wait_count = 0
-        self.trigger.notify_growth()
-        self._gradients.clear()
-        self.resizer.grew(growths, changes)
-        self._snapshot = snapshot
-        self.payoff.grew(self.best)
-        self._record(trainer, pl_module, self._reason, changes, n_before, Probe.error(before, after),
-                     extra_flops=choice.extra_flops, notes=choice.notes)
 
     def _record(self, trainer: Any, pl_module: Any, reason: Reason, changes: list[Change], n_before: int,
                 error: float | None, **extra: Any) -> None:

@@ -15,7 +15,8 @@ __all__ = ["report"]
 
 def report(trainer: Any, module: nn.Module, event: GrowthEvent) -> None:
     """Log ``event`` as one info line and, for each TensorBoard logger, a text table and scalars."""
-    what = "; ".join(f"{c.target}: {c.old} -> {c.new}" for c in event.changes) or event.reason.value
+    what = "; ".join(f"{c.target}: {c.old} -> {c.new}" if c.old != c.new else c.summary  # a stacked block: no width
+                     for c in event.changes) or event.reason.value
     err = event.preservation_error
     value = "n/a" if event.value is None else f"{event.value:.4g}"
     info(trainer, f"AutoGrow: event {event.index} at epoch {event.epoch}, step {event.step} ({event.monitor}="

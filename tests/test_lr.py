@@ -106,3 +106,31 @@ def test_growth_lr_arguments_are_checked():
         AutoGrow(deadline=0)
     with pytest.raises(ValueError, match=r"shrink_perturb: \(2, 0.1\) is not allowed"):
         AutoGrow(shrink_perturb=(2, 0.1))
+
+
+def test_two_multipliers_on_one_optimizer_apply_the_larger_once_and_restore_the_lr():
+    """Two callbacks (widen + stack) each attach a GrowthLR: the LR must decay once, after the later growth,
+    and the group's lr must be exactly the user's after every step (no drift)."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    a, b = GrowthLR(decay=0.5, total_steps=8), GrowthLR(decay=0.5, total_steps=8)
+    a.attach(opt)
+    b.attach(opt)
+    b.step_count = 5
+    b.grew()  # b grew at step 5: its decay starts there, a's at step 4
+    applied = []
+    for t in range(8):
+        a.step_count = b.step_count = t
+        before = float(p)
+        p.grad = torch.ones(1)
+        opt.step()
+        applied.append(before - float(p))
+        assert opt.param_groups[0]["lr"] == 1.0
+    expected = [max(a.multiplier(t), b.multiplier(t)) for t in range(8)]
+    assert applied == pytest.approx(expected) and expected[4] == 1.0 and expected[6] < 1.0
+    a.detach()
+    b.detach()
+    p.grad = torch.ones(1)
+    before = float(p)
+    opt.step()
+    assert before - float(p) == pytest.approx(1.0)  # no hooks left
