@@ -30,7 +30,7 @@ from torch.optim import Optimizer
 
 from autogrow.errors import check_bool, check_float, check_int
 
-__all__ = ["GrowthLR", "shrink_perturb"]
+__all__ = ["GrowthLR", "applied_multiplier", "shrink_perturb"]
 
 
 @dataclass
@@ -158,7 +158,7 @@ class _Hooks:
         return out
 
     def _pre(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        m = max((g.multiplier() for g in self.members), default=1.0)
+        m = applied_multiplier(optimizer)
         self.saved = [g["lr"] for g in optimizer.param_groups]
         for g in optimizer.param_groups:
             g["lr"] = g["lr"] * m
@@ -177,6 +177,18 @@ class _Hooks:
                         old = self.before[id(p)]
                         p.copy_(old + scales[id(p)] * (p - old))
         self.before = {}
+
+
+def applied_multiplier(optimizer: Optimizer) -> float:
+    """The LR multiplier the attached :class:`GrowthLR` hooks apply to ``optimizer``'s next step (1: none).
+
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        >>> a = GrowthLR(decay=1.0, total_steps=4); a.attach(opt); a.step_count = 2
+        >>> applied_multiplier(opt)
+        0.5
+    """
+    hooks = _Hooks._by_optimizer.get(optimizer)
+    return max((g.multiplier() for g in hooks.members), default=1.0) if hooks is not None else 1.0
 
 
 def shrink_perturb(model: nn.Module, shrink: float, noise: float, generator: torch.Generator) -> None:

@@ -49,6 +49,7 @@ from pytorch_lightning.callbacks import Callback
 
 from autogrow import num_params
 from autogrow.actions import Stack, Widen
+from autogrow.lr import applied_multiplier
 
 __all__ = ["TASKS", "Record", "Task", "main", "reach", "run_config", "step_ratio"]
 
@@ -117,17 +118,10 @@ class Record(Callback):
 
 
 def effective_lr(trainer: pl.Trainer) -> float:
-    """The LR of the step just taken: the group's LR times the multiplier of every AutoGrow whose
-    :class:`~autogrow.lr.GrowthLR` hook sits on the live optimizer (a callback's hooks stay on the optimizer
-    it last attached to)."""
+    """The LR of the next step: the group's LR times the growth multiplier the AutoGrow callbacks' hooks apply
+    on the live optimizer (several callbacks: the larger multiplier, once)."""
     opt = trainer.optimizers[0]
-    lr = float(opt.param_groups[0]["lr"])
-    for cb in trainer.callbacks:
-        growth_lr = getattr(getattr(cb, "schedule", None), "lr", None)
-        handles = getattr(growth_lr, "_handles", [])
-        if handles and handles[0].id in opt._optimizer_step_pre_hooks:
-            lr *= growth_lr.multiplier()
-    return lr
+    return float(opt.param_groups[0]["lr"]) * applied_multiplier(opt)
 
 
 def data(task: Task, args: argparse.Namespace, seed: int) -> pl.LightningDataModule:
