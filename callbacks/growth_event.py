@@ -48,7 +48,7 @@ def grow_event(cb: Any, trainer: Any, pl_module: Any) -> None:
     snapshot = Snapshot.take(trainer, pl_module, cb.targets) if cb.rollback else None
     before = cb.probe.outputs(pl_module)
     growths, changes, cb.targets = grow_layers(cb, trainer, pl_module, choice.names, seed, n_before,
-                                                 choice.action)
+                                               choice.action)
     if not growths and not cb.targets:
         return cb._stop(trainer, StopReason.REFUSED, "every layer's growth failed its check")
     if not growths:
@@ -67,4 +67,4 @@ def grow_event(cb: Any, trainer: Any, pl_module: Any) -> None:
     cb._snapshot = snapshot
     cb.payoff.grew(cb.best)
     cb._record(trainer, pl_module, cb._reason, changes, n_before, Probe.error(before, after),
-                 extra_flops=choice.extra_flops, notes=choice.notes)
+               extra_flops=choice.extra_flops, notes=choice.notes)
