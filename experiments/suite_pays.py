@@ -18,11 +18,13 @@ with each ingredient of the recipe switched off (or an opt-in one switched on) i
     python -m autogrow.experiments.suite_pays                    # MLP, Fashion-MNIST, 32x32 -> 256x256
     python -m autogrow.experiments.suite_pays --model cnn        # ConvNet 4 -> 16 channels
     python -m autogrow.experiments.suite_pays --model digits     # the README's main job, 8 -> 64 units
+    python -m autogrow.experiments.suite_pays --model mlp --variant copies --lrs 3e-3   # another recipe, paired
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 from collections.abc import Callable
@@ -87,6 +89,11 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 }
 
 
+VARIANTS: dict[str, dict[str, Any]] = {  # other recipes, measured against a finished run's baselines (--variant)
+    "copies": {"grow": Widen(init="net2wider")},  # the recipe study's winner on the MLP (with --lrs 3e-3)
+}
+
+
 def classifier(net: torch.nn.Module, lr: float, scheduler: str | None) -> Classifier:
     return Classifier(net, optimizer="adam", lr=lr, scheduler=scheduler)
 
@@ -141,6 +148,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--tune-seeds", type=int, default=2)
     ap.add_argument("--ablation", action="store_true", help="also the ablation table of the grown recipe")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--variant", choices=sorted(VARIANTS), default=None,
+                    help="only grown runs of this recipe at --lrs[0], paired with the saved pays_<model>.json")
     args = ap.parse_args(argv)
     s = SETTINGS[args.model]
     args.epochs = args.epochs or s.epochs
@@ -149,6 +158,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         s = Setting(s.name, s.build, 2, 8, (4,), s.flatten, args.epochs, s.data)
         args.tune_seeds, args.lrs = 1, args.lrs[:1]
     torch.set_num_threads(args.threads)
+    if args.variant is not None:
+        return run_variant(s, args, out)
     lrs = {"grown": tune("grown", lambda seed, lr: run_grown(s, args, seed, lr), args),
            "scratch": tune("scratch", lambda seed, lr: run_fixed(s, args, seed, lr, s.final, None), args)}
     rows, scratches = [], {}
@@ -170,6 +181,28 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 run = run_grown(s, args, seed, lrs["grown"], **kw)
                 rows.append(row(label, seed, lrs["grown"], run, scratches[seed]))
         report(out, args, s, rows, lrs)
+    return rows
+
+
+def run_variant(s: Setting, args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
+    """Grown runs of ``args.variant`` at ``args.lrs[0]``, each paired with the saved run of its seed."""
+    saved = {(r["config"], r["seed"]): r for r in json.loads((out / f"pays_{args.model}.json").read_text())}
+    rows = []
+    for seed in range(args.seeds):
+        run = run_grown(s, args, seed, args.lrs[0], **VARIANTS[args.variant])
+        rows.append({"config": args.variant, "seed": seed, "lr": args.lrs[0], "test_acc": run.test_acc,
+                     "flops_ratio": run.flops / saved[("scratch", seed)]["train_flops"],
+                     "d_scratch_pp": 100 * (run.test_acc - saved[("scratch", seed)]["test_acc"]),
+                     "d_default_pp": 100 * (run.test_acc - saved[("grown", seed)]["test_acc"])})
+    ms = {k: (statistics.mean(r[k] for r in rows), statistics.stdev(r[k] for r in rows) if len(rows) > 1 else 0.0)
+          for k in ("test_acc", "flops_ratio", "d_scratch_pp", "d_default_pp")}
+    md = (f"### Variant '{args.variant}' ({VARIANTS[args.variant]}) at peak LR {args.lrs[0]:g}: {s.name}, "
+          f"{len(rows)} seeds, paired with pays_{args.model}.json\n\n"
+          f"test {100 * ms['test_acc'][0]:.2f} ± {100 * ms['test_acc'][1]:.2f} %, FLOPs / scratch "
+          f"{ms['flops_ratio'][0]:.3f}; paired vs scratch {ms['d_scratch_pp'][0]:+.2f} ± "
+          f"{ms['d_scratch_pp'][1]:.2f} pp, "
+          f"vs the default grown run {ms['d_default_pp'][0]:+.2f} ± {ms['d_default_pp'][1]:.2f} pp (± std over seeds)")
+    write(out, f"pays_{args.model}_{args.variant}", rows, md)
     return rows
 
 

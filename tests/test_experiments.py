@@ -73,6 +73,11 @@ def test_pays_and_dnc_suites(tiny_idx, tmp_path):
     grown = [r for r in rows if r["config"] == "grown"]
     assert all(r["events"] >= 1 and 0 < r["flops_ratio"] < 1 for r in grown)  # it grew, for less than scratch
     assert "Target (grown >= scratch - 0.1 pp)" in (tmp_path / "pays" / "pays_mlp.md").read_text()
+    variant = suite_pays.main(["--quick", "--data-dir", tiny_idx, "--out", str(tmp_path / "pays"), "--seeds", "2",
+                               "--variant", "copies"])  # paired with the run above, seed by seed
+    saved = {r["seed"]: r["test_acc"] for r in rows if r["config"] == "scratch"}
+    assert [round(r["d_scratch_pp"], 9) for r in variant] == [round(100 * (r["test_acc"] - saved[r["seed"]]), 9)
+                                                               for r in variant]
     suite_dnc.main(["--quick", "--data-dir", tiny_idx, "--out", str(tmp_path / "dnc")])
     assert outputs(tmp_path / "dnc", "dnc")
 
