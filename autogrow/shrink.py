@@ -44,7 +44,7 @@ from autogrow.plan import Plan, Undo, outputs, register_plan, relative_error
 from autogrow.registry import channel_spec, layer_spec
 from autogrow.shapes import as_args, eval_mode, propagate
 from autogrow.trace import trace, unwrap
-from autogrow.widen import BASE, TensorChange, _tie, map_name, resize
+from autogrow.widen import BASE, TensorChange, map_name, planned_tensors, swap_tensors, tie_changes
 
 __all__ = ["MODES", "ShrinkChange", "ShrinkPlan", "default_tol", "plan_shrink", "shrink"]
 
@@ -137,30 +137,10 @@ class ShrinkPlan(Plan):
         return "\n".join(lines)
 
     def _apply(self, undo: Undo) -> Growth:
-        modules = dict(self.model.named_modules())
-        current = {c.name: getattr(modules[c.module], c.tensor, None) if c.module in modules else None
-                   for c in self.changes}
-        for c in self.changes:
-            if current[c.name] is None or tuple(current[c.name].shape) != c.old_shape:
-                fail(f"plan: {c.name} changed since the plan was made ({c.old_shape} planned); make a new plan")
+        modules, current = planned_tensors(self.model, self.changes)
         with torch.no_grad():
             new = {c.name: self._transform(c, current) for c in self.changes}
-        # Nothing above touched the model; from here on only assignments, which cannot fail.
-        holders = {c.name: c.aliases or [(c.module, c.tensor)] for c in self.changes}
-        for name in {m for c in self.changes for m, _ in holders[c.name]} | {m for m, _, _ in self.resizes}:
-            undo.save(modules[name])
-        replaced: dict[str, torch.Tensor] = {}
-        for c in self.changes:
-            old = current[c.name]
-            if c.is_param:
-                replaced[c.name] = old
-                param = nn.Parameter(new[c.name], requires_grad=old.requires_grad)
-                for mod, tensor in holders[c.name]:  # tied: every holder gets the one new Parameter
-                    setattr(modules[mod], tensor, param)
-            else:
-                modules[c.module]._buffers[c.tensor] = new[c.name]
-        for mod, kind, value in self.resizes:
-            resize(modules[mod], kind, value)
+        replaced = swap_tensors(modules, self.changes, current, new, self.resizes, undo)
         return Growth(
             kind=self.kind, target=self.target, seed=0, options=self._options(), maps=dict(self.maps),
             params={c.name: c.transforms for c in self.changes if c.is_param},
@@ -498,12 +478,12 @@ def _reworded(e: AutogrowError) -> AutogrowError:
 
 
 def _tied(model: nn.Module, changes: list[ShrinkChange]) -> list[ShrinkChange]:
-    """:func:`autogrow.widen._tie` (tied parameters shrink once and stay one Parameter), keeping corrections."""
+    """:func:`autogrow.widen.tie_changes` (tied parameters shrink once and stay one Parameter), keeping corrections."""
     try:
-        tied = _tie(model, changes)  # type: ignore[arg-type]
+        tied = tie_changes(model, changes)  # type: ignore[arg-type]
     except AutogrowError as e:
         raise _reworded(e) from None
-    by_transforms = {id(ch.transforms): ch for ch in changes}  # _tie re-creates a tied change around its list
+    by_transforms = {id(ch.transforms): ch for ch in changes}  # tie_changes re-creates a tied change around its list
     renamed = {by_transforms[id(t.transforms)].name: t.name for t in tied}
     out = []
     for t in tied:

@@ -28,7 +28,8 @@ from autogrow.registry import channel_spec, layer_spec
 from autogrow.shapes import propagate
 from autogrow.trace import trace, unwrap
 
-__all__ = ["MAPPINGS", "TensorChange", "WidenPlan", "plan_widen", "widen"]
+__all__ = ["MAPPINGS", "TensorChange", "WidenPlan", "plan_widen", "planned_tensors", "resize", "swap_tensors",
+           "tie_changes", "widen"]
 
 MAPPINGS = ("auto", "random", "uniform")
 BASE = "base"  # record key of the mapping drawn for the widened layer itself
@@ -120,32 +121,12 @@ class WidenPlan(Plan):
         return "\n".join(lines)
 
     def _apply(self, undo: Undo) -> Growth:
-        modules = dict(self.model.named_modules())
-        current = {c.name: getattr(modules[c.module], c.tensor, None) if c.module in modules else None
-                   for c in self.changes}
-        for c in self.changes:
-            if current[c.name] is None or tuple(current[c.name].shape) != c.old_shape:
-                fail(f"plan: {c.name} changed since the plan was made ({c.old_shape} planned); make a new plan")
+        modules, current = planned_tensors(self.model, self.changes)
         gen = torch.Generator().manual_seed(self.seed + 1)  # weights' randomness, apart from the maps'
         init = get_init(self.init)
         with torch.no_grad():
             new = {c.name: self._transform(current[c.name].detach(), c, init, gen) for c in self.changes}
-        # Nothing above touched the model; from here on only assignments, which cannot fail.
-        holders = {c.name: c.aliases or [(c.module, c.tensor)] for c in self.changes}
-        for name in {m for c in self.changes for m, _ in holders[c.name]} | {m for m, _, _ in self.resizes}:
-            undo.save(modules[name])
-        replaced: dict[str, torch.Tensor] = {}
-        for c in self.changes:
-            old = current[c.name]
-            if c.is_param:
-                replaced[c.name] = old
-                param = nn.Parameter(new[c.name], requires_grad=old.requires_grad)
-                for mod, tensor in holders[c.name]:  # tied: every holder gets the one new Parameter
-                    setattr(modules[mod], tensor, param)
-            else:
-                modules[c.module]._buffers[c.tensor] = new[c.name]
-        for mod, kind, value in self.resizes:
-            resize(modules[mod], kind, value)
+        replaced = swap_tensors(modules, self.changes, current, new, self.resizes, undo)
         return Growth(
             kind=self.kind, target=self.target, seed=self.seed,
             options={"width": self.width, "old_width": self.old_width, "init": self.init, "noise": self.noise,
@@ -274,10 +255,10 @@ def _changes(model: nn.Module, c: Coupling, maps: dict[str, UnitMap], exact: boo
         for tname, d in spec.in_params.items():
             add(mod, tname, Transform(d, map_name(key), "in", block))
         resizes.append((mod, "in", len(maps[map_name(key)].idx) * block))
-    return _tie(model, list(by_name.values())), resizes
+    return tie_changes(model, list(by_name.values())), resizes
 
 
-def _tie(model: nn.Module, changes: list[TensorChange]) -> list[TensorChange]:
+def tie_changes(model: nn.Module, changes: list[TensorChange]) -> list[TensorChange]:
     """Tied parameters (one Parameter held by several modules) grow once and stay one Parameter.
 
     Refused when the holders would need different transforms (a tied embedding and output layer on the
@@ -312,6 +293,43 @@ def _tie(model: nn.Module, changes: list[TensorChange]) -> list[TensorChange]:
                                  first.fill, aliases=[(m, t) for m, t in held])
         out.append(first)
     return out
+
+
+def planned_tensors(model: nn.Module, changes: list[TensorChange]
+                    ) -> tuple[dict[str, nn.Module], dict[str, torch.Tensor]]:
+    """The model's modules and the tensors a plan replaces, checked against the shapes it was planned for."""
+    modules = dict(model.named_modules())
+    current = {c.name: getattr(modules[c.module], c.tensor, None) if c.module in modules else None for c in changes}
+    for c in changes:
+        if current[c.name] is None or tuple(current[c.name].shape) != c.old_shape:
+            fail(f"plan: {c.name} changed since the plan was made ({c.old_shape} planned); make a new plan")
+    return modules, current  # type: ignore[return-value]
+
+
+def swap_tensors(modules: dict[str, nn.Module], changes: list[TensorChange], current: dict[str, torch.Tensor],
+                 new: dict[str, torch.Tensor], resizes: list[tuple[str, str, int]], undo: Undo
+                 ) -> dict[str, torch.Tensor]:
+    """Put the computed tensors in place (fresh Parameters, one per tied group; buffers) and the new sizes into the
+    modules, saving each touched module in ``undo`` first; returns the replaced Parameters by name.
+
+    Called once everything that can fail is done: from here on only assignments, which cannot fail.
+    """
+    holders = {c.name: c.aliases or [(c.module, c.tensor)] for c in changes}
+    for name in {m for c in changes for m, _ in holders[c.name]} | {m for m, _, _ in resizes}:
+        undo.save(modules[name])
+    replaced: dict[str, torch.Tensor] = {}
+    for c in changes:
+        old = current[c.name]
+        if c.is_param:
+            replaced[c.name] = old
+            param = nn.Parameter(new[c.name], requires_grad=old.requires_grad)
+            for mod, tensor in holders[c.name]:  # tied: every holder gets the one new Parameter
+                setattr(modules[mod], tensor, param)
+        else:
+            modules[c.module]._buffers[c.tensor] = new[c.name]
+    for mod, kind, value in resizes:
+        resize(modules[mod], kind, value)
+    return replaced
 
 
 def resize(module: nn.Module, kind: str, value: int) -> None:
