@@ -555,6 +555,11 @@ def _check_args(mode: str, width: int | None, tol: float | None, correct: bool, 
               "a batch (mode='prune' ranks the units and corrects the consumers on its activations)")
 
 
+def _tolerance(module: nn.Module, tol: float | None) -> float:
+    weight = next(iter(module.parameters()), None)
+    return default_tol(weight.dtype if weight is not None else torch.float32) if tol is None else float(tol)
+
+
 def plan_shrink(model: nn.Module, target: str, width: int | None = None, *, mode: str = "merge",
                 tol: float | None = None, correct: bool = True, example_inputs: Any = None) -> ShrinkPlan:
     """Plan giving module ``target`` fewer output units, and every coupled layer what follows.
@@ -599,8 +604,7 @@ def plan_shrink(model: nn.Module, target: str, width: int | None = None, *, mode
     unit, old = c.unit_block, c.old_width * c.unit_block  # unit > 1: the units are attention heads of that size
     check("width", width, width is None or (width < old and width % unit == 0), f"fewer than {target!r}'s current "
           f"{old} units" + (f" and a multiple of its head size {unit}" if unit > 1 else ""))
-    weight = next(iter(model.get_submodule(target).parameters()), None)
-    tol = default_tol(weight.dtype if weight is not None else torch.float32) if tol is None else float(tol)
+    tol = _tolerance(model.get_submodule(target), tol)
     inputs = _consumer_inputs(model, c, example_inputs) if mode == "prune" else {}
     base = _plan_merge(model, c, width, tol) if mode == "merge" else _plan_prune(model, c, width // unit, inputs)
     new = shrunk_width(base) * unit
