@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny Fashion-MNIST-shaped IDX data set written to disk (tests never download), and an
-environment for subprocesses.
+"""Shared fixtures: a tiny Fashion-MNIST-shaped IDX data set written to disk (tests never download), float64 for
+exactness checks, and an environment for subprocesses.
 
 torchvision's only build for torch 2.13 here is a CUDA build whose import fails on the CPU torch
 ("operator torchvision::nms does not exist"); timm, transformers, torchmetrics and Lightning import it when
@@ -18,7 +18,17 @@ import_torchvision_without_ops()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from autogrow.experiments.data import write_idx  # noqa: E402
+
+
+@pytest.fixture
+def float64():
+    """Models and data in float64 for the test (exactness checks to 1e-9); the default dtype is restored after."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 @pytest.fixture(scope="session")

@@ -13,13 +13,7 @@ import torch.nn.functional as F
 import autogrow
 from tests.models import CatNet, TinyGPT, TinyResNet, TinyTransformer, max_rel_error
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")  # exactness is checked to 1e-9: models and data in float64
 
 
 CASES = [(TinyResNet, lambda: torch.randn(3, 3, 6, 6), "stem", 7), (CatNet, lambda: torch.randn(3, 2, 8, 8), "a", 6),

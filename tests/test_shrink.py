@@ -18,14 +18,7 @@ from tests.models import CatNet, TinyGPT, TinyResNet, TinyTransformer, conv_nd, 
 from tests.test_optim import OPTIMIZERS, X, batches, loss_of, teacher
 from tests.test_refusals import assert_unchanged, snapshot
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    """Exactness is checked to 1e-9: models and data in float64."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")  # exactness is checked to 1e-9: models and data in float64
 
 
 def randomize(model: nn.Module, seed: int) -> nn.Module:

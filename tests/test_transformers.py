@@ -15,13 +15,7 @@ import autogrow
 from tests.models import TinyGPT, max_rel_error
 from tests.test_refusals import assert_unchanged, snapshot
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")  # exactness is checked to 1e-9: models and data in float64
 
 
 def ids(t: int = 7) -> torch.Tensor:
