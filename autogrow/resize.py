@@ -62,6 +62,10 @@ class Shrink:
         batches: training batches kept for the decisions: the last one measures the change, the others fit
             the correction (and :class:`~autogrow.policy.TryCandidates` trains on all of them).
         correct: least-squares correction of the pruned layers' consumers.
+        ridge: that correction's ridge penalty (relative; see :func:`~autogrow.plan_shrink`). The fit has a few
+            batches of samples for up to as many features: plain least squares (``0``) then fits them exactly and
+            is far off elsewhere (measured: 1024 -> 896 units on Fashion-MNIST, 896 samples, -2.1 pp test
+            accuracy plain, -0.04 pp with ``1e-2``).
 
     Example::
 
@@ -83,11 +87,13 @@ class Shrink:
     min_width: int = 1
     batches: int = 4
     correct: bool = True
+    ridge: float = 1e-2
 
     def __post_init__(self) -> None:
         check_bool("merge", self.merge)
         check_bool("prune", self.prune)
         check_bool("correct", self.correct)
+        check_float("ridge", self.ridge, 0.0)
         check_float("tol", self.tol, 0.0)
         check_float("fraction", self.fraction, 0.0, 1.0, low_open=True, high_open=True)
         check_float("overfit_fraction", self.overfit_fraction, 0.0, 1.0, low_open=True, high_open=True)
@@ -124,7 +130,7 @@ def prune_widths(width: int, fraction: float, attempts: int, min_width: int = 1)
 
 
 def shrink_layer(model: nn.Module, target: str, mode: str, *, fit: Any, check: Any, tol: float | None,
-                 widths: Sequence[int | None] = (None,), correct: bool = True,
+                 widths: Sequence[int | None] = (None,), correct: bool = True, ridge: float = 0.0,
                  fits: Callable[[int], bool] = lambda delta: True, before: list[Any] | None = None
                  ) -> tuple[Growth, float, Undo] | None:
     """Shrink ``target`` to the first of ``widths`` whose output change on ``check`` is at most ``tol``.
@@ -140,7 +146,7 @@ def shrink_layer(model: nn.Module, target: str, mode: str, *, fit: Any, check: A
     before = outputs(model, check) if before is None else before
     for width in widths:
         try:
-            plan = plan_shrink(model, target, width, mode=mode, correct=correct,
+            plan = plan_shrink(model, target, width, mode=mode, correct=correct, ridge=ridge,
                                example_inputs=fit if mode == "prune" else check)
             if not fits(plan.param_delta):
                 continue

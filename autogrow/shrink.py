@@ -20,9 +20,10 @@ the kept features (and a constant when the consumer has a bias), ``a_d ~ sum_k C
 and its column is folded into the kept ones: ``W'_k = W_k + sum_d W_d C[d, k]``, ``b' = b + sum_d W_d
 o_d``. For a linear consumer this is the least-squares solution of ``min ||W A + b - W' A_kept - b'||``
 itself (the projection of ``W A`` onto the span of the kept features and the constant); for convs and
-flattened blocks it is the best per-feature (shared over positions) correction. The relative change
-of the output on the batch is measured at planning time (``plan.error``, and ``options["error"]`` in
-the record).
+flattened blocks it is the best per-feature (shared over positions) correction. ``ridge > 0`` penalises
+the coefficients (ridge regression): with about as many kept features as samples the plain fit matches
+the batch exactly and is far off elsewhere. The relative change of the output on the batch is measured
+at planning time (``plan.error``, and ``options["error"]`` in the record).
 
 Optimizer state follows with the inverse of the widening rule (``autogrow.optim``).
 """
@@ -92,6 +93,7 @@ class ShrinkPlan(Plan):
     width: int
     tol: float
     correct: bool
+    ridge: float = 0.0
     maps: dict[str, UnitMap] = field(repr=False)  # merge maps: old unit -> new unit (fresh: removed)
     producers: list[str]
     channelwise: list[str]
@@ -112,7 +114,7 @@ class ShrinkPlan(Plan):
 
     def __str__(self) -> str:
         lines = [f"ShrinkPlan: {self.target!r} {self.old_width} -> {self.width} units (mode={self.mode}, "
-                 f"tol={self.tol:.3g}{', correct=' + str(self.correct) if self.mode == 'prune' else ''})"]
+                 f"tol={self.tol:.3g}{self._prune_options() if self.mode == 'prune' else ''})"]
         base = self.maps[BASE]
         unit = self.old_width // len(base.idx)  # > 1: the units are attention heads of that many features
         units = "units" if unit == 1 else f"heads (of {unit} units)"
@@ -147,9 +149,12 @@ class ShrinkPlan(Plan):
             buffers=[c.name for c in self.changes if not c.is_param], replaced=replaced,
             tensors=[c.to_dict() for c in self.changes], resizes=[list(r) for r in self.resizes])
 
+    def _prune_options(self) -> str:
+        return f", correct={self.correct}" + (f", ridge={self.ridge:g}" if self.correct and self.ridge else "")
+
     def _options(self) -> dict[str, Any]:
         return {"mode": self.mode, "width": self.width, "old_width": self.old_width, "tol": self.tol,
-                "correct": self.correct, "error": self.error}
+                "correct": self.correct, "ridge": self.ridge, "error": self.error}
 
     def _transform(self, c: ShrinkChange, current: dict[str, torch.Tensor]) -> torch.Tensor:
         t = current[c.name].detach()
@@ -179,7 +184,8 @@ class ShrinkPlan(Plan):
         resizes = [(m, kind, int(v)) for m, kind, v in record.resizes]
         by_kind = {k: [m for m, kind, _ in resizes if kind == k] for k in ("out", "channel", "in")}
         plan = ShrinkPlan(model=unwrap(model, "")[0], target=record.target, mode=o["mode"], old_width=o["old_width"],
-                          width=o["width"], tol=o["tol"], correct=o["correct"], maps=dict(record.maps),
+                          width=o["width"], tol=o["tol"], correct=o["correct"], ridge=o.get("ridge", 0.0),
+                          maps=dict(record.maps),
                           producers=by_kind["out"], channelwise=by_kind["channel"], consumers=by_kind["in"],
                           changes=[ShrinkChange.from_dict(t) for t in record.tensors], resizes=resizes,
                           error=o.get("error"))
@@ -393,8 +399,20 @@ def _plan_prune(model: nn.Module, c: Coupling, width: int, inputs: dict[str, tor
     return _merge_map((keep.cumsum(0) - 1).clamp_min(0), ~keep)
 
 
+def _solve(design: torch.Tensor, target: torch.Tensor, ridge: float, constant: bool) -> torch.Tensor:
+    """``argmin ||design @ X - target||^2 + ridge * mean(diag(design^T design)) * ||X||^2`` (the constant
+    column, last when ``constant``, unpenalised); ``ridge=0``: the minimum-norm least-squares solution."""
+    if ridge == 0:
+        return torch.linalg.lstsq(design, target, driver="gelsd").solution
+    gram = design.T @ design
+    penalty = torch.full((len(gram),), ridge * float(gram.diagonal().mean()), dtype=gram.dtype)
+    if constant:
+        penalty[-1] = 0.0
+    return torch.linalg.lstsq(gram + torch.diag(penalty), design.T @ target, driver="gelsd").solution
+
+
 def _correct(model: nn.Module, c: Coupling, maps: dict[str, UnitMap], inputs: dict[str, torch.Tensor],
-             changes: list[ShrinkChange]) -> list[ShrinkChange]:
+             changes: list[ShrinkChange], ridge: float) -> list[ShrinkChange]:
     """Least-squares corrections of every consumer (``mix`` on its weight; ``offset`` on its bias)."""
     by_name = {ch.name: ch for ch in changes}
     out = list(changes)
@@ -411,7 +429,7 @@ def _correct(model: nn.Module, c: Coupling, maps: dict[str, UnitMap], inputs: di
         bias = getattr(m, "bias", None) if "bias" in spec.out_params else None
         if bias is not None:  # a constant column: its coefficient goes into the bias
             design = torch.cat([design, torch.ones(len(a), 1, dtype=a.dtype)], dim=1)
-        sol = torch.linalg.lstsq(design, a[:, um.fresh], driver="gelsd").solution
+        sol = _solve(design, a[:, um.fresh], ridge, constant=bias is not None)
         tname, _, _ = _in_weight(m)
         weight = f"{mod}.{tname}" if mod else tname
         by_name[weight].mix = sol[: int((~um.fresh).sum())].T.tolist()
@@ -544,11 +562,13 @@ def _measure(plan: ShrinkPlan) -> float:
     return err
 
 
-def _check_args(mode: str, width: int | None, tol: float | None, correct: bool, example_inputs: Any) -> None:
+def _check_args(mode: str, width: int | None, tol: float | None, correct: bool, ridge: float,
+                example_inputs: Any) -> None:
     check_choice("mode", mode, MODES)
     check_int("width", width, 1, optional=True)
     check_float("tol", tol, 0.0, optional=True)
     check_bool("correct", correct)
+    check_float("ridge", ridge, 0.0)
     if mode == "prune":
         check("width", width, width is not None, "an int >= 1 (mode='prune' removes units down to a given width)")
         check("example_inputs", example_inputs, example_inputs is not None,
@@ -561,7 +581,8 @@ def _tolerance(module: nn.Module, tol: float | None) -> float:
 
 
 def plan_shrink(model: nn.Module, target: str, width: int | None = None, *, mode: str = "merge",
-                tol: float | None = None, correct: bool = True, example_inputs: Any = None) -> ShrinkPlan:
+                tol: float | None = None, correct: bool = True, ridge: float = 0.0,
+                example_inputs: Any = None) -> ShrinkPlan:
     """Plan giving module ``target`` fewer output units, and every coupled layer what follows.
 
     Args:
@@ -575,6 +596,9 @@ def plan_shrink(model: nn.Module, target: str, width: int | None = None, *, mode
         tol: ``"merge"``: two units are duplicates when every entry of every tensor indexed by them differs
             by at most ``tol`` times that tensor's largest magnitude; ``None``: :func:`default_tol`.
         correct: ``"prune"``: re-fit the consumers' weights (and biases) by least squares on the batch.
+        ridge: ``"prune"``: the correction's ridge penalty, relative to the mean squared kept feature (0: plain
+            least squares). With about as many kept features as samples plain least squares fits the batch
+            exactly and generalises badly; ``1e-2`` keeps it stable (``Shrink`` uses that).
         example_inputs: a batch (or tuple of forward arguments). ``"merge"``: optional;
             :meth:`~autogrow.plan.Plan.apply` then checks that the output is unchanged and undoes the
             merge otherwise. ``"prune"``: required; the plan is tried on it once (and undone exactly) to
@@ -596,7 +620,7 @@ def plan_shrink(model: nn.Module, target: str, width: int | None = None, *, mode
         >>> net[0].out_features, bool(torch.allclose(net(x), y, rtol=0, atol=1e-12))
         (3, True)
     """
-    _check_args(mode, width, tol, correct, example_inputs)
+    _check_args(mode, width, tol, correct, ridge, example_inputs)
     model, target = unwrap(model, target)
     graph = trace(model)
     shapes = propagate(model, graph, example_inputs) if example_inputs is not None else None
@@ -615,11 +639,11 @@ def plan_shrink(model: nn.Module, target: str, width: int | None = None, *, mode
         _check_uniform(c, maps)
     changes, resizes = _shrink_changes(model, c, maps)
     if mode == "prune" and correct:
-        changes = _correct(model, c, maps, inputs, changes)
+        changes = _correct(model, c, maps, inputs, changes, ridge)
     plan = ShrinkPlan(model=model, target=target, mode=mode, old_width=old, width=new, tol=tol,
-                      correct=correct, maps=maps, producers=list(c.producers), channelwise=list(c.channelwise),
-                      consumers=list(c.consumers), changes=_tied(model, changes), resizes=resizes,
-                      example_inputs=example_inputs)
+                      correct=correct, ridge=ridge, maps=maps, producers=list(c.producers),
+                      channelwise=list(c.channelwise), consumers=list(c.consumers), changes=_tied(model, changes),
+                      resizes=resizes, example_inputs=example_inputs)
     if mode == "prune":
         plan.error = _measure(plan)
     return plan

@@ -154,7 +154,7 @@ class Resizer:
             for mode, widths, tol in steps:
                 old = width_of(module.get_submodule(name))
                 out = shrink_layer(module, name, mode, fit=fit, check=check, tol=tol, widths=widths,
-                                   correct=opts.correct, before=before,
+                                   correct=opts.correct, ridge=opts.ridge, before=before,
                                    fits=lambda d, n=n: opts.min_params is None or n + d >= opts.min_params)
                 if out is None:
                     continue

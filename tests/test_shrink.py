@@ -170,6 +170,8 @@ REFUSALS = [
     (mlp, lambda m: autogrow.plan_shrink(m, "0", 0), r"width: 0 is not allowed; expected an int >= 1"),
     (mlp, lambda m: autogrow.plan_shrink(m, "0", tol=-1.0), r"tol: -1.0 is not allowed; expected a number >= 0"),
     (mlp, lambda m: autogrow.plan_shrink(m, "0", correct="yes"), r"correct: 'yes' is not allowed; expected True"),
+    (mlp, lambda m: autogrow.plan_shrink(m, "0", 3, mode="prune", ridge=-0.1, example_inputs=gen_input((4, 5))),
+     r"ridge: -0.1 is not allowed; expected a number >= 0"),
     (mlp, lambda m: autogrow.plan_shrink(m, "0", mode="prune", example_inputs=gen_input((4, 4))),
      r"width: None is not allowed; expected an int >= 1 \(mode='prune'"),
     (mlp, lambda m: autogrow.plan_shrink(m, "0", 3, mode="prune"),
@@ -416,6 +418,42 @@ def test_pruning_the_last_hidden_layer_projects_exactly():
     assert float((design.T @ residual).abs().max()) <= 1e-9 * float(design.norm() * residual.norm())
     assert float(residual.norm()) > 0.01 * float(ref.norm())  # not trivially exact: units were lost
     assert g.options["correct"] is True
+
+
+def test_ridge_correction_solves_the_penalised_normal_equations():
+    """Pruning the last hidden layer with ``ridge``: the change of the output layer's kept weights and bias
+    (the removed features' regression folded in) solves ``(D^T D + P) delta = D^T A_removed W_removed^T``, D the
+    kept activations and a ones column, ``P = ridge * mean(diag(D^T D))`` on the features and 0 on the constant:
+    ridge regression of the lost part of the output, penalising the change to the kept weights."""
+    model, x = over_wide_mlp()
+    with torch.no_grad():
+        h = model[3](model[2](model[1](model[0](x))))
+    w_old, b_old = model[4].weight.detach().clone(), model[4].bias.detach().clone()
+    g = autogrow.shrink(model, "2", 24, mode="prune", ridge=0.1, example_inputs=x)
+    assert g.options["ridge"] == 0.1 and "ridge=0.1" in str(autogrow.plan_shrink(
+        copy.deepcopy(model), "2", 20, mode="prune", ridge=0.1, example_inputs=x))
+    keep = ~g.maps["base"].fresh
+    design = torch.cat([h[:, keep], torch.ones(len(h), 1)], dim=1)
+    gram = design.T @ design
+    penalty = torch.full((len(gram),), 0.1 * float(gram.diagonal().mean()))
+    penalty[-1] = 0.0
+    delta = torch.cat([model[4].weight.T - w_old[:, keep].T, (model[4].bias - b_old)[None]]).detach()
+    lhs, rhs = (gram + torch.diag(penalty)) @ delta, design.T @ (h[:, ~keep] @ w_old[:, ~keep].T)
+    assert float((lhs - rhs).abs().max()) <= 1e-9 * float(rhs.abs().max())
+
+
+def test_ridge_keeps_a_square_fit_from_failing_on_new_inputs():
+    """About as many kept features as fit samples: plain least squares matches the fit batch and is far off on
+    held-out inputs; the ridge correction is closer there (the reason Shrink defaults to ``ridge=1e-2``)."""
+    model, x = over_wide_mlp()
+    fit, held = x[:30], x[64:]
+    ref = outputs(model, held)
+    errors = {}
+    for ridge in (0.0, 1e-2):
+        trial = copy.deepcopy(model)
+        autogrow.shrink(trial, "2", 28, mode="prune", ridge=ridge, example_inputs=fit)
+        errors[ridge] = relative_error(ref, outputs(trial, held))
+    assert errors[1e-2] < 0.5 * errors[0.0], errors
 
 
 PRUNED = [
