@@ -62,7 +62,8 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
             can grow exactly, found by tracing.
         max_params, max_width, max_events: the growth budget; growth stops when nothing fits.
         deadline: with a size budget (``max_params`` or ``max_width``), the fraction of the run by which it is
-            reached: growth events are spread evenly up to it when the metric does not plateau first
+            reached: growth events are spread evenly up to it when the metric does not plateau first, and
+            an evaluation that finds growth behind that schedule brings as many events as it takes to catch up
             (``None``: grow on the trigger only).
         lr: the learning rate around growth (:class:`~autogrow.lr.GrowthLR`), a multiplier applied on top of
             your optimizer and scheduler: ``"wsd"`` (the default ``GrowthLR()``) holds it while growing and
@@ -259,6 +260,19 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
             self._record(trainer, pl_module, Reason.ROLLBACK, [], n_before, None)
         elif self.pending:
             self.pending = False
+            grow_event(self, trainer, pl_module)
+            self._catch_up(trainer, pl_module)
+
+    def _catch_up(self, trainer: Any, pl_module: Any) -> None:
+        """Growth events until the deadline's schedule is met: with fewer evaluations before the deadline than
+        events still needed (a short run, many small steps), one evaluation brings several events."""
+        grown = -1
+        while grown != self._grown() and self.stopped is None and not self.pending:
+            grown = self._grown()  # an event that did not grow ends the loop
+            due = self.schedule.due(trainer, grown, self._events_needed(pl_module))
+            if not bool(trainer.strategy.broadcast(due, src=0)):
+                return
+            self._reason = Reason.DEADLINE
             grow_event(self, trainer, pl_module)
 
     def _grown(self) -> int:

@@ -97,6 +97,22 @@ def test_the_deadline_reaches_the_budget_in_time_and_the_lr_decays_after(tmp_pat
     assert grow.schedule.lr.last_growth is not None and grow.schedule.multiplier() == pytest.approx(0.0, abs=0.02)
 
 
+def test_a_deadline_behind_schedule_catches_up_in_one_evaluation(tmp_path):
+    """Three events needed (2 -> 16 units) by 30% of a 3-epoch run, but the first evaluation comes at 33%: that
+    evaluation brings all three, each exact, and the optimizer follows every one of them."""
+    dm = DigitsDataModule(batch_size=64, seed=0)
+    pl.seed_everything(0, verbose=False)
+    model = Classifier(MLP(64, [2]), lr=0.05)
+    grow = AutoGrow(trigger=Plateau(patience=100), max_width=16, deadline=0.3)
+    trainer(tmp_path, [grow], max_epochs=3).fit(model, datamodule=dm)
+    assert [e.reason for e in grow.events] == [Reason.DEADLINE] * 3
+    assert len({e.step for e in grow.events}) == 1 and grow.events[0].epoch == 0  # all at the first evaluation
+    assert [(e.changes[0].old, e.changes[0].new) for e in grow.events] == [(2, 4), (4, 8), (8, 16)]
+    assert all(e.preservation_error < 1e-5 for e in grow.events)
+    held = [p for g in model.trainer.optimizers[0].param_groups for p in g["params"]]
+    assert sorted(map(id, held)) == sorted(id(p) for p in model.parameters())
+
+
 def test_growth_lr_arguments_are_checked():
     for kw, message in (({"decay": 1.5}, "decay: 1.5"), ({"rewarm": -1}, "rewarm: -1"),
                         ({"width_scaling": 1}, "width_scaling: 1")):

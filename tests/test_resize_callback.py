@@ -124,6 +124,7 @@ def test_a_shrunk_layer_is_not_regrown_at_the_next_event(tmp_path, dm):
     (lambda: Shrink(fraction=1.0), "fraction"),
     (lambda: Shrink(merge=False, prune=False, overfit_patience=None), "at least one way to shrink"),
     (lambda: Shrink(batches=1), "batches"),
+    (lambda: Shrink(ridge=-0.01), r"ridge: -0.01 is not allowed; expected a number >= 0"),
     (lambda: AutoGrow(shrink="merge"), "shrink"),
     (lambda: AutoGrow(max_params=100, shrink=Shrink(min_params=200)), "min_params"),
     (lambda: TryCandidates(k=0), "k"),
