@@ -46,7 +46,8 @@ class Shrink:
         prune: at each check, remove the least important units of a layer (least-squares corrected) when the
             output on a held-out training batch (and AutoGrow's validation probe) moves by at most ``tol`` (relative,
             ``max|f - g| / max|f|``).
-        tol: that tolerance.
+        tol: that tolerance. Measured (``suite_resize``, one hidden layer of 1024 units, Fashion-MNIST): 0.05
+            ends with 4x fewer parameters 0.17 pp below the unshrunk net, 0.02 with 1.5x fewer at no loss.
         fraction: the largest fraction of a layer's units one check removes; halved (``attempts`` tries in all)
             until the change is within ``tol``.
         attempts: how many fractions are tried per layer.
@@ -74,7 +75,7 @@ class Shrink:
 
     merge: bool = True
     prune: bool = True
-    tol: float = 0.02
+    tol: float = 0.05
     fraction: float = 0.5
     attempts: int = 3
     every: int = 1

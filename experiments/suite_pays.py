@@ -91,6 +91,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 
 VARIANTS: dict[str, dict[str, Any]] = {  # other recipes, measured against a finished run's baselines (--variant)
     "copies": {"grow": Widen(init="net2wider")},  # the recipe study's winner on the MLP (with --lrs 3e-3)
+    "shrink-perturb": {"shrink_perturb": (0.6, 0.01)},  # Ash & Adams at each growth; picked on seed 0's val acc
+    "copies+shrink-perturb": {"grow": Widen(init="net2wider"), "shrink_perturb": (0.6, 0.01)},
 }
 
 

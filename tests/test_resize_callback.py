@@ -201,8 +201,11 @@ def test_resize_suite_quick(tiny_idx, tmp_path):
     assert {p.name for p in tmp_path.iterdir()} >= {"resize.csv", "resize.json", "resize.md", "resize.png",
                                                      "targets.json"}
     assert [r["config"] for r in rows] == ["fixed 4", "fixed 16", "resize from 4", "resize from 16",
-                                           "choice: round_robin", "choice: try"]
-    assert rows[-1]["extra_flops"] > 0 and rows[-2]["extra_flops"] == 0
+                                           "choice: round_robin", "choice: gradient", "choice: try"]
+    assert rows[-1]["extra_flops"] > 0 and rows[-2]["extra_flops"] == rows[-3]["extra_flops"] == 0
+    assert 0 < rows[-3]["reach_epoch"] <= 2  # round_robin reaches its own final accuracy, by the last epoch
+    assert "reach_epoch" not in rows[0]
     met = json.loads((tmp_path / "targets.json").read_text())
-    assert len(met) == 4 and all(isinstance(t["met"], bool) for t in met)
+    assert len(met) == 5 and all(isinstance(t["met"], bool) for t in met)
+    assert (tmp_path / "resize_choice.png").is_file()
     assert "## Targets" in (tmp_path / "resize.md").read_text()
