@@ -19,7 +19,7 @@ from __future__ import annotations
 import operator
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
 
 import torch.fx as fx
@@ -57,6 +57,7 @@ class Coupling:
     cats: Mapping[fx.Node, CatParts]  # in the order they were found (a cat may contain an earlier one)
     uniform_only: tuple[str, ...]  # channel-wise layers exact only under uniform replication
     unit_block: int = 1  # features per unit: 1, or the head size when the units are attention heads
+    grouped: Mapping[str, int] = field(default_factory=dict)  # GroupNorm-like layers -> features per group
 
     def width(self, key: MapKey) -> int:
         """Old width of the tensor mapped by ``key``."""
@@ -104,6 +105,7 @@ class _Walk:
         self.consumers: dict[str, tuple[MapKey, bool]] = {}
         self.cats: dict[fx.Node, CatParts] = {}
         self.uniform_only: list[str] = []
+        self.grouped: dict[str, int] = {}
         self._queue: deque[fx.Node] = deque()
 
     def run(self) -> Coupling:
@@ -125,7 +127,8 @@ class _Walk:
         _check_size_uses(self)
         assert self.old_width is not None
         return Coupling(self.target, self.old_width, dict(self.producers), dict(self.channelwise),
-                        dict(self.consumers), dict(self.cats), tuple(self.uniform_only), self.unit_block)
+                        dict(self.consumers), dict(self.cats), tuple(self.uniform_only), self.unit_block,
+                        dict(self.grouped))
 
     def fail(self, node: fx.Node, why: str, fix: str = "", needs_shapes: bool = False) -> NoReturn:
         msg = f"target: cannot widen {self.target!r} exactly: {describe(node, self.model)} {why}." + (
@@ -245,6 +248,11 @@ class _Walk:
                       f"but the widened units are on {where} (from the end)" + (" (flattened)" if lay.flat else ""))
         if spec.uniform_only and node.target not in self.uniform_only:
             self.uniform_only.append(node.target)
+        if spec.group_size is not None:
+            if lay.key is not None:
+                self.fail(node, "normalises groups of channels of a concatenation: the new channels would land "
+                          "inside its groups", "Widen a layer whose output reaches it whole.")
+            self.grouped[node.target] = spec.group_size(m)
         self.channelwise[node.target] = lay.key
         for site in self.sites[node.target]:
             self.mark(site, lay)

@@ -77,6 +77,8 @@ class ChannelSpec:
             (``LayerNorm``: then the mean and variance over the features are unchanged).
         applies: whether an instance is channel-wise at all (a ``PReLU`` with one shared slope is
             element-wise: register the type as both).
+        group_size: for a layer normalising contiguous groups of features (``GroupNorm``), the features per
+            group: exact only when whole new groups of fresh units (zero outgoing weights) are appended.
     """
 
     tensors: Mapping[str, float | None]
@@ -85,6 +87,7 @@ class ChannelSpec:
     uniform_only: bool = False
     check: Callable[[nn.Module], str | None] = lambda m: None
     applies: Callable[[nn.Module], bool] = lambda m: True
+    group_size: Callable[[nn.Module], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -259,6 +262,15 @@ _IN = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}  # e
 for _inorm in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
     # statistics per sample and channel: a copied channel normalises exactly as its original
     register_channelwise(_inorm, ChannelSpec(_IN, _bn_update, dims=(1,)))
+
+
+def _gn_update(m: nn.Module, n: int) -> None:
+    m.num_groups, m.num_channels = n // (m.num_channels // m.num_groups), n  # the group size stays
+
+
+# groups of contiguous channels: old groups keep their channels (and statistics), new channels form new groups
+register_channelwise(nn.GroupNorm, ChannelSpec({"weight": 1.0, "bias": 0.0}, _gn_update, dims=(1,),
+                                               group_size=lambda m: m.num_channels // m.num_groups))
 
 
 def _prelu_update(m: nn.Module, n: int) -> None:

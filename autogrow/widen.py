@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 from autogrow.coupling import Coupling, MapKey, couple
 from autogrow.errors import AutogrowError, check, check_choice, check_float, check_int, fail
 from autogrow.growth import Growth, Transform, UnitMap, make_seed
-from autogrow.init import Net2Wider, WidenInit, get_init
+from autogrow.init import Net2Wider, RandomPad, WidenInit, ZeroOut, get_init
 from autogrow.optim import NEW_STATES
 from autogrow.plan import Plan, Undo, register_plan
 from autogrow.registry import channel_spec, layer_spec
@@ -204,7 +204,23 @@ def _choose_mapping(c: Coupling, init: str, mapping: str, width: int) -> str:
         mapping = "random"
     if mapping == "uniform" and width % n:
         fail(f"width: mapping='uniform' needs a multiple of {n}, got {width}")
+    _check_groups(c, init, width)
     return mapping
+
+
+def _check_groups(c: Coupling, init: str, width: int) -> None:
+    """GroupNorm-like layers stay exact when fresh units with zero outgoing weights fill whole new groups."""
+    if not c.grouped:
+        return
+    names = list(c.grouped)
+    if not isinstance(get_init(init), (ZeroOut, RandomPad)):
+        fail(f"init: {init!r} is not allowed for {c.target!r}: {names} normalise groups of channels, and a copied "
+             "or paired unit in a new group is normalised differently from its original; use init='zero_out'")
+    size = math.lcm(*c.grouped.values())
+    if (width - c.old_width) % size:
+        fail(f"width: {width} is not allowed for {c.target!r}: {names} normalise groups of "
+             f"{sorted(set(c.grouped.values()))} channels, so it grows by whole groups: {c.old_width} + a multiple "
+             f"of {size} (e.g. {c.old_width + size})")
 
 
 def _draw_maps(c: Coupling, width: int, init: str, mapping: str, split: float, seed: int) -> dict[str, UnitMap]:

@@ -1,4 +1,5 @@
-"""ConvTranspose, depthwise convs, InstanceNorm, PReLU grow exactly; GroupNorm, grouped convs are refused untouched."""
+"""ConvTranspose, depthwise convs, InstanceNorm, PReLU grow exactly; GroupNorm grows by whole groups of fresh units;
+grouped convs are refused untouched."""
 
 from __future__ import annotations
 
@@ -73,15 +74,87 @@ def test_widen_and_deepen_are_exact_with_adam_state(name):
     opt.step()  # the grown model and its optimizer train
 
 
+GROUPNORM = {
+    "conv": (lambda: nn.Sequential(nn.Conv2d(3, 6, 3), nn.GroupNorm(3, 6), nn.SiLU(), nn.Conv2d(6, 2, 3)),
+             (2, 3, 8, 8)),
+    "linear": (lambda: nn.Sequential(nn.Linear(3, 4), nn.GroupNorm(2, 4), nn.ReLU(), nn.Linear(4, 2)), (5, 3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GROUPNORM))
+def test_groupnorm_grows_by_whole_groups_of_fresh_units(name):
+    """Old groups keep their channels and statistics, the new channels form new groups (zero outgoing weights):
+    exact, the group size kept, Adam's state following, and the grown model trains."""
+    build, shape = GROUPNORM[name]
+    net = _perturbed(build())
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net(x).square().mean().backward()
+    opt.step()
+    before, size = net(x).detach(), net[1].num_channels // net[1].num_groups
+    old, original = width_of(net[0]), copy.deepcopy(net)
+    g = autogrow.widen(net, "0", old + 2 * size, init="auto", optimizer=opt, generator=0, example_inputs=x)
+    assert (net[1].num_channels, net[1].num_channels // net[1].num_groups) == (old + 2 * size, size)
+    autogrow.replay(original, [g])  # the record rebuilds the same groups (as a checkpoint resume does)
+    assert original[1].num_groups == net[1].num_groups and torch.equal(original(x), net(x))
+    assert (net(x) - before).abs().max() < 1e-12
+    assert all(opt.state[p]["exp_avg"].shape == p.shape for p in net.parameters())
+    net(x).square().mean().backward()
+    opt.step()
+
+
+GN_REFUSALS = [
+    (lambda net, x, opt: autogrow.widen(net, "0", 9, init="auto", optimizer=opt, example_inputs=x),
+     r"width: 9 is not allowed for '0': \['1'\] normalise groups of \[2\] channels, so it grows by whole groups: "
+     r"6 \+ a multiple of 2 \(e.g. 8\)"),
+    (lambda net, x, opt: autogrow.widen(net, "0", 8, init="net2wider", optimizer=opt, example_inputs=x),
+     r"init: 'net2wider' is not allowed for '0': \['1'\] normalise groups of channels.*use init='zero_out'"),
+    (lambda net, x, opt: autogrow.widen(net, "0", 8, init="vt", optimizer=opt, example_inputs=x),
+     r"init: 'vt' is not allowed"),
+    (lambda net, x, opt: autogrow.shrink(net, "0", 4, mode="prune", optimizer=opt, example_inputs=x),
+     r"cannot shrink '0': \['1'\] normalise groups of channels"),
+]
+
+
+@pytest.mark.parametrize("call, message", GN_REFUSALS)
+def test_groupnorm_refusals_leave_model_and_optimizer_untouched(call, message):
+    net = _perturbed(GROUPNORM["conv"][0]())
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net(x).sum().backward()
+    opt.step()
+    model_before, opt_before = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
+    with pytest.raises(autogrow.AutogrowError, match=message):
+        call(net, x, opt)
+    assert all(torch.equal(v, model_before[k]) for k, v in net.state_dict().items())
+    assert all(torch.equal(s["exp_avg"], opt_before["state"][i]["exp_avg"])
+               for i, s in opt.state_dict()["state"].items())
+
+
+class CatGroupNorm(nn.Module):
+    """A GroupNorm over a concatenation: widening one branch would put new channels inside its groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 2, 1), nn.Conv2d(3, 2, 1)
+        self.gn, self.out = nn.GroupNorm(2, 4), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.gn(torch.cat([self.a(x), self.b(x)], dim=1)))
+
+
+def test_groupnorm_over_a_concatenation_is_refused():
+    with pytest.raises(autogrow.AutogrowError, match=r"'gn'.*normalises groups of channels of a concatenation"):
+        autogrow.plan_widen(CatGroupNorm(), "a", 4, init="auto", example_inputs=torch.randn(2, 3, 4, 4))
+
+
 @pytest.mark.parametrize("build, needle", [
-    (lambda: nn.Sequential(nn.Linear(3, 4), nn.GroupNorm(2, 4), nn.Linear(4, 2)), "GroupNorm"),
     (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=2)), "groups=2"),
 ])
 def test_group_coupled_layers_are_refused_untouched(build, needle):
     net = _perturbed(build())
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    x = torch.randn(2, 3, 8, 8, dtype=torch.float64) if isinstance(net[0], nn.Conv2d) else torch.randn(
-        5, 3, dtype=torch.float64)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     net(x).sum().backward()
     opt.step()
     model_before, opt_before = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
@@ -90,3 +163,28 @@ def test_group_coupled_layers_are_refused_untouched(build, needle):
     assert all(torch.equal(v, model_before[k]) for k, v in net.state_dict().items())
     assert all(torch.equal(s["momentum_buffer"], opt_before["state"][i]["momentum_buffer"])
                for i, s in opt.state_dict()["state"].items())
+
+
+def test_the_callback_grows_a_groupnorm_convnet_exactly(tmp_path):
+    """AutoGrow's defaults (fresh units, x2) on a conv + GroupNorm net in a real fit: every event exact, the
+    group size kept, the optimizer holding exactly the grown parameters."""
+    import pytorch_lightning as pl
+    from autogrow.callbacks import AutoGrow
+    from autogrow.experiments.data import DigitsDataModule
+    from autogrow.experiments.models import Classifier
+
+    from autogrow.plateau import EveryN
+    from tests.test_callback import trainer
+
+    pl.seed_everything(0, verbose=False)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 64, 10))
+    model = Classifier(net, lr=0.01)
+    grow = AutoGrow(trigger=EveryN(every=1), max_events=2, deadline=None)
+    trainer(tmp_path, [grow], max_epochs=3).fit(model, datamodule=DigitsDataModule(batch_size=64, flatten=False))
+    assert [(e.changes[0].old, e.changes[0].new) for e in grow.events] == [(4, 8), (8, 16)]
+    assert all(e.preservation_error < 1e-5 for e in grow.events)
+    gn = model.model[1]
+    assert (gn.num_groups, gn.num_channels) == (8, 16)
+    held = [p for g in model.trainer.optimizers[0].param_groups for p in g["params"]]
+    assert sorted(map(id, held)) == sorted(id(p) for p in model.parameters())
