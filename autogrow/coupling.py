@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
@@ -58,6 +59,7 @@ class Coupling:
     uniform_only: tuple[str, ...]  # channel-wise layers exact only under uniform replication
     unit_block: int = 1  # features per unit: 1, or the head size when the units are attention heads
     grouped: Mapping[str, int] = field(default_factory=dict)  # GroupNorm-like layers -> features per group
+    tensors: Mapping[str, tuple[MapKey, int]] = field(default_factory=dict)  # bare parameters -> (mapping, axis)
 
     def width(self, key: MapKey) -> int:
         """Old width of the tensor mapped by ``key``."""
@@ -106,6 +108,7 @@ class _Walk:
         self.cats: dict[fx.Node, CatParts] = {}
         self.uniform_only: list[str] = []
         self.grouped: dict[str, int] = {}
+        self.tensors: dict[str, tuple[MapKey, int]] = {}
         self._queue: deque[fx.Node] = deque()
 
     def run(self) -> Coupling:
@@ -128,7 +131,7 @@ class _Walk:
         assert self.old_width is not None
         return Coupling(self.target, self.old_width, dict(self.producers), dict(self.channelwise),
                         dict(self.consumers), dict(self.cats), tuple(self.uniform_only), self.unit_block,
-                        dict(self.grouped))
+                        dict(self.grouped), dict(self.tensors))
 
     def fail(self, node: fx.Node, why: str, fix: str = "", needs_shapes: bool = False) -> NoReturn:
         msg = f"target: cannot widen {self.target!r} exactly: {describe(node, self.model)} {why}." + (
@@ -278,6 +281,28 @@ class _Walk:
             if self.layouts[a].key != lay.key or self.layouts[a].dim != lay.dim or self.layouts[a].flat != lay.flat:
                 self.fail(user, f"combines tensors whose units are mapped differently ({a.name})")
 
+    def _add_tensor(self, node: fx.Node, lay: Layout, via: fx.Node) -> None:
+        """A bare parameter or buffer combined with the widened tensor (a class token, a learned position
+        embedding): its entries along the units' axis grow with the same mapping."""
+        t = _attribute(self.model, str(node.target))
+        axis = t.dim() + lay.dim if isinstance(t, torch.Tensor) else -1
+        if axis < 0 or not t.is_floating_point() or lay.key is not None or lay.flat or self.unit_block > 1:
+            self.fail(via, f"combines the widened tensor with {_origin(node, self.model)}, whose width is fixed")
+        if t.shape[axis] != self.width(lay.key):
+            self.fail(via, f"combines the widened tensor with {node.target!r}, whose {t.shape[axis]} entries on the "
+                      f"units' axis are not the {self.width(lay.key)} units")
+        self.tensors[str(node.target)] = (lay.key, axis)
+        self.mark(node, lay)
+
+    def _expand_back(self, node: fx.Node, lay: Layout, via: fx.Node) -> None:
+        """``t.expand(..., -1)``: the units' axis kept (-1), only others broadcast; ``t`` grows with it."""
+        sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        if len(sizes) < -lay.dim or sizes[len(sizes) + lay.dim] != -1:
+            self.fail(via, f"combines the widened tensor with {describe(node, self.model)}, which expands to a fixed "
+                      "size on the units' axis", "Expand with -1 there.")
+        self.mark(node, lay)
+        self.backward(node.args[0], lay, node)
+
     def _broadcasts(self, a: fx.Node, lay: Layout) -> bool:
         """``a`` has no units' axis, or size 1 there while the widened tensor has more (with a width of 1
         that size says nothing: the tensor must grow with the others)."""
@@ -290,6 +315,10 @@ class _Walk:
             return
         if not isinstance(node, fx.Node):
             self.fail(via, "combines the widened tensor with a constant of fixed width")
+        if node.op == "get_attr":
+            return self._add_tensor(node, lay, via)
+        if node.op == "call_method" and node.target == "expand":
+            return self._expand_back(node, lay, via)
         op = self.classify(node)
         if op.kind is OpKind.WEIGHTED:
             assert isinstance(op.spec, LayerSpec)
@@ -303,6 +332,8 @@ class _Walk:
             return self.backward(node.args[0], lay, node)
         if op.kind is OpKind.BINARY:
             return self.merge(node, lay)
+        if op.kind is OpKind.CAT and cat_axis(lay, arg(node, 1, "dim", 0)) != lay.dim:
+            return self.merge(node, lay)  # along another axis (a class token before the patches): all grow alike
         if op.kind is OpKind.BATCHED:
             try:
                 return _fwd_batched(self, node, node, op, lay)
@@ -435,6 +466,11 @@ def _fwd_batched(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout) ->
         if isinstance(a, fx.Node) and a not in w.layouts and not w._broadcasts(a, lay):
             w.backward(a, lay, user)
     w.mark(user, lay)
+
+
+def _attribute(model: nn.Module, target: str) -> object:
+    mod, _, name = target.rpartition(".")
+    return getattr(model.get_submodule(mod), name, None)
 
 
 def _origin(node: fx.Node, model: nn.Module) -> str:

@@ -170,11 +170,30 @@ def _is_batch_size(x: object, of: fx.Node) -> bool:
 
 # --- the rules ----------------------------------------------------------------------------------------
 
-@layout_rule(torch.flatten, "flatten", nn.Flatten)
-def flatten(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
+def _flatten_args(node: fx.Node, module: nn.Module | None) -> tuple[int, int]:
     if module is not None:
-        return flatten_axes(lay, module.start_dim, module.end_dim)
-    return flatten_axes(lay, arg(node, 1, "start_dim", 0), arg(node, 2, "end_dim", -1))
+        return module.start_dim, module.end_dim
+    return arg(node, 1, "start_dim", 0), arg(node, 2, "end_dim", -1)
+
+
+def _inverse_flatten(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
+    """Where the units sat before ``flatten(start, end)``: an axis outside the flattened block (a patch
+    embedding's ``proj(x).flatten(2)``: the channels, before the flattened pixels)."""
+    shape = ctx.shape(node.args[0])
+    if shape is None:
+        raise Refusal("flattens a tensor that must grow with the widened one", SHAPES_HINT, needs_shapes=True)
+    nd = len(shape)
+    start, end = _flatten_args(node, module)
+    s, e = start % nd, end % nd
+    p = nd - (e - s) + lay.dim
+    if lay.flat or (p == s and e > s):
+        raise Refusal("flattens the units into a block of a tensor that must grow with the widened one")
+    return Layout((p if p < s else p + (e - s)) - nd, nd, lay.key)
+
+
+@layout_rule(torch.flatten, "flatten", nn.Flatten, inverse=_inverse_flatten)
+def flatten(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
+    return flatten_axes(lay, *_flatten_args(node, module))
 
 
 def reshape_target(node: fx.Node) -> Sequence[object]:

@@ -265,6 +265,9 @@ def _changes(model: nn.Module, c: Coupling, maps: dict[str, UnitMap], exact: boo
         if mod in c.uniform_only and exact and not bool((counts == counts[0]).all()):
             fail(f"target: {mod!r} normalises a concatenation in which only some units are copied; LayerNorm "
                  "stays exact only under uniform replication")
+    for name, (key, axis) in c.tensors.items():  # bare parameters: their entries follow the units
+        mod, _, tname = name.rpartition(".")
+        add(mod, tname, Transform(axis, map_name(key), "out"))
     for mod, (key, flat) in c.consumers.items():
         spec = layer_spec(modules[mod])
         block = getattr(modules[mod], spec.in_attr) // c.width(key) if flat else 1
@@ -299,7 +302,8 @@ def tie_changes(model: nn.Module, changes: list[TensorChange]) -> list[TensorCha
             how = "; ".join(f"{ch.name}: " + ", ".join(f"dim {t.dim} {t.role}" for t in ch.transforms) for ch in group)
             fail(f"target: {' and '.join(names)} are one tied Parameter, but widening would reshape them differently "
                  f"({how}); untie them, or widen a layer whose tensors are not shared")
-        missing = [f"{m}.{t}" if m else t for m, t in held if f"{m}.{t}" not in {ch.name for ch in group}]
+        grown = {ch.name for ch in group}
+        missing = [n for n in (f"{m}.{t}" if m else t for m, t in held) if n not in grown]
         if missing:
             fail(f"target: {first.name} is tied to {missing} (one Parameter), which would not grow with it; "
                  "untie them, or widen a layer whose tensors are not shared")

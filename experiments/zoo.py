@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import importlib
 import json
 import re
@@ -47,7 +48,7 @@ from torch.utils._pytree import tree_leaves
 
 import autogrow
 from autogrow.errors import NeedsShapes
-from autogrow.registry import layer_spec
+from autogrow.registry import channel_spec, layer_spec, register_channelwise
 from autogrow.shapes import as_args, eval_mode
 from autogrow.trace import trace
 
@@ -113,9 +114,22 @@ def _mobilenet_v3_small() -> nn.Module:
     return import_torchvision().models.mobilenet_v3_small(num_classes=10)
 
 
+def _timm_norms() -> None:
+    """timm's ``LayerNorm`` and ``LayerNorm2d`` compute ``nn.LayerNorm`` (over the last axis; over the channels)
+    with forwards of their own, so autogrow does not take them for it: registered here, as a timm user would."""
+    import timm.layers
+
+    spec = channel_spec(nn.LayerNorm(1))
+    assert spec is not None
+    register_channelwise(timm.layers.LayerNorm, spec)
+    register_channelwise(timm.layers.LayerNorm2d, dataclasses.replace(spec, dims=(1,)))
+
+
 def _vit_tiny() -> nn.Module:
     import_torchvision()
     import timm
+
+    _timm_norms()
 
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=8,
                              depth=2)
@@ -124,6 +138,8 @@ def _vit_tiny() -> nn.Module:
 def _convnext_atto() -> nn.Module:
     import_torchvision()
     import timm
+
+    _timm_norms()
 
     # ls_init_value=1: the blocks' LayerScale starts at 1, not 1e-6, so that a wrong block shows in the output.
     return timm.create_model("convnext_atto", pretrained=False, num_classes=10, dims=(16, 24, 32, 40),

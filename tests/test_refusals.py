@@ -61,14 +61,15 @@ class MatmulFixed(nn.Module):
 
 
 class Unregistered(nn.Module):
-    """A leaf-like custom layer with its own per-feature parameter that autogrow does not know."""
+    """A custom layer whose per-feature parameter reaches the widened tensor through an op autogrow does not know
+    (``x * self.scale`` alone grows: a bare parameter grows with the units, as LayerScale does)."""
 
     def __init__(self, n: int) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.ones(n))
 
     def forward(self, x):
-        return x * self.scale
+        return x * self.scale.flip(0)
 
 
 class WithUnregistered(nn.Module):
@@ -96,7 +97,7 @@ CASES = [
     (FixedView, lambda m: autogrow.plan_widen(m, "conv", 4), r"node 'view'.*fixed shape.*x.flatten\(1\)"),
     (SoftmaxOverFeatures, lambda m: autogrow.plan_widen(m, "fc1", 8), r"node 'softmax'.*normalises over the widened"),
     (MatmulFixed, lambda m: autogrow.plan_widen(m, "fc1", 8), r"node 'matmul'"),
-    (WithUnregistered, lambda m: autogrow.plan_widen(m, "fc1", 8), r"node 'mid_scale'.*fixed"),
+    (WithUnregistered, lambda m: autogrow.plan_widen(m, "fc1", 8), r"node 'flip'.*fixed"),
     (mlp, lambda m: autogrow.plan_deepen(m, "0"),
      r"after: '0' is followed by node '_1' .*GELU.*not idempotent.*residual=True"),
     (mlp, lambda m: autogrow.plan_deepen(m, "1"), r"after: '1' is a GELU, which has no identity"),

@@ -60,27 +60,27 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
         ("features.2.block.1.0", "deepen", EXACT),
         ("classifier.0", "deepen", EXACT),
     ],
-    # ViT: the MLP hidden width grows; d_model is refused (the cls token and position embedding are
-    # fixed-width Parameters on the residual stream), as is the fused qkv (reshaped to a fixed number of
-    # heads). Deepening works after every layer (a residual block after GELU).
+    # ViT: d_model grows (patch embedding, attention and MLP outputs, the cls token and position embedding as
+    # bare Parameters, timm's LayerNorm registered by the zoo as a user would); the fused qkv is refused
+    # (reshaped to a fixed number of heads). Deepening works after every layer (a residual block after GELU).
     "vit_tiny": [
-        ("patch_embed.proj", "widen x2", r"node 'expand'.*whose width is fixed"),
+        ("patch_embed.proj", "widen x2", EXACT),
         ("blocks.0.attn.qkv", "widen x2", r"splitting the widened units"),
         ("blocks.0.mlp.fc1", "widen +1", EXACT),
         ("blocks.1.mlp.fc1", "widen x2", EXACT),
-        ("blocks.1.mlp.fc2", "widen x2", r"node 'cat'.*whose width is fixed"),
+        ("blocks.1.mlp.fc2", "widen x2", EXACT),
         ("head", "widen x2", OUTPUT),
         ("blocks.0.attn.qkv", "deepen", EXACT),
         ("blocks.1.mlp.fc1", "deepen", EXACT),
     ],
-    # ConvNeXt: the MLP hidden width (1x1 conv fc1) grows; the stream is refused (depthwise 7x7 convs,
-    # LayerNorm2d, LayerScale gamma). Deepening works everywhere.
+    # ConvNeXt: the MLP hidden width (1x1 conv fc1) and the stream grow (depthwise 7x7 convs, timm's LayerNorm2d
+    # registered by the zoo, LayerScale gamma as a bare Parameter). Deepening works everywhere.
     "convnext_atto": [
-        ("stem.0", "widen x2", r"node 'layer_norm'|whose width is fixed"),  # LayerNorm2d traced: F.layer_norm
+        ("stem.0", "widen x2", EXACT),
         ("stages.0.blocks.0.conv_dw", "widen x2", DEPTHWISE),
         ("stages.1.blocks.0.mlp.fc1", "widen x2", EXACT),
         ("stages.2.blocks.1.mlp.fc1", "widen +1", EXACT),
-        ("stages.2.blocks.1.mlp.fc2", "widen x2", r"whose width is fixed"),
+        ("stages.2.blocks.1.mlp.fc2", "widen x2", EXACT),
         ("stem.0", "deepen", EXACT),
         ("stages.3.blocks.0.conv_dw", "deepen", EXACT),
     ],
