@@ -19,6 +19,7 @@ with each ingredient of the recipe switched off (or an opt-in one switched on) i
     python -m autogrow.experiments.suite_pays --model cnn        # ConvNet 4 -> 16 channels
     python -m autogrow.experiments.suite_pays --model digits     # the README's main job, 8 -> 64 units
     python -m autogrow.experiments.suite_pays --model mlp --variant copies --lrs 3e-3   # another recipe, paired
+    python -m autogrow.experiments.suite_pays --model mlp --variant ablation-lr-schedule-constant-lr --lrs 1e-3
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,6 +96,9 @@ VARIANTS: dict[str, dict[str, Any]] = {  # other recipes, measured against a fin
     "shrink-perturb": {"shrink_perturb": (0.6, 0.01)},  # Ash & Adams at each growth; picked on seed 0's val acc
     "copies+shrink-perturb": {"grow": Widen(init="net2wider"), "shrink_perturb": (0.6, 0.01)},
 }
+# every ablation too, by a short name: its rows paired with a finished run, one process per ablation
+VARIANTS.update({"ablation-" + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-"): kw
+                 for label, kw in ABLATIONS.items()})
 
 
 def classifier(net: torch.nn.Module, lr: float, scheduler: str | None) -> Classifier:
