@@ -75,12 +75,16 @@ class Block(nn.Module):
     def __init__(self, kind: str, w: int, out: int, act: str, draw: Draw, tokens: int) -> None:
         super().__init__()
         self.kind, self.act_name, self.width_out = kind, act, out
-        self.tokens_out = 2 * tokens if kind == "cat_other" else tokens
+        self.tokens_out = 2 * tokens if kind == "cat_other" else tokens + 1 if kind == "bare" and tokens else tokens
         act_obj = ACTS[act]
         self.act = act_obj() if isinstance(act_obj, type) else None
         self._fn = None if self.act is not None else act_obj
-        if kind in ("dense", "scale", "roundtrip", "heads"):
+        if kind in ("dense", "scale", "roundtrip", "heads", "bare"):
             self.fc = nn.Linear(w, out, bias=bool(draw.integer(0, 1)))
+        if kind == "bare":  # bare Parameters on the widened tensor: LayerScale; on tokens a class token and positions
+            self.gamma = nn.Parameter(torch.randn(out))
+            self.cls = nn.Parameter(torch.randn(1, 1, out)) if tokens else None
+            self.pos = nn.Parameter(torch.randn(tokens + 1, out)) if tokens else None
         if kind == "bn":  # on tokens, BatchNorm1d normalises the T axis: the trap
             self.fc = nn.Linear(w, out)
             self.bn = nn.BatchNorm1d(tokens if tokens else out)
@@ -113,6 +117,11 @@ class Block(nn.Module):
         if k == "scale":
             h = self.nonlin(self.fc(x))
             return h / h.size(-1)
+        if k == "bare":
+            h = self.nonlin(self.fc(x)) * self.gamma
+            if self.cls is not None:
+                h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], dim=1) + self.pos
+            return h
         if k == "roundtrip":
             h = self.nonlin(self.fc(x))
             b, t, c = h.shape
@@ -178,7 +187,7 @@ def build(draw: Draw) -> tuple[nn.Module, torch.Tensor]:
     """A random float64 network and a batch for it."""
     mode = draw.choice(["flat", "tokens", "image", "ids"])
     tokens = 4 if mode in ("tokens", "ids") else 0
-    kinds = ["dense", "bn", "ln", "residual", "cat", "cat_kw", "tied", "scale"]
+    kinds = ["dense", "bn", "ln", "residual", "cat", "cat_kw", "tied", "scale", "bare"]
     if mode in ("tokens", "ids"):
         kinds += ["roundtrip", "heads", "cat_other"]
     pool = draw.choice(["mean", "none"]) if mode != "flat" else "none"
