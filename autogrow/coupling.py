@@ -59,7 +59,8 @@ class Coupling:
     uniform_only: tuple[str, ...]  # channel-wise layers exact only under uniform replication
     unit_block: int = 1  # features per unit: 1, or the head size when the units are attention heads
     grouped: Mapping[str, int] = field(default_factory=dict)  # GroupNorm-like layers -> features per group
-    tensors: Mapping[str, tuple[MapKey, int]] = field(default_factory=dict)  # bare parameters -> (mapping, axis)
+    # bare parameters and buffers combined with the widened tensor: (module, tensor name) -> (mapping, axis)
+    tensors: Mapping[tuple[str, str], tuple[MapKey, int]] = field(default_factory=dict)
 
     def width(self, key: MapKey) -> int:
         """Old width of the tensor mapped by ``key``."""
@@ -108,7 +109,7 @@ class _Walk:
         self.cats: dict[fx.Node, CatParts] = {}
         self.uniform_only: list[str] = []
         self.grouped: dict[str, int] = {}
-        self.tensors: dict[str, tuple[MapKey, int]] = {}
+        self.tensors: dict[tuple[str, str], tuple[MapKey, int]] = {}
         self._queue: deque[fx.Node] = deque()
 
     def run(self) -> Coupling:
@@ -284,14 +285,15 @@ class _Walk:
     def _add_tensor(self, node: fx.Node, lay: Layout, via: fx.Node) -> None:
         """A bare parameter or buffer combined with the widened tensor (a class token, a learned position
         embedding): its entries along the units' axis grow with the same mapping."""
-        t = _attribute(self.model, str(node.target))
+        mod, _, name = str(node.target).rpartition(".")
+        t = getattr(self.model.get_submodule(mod), name, None)
         axis = t.dim() + lay.dim if isinstance(t, torch.Tensor) else -1
         if axis < 0 or not t.is_floating_point() or lay.key is not None or lay.flat or self.unit_block > 1:
             self.fail(via, f"combines the widened tensor with {_origin(node, self.model)}, whose width is fixed")
         if t.shape[axis] != self.width(lay.key):
             self.fail(via, f"combines the widened tensor with {node.target!r}, whose {t.shape[axis]} entries on the "
                       f"units' axis are not the {self.width(lay.key)} units")
-        self.tensors[str(node.target)] = (lay.key, axis)
+        self.tensors[(mod, name)] = (lay.key, axis)
         self.mark(node, lay)
 
     def _expand_back(self, node: fx.Node, lay: Layout, via: fx.Node) -> None:
@@ -466,11 +468,6 @@ def _fwd_batched(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout) ->
         if isinstance(a, fx.Node) and a not in w.layouts and not w._broadcasts(a, lay):
             w.backward(a, lay, user)
     w.mark(user, lay)
-
-
-def _attribute(model: nn.Module, target: str) -> object:
-    mod, _, name = target.rpartition(".")
-    return getattr(model.get_submodule(mod), name, None)
 
 
 def _origin(node: fx.Node, model: nn.Module) -> str:

@@ -276,8 +276,7 @@ def _unit_features(model: nn.Module, c: Coupling, labels: dict[str, torch.Tensor
             t = getattr(m, tname, None)
             if t is not None:
                 add(t.movedim(d, 0))
-    for name, (_, axis) in c.tensors.items():  # bare parameters (base mapping only)
-        mod, _, tname = name.rpartition(".")
+    for (mod, tname), (_, axis) in c.tensors.items():  # bare parameters (base mapping only)
         add(getattr(model.get_submodule(mod), tname).movedim(axis, 0))
     for mod, key in c.channelwise.items():
         m = model.get_submodule(mod)
@@ -475,8 +474,7 @@ def _shrink_changes(model: nn.Module, c: Coupling, maps: dict[str, UnitMap]
         for tname in channel_spec(modules[mod]).tensors:  # type: ignore[union-attr]
             add(mod, tname, Transform(0, map_name(key), "merge"))
         resizes.append((mod, "channel", shrunk_width(maps[map_name(key)])))
-    for name, (key, axis) in c.tensors.items():  # bare parameters: their entries follow the units
-        mod, _, tname = name.rpartition(".")
+    for (mod, tname), (key, axis) in c.tensors.items():  # bare parameters: their entries follow the units
         add(mod, tname, Transform(axis, map_name(key), "merge"))
     for mod, (key, flat) in c.consumers.items():
         spec = layer_spec(modules[mod])

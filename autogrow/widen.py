@@ -265,8 +265,7 @@ def _changes(model: nn.Module, c: Coupling, maps: dict[str, UnitMap], exact: boo
         if mod in c.uniform_only and exact and not bool((counts == counts[0]).all()):
             fail(f"target: {mod!r} normalises a concatenation in which only some units are copied; LayerNorm "
                  "stays exact only under uniform replication")
-    for name, (key, axis) in c.tensors.items():  # bare parameters: their entries follow the units
-        mod, _, tname = name.rpartition(".")
+    for (mod, tname), (key, axis) in c.tensors.items():  # bare parameters: their entries follow the units
         add(mod, tname, Transform(axis, map_name(key), "out"))
     for mod, (key, flat) in c.consumers.items():
         spec = layer_spec(modules[mod])
