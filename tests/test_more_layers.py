@@ -22,6 +22,16 @@ def _perturbed(net: nn.Module) -> nn.Module:
     return net
 
 
+def _stepped(build, shape: tuple[int, ...]) -> tuple[nn.Module, torch.Tensor, torch.optim.Optimizer]:
+    """The perturbed model, a float64 batch, and an Adam optimizer that has taken one step (state to carry)."""
+    net = _perturbed(build())
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net(x).square().mean().backward()
+    opt.step()
+    return net, x, opt
+
+
 CASES = {
     "convtranspose": (lambda: nn.Sequential(nn.ConvTranspose2d(3, 4, 3, stride=2), nn.ReLU(),
                                             nn.ConvTranspose2d(4, 2, 3)), (2, 3, 7, 7)),
@@ -43,12 +53,7 @@ CASES = {
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_widen_and_deepen_are_exact_with_adam_state(name):
-    build, shape = CASES[name]
-    net = _perturbed(build())
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    net(x).square().mean().backward()
-    opt.step()
+    net, x, opt = _stepped(*CASES[name])
     net.eval()  # running statistics, where there are any, are used as they were
     with torch.no_grad():
         before = net(x)
@@ -85,12 +90,7 @@ GROUPNORM = {
 def test_groupnorm_grows_by_whole_groups_of_fresh_units(name):
     """Old groups keep their channels and statistics, the new channels form new groups (zero outgoing weights):
     exact, the group size kept, Adam's state following, and the grown model trains."""
-    build, shape = GROUPNORM[name]
-    net = _perturbed(build())
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    net(x).square().mean().backward()
-    opt.step()
+    net, x, opt = _stepped(*GROUPNORM[name])
     before, size = net(x).detach(), net[1].num_channels // net[1].num_groups
     old, original = width_of(net[0]), copy.deepcopy(net)
     g = autogrow.widen(net, "0", old + 2 * size, init="auto", optimizer=opt, generator=0, example_inputs=x)

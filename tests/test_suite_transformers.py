@@ -26,14 +26,6 @@ def vit_and_input() -> tuple[torch.nn.Module, torch.Tensor, str]:
     return ViT(**SMALL), torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0)), "embed"
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def trained(make):
     torch.manual_seed(0)
     net, x, stream = make()
