@@ -32,7 +32,7 @@ from autogrow.errors import AutogrowError, check, check_bool, check_choice, chec
 from autogrow.growth import Growth
 from autogrow.plan import Undo, outputs, relative_error
 from autogrow.plateau import MODES
-from autogrow.shrink import plan_shrink
+from autogrow.shrink import SELECTS, plan_shrink
 
 __all__ = ["Blocks", "OverfitCheck", "Shrink", "prune_widths", "shrink_layer"]
 
@@ -46,13 +46,14 @@ class Shrink:
         prune: at each check, remove the least important units of a layer (least-squares corrected) when the
             output on a held-out training batch (and AutoGrow's validation probe) moves by at most ``tol`` (relative,
             ``max|f - g| / max|f|``).
-        tol: that tolerance. Measured (``suite_resize``, one hidden layer of 1024 units, Fashion-MNIST): 0.05
-            ends with 4-5x fewer parameters 0.17-0.37 pp below the unshrunk net (two sets of 3 seeds), 0.02 with
-            1.5x fewer at no loss.
+        tol: that tolerance. Measured (``suite_resize``, one hidden layer of 1024 units, Fashion-MNIST, these
+            defaults, 9 seeds): 0.05 ends with 2.7x fewer parameters 0.14 pp below the unshrunk net; 0.03 with
+            1.6-1.7x fewer at 0.00-0.16 pp below (experiments/results/resize/history.md).
         fraction: the largest fraction of a layer's units one check removes; halved (``attempts`` tries in all)
             until the change is within ``tol``.
         attempts: how many fractions are tried per layer.
-        every, warmup: a redundancy check every ``every`` evaluations, none in the first ``warmup``.
+        every, warmup: a redundancy check every ``every`` evaluations, none in the first ``warmup``. Checking at
+            every evaluation pruned twice as far and lost 0.38 pp there (vs 0.13 pp every 2).
         overfit_patience: prune when, this many evaluations in a row, the monitored metric is no better than
             its best while the mean training loss makes a new best (over capacity); ``None``: never.
         overfit_fraction: the fraction of the widest allowed layer's units an over-capacity prune removes.
@@ -60,9 +61,15 @@ class Shrink:
         cooldown: evaluations after a layer grew during which it may not shrink. A layer that shrank sits out the
             next growth event and then grows only once the metric beats its best at the shrink (a growth decided
             while every layer is so blocked waits for that).
+        until: no shrink is decided from this fraction of the run on (the run's length must be known:
+            ``max_epochs`` or ``max_steps``), so that the network trains at its final size before the end and the
+            last prune's change is trained out; ``None``: shrinks at any time. Measured (``suite_resize``, from
+            1024 units, 10 epochs): with ``None`` the last prune came after the last epoch, never trained out.
         min_params, min_width: nothing shrinks below these.
         batches: training batches kept for the decisions: the last one measures the change, the others fit
             the correction (and :class:`~autogrow.policy.TryCandidates` trains on all of them).
+        select: which units a prune keeps: ``"span"`` (those that best span the removed ones; pivoted QR) or
+            ``"magnitude"`` (see :func:`~autogrow.plan_shrink`).
         correct: least-squares correction of the pruned layers' consumers.
         ridge: that correction's ridge penalty (relative; see :func:`~autogrow.plan_shrink`). The fit has a few
             batches of samples for up to as many features: plain least squares (``0``) then fits them exactly and
@@ -79,15 +86,17 @@ class Shrink:
     tol: float = 0.05
     fraction: float = 0.5
     attempts: int = 3
-    every: int = 1
-    warmup: int = 1
+    every: int = 2
+    warmup: int = 2
     overfit_patience: int | None = 2
     overfit_fraction: float = 0.25
     overfit_tol: float | None = None
     cooldown: int = 2
+    until: float | None = 0.8
     min_params: int | None = None
     min_width: int = 1
     batches: int = 4
+    select: str = "span"
     correct: bool = True
     ridge: float = 1e-2
 
@@ -96,10 +105,12 @@ class Shrink:
         check_bool("prune", self.prune)
         check_bool("correct", self.correct)
         check_float("ridge", self.ridge, 0.0)
+        check_choice("select", self.select, SELECTS)
         check_float("tol", self.tol, 0.0)
         check_float("fraction", self.fraction, 0.0, 1.0, low_open=True, high_open=True)
         check_float("overfit_fraction", self.overfit_fraction, 0.0, 1.0, low_open=True, high_open=True)
         check_float("overfit_tol", self.overfit_tol, 0.0, optional=True)
+        check_float("until", self.until, 0.0, 1.0, low_open=True, optional=True)
         check_int("attempts", self.attempts, 1)
         check_int("every", self.every, 1)
         check_int("warmup", self.warmup, 0)
@@ -115,6 +126,14 @@ class Shrink:
     def due(self, evaluation: int) -> bool:
         """Whether evaluation number ``evaluation`` (1-based) brings a redundancy check."""
         return (self.merge or self.prune) and evaluation > self.warmup and (evaluation - self.warmup) % self.every == 0
+
+    def open(self, progress: float | None) -> bool:
+        """Whether a shrink may still be decided at ``progress`` (the fraction of the run done; ``None``: unknown).
+
+            >>> Shrink().open(0.5), Shrink().open(0.8), Shrink(until=None).open(0.99), Shrink().open(None)
+            (True, False, True, True)
+        """
+        return self.until is None or progress is None or progress < self.until
 
 
 def prune_widths(width: int, fraction: float, attempts: int, min_width: int = 1) -> list[int]:
@@ -132,7 +151,7 @@ def prune_widths(width: int, fraction: float, attempts: int, min_width: int = 1)
 
 
 def shrink_layer(model: nn.Module, target: str, mode: str, *, fit: Any, check: Any, tol: float | None,
-                 widths: Sequence[int | None] = (None,), correct: bool = True, ridge: float = 0.0,
+                 widths: Sequence[int | None] = (None,), correct: bool = True, ridge: float = 0.0, select: str = "span",
                  fits: Callable[[int], bool] = lambda delta: True, before: list[Any] | None = None
                  ) -> tuple[Growth, float, Undo] | None:
     """Shrink ``target`` to the first of ``widths`` whose output change on ``check`` is at most ``tol``.
@@ -148,7 +167,7 @@ def shrink_layer(model: nn.Module, target: str, mode: str, *, fit: Any, check: A
     before = outputs(model, check) if before is None else before
     for width in widths:
         try:
-            plan = plan_shrink(model, target, width, mode=mode, correct=correct, ridge=ridge,
+            plan = plan_shrink(model, target, width, mode=mode, correct=correct, ridge=ridge, select=select,
                                example_inputs=fit if mode == "prune" else check)
             if not fits(plan.param_delta):
                 continue

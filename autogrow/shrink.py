@@ -12,9 +12,14 @@ the largest magnitude in its tensor; the default, 8 machine epsilons of the weig
 exact copies and the rounding of copies trained side by side, nothing else. A LayerNorm/RMSNorm over
 the units stays exact only when every kept unit stands for the same number of old ones.
 
-**Prune** (``mode="prune"``, approximate). On a batch (``example_inputs``), the importance of a unit
-is the norm of its consumer columns times the RMS of its activation at the consumer, summed over
-consumers; the ``width`` most important units stay. With ``correct=True`` each consumer's columns of
+**Prune** (``mode="prune"``, approximate). On a batch (``example_inputs``), each unit's activation at
+each consumer (centred when the consumer has a bias, which absorbs a constant) is scaled by the norm of
+its consumer columns. ``select="span"`` (default) keeps the ``width`` units whose scaled activations
+span the others best: a greedy column-pivoted Cholesky of their Gram matrix (pivoted QR) picks, one at
+a time, the unit with the most not yet explained by those kept, so near-copies (what widening leaves)
+go first; these are what the least-squares correction below can rebuild the removed units from.
+``select="magnitude"`` keeps the units of largest norm x RMS activation, summed over consumers (blind
+to redundancy). With ``correct=True`` each consumer's columns of
 the kept features are re-fitted by least squares: each removed input feature ``a_d`` is regressed on
 the kept features (and a constant when the consumer has a bias), ``a_d ~ sum_k C[d, k] a_k + o_d``,
 and its column is folded into the kept ones: ``W'_k = W_k + sum_d W_d C[d, k]``, ``b' = b + sum_d W_d
@@ -50,6 +55,7 @@ from autogrow.widen import BASE, TensorChange, map_name, planned_tensors, swap_t
 __all__ = ["MODES", "ShrinkChange", "ShrinkPlan", "default_tol", "plan_shrink", "shrink"]
 
 MODES = ("merge", "prune")
+SELECTS = ("span", "magnitude")
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -94,6 +100,7 @@ class ShrinkPlan(Plan):
     tol: float
     correct: bool
     ridge: float = 0.0
+    select: str = "span"
     maps: dict[str, UnitMap] = field(repr=False)  # merge maps: old unit -> new unit (fresh: removed)
     producers: list[str]
     channelwise: list[str]
@@ -150,11 +157,12 @@ class ShrinkPlan(Plan):
             tensors=[c.to_dict() for c in self.changes], resizes=[list(r) for r in self.resizes])
 
     def _prune_options(self) -> str:
-        return f", correct={self.correct}" + (f", ridge={self.ridge:g}" if self.correct and self.ridge else "")
+        return f", select={self.select}, correct={self.correct}" + (
+            f", ridge={self.ridge:g}" if self.correct and self.ridge else "")
 
     def _options(self) -> dict[str, Any]:
         return {"mode": self.mode, "width": self.width, "old_width": self.old_width, "tol": self.tol,
-                "correct": self.correct, "ridge": self.ridge, "error": self.error}
+                "correct": self.correct, "ridge": self.ridge, "select": self.select, "error": self.error}
 
     def _transform(self, c: ShrinkChange, current: dict[str, torch.Tensor]) -> torch.Tensor:
         t = current[c.name].detach()
@@ -185,7 +193,7 @@ class ShrinkPlan(Plan):
         by_kind = {k: [m for m, kind, _ in resizes if kind == k] for k in ("out", "channel", "in")}
         plan = ShrinkPlan(model=unwrap(model, "")[0], target=record.target, mode=o["mode"], old_width=o["old_width"],
                           width=o["width"], tol=o["tol"], correct=o["correct"], ridge=o.get("ridge", 0.0),
-                          maps=dict(record.maps),
+                          select=o.get("select", "magnitude"), maps=dict(record.maps),
                           producers=by_kind["out"], channelwise=by_kind["channel"], consumers=by_kind["in"],
                           changes=[ShrinkChange.from_dict(t) for t in record.tensors], resizes=resizes,
                           error=o.get("error"))
@@ -381,24 +389,54 @@ def _in_weight(m: nn.Module) -> tuple[str, int, torch.Tensor]:
     return tname, d, getattr(m, tname)
 
 
-def _plan_prune(model: nn.Module, c: Coupling, width: int, inputs: dict[str, torch.Tensor]) -> UnitMap:
-    """Keep the ``width`` units (heads) with the largest ``|consumer columns| x RMS activation`` (ties: lower index)."""
+def _plan_prune(model: nn.Module, c: Coupling, width: int, inputs: dict[str, torch.Tensor],
+                select: str = "span") -> UnitMap:
+    """The units (heads) kept: see the module docstring (ties: lower index)."""
     labels = _labels(c)
     importance = torch.zeros(c.old_width, dtype=torch.float64)
+    gram = torch.zeros(c.old_width, c.old_width, dtype=torch.float64)
     for mod, (key, _) in c.consumers.items():
         m = model.get_submodule(mod)
         _, d, w = _in_weight(m)
         block = w.shape[d] // c.width(key)
         v = _unit_view(w.detach().double(), d, block)
         col = v.reshape(-1, v.shape[-1]).pow(2).sum(0).sqrt().cpu()
-        rms = inputs[mod].pow(2).mean(0).sqrt()
+        a = inputs[mod]
         lab = labels[map_name(key)]
         sel = lab >= 0
-        importance.index_add_(0, lab[sel], (col * rms)[sel])
+        importance.index_add_(0, lab[sel], (col * a.pow(2).mean(0).sqrt())[sel])
+        if getattr(m, "bias", None) is not None:
+            a = a - a.mean(0)
+        scaled = torch.zeros(len(a), c.old_width, dtype=torch.float64).index_add_(1, lab[sel], (a * col)[:, sel])
+        gram += scaled.T @ scaled
     order = torch.sort(-importance, stable=True).indices
-    keep = torch.zeros(c.old_width, dtype=torch.bool)
-    keep[order[:width]] = True
+    keep = _span_keep(gram, width) if select == "span" else torch.zeros(c.old_width, dtype=torch.bool)
+    keep[order[~keep[order]][: width - int(keep.sum())]] = True  # "magnitude", or what the span leaves open
     return _merge_map((keep.cumsum(0) - 1).clamp_min(0), ~keep)
+
+
+def _span_keep(gram: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy column-pivoted Cholesky of ``gram``: up to ``k`` columns, each the one with the largest part not
+    spanned by those already picked; stops early once the rest is spanned (to rounding).
+
+        >>> a = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 1.0], [1.0, 2.1, 0.0]], dtype=torch.float64)
+        >>> _span_keep(a.T @ a, 2).tolist()   # columns 0 and 1 are near-copies: one goes
+        [False, True, True]
+    """
+    n = len(gram)
+    keep = torch.zeros(n, dtype=torch.bool)
+    residual = gram.diagonal().clone()
+    floor = 1e-12 * float(residual.max()) if n else 0.0
+    factor = torch.zeros(n, k, dtype=gram.dtype)
+    for i in range(k):
+        j = int(torch.where(keep, -math.inf, residual).argmax())
+        if residual[j] <= floor:
+            break
+        col = (gram[:, j] - factor[:, :i] @ factor[j, :i]) / residual[j].sqrt()
+        factor[:, i] = col
+        residual = (residual - col * col).clamp_min(0.0)
+        keep[j] = True
+    return keep
 
 
 def _solve(design: torch.Tensor, target: torch.Tensor, ridge: float, constant: bool) -> torch.Tensor:
@@ -570,8 +608,9 @@ def _measure(plan: ShrinkPlan) -> float:
 
 
 def _check_args(mode: str, width: int | None, tol: float | None, correct: bool, ridge: float,
-                example_inputs: Any) -> None:
+                example_inputs: Any, select: str = "span") -> None:
     check_choice("mode", mode, MODES)
+    check_choice("select", select, SELECTS)
     check_int("width", width, 1, optional=True)
     check_float("tol", tol, 0.0, optional=True)
     check_bool("correct", correct)
@@ -589,7 +628,7 @@ def _tolerance(module: nn.Module, tol: float | None) -> float:
 
 def plan_shrink(model: nn.Module, target: str, width: int | None = None, *, mode: str = "merge",
                 tol: float | None = None, correct: bool = True, ridge: float = 0.0,
-                example_inputs: Any = None) -> ShrinkPlan:
+                example_inputs: Any = None, select: str = "span") -> ShrinkPlan:
     """Plan giving module ``target`` fewer output units, and every coupled layer what follows.
 
     Args:
@@ -606,6 +645,8 @@ def plan_shrink(model: nn.Module, target: str, width: int | None = None, *, mode
         ridge: ``"prune"``: the correction's ridge penalty, relative to the mean squared kept feature (0: plain
             least squares). With about as many kept features as samples plain least squares fits the batch
             exactly and generalises badly; ``1e-2`` keeps it stable (``Shrink`` uses that).
+        select: ``"prune"``: which units stay: ``"span"`` (those that best span the removed ones, pivoted QR)
+            or ``"magnitude"`` (largest consumer-column norm x activation); see the module docstring.
         example_inputs: a batch (or tuple of forward arguments). ``"merge"``: optional;
             :meth:`~autogrow.plan.Plan.apply` then checks that the output is unchanged and undoes the
             merge otherwise. ``"prune"``: required; the plan is tried on it once (and undone exactly) to
@@ -627,7 +668,7 @@ def plan_shrink(model: nn.Module, target: str, width: int | None = None, *, mode
         >>> net[0].out_features, bool(torch.allclose(net(x), y, rtol=0, atol=1e-12))
         (3, True)
     """
-    _check_args(mode, width, tol, correct, ridge, example_inputs)
+    _check_args(mode, width, tol, correct, ridge, example_inputs, select)
     model, target = unwrap(model, target)
     graph = trace(model)
     shapes = propagate(model, graph, example_inputs) if example_inputs is not None else None
@@ -637,7 +678,8 @@ def plan_shrink(model: nn.Module, target: str, width: int | None = None, *, mode
           f"{old} units" + (f" and a multiple of its head size {unit}" if unit > 1 else ""))
     tol = _tolerance(model.get_submodule(target), tol)
     inputs = _consumer_inputs(model, c, example_inputs) if mode == "prune" else {}
-    base = _plan_merge(model, c, width, tol) if mode == "merge" else _plan_prune(model, c, width // unit, inputs)
+    base = _plan_merge(model, c, width, tol) if mode == "merge" else \
+        _plan_prune(model, c, width // unit, inputs, select)
     new = shrunk_width(base) * unit
     if new != width:  # re-check the size-dependent ops at the final width
         c = _couple(model, target, new, graph, shapes)
@@ -648,7 +690,7 @@ def plan_shrink(model: nn.Module, target: str, width: int | None = None, *, mode
     if mode == "prune" and correct:
         changes = _correct(model, c, maps, inputs, changes, ridge)
     plan = ShrinkPlan(model=model, target=target, mode=mode, old_width=old, width=new, tol=tol,
-                      correct=correct, ridge=ridge, maps=maps, producers=list(c.producers),
+                      correct=correct, ridge=ridge, select=select, maps=maps, producers=list(c.producers),
                       channelwise=list(c.channelwise), consumers=list(c.consumers), changes=_tied(model, changes),
                       resizes=resizes, example_inputs=example_inputs)
     if mode == "prune":

@@ -211,8 +211,8 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
             grow, self._reason = True, Reason.DEADLINE
         elif grow:
             self._reason = Reason(self.trigger.reason)
-        over = self.resizer.decide(value, self.trigger.better, lambda b: bool(trainer.strategy.broadcast(b, src=0))
-                                   ) is Reason.OVERFIT  # then shrink, not grow
+        over = self.resizer.decide(value, self.trigger.better, lambda b: bool(trainer.strategy.broadcast(b, src=0)),
+                                   self.schedule.progress(trainer)) is Reason.OVERFIT  # then shrink, not grow
         grow = grow and self.stopped is None and not over
         self.pending = self.pending or bool(trainer.strategy.broadcast(grow, src=0))
 

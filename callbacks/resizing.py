@@ -57,7 +57,7 @@ class Shrunk:
 class Resizer:
     """Shrinking state of one AutoGrow callback (``shrink=None``: only the batch cache TryCandidates needs).
 
-        >>> r = Resizer(Shrink(warmup=0, overfit_patience=None), "min", cache=2)
+        >>> r = Resizer(Shrink(warmup=0, every=1, overfit_patience=None), "min", cache=2)
         >>> r.decide(0.5, lambda a, b: a < b), r.pending
         (<Reason.DUPLICATES: 'duplicates'>, <Reason.DUPLICATES: 'duplicates'>)
     """
@@ -77,15 +77,19 @@ class Resizer:
         self.cache.add(batch)
 
     def decide(self, value: float, better: Callable[[float, float], bool],
-               agree: Callable[[bool], bool] = bool) -> Reason | None:
+               agree: Callable[[bool], bool] = bool, progress: float | None = None) -> Reason | None:
         """One evaluation of the monitored metric: the shrink now due (``OVERFIT`` or a redundancy check).
-        ``agree``: makes the over-capacity verdict every rank's (rank 0's: the training loss is per rank)."""
+        ``agree``: makes the over-capacity verdict every rank's (rank 0's: the training loss is per rank);
+        ``progress``: the fraction of the run done (none is decided from ``Shrink.until`` on)."""
         self.evaluations += 1
         self.blocks.update(value, better)
         train = self.loss.take()
         if self.options is None:
             return None
-        if self.overfit is not None and agree(self.overfit.update(value, train)):
+        over = self.overfit is not None and agree(self.overfit.update(value, train))  # counted even when closed
+        if not self.options.open(progress):
+            return self.pending
+        if over:
             self.pending = Reason.OVERFIT
         elif self.options.due(self.evaluations):
             self.pending = self.pending or Reason.DUPLICATES  # merges first; prunes make it REDUNDANT
@@ -154,7 +158,7 @@ class Resizer:
             for mode, widths, tol in steps:
                 old = width_of(module.get_submodule(name))
                 out = shrink_layer(module, name, mode, fit=fit, check=check, tol=tol, widths=widths,
-                                   correct=opts.correct, ridge=opts.ridge, before=before,
+                                   correct=opts.correct, ridge=opts.ridge, select=opts.select, before=before,
                                    fits=lambda d, n=n: opts.min_params is None or n + d >= opts.min_params)
                 if out is None:
                     continue

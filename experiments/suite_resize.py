@@ -55,8 +55,9 @@ def fixed(args: argparse.Namespace, seed: int, width: int) -> Run:
 def resize(args: argparse.Namespace, seed: int, start: int) -> Run:
     """The self-resizing MLP started at ``start`` units, capped at the widest fixed size's parameters."""
     pl.seed_everything(seed, verbose=False)
-    shrink = Shrink(tol=args.tol, fraction=0.5, warmup=2, every=2, overfit_patience=args.overfit_patience,
-                    overfit_fraction=args.overfit_fraction, batches=args.shrink_batches, min_width=4)
+    shrink = Shrink(tol=args.tol, fraction=args.fraction, warmup=args.warmup, every=args.every,
+                    overfit_patience=args.overfit_patience, overfit_fraction=args.overfit_fraction,
+                    batches=args.shrink_batches, min_width=4, until=args.until, select=args.select)
     grow = AutoGrow(monitor="val_loss", grow=Widen(factor=4), max_params=num_params(MLP(784, [max(args.widths)])),
                     shrink=shrink, deadline=args.deadline, seed=seed)
     module = Classifier(MLP(784, [start]), optimizer="adam", lr=args.lr, max_epochs=args.epochs)
@@ -74,6 +75,10 @@ def choice(args: argparse.Namespace, seed: int, policy: str) -> Run:
 
 
 CHOICES = ("round_robin", "gradient", "try")
+
+
+def _fraction(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
 
 
 def row(run: Run, seed: int, baseline: Run | None = None) -> dict[str, Any]:
@@ -141,14 +146,31 @@ def targets(s: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str,
     return out
 
 
+def per_seed(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """Each seed's resize runs against its fixed widest net (differences in pp): held-out seeds at a glance."""
+    large = f"fixed {max(args.widths)}"
+    by = {(r["config"], r["seed"]): r for r in rows}
+    head = f"| seed | {large} | " + " | ".join(f"resize from {s} (pp, params)" for s in args.starts) + " |"
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for seed in sorted({r["seed"] for r in rows}):
+        ref = by[(large, seed)]["test_acc"]
+        runs = [by[(f"resize from {s}", seed)] for s in args.starts]
+        cells = [f"{r['test_acc']:.4f} ({100 * (r['test_acc'] - ref):+.2f}, {r['params']:,})" for r in runs]
+        lines.append(f"| {seed} | {ref:.4f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> tuple[str, list[dict[str, Any]]]:
     s = summary(rows)
     met = targets(s, args)
     lines = [f"# Self-resizing (Fashion-MNIST, {args.train_subset or 'all'} training examples, {args.epochs} epochs, "
              f"{args.seeds} seeds from {args.first_seed}, Adam lr {args.lr:g})", "",
-             f"Resize runs: Widen(factor=4) up to the widest fixed size's parameters by {args.deadline:g} of the run, "
-             f"Shrink(tol={args.tol:g}, every=2, overfit_patience={args.overfit_patience}, "
-             f"overfit_fraction={args.overfit_fraction:g}, "
+             "Resize runs: Widen(factor=4) up to the widest fixed size's parameters by "
+             f"{args.deadline:g} of the run, "
+             f"Shrink(tol={args.tol:g}, select={args.select}, fraction={args.fraction:g}, every={args.every}, "
+             f"warmup={args.warmup}, "
+             f"overfit_patience={args.overfit_patience}, "
+             f"overfit_fraction={args.overfit_fraction:g}, until={args.until}, "
              f"batches={args.shrink_batches}); choice runs: TryCandidates(k=2, steps={args.try_steps}) and the "
              f"gradient policy vs round_robin, {args.choice_events} growths x2 (curves: resize_choice.png).", "",
              table(s, [("config", "config", "s"), ("seeds", "seeds", "d"), ("test acc", "test_acc", ".4f"),
@@ -156,6 +178,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> tuple[str, l
                        ("shrinks", "shrank", ".1f"), ("train+trial FLOPs", "flops", ".3g"),
                        ("reaches round_robin's final val acc", "reached", "s")]), "",
              "## Targets", "", table(met, [("target", "target", "s"), ("measured", "value", "s"), ("met", "met", "")]),
+             "", "## Per seed (test accuracy; parameters at the end)", "", per_seed(rows, args),
              "", f"## Resize decisions (seed {args.first_seed})", ""]
     lines += [f"* {r['config']}: {r['log'] or 'none'}" for r in rows if r["seed"] == args.first_seed and r["events"]]
     return "\n".join(lines), met
@@ -168,8 +191,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--tol", type=float, default=Shrink.tol, help="Shrink's output-change tolerance (its default)")
     ap.add_argument("--shrink-batches", type=int, default=8)
-    ap.add_argument("--overfit-patience", type=int, default=2, help="evaluations of over capacity before a prune")
-    ap.add_argument("--overfit-fraction", type=float, default=0.5, help="units an over-capacity prune removes")
+    ap.add_argument("--until", type=_fraction, default=Shrink.until,
+                    help="run fraction from which no shrink is decided ('none': any time; Shrink's default)")
+    ap.add_argument("--select", choices=["span", "magnitude"], default=Shrink.select, help="which units a prune keeps")
+    ap.add_argument("--fraction", type=float, default=Shrink.fraction, help="most units one prune removes")
+    ap.add_argument("--every", type=int, default=Shrink.every, help="evaluations between redundancy checks")
+    ap.add_argument("--warmup", type=int, default=Shrink.warmup, help="evaluations before the first check")
+    ap.add_argument("--overfit-patience", type=int, default=Shrink.overfit_patience,
+                    help="evaluations of over capacity before a prune")
+    ap.add_argument("--overfit-fraction", type=float, default=Shrink.overfit_fraction,
+                    help="units an over-capacity prune removes")
     ap.add_argument("--deadline", type=float, default=0.1, help="run fraction by which growth reaches max_params")
     ap.add_argument("--try-steps", type=int, default=10)
     ap.add_argument("--choice-events", type=int, default=3)

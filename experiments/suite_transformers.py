@@ -24,7 +24,7 @@ target: the grown run reaches scratch's final validation loss at <= 0.7x scratch
     python -m autogrow.experiments.suite_transformers --task vit     # ViT on Fashion-MNIST
 
 The committed results (experiments/results/transformers/): ``--lrs 2e-3 --configs grown scratch``, then
-``--reuse`` adding ``'grown 2x steps'`` and ``'grown, deadline 0.3'``, per task.
+``--reuse`` adding ``'grown 2x steps'``, ``'grown, deadline 0.3'`` and ``"scratch at grown's FLOPs"``, per task.
 """
 
 from __future__ import annotations
@@ -187,13 +187,14 @@ def shape_of(net: nn.Module) -> dict[str, int]:
             "hidden": net.blocks[0].fc1.out_features, "layers": len(net.blocks)}
 
 
-CONFIGS = ("grown", "scratch", "grown 2x steps", "grown, deadline 0.3")  # the last: opt-in (--configs)
-DEFAULT_CONFIGS = CONFIGS[:3]
+BUDGET = "scratch at grown's FLOPs"  # the full model trained (its own schedule) on the grown run's FLOPs
+CONFIGS = ("grown", "scratch", "grown 2x steps", BUDGET, "grown, deadline 0.3")  # the last: opt-in (--configs)
+DEFAULT_CONFIGS = CONFIGS[:4]
 
 
 def growers(config: str, seed: int) -> list[AutoGrow]:
     """The two callbacks of a grown run (as in tests/test_transformers.py), none for scratch."""
-    if config == "scratch":
+    if config in ("scratch", BUDGET):
         return []
     deadline = 0.3 if config == "grown, deadline 0.3" else 0.6
     return [AutoGrow(grow=Widen(), max_events=2, seed=seed, deadline=deadline),
@@ -207,10 +208,12 @@ def event_row(cb: AutoGrow, event: Any) -> dict[str, Any]:
             "preservation_error": event.preservation_error}
 
 
-def run_config(task: Task, args: argparse.Namespace, config: str, seed: int, lr: float) -> Outcome:
-    """One run of ``config`` (``grown``, ``scratch`` or ``grown 2x steps``) at peak LR ``lr``."""
-    grown = config != "scratch"
-    steps = task.steps * (2 if config == "grown 2x steps" else 1)
+def run_config(task: Task, args: argparse.Namespace, config: str, seed: int, lr: float,
+               steps: int | None = None) -> Outcome:
+    """One run of ``config`` (one of ``CONFIGS``) at peak LR ``lr``; ``steps``: its length (default: the task's,
+    twice that for ``grown 2x steps``)."""
+    grown = config not in ("scratch", BUDGET)
+    steps = steps or task.steps * (2 if config == "grown 2x steps" else 1)
     pl.seed_everything(seed, verbose=False)
     dm = data(task, args, seed)
     dm.setup()
@@ -360,7 +363,22 @@ def verdict(rows: list[dict[str, Any]], config: str) -> str:
 
 
 COLORS = {"grown": "tab:blue", "scratch": "tab:orange", "grown 2x steps": "tab:green",
-          "grown, deadline 0.3": "tab:purple"}
+          "grown, deadline 0.3": "tab:purple", BUDGET: "tab:red"}
+
+
+def budget_verdict(rows: list[dict[str, Any]]) -> str:
+    """The grown run against the full model trained from scratch on the grown run's FLOPs, paired by seed."""
+    pairs = [(g, b) for g in rows if g["config"] == "grown" for b in rows
+             if b["config"] == BUDGET and b["seed"] == g["seed"]]
+    if not pairs:
+        return ""
+    wins = sum(g["final_val_loss"] < b["final_val_loss"] for g, b in pairs)
+    diff = [g["final_val_loss"] - b["final_val_loss"] for g, b in pairs]
+    return (f"\n\n**Against scratch on the same FLOPs** (the full model from scratch for as many steps as cost the "
+            f"grown run's FLOPs, its own hold-then-decay schedule; paired by seed): grown final validation loss "
+            f"{_ms([g['final_val_loss'] for g, _ in pairs])} vs {_ms([b['final_val_loss'] for _, b in pairs])}, "
+            f"difference {_ms(diff)}; grown lower in {wins}/{len(pairs)} seeds: growth "
+            f"{'pays' if wins == len(pairs) else 'does not pay'} against this baseline.")
 
 
 def _curves(ax: Any, outcomes: list[Outcome], x: str, y: str, xlabel: str) -> None:
@@ -445,7 +463,8 @@ def report(out: Path, task: Task, args: argparse.Namespace, rows: list[dict[str,
           f"steps. {described}\n\n{lr_text(args, lrs, tuning)}\n\n{runs_table(rows, task.name == 'vit')}\n\n"
           f"**Target** (reach scratch's final validation loss at <= "
           f"{TARGET}x scratch's training FLOPs, paired by seed):\n\n"
-          + "\n".join(v for v in (verdict(rows, c) for c in CONFIGS if c != "scratch") if v)
+          + "\n".join(v for v in (verdict(rows, c) for c in CONFIGS if c not in ("scratch", BUDGET)) if v)
+          + budget_verdict(rows)
           + f"\n\n**Growth events**: largest preservation error {max(errors, default=float('nan')):.1e} (relative, "
           f"float32, on a validation batch in eval mode). Optimizer-state check (after training, the optimizer "
           f"holds exactly the model's parameters, every moment of its parameter's shape): "
@@ -493,6 +512,19 @@ def load_runs(out: Path, task: Task) -> tuple[list[Outcome], list[dict[str, Any]
     return outcomes, saved["tuning"], saved["lrs"]
 
 
+def budget_steps(task: Task, outcomes: list[Outcome], seed: int) -> int | None:
+    """Steps of the full model that cost what seed ``seed``'s grown run spent (``None``: either run missing).
+
+        >>> o = lambda c, f: Outcome(c, 0, 1e-3, Record(), float("nan"), 1.0, f, 1, {})
+        >>> budget_steps(TASKS["lm"], [o("grown", 4.5e11), o("scratch", 1.2e12)], 0)
+        450
+    """
+    by = {o.config: o for o in outcomes if o.seed == seed}
+    if "grown" not in by or "scratch" not in by:
+        return None
+    return max(1, round(by["grown"].flops / (by["scratch"].flops / task.steps)))
+
+
 def run_task(task: Task, args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     """Tune, run every seed of every configuration, write the results; returns the rows per run."""
     saved = load_runs(out, task) if args.reuse else None
@@ -502,7 +534,12 @@ def run_task(task: Task, args: argparse.Namespace, out: Path) -> list[dict[str, 
     done = {(o.config, o.seed) for o in outcomes}
     for seed in range(args.seeds):
         for c in (c for c in args.configs if (c, seed) not in done):
-            outcomes.append(run_config(task, args, c, seed, lrs["scratch" if c == "scratch" else "grown"]))
+            steps = budget_steps(task, outcomes, seed) if c == BUDGET else None
+            if c == BUDGET and steps is None:
+                print(f"[{task.name}] {BUDGET} seed {seed}: needs the grown and scratch runs of the seed", flush=True)
+                continue
+            outcomes.append(run_config(task, args, c, seed, lrs["grown" if c.startswith("grown") else "scratch"],
+                                       steps))
             outcomes.sort(key=lambda o: (o.seed, CONFIGS.index(o.config)))
             save_runs(out, task, outcomes, tuning, lrs)  # after every run: an interrupted sweep resumes (--reuse)
     rows, events = analyse(outcomes)

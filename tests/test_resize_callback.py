@@ -48,7 +48,7 @@ def test_duplicates_merge_exactly_mid_fit(tmp_path, dm):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     model = model_of(duplicates=True)
-    grow = AutoGrow(trigger=NEVER, shrink=Shrink(prune=False, overfit_patience=None, warmup=2))
+    grow = AutoGrow(trigger=NEVER, shrink=Shrink(prune=False, overfit_patience=None, warmup=2, every=1))
     logger = TensorBoardLogger(tmp_path, name="tb")
     fit(tmp_path, model, dm, [grow], 4, precision="64-true", logger=logger)
     acc = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
@@ -77,6 +77,19 @@ def test_prune_within_tolerance_and_min_params(tmp_path, dm):
     assert all(e.measured_change <= 0.1 for e in grow.events)
     assert all(e.params_after < e.params_before for e in grow.events)
     assert autogrow.num_params(model) >= shrink.min_params  # pruning stopped at the floor
+
+
+def test_no_shrink_is_decided_from_until_on(tmp_path, dm):
+    """The last part of the run trains at the final size: with ``until=0.5`` every shrink comes from an evaluation
+    in the first half (6 epochs: the end of epoch 0 or 1); the same run with ``until=None`` still shrinks later."""
+    epochs = {}
+    for until in (0.5, None):
+        shrink = Shrink(merge=False, tol=0.5, overfit_patience=None, warmup=0, every=1, cooldown=0, until=until)
+        grow = AutoGrow(trigger=NEVER, shrink=shrink)
+        fit(tmp_path, model_of(hidden=(64,)), dm, [grow], 6)
+        epochs[until] = [e.epoch for e in grow.events if e.shrank]
+    assert epochs[0.5] and max(epochs[0.5]) <= 1
+    assert max(epochs[None]) >= 3
 
 
 class NoisyValidation(DigitsDataModule):
@@ -111,7 +124,7 @@ class Only(GrowthPolicy):
 
 def test_a_shrunk_layer_is_not_regrown_at_the_next_event(tmp_path, dm):
     model = model_of(hidden=(8, 8), duplicates=True)
-    shrink = Shrink(prune=False, overfit_patience=None, warmup=0)
+    shrink = Shrink(prune=False, overfit_patience=None, warmup=0, every=1)
     grow = AutoGrow(trigger=EveryN(every=2), shrink=shrink, deadline=None)
     fit(tmp_path, model, dm, [grow], 4, precision="64-true")
     kinds = [(e.reason, [c.target for c in e.changes]) for e in grow.events]
@@ -124,6 +137,9 @@ def test_a_shrunk_layer_is_not_regrown_at_the_next_event(tmp_path, dm):
     (lambda: Shrink(fraction=1.0), "fraction"),
     (lambda: Shrink(merge=False, prune=False, overfit_patience=None), "at least one way to shrink"),
     (lambda: Shrink(batches=1), "batches"),
+    (lambda: Shrink(until=0.0), "until: 0.0 is not allowed"),
+    (lambda: Shrink(select="qr"), "select: 'qr' is not"),
+    (lambda: Shrink(until=1.5), "until: 1.5 is not allowed"),
     (lambda: Shrink(ridge=-0.01), r"ridge: -0.01 is not allowed; expected a number >= 0"),
     (lambda: AutoGrow(shrink="merge"), "shrink"),
     (lambda: AutoGrow(max_params=100, shrink=Shrink(min_params=200)), "min_params"),

@@ -172,6 +172,8 @@ REFUSALS = [
     (mlp, lambda m: autogrow.plan_shrink(m, "0", correct="yes"), r"correct: 'yes' is not allowed; expected True"),
     (mlp, lambda m: autogrow.plan_shrink(m, "0", 3, mode="prune", ridge=-0.1, example_inputs=gen_input((4, 5))),
      r"ridge: -0.1 is not allowed; expected a number >= 0"),
+    (mlp, lambda m: autogrow.plan_shrink(m, "0", 3, mode="prune", select="qr", example_inputs=gen_input((4, 5))),
+     r"select: 'qr' is not allowed; expected one of \('span', 'magnitude'\)"),
     (mlp, lambda m: autogrow.plan_shrink(m, "0", mode="prune", example_inputs=gen_input((4, 4))),
      r"width: None is not allowed; expected an int >= 1 \(mode='prune'"),
     (mlp, lambda m: autogrow.plan_shrink(m, "0", 3, mode="prune"),
@@ -451,9 +453,32 @@ def test_ridge_keeps_a_square_fit_from_failing_on_new_inputs():
     errors = {}
     for ridge in (0.0, 1e-2):
         trial = copy.deepcopy(model)
-        autogrow.shrink(trial, "2", 28, mode="prune", ridge=ridge, example_inputs=fit)
+        # magnitude selection: the ridge's effect alone (span selection also lowers both errors)
+        autogrow.shrink(trial, "2", 28, mode="prune", ridge=ridge, example_inputs=fit, select="magnitude")
         errors[ridge] = relative_error(ref, outputs(trial, held))
     assert errors[1e-2] < 0.5 * errors[0.0], errors
+
+
+def test_span_selection_keeps_one_of_each_group_of_near_copies():
+    """Widening leaves near-copies (here 3 units, each copied 3 times, incoming weights then nudged by 1e-7):
+    pruning back to 3 with ``select="span"`` keeps one unit of each group, and the least-squares correction
+    rebuilds the function to the nudge's size; selecting by magnitude keeps several of one group."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).double()
+    x = torch.randn(64, 4, dtype=torch.float64)
+    grown = autogrow.widen(net, "0", 9, init="net2wider", split=0.0, generator=0)
+    group = grown.maps["base"].idx
+    with torch.no_grad():
+        net[0].weight += 1e-7 * torch.randn(9, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref, errors = outputs(net, x), {}
+    for select in ("span", "magnitude"):
+        trial = copy.deepcopy(net)
+        g = autogrow.shrink(trial, "0", 3, mode="prune", select=select, example_inputs=x)
+        kept = torch.nonzero(~g.maps["base"].fresh).flatten()
+        errors[select] = (relative_error(ref, outputs(trial, x)), sorted(group[kept].tolist()))
+        assert g.options["select"] == select
+    assert errors["span"][1] == [0, 1, 2] and errors["span"][0] < 1e-5, errors
+    assert errors["magnitude"][1] != [0, 1, 2] and errors["magnitude"][0] > 1e-2, errors
 
 
 PRUNED = [

@@ -94,7 +94,12 @@ def test_quick_suite_grows_to_full_size_and_writes_results(tmp_path, tiny_idx, t
             {k: full[k] for k in ("d", "heads", "hidden", "layers")}
         assert grown["params"] == by_config["scratch"]["params"] and grown["events"] == 4
         assert grown["flops_ratio"] < 1.0 if config == "grown" else True
-    assert all(r["optimizer_ok"] for r in rows) and len(rows) == 3
+    assert all(r["optimizer_ok"] for r in rows) and len(rows) == 4
+    budget = by_config[suite_transformers.BUDGET]  # the full model on the grown run's FLOPs (to one step's worth)
+    assert budget["params"] == by_config["scratch"]["params"] and budget["events"] == 0
+    step = by_config["scratch"]["train_flops"] / suite_transformers.QUICK[task].steps
+    assert abs(budget["train_flops"] - by_config["grown"]["train_flops"]) <= step / 2
+    assert "Against scratch on the same FLOPs" in (out / f"transformers_{task}.md").read_text()
     events = json.loads((out / f"transformers_{task}_events.json").read_text())
     assert len(events) == 8 and all(0 <= e["preservation_error"] < 1e-5 for e in events)
     assert {e["callback"] for e in events} == {"widen", "stack"}
