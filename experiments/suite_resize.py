@@ -42,6 +42,7 @@ from autogrow.actions import Widen
 from autogrow.plateau import EveryN
 from autogrow.policy import TryCandidates
 from autogrow.resize import Shrink
+from autogrow.shrink import SELECTS
 
 __all__ = ["main"]
 
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--shrink-batches", type=int, default=8)
     ap.add_argument("--until", type=_fraction, default=Shrink.until,
                     help="run fraction from which no shrink is decided ('none': any time; Shrink's default)")
-    ap.add_argument("--select", choices=["span", "magnitude"], default=Shrink.select, help="which units a prune keeps")
+    ap.add_argument("--select", choices=SELECTS, default=Shrink.select, help="which units a prune keeps")
     ap.add_argument("--fraction", type=float, default=Shrink.fraction, help="most units one prune removes")
     ap.add_argument("--every", type=int, default=Shrink.every, help="evaluations between redundancy checks")
     ap.add_argument("--warmup", type=int, default=Shrink.warmup, help="evaluations before the first check")
