@@ -29,6 +29,8 @@ import torch.nn as nn
 from torch.optim import Optimizer
 
 from autogrow.errors import check_bool, check_float, check_int
+from autogrow.fresh import FreshSteps
+from autogrow.growth import Growth
 
 __all__ = ["GrowthLR", "applied_multiplier", "shrink_perturb"]
 
@@ -46,6 +48,9 @@ class GrowthLR:
         rewarm_start: the multiplier right after a growth.
         width_scaling: scale each weight matrix's updates by (fan-in at the first growth / fan-in now),
             muP-style, so that a layer whose inputs doubled takes half-size steps.
+        fresh_steps: Adam's bias correction per unit for fresh units (:mod:`autogrow.fresh`): their first updates
+            are not several times the others'. Opt-in: +0.36 pp on the Fashion-MNIST MLP, -0.64 on digits, -0.40
+            on the CNN (``suite_pays --variant fresh-steps``).
         total_steps: the run's length in optimizer steps (the callback fills it from the Trainer).
     """
 
@@ -54,10 +59,12 @@ class GrowthLR:
     rewarm: int = 0
     rewarm_start: float = 0.1
     width_scaling: bool = False
+    fresh_steps: bool = False
     total_steps: int | None = None
     step_count: int = field(default=0, init=False)
     last_growth: int | None = field(default=None, init=False)  # step of the last growth
     base_fan_in: dict[str, int] = field(default_factory=dict, init=False)  # weight name -> fan-in at start
+    fresh: FreshSteps = field(default_factory=FreshSteps, init=False, repr=False)  # births (fresh_steps)
 
     def __post_init__(self) -> None:
         check_float("decay", self.decay, 0.0, 1.0)
@@ -65,9 +72,11 @@ class GrowthLR:
         check_int("rewarm", self.rewarm, 0)
         check_float("rewarm_start", self.rewarm_start, 0.0, 1.0)
         check_bool("width_scaling", self.width_scaling)
+        check_bool("fresh_steps", self.fresh_steps)
         check_int("total_steps", self.total_steps, 1, optional=True)
         self._optimizer: weakref.ref[Optimizer] | None = None
         self._scales: dict[int, float] = {}  # id(param) -> update scale
+        self._names: dict[int, str] = {}  # id(param) -> name (fresh_steps)
 
     def multiplier(self, step: int | None = None) -> float:
         """The multiplier at optimizer step ``step`` (default: the next one)."""
@@ -89,6 +98,11 @@ class GrowthLR:
         _Hooks.on(optimizer).members.append(self)
         self._optimizer = weakref.ref(optimizer)
         self._scales = self._width_scales(model) if self.width_scaling and model is not None else {}
+        self._names = {id(p): n for n, p in model.named_parameters()} if self.fresh_steps and model is not None \
+            else {}
+        if self._names:  # after a shrink or a rollback: births of a parameter whose shape changed are void
+            shapes = {n: p.shape for n, p in model.named_parameters()}  # type: ignore[union-attr]
+            self.fresh.births = {n: b for n, b in self.fresh.births.items() if shapes.get(n) == b.shape}
 
     def detach(self) -> None:
         optimizer = self._optimizer() if self._optimizer is not None else None
@@ -100,9 +114,12 @@ class GrowthLR:
         """Count one optimizer step (call after each step)."""
         self.step_count += 1
 
-    def grew(self, model: nn.Module | None = None) -> None:
-        """A growth just happened: re-warm from here; the decay starts no earlier than now."""
+    def grew(self, model: nn.Module | None = None, growths: list[Growth] | tuple[Growth, ...] = ()) -> None:
+        """A growth just happened: re-warm from here; the decay starts no earlier than now; with
+        ``fresh_steps``, the fresh entries of ``growths`` (applied to ``model``) are born now."""
         self.last_growth = self.step_count
+        if self.fresh_steps and model is not None:
+            self.fresh.grew(model, growths, self.step_count)
 
     def _width_scales(self, model: nn.Module) -> dict[int, float]:
         out = {}
@@ -119,10 +136,11 @@ class GrowthLR:
         return {k: v for k, v in asdict(self).items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the counters (keys this version does not know are ignored)."""
+        """Restore the counters and births (keys this version does not know are ignored)."""
         for k in ("step_count", "last_growth", "total_steps", "base_fan_in"):
             if k in state:
                 setattr(self, k, state[k])
+        self.fresh = FreshSteps(dict(state.get("fresh", {}).get("births", {})))
 
 
 class _Hooks:
@@ -162,9 +180,9 @@ class _Hooks:
         self.saved = [g["lr"] for g in optimizer.param_groups]
         for g in optimizer.param_groups:
             g["lr"] = g["lr"] * m
-        scales = self._scales()
+        keep = set(self._scales()).union(*(m.fresh.tracked(m._names) for m in self.members))
         self.before = {id(p): p.detach().clone() for g in optimizer.param_groups for p in g["params"]
-                       if id(p) in scales}
+                       if id(p) in keep}
 
     def _post(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         for g, lr in zip(optimizer.param_groups, self.saved):
@@ -173,9 +191,11 @@ class _Hooks:
         with torch.no_grad():  # muP-style: this parameter's update, scaled
             for g in optimizer.param_groups:
                 for p in g["params"]:
-                    if id(p) in self.before:
+                    if id(p) in scales:
                         old = self.before[id(p)]
                         p.copy_(old + scales[id(p)] * (p - old))
+        for m in self.members:  # fresh units: Adam's bias correction of their own
+            m.fresh.correct(optimizer, m._names, self.before, m.step_count)
         self.before = {}
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch.nn as nn
 
+from autogrow.growth import Growth
 from autogrow.lr import GrowthLR
 from autogrow.plateau import Deadline
 
@@ -42,12 +44,12 @@ class RunSchedule:
         p = self.progress(trainer)
         return self.deadline is not None and p is not None and self.deadline.due(p, done, needed)
 
-    def rebuilt(self, trainer: Any, module: nn.Module, grew: bool) -> None:
+    def rebuilt(self, trainer: Any, module: nn.Module, grew: bool, growths: Sequence[Growth] = ()) -> None:
         """After the optimizer was rebuilt (growth or rollback): the multiplier moves to the new one."""
         if self.lr is not None:
             self.sync(trainer)  # growth at an epoch's end comes after its last step: count it
             if grew:
-                self.lr.grew()
+                self.lr.grew(module, tuple(growths))
             self.lr.attach(trainer.optimizers[0], module)
 
     def multiplier(self) -> float:

@@ -95,6 +95,7 @@ VARIANTS: dict[str, dict[str, Any]] = {  # other recipes, measured against a fin
     "copies": {"grow": Widen(init="net2wider")},  # the recipe study's winner on the MLP (with --lrs 3e-3)
     "shrink-perturb": {"shrink_perturb": (0.6, 0.01)},  # Ash & Adams at each growth; picked on seed 0's val acc
     "copies+shrink-perturb": {"grow": Widen(init="net2wider"), "shrink_perturb": (0.6, 0.01)},
+    "fresh-steps": {"lr": GrowthLR(fresh_steps=True)},  # Adam's bias correction per fresh unit (autogrow.fresh)
 }
 # every ablation too, by a short name: its rows paired with a finished run, one process per ablation
 VARIANTS.update({"ablation-" + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-"): kw

@@ -21,6 +21,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 import autogrow
 from autogrow.actions import Deepen, Widen
 from autogrow.events import Reason, StopReason
+from autogrow.lr import GrowthLR
 from autogrow.plateau import EveryN, Plateau
 
 
@@ -100,11 +101,14 @@ class StopAfter(Callback):
             trainer.should_stop = True
 
 
-def test_resume_is_bit_identical(tmp_path, dm):
-    """Also the LR multiplier (decaying over the last 40% of the run) resumes exactly."""
+@pytest.mark.parametrize("fresh_steps", [False, True])
+def test_resume_is_bit_identical(tmp_path, dm, fresh_steps):
+    """Also the LR multiplier (decaying over the last 40% of the run) resumes exactly, and with ``fresh_steps`` the
+    fresh units' birth steps (their own Adam bias correction) do."""
     def run(epochs, ckpt=None, root="a"):
         model = tiny(hidden=(3, 3), optimizer="adam", lr=0.01, scheduler="cosine", max_epochs=8)
-        grow = AutoGrow(trigger=EveryN(every=2), policy="round_robin", seed=3)
+        grow = AutoGrow(trigger=EveryN(every=2), policy="round_robin", seed=3,
+                        lr=GrowthLR(fresh_steps=fresh_steps))
         ckpt_cb = ModelCheckpoint(dirpath=tmp_path / root, save_last=True, every_n_epochs=1)
         stop = StopAfter(epochs if epochs < 8 else None)
         trainer(tmp_path, [grow, stop, ckpt_cb], max_epochs=8).fit(model, datamodule=dm, ckpt_path=ckpt)
@@ -113,6 +117,7 @@ def test_resume_is_bit_identical(tmp_path, dm):
     full, grow_full = run(8, root="full")
     part, grow_part = run(4, root="part")
     assert len(grow_part.events) == 2
+    assert bool(grow_part.schedule.lr.fresh.births) == fresh_steps  # young units at the interruption
     resumed, grow_resumed = run(8, ckpt=tmp_path / "part" / "last.ckpt", root="resumed")
     assert len(grow_resumed.events) == len(grow_full.events) == 4
     a, b = full.state_dict(), resumed.state_dict()

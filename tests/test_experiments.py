@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from autogrow.experiments import suite_dnc, suite_grid, suite_net2net, suite_pays
+from autogrow.experiments import dead_units, suite_dnc, suite_grid, suite_net2net, suite_pays
 from autogrow.experiments.data import DigitsDataModule, FashionMNISTDataModule, MNISTDataModule, read_idx, write_idx
 
 import autogrow
@@ -80,6 +80,25 @@ def test_pays_and_dnc_suites(tiny_idx, tmp_path):
                                                                for r in variant]
     suite_dnc.main(["--quick", "--data-dir", tiny_idx, "--out", str(tmp_path / "dnc")])
     assert outputs(tmp_path / "dnc", "dnc")
+
+
+def test_dead_units_are_counted_by_birth():
+    """A unit whose bias keeps its ReLU off is dead; the counts split by the units' birth (original 32, then each
+    growth's) and the fit on the given data is measured."""
+    from autogrow.experiments.models import MLP, Classifier
+
+    torch.manual_seed(0)
+    module = Classifier(MLP(784, [64, 64]))
+    x, y = torch.rand(256, 784), torch.randint(0, 10, (256,))
+    before = dead_units.measure(module, x, y)
+    with torch.no_grad():
+        alive = torch.nonzero(module.model.act1(module.model.fc1(x)).amax(0)[32:] > 0).flatten()[:8] + 32
+        module.model.fc1.bias[alive] = -1e3  # 8 living units born at the first growth, killed
+    m = dead_units.measure(module, x, y)
+    assert len(alive) == 8
+    assert m["act1"]["dead_by_birth"]["0-32"] == before["act1"]["dead_by_birth"]["0-32"]
+    assert m["act1"]["dead_by_birth"]["32-64"] == before["act1"]["dead_by_birth"]["32-64"] + 0.25
+    assert 0 <= m["train_acc"] <= 1 and m["train_loss"] > 0 and 1 <= m["act2"]["rank99"] <= 64
 
 
 def test_idx_round_trip_and_errors(tmp_path):

@@ -74,6 +74,45 @@ def test_width_scaling_shrinks_the_updates_of_widened_layers():
     assert torch.allclose(moved["0.weight"], 0.1 * grads["0.weight"])  # fan-in 4 unchanged
 
 
+def test_fresh_steps_give_new_units_adams_own_bias_correction():
+    """Fresh units' moments start at zero while the tensor's step count is carried: with ``fresh_steps`` their k-th
+    update is the one Adam makes from a fresh start (bias correction with k, not t); old entries move as without."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).double()
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    x = torch.randn(16, 4, dtype=torch.float64)
+    for _ in range(1500):  # a long-trained tensor: its own bias correction is nearly 1
+        net(x).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    g = autogrow.widen(net, "0", 6, init="random", optimizer=opt, generator=0)  # fresh units with gradients
+    runs = {}
+    for fresh in (False, True):
+        n, o = copy.deepcopy((net, opt))
+        lr = GrowthLR(decay=0.0, fresh_steps=fresh)
+        lr.step_count = 1500
+        lr.attach(o, n)
+        lr.grew(n, [g])
+        moves = []
+        for k in (1, 2, 3):
+            before = n[0].weight.detach().clone()
+            n(x).pow(2).sum().backward()
+            o.step()
+            o.zero_grad()
+            lr.step()
+            st = o.state[n[0].weight]
+            t = float(st["step"])
+            own = 0.01 * (st["exp_avg"] / (1 - 0.9**k)) / ((st["exp_avg_sq"] / (1 - 0.999**k)).sqrt() + 1e-8)
+            moves.append((before - n[0].weight.detach(), own, t))
+        runs[fresh] = moves
+    for (plain, own, t), (fixed, own2, _) in zip(runs[False], runs[True]):
+        assert t > 1500
+        assert torch.allclose(fixed[3:], own2[3:], rtol=1e-4, atol=1e-12)  # the fresh rows: Adam from step k (to eps)
+        assert not torch.allclose(plain[3:], own[3:], rtol=1e-2)  # without: several times larger
+        assert float((plain[3:].abs() / fixed[3:].abs()).mean()) > 2
+    assert torch.equal(runs[False][0][0][:3], runs[True][0][0][:3])  # old rows: the same first update
+
+
 def test_shrink_perturb_is_seeded_and_leaves_the_global_rng_alone():
     net = nn.Linear(4, 3)
     a, b = copy.deepcopy(net), copy.deepcopy(net)
@@ -115,7 +154,7 @@ def test_a_deadline_behind_schedule_catches_up_in_one_evaluation(tmp_path):
 
 def test_growth_lr_arguments_are_checked():
     for kw, message in (({"decay": 1.5}, "decay: 1.5"), ({"rewarm": -1}, "rewarm: -1"),
-                        ({"width_scaling": 1}, "width_scaling: 1")):
+                        ({"width_scaling": 1}, "width_scaling: 1"), ({"fresh_steps": "yes"}, "fresh_steps: 'yes'")):
         with pytest.raises(ValueError, match=message):
             GrowthLR(**kw)
     with pytest.raises(ValueError, match=r"deadline: 0 is not allowed"):
