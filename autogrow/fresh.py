@@ -13,7 +13,8 @@ is opt-in.
 :class:`FreshSteps` records, per parameter and entry, the step at which the entry was born, and after each
 optimizer step rescales the young entries' update to what Adam would have made with their own step count ``k``
 (the update is ``p_after - p_before``; weight decay inside the step is rescaled with it). Entries of copies
-(``init="net2wider"``) carry their unit's state and are not young. Shrinking forgets a parameter's births. Cost:
+(``init="net2wider"``) carry their unit's state and are not young. Shrinking, deepening and stacking forget the
+births they would invalidate. Cost:
 an int64 per entry of a grown parameter, and a copy of it around each step, until its young entries' correction is
 within 0.1% (about 6000 steps with beta2 0.999). Adam's ``eps`` is left out of the correction (relative error of
 order eps / sqrt(v)).
@@ -55,7 +56,10 @@ class FreshSteps:
         born now; older young entries follow their unit; a shrunk parameter is forgotten."""
         params = dict(model.named_parameters())
         for g in growths:
-            for name, transforms in getattr(g, "params", {}).items():
+            if g.kind != "widen":  # deepening and stacking rename modules: births by name would point elsewhere
+                self.births.clear()
+                continue
+            for name, transforms in g.params.items():
                 p, b = params.get(name), self.births.pop(name, None)
                 if p is None or any(tr.role in SHRINK_ROLES for tr in transforms):
                     continue

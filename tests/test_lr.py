@@ -113,6 +113,24 @@ def test_fresh_steps_give_new_units_adams_own_bias_correction():
     assert torch.equal(runs[False][0][0][:3], runs[True][0][0][:3])  # old rows: the same first update
 
 
+def test_fresh_steps_forget_births_that_a_deepening_or_a_shrink_invalidates():
+    from autogrow.fresh import FreshSteps
+
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).double()
+    fresh = FreshSteps()
+    fresh.grew(net, [autogrow.widen(net, "0", 6, init="zero_out", generator=0)], step=5)
+    assert set(fresh.births) == {"0.weight", "0.bias", "2.weight"}
+    assert (fresh.births["0.weight"][:, 0] == 5).tolist() == [False] * 3 + [True] * 3
+    fresh.grew(net, [autogrow.widen(net, "0", 8, init="zero_out", generator=1)], step=9)  # older births follow
+    assert fresh.births["0.weight"][:, 0].tolist()[3:] == [5, 5, 5, 9, 9]
+    x = torch.randn(8, 4, dtype=torch.float64)
+    fresh.grew(net, [autogrow.shrink(net, "0", 4, mode="prune", example_inputs=x)], step=10)
+    assert "0.weight" not in fresh.births
+    fresh.grew(net, [autogrow.widen(net, "0", 6, init="zero_out", generator=2)], step=11)
+    fresh.grew(net, [autogrow.deepen(net, "0")], step=12)  # modules renamed: every birth forgotten
+    assert fresh.births == {}
+
+
 def test_shrink_perturb_is_seeded_and_leaves_the_global_rng_alone():
     net = nn.Linear(4, 3)
     a, b = copy.deepcopy(net), copy.deepcopy(net)
