@@ -79,6 +79,8 @@ class FreshSteps:
                 step: int) -> None:
         """After an optimizer step (the ``step``-th since the start, 0-based): rescale the young entries' updates.
         Only for optimizers with Adam's ``betas``; a parameter without a step count is left alone."""
+        if not self.births:
+            return
         with torch.no_grad():
             for group in optimizer.param_groups:
                 if "betas" not in group:
