@@ -56,7 +56,7 @@ class FreshSteps:
         born now; older young entries follow their unit; a shrunk parameter is forgotten."""
         params = dict(model.named_parameters())
         for g in growths:
-            if g.kind != "widen":  # deepening and stacking rename modules: births by name would point elsewhere
+            if g.kind in ("deepen", "stack"):  # they rename modules: births by name would point elsewhere
                 self.births.clear()
                 continue
             for name, transforms in g.params.items():

@@ -125,7 +125,7 @@ def test_fresh_steps_forget_births_that_a_deepening_or_a_shrink_invalidates():
     assert fresh.births["0.weight"][:, 0].tolist()[3:] == [5, 5, 5, 9, 9]
     x = torch.randn(8, 4, dtype=torch.float64)
     fresh.grew(net, [autogrow.shrink(net, "0", 4, mode="prune", example_inputs=x)], step=10)
-    assert "0.weight" not in fresh.births
+    assert "0.weight" not in fresh.births and "2.weight" not in fresh.births
     fresh.grew(net, [autogrow.widen(net, "0", 6, init="zero_out", generator=2)], step=11)
     fresh.grew(net, [autogrow.deepen(net, "0")], step=12)  # modules renamed: every birth forgotten
     assert fresh.births == {}
