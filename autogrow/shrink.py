@@ -394,7 +394,7 @@ def _plan_prune(model: nn.Module, c: Coupling, width: int, inputs: dict[str, tor
     """The units (heads) kept: see the module docstring (ties: lower index)."""
     labels = _labels(c)
     importance = torch.zeros(c.old_width, dtype=torch.float64)
-    gram = torch.zeros(c.old_width, c.old_width, dtype=torch.float64)
+    gram = torch.zeros(c.old_width, c.old_width, dtype=torch.float64) if select == "span" else None
     for mod, (key, _) in c.consumers.items():
         m = model.get_submodule(mod)
         _, d, w = _in_weight(m)
@@ -405,12 +405,13 @@ def _plan_prune(model: nn.Module, c: Coupling, width: int, inputs: dict[str, tor
         lab = labels[map_name(key)]
         sel = lab >= 0
         importance.index_add_(0, lab[sel], (col * a.pow(2).mean(0).sqrt())[sel])
-        if getattr(m, "bias", None) is not None:
-            a = a - a.mean(0)
-        scaled = torch.zeros(len(a), c.old_width, dtype=torch.float64).index_add_(1, lab[sel], (a * col)[:, sel])
-        gram += scaled.T @ scaled
+        if gram is not None:
+            if getattr(m, "bias", None) is not None:
+                a = a - a.mean(0)
+            scaled = torch.zeros(len(a), c.old_width, dtype=torch.float64).index_add_(1, lab[sel], (a * col)[:, sel])
+            gram += scaled.T @ scaled
     order = torch.sort(-importance, stable=True).indices
-    keep = _span_keep(gram, width) if select == "span" else torch.zeros(c.old_width, dtype=torch.bool)
+    keep = _span_keep(gram, width) if gram is not None else torch.zeros(c.old_width, dtype=torch.bool)
     keep[order[~keep[order]][: width - int(keep.sum())]] = True  # "magnitude", or what the span leaves open
     return _merge_map((keep.cumsum(0) - 1).clamp_min(0), ~keep)
 
