@@ -192,9 +192,14 @@ CONFIGS = ("grown", "scratch", "grown 2x steps", BUDGET, "grown, deadline 0.3") 
 DEFAULT_CONFIGS = CONFIGS[:4]
 
 
+def grows(config: str) -> bool:
+    """Whether ``config`` starts small and grows (else: the full model from scratch, its own LR)."""
+    return config.startswith("grown")
+
+
 def growers(config: str, seed: int) -> list[AutoGrow]:
     """The two callbacks of a grown run (as in tests/test_transformers.py), none for scratch."""
-    if config in ("scratch", BUDGET):
+    if not grows(config):
         return []
     deadline = 0.3 if config == "grown, deadline 0.3" else 0.6
     return [AutoGrow(grow=Widen(), max_events=2, seed=seed, deadline=deadline),
@@ -212,7 +217,7 @@ def run_config(task: Task, args: argparse.Namespace, config: str, seed: int, lr:
                steps: int | None = None) -> Outcome:
     """One run of ``config`` (one of ``CONFIGS``) at peak LR ``lr``; ``steps``: its length (default: the task's,
     twice that for ``grown 2x steps``)."""
-    grown = config not in ("scratch", BUDGET)
+    grown = grows(config)
     steps = steps or task.steps * (2 if config == "grown 2x steps" else 1)
     pl.seed_everything(seed, verbose=False)
     dm = data(task, args, seed)
@@ -463,7 +468,7 @@ def report(out: Path, task: Task, args: argparse.Namespace, rows: list[dict[str,
           f"steps. {described}\n\n{lr_text(args, lrs, tuning)}\n\n{runs_table(rows, task.name == 'vit')}\n\n"
           f"**Target** (reach scratch's final validation loss at <= "
           f"{TARGET}x scratch's training FLOPs, paired by seed):\n\n"
-          + "\n".join(v for v in (verdict(rows, c) for c in CONFIGS if c not in ("scratch", BUDGET)) if v)
+          + "\n".join(v for v in (verdict(rows, c) for c in CONFIGS if grows(c)) if v)
           + budget_verdict(rows)
           + f"\n\n**Growth events**: largest preservation error {max(errors, default=float('nan')):.1e} (relative, "
           f"float32, on a validation batch in eval mode). Optimizer-state check (after training, the optimizer "
@@ -538,7 +543,7 @@ def run_task(task: Task, args: argparse.Namespace, out: Path) -> list[dict[str, 
             if c == BUDGET and steps is None:
                 print(f"[{task.name}] {BUDGET} seed {seed}: needs the grown and scratch runs of the seed", flush=True)
                 continue
-            outcomes.append(run_config(task, args, c, seed, lrs["grown" if c.startswith("grown") else "scratch"],
+            outcomes.append(run_config(task, args, c, seed, lrs["grown" if grows(c) else "scratch"],
                                        steps))
             outcomes.sort(key=lambda o: (o.seed, CONFIGS.index(o.config)))
             save_runs(out, task, outcomes, tuning, lrs)  # after every run: an interrupted sweep resumes (--reuse)
