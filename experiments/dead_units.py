@@ -27,11 +27,11 @@ def measure(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[s
     """Training-set fit and, per hidden layer, dead units by birth and the 99%-variance rank."""
     module.eval()
     acts: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: acts.__setitem__(n, o.detach()))
-             for n, m in module.model.named_children() if n.startswith("act")]
     with torch.no_grad():
         logits = torch.cat([module(x[i:i + 4096]) for i in range(0, len(x), 4096)])
-        module(x[:4096])  # the activations kept: the last forward, on 4096 images
+        hooks = [m.register_forward_hook(lambda mod, i, o, n=n: acts.__setitem__(n, o.detach()))
+                 for n, m in module.model.named_children() if n.startswith("act")]
+        module(x[:4096])  # the activations kept: 4096 images
     for h in hooks:
         h.remove()
     out: dict[str, Any] = {"train_acc": float((logits.argmax(1) == y).float().mean()),
