@@ -11,8 +11,9 @@ import torch.nn as nn
 from autogrow.actions import GrowthAction, Widen
 from autogrow.errors import AutogrowError, check_int
 from autogrow.growth import num_params
+from autogrow.plan import Plan
 
-__all__ = ["Budget"]
+__all__ = ["Budget", "events_to"]
 
 
 @dataclass
@@ -52,11 +53,10 @@ class Budget:
         n = num_params(model)
         if self.max_params is not None and self.max_params > n:
             try:
-                delta = sum(action.plan(model, c, 0, max_width=self.max_width).param_delta for c in chosen)
+                plans = [action.plan(model, c, 0, max_width=self.max_width) for c in chosen]
             except AutogrowError:
-                delta = 0
-            if delta > 0:
-                needed = _events_to(n, delta, self.max_params, action.factor if isinstance(action, Widen) else None)
+                plans = []
+            needed = events_to(n, plans, self.max_params)
         if self.max_width is not None and isinstance(action, Widen):
             for w in widths:
                 if w < self.max_width:
@@ -66,21 +66,38 @@ class Budget:
         return needed if left is None else min(needed, left)
 
 
-def _events_to(n: int, delta: int, budget: int, factor: float | None) -> int:
-    """Events until ``budget`` parameters, the next adding ``delta`` to ``n``.
+def events_to(n: int, plans: Sequence[Plan], budget: int) -> int:
+    """Events until ``budget`` parameters, from ``n``, each growing like ``plans`` (applied together) would.
 
-    Widening every layer by ``factor``: parameters are ``A m + B m^2`` in the width multiplier ``m``
-    (layers between a fixed and a grown side scale linearly, between grown sides quadratically), fitted
-    to ``n`` (m = 1) and ``n + delta`` (m = factor). Otherwise each event is taken to add ``delta``.
+    Widenings: every dimension they resize keeps growing by the same ratio at every event, so the size after
+    ``k`` events is a sum of products, exact for the weight between two grown layers too (it grows in both
+    dimensions). Other plans add the same number of parameters every time. The last event may fit only in part
+    (the callback grows the layers that still fit).
 
-        >>> _events_to(26_506, 28_544, 269_322, 2.0)   # an MLP 784-32-32-10 doubling to 256
+        >>> import torch.nn as nn
+        >>> from autogrow import num_params, plan_widen
+        >>> mlp = lambda h: nn.Sequential(nn.Linear(784, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 10))
+        >>> net = mlp(32)
+        >>> events_to(num_params(net), [plan_widen(net, "0", 64), plan_widen(net, "2", 64)], num_params(mlp(256)))
         3
     """
-    if factor is None or factor <= 1:
-        return math.ceil((budget - n) / delta - 1e-9)
-    quadratic = max(0.0, (n + delta - factor * n) / (factor * factor - factor))  # B
-    linear = n - quadratic  # A
-    m, k = 1.0, 0
-    while linear * m + quadratic * m * m < 0.99 * budget and k < 64:  # 1%: constant terms (output bias)
-        m, k = m * factor, k + 1
-    return k
+    if not plans:
+        return 0
+    if not all(hasattr(p, "changes") for p in plans):
+        delta = sum(p.param_delta for p in plans)
+        return math.ceil((budget - n) / delta - 1e-9) if delta > 0 else 0
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    for plan in plans:  # a tensor two plans resize grows in both of their dimensions
+        for c in plan.changes:  # type: ignore[attr-defined]
+            if c.is_param:
+                new = shapes.get(c.name, (c.old_shape, c.new_shape))[1]
+                shapes[c.name] = (c.old_shape, tuple(map(max, new, c.new_shape)))
+    fixed = n - sum(math.prod(old) for old, _ in shapes.values())
+
+    def size(k: int) -> float:
+        return fixed + sum(math.prod(o * (w / o) ** k for o, w in zip(old, new)) for old, new in shapes.values())
+
+    k = 0
+    while size(k + 1) <= budget * (1 + 1e-9) and size(k + 1) > size(k) and k < 64:
+        k += 1
+    return k + 1 if size(k) < 0.99 * budget and size(k + 1) > size(k) else k  # + a last, partial event

@@ -62,9 +62,11 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
             can grow exactly, found by tracing.
         max_params, max_width, max_events: the growth budget; growth stops when nothing fits.
         deadline: with a size budget (``max_params`` or ``max_width``), the fraction of the run by which it is
-            reached: growth events are spread evenly up to it when the metric does not plateau first, and
-            an evaluation that finds growth behind that schedule brings as many events as it takes to catch up
-            (``None``: grow on the trigger only).
+            reached, or a :class:`~autogrow.plateau.Deadline`: growth events are spread evenly up to it when the
+            metric does not plateau first (``Deadline(0.7, ratio=0.125)``: the small sizes are passed in the
+            first percent of the run instead). It is checked before every training batch; a point that finds
+            growth behind schedule brings as many events as it takes to catch up (``None``: grow on the trigger
+            only).
         lr: the learning rate around growth (:class:`~autogrow.lr.GrowthLR`), a multiplier applied on top of
             your optimizer and scheduler: ``"wsd"`` (the default ``GrowthLR()``) holds it while growing and
             decays it linearly to zero over the last 40% of the run (never before the last growth); ``None``:
@@ -93,7 +95,7 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
     def __init__(self, monitor: str = "val_loss", mode: str = "min", trigger: str | Trigger = "plateau",
                  grow: str | GrowthAction = "widen", policy: str | GrowthPolicy = "all",
                  targets: list[str] | None = None, max_params: int | None = None, max_width: int | None = None,
-                 max_events: int | None = None, deadline: float | None = 0.6,
+                 max_events: int | None = None, deadline: float | Deadline | None = 0.6,
                  lr: str | GrowthLR | None = "wsd", shrink_perturb: tuple[float, float] | None = None,
                  stop_patience: int | None = None, rollback: bool = False, optimizer_state: str = "carry",
                  on_error: str = "raise", seed: int = 0, shrink: Shrink | None = None) -> None:
@@ -126,8 +128,9 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         self.stop_patience, self.rollback = stop_patience, rollback
         self.optimizer_state, self.on_error, self.seed = optimizer_state, on_error, seed
         self.shrink_perturb = shrink_perturb
-        self.schedule = RunSchedule(GrowthLR() if lr == "wsd" else copy.deepcopy(lr),
-                                    Deadline(deadline) if deadline is not None else None)
+        if deadline is not None and not isinstance(deadline, Deadline):
+            deadline = Deadline(deadline)  # checks the value, naming `deadline`
+        self.schedule = RunSchedule(GrowthLR() if lr == "wsd" else copy.deepcopy(lr), copy.deepcopy(deadline))
         self._configured_targets = list(targets) if targets is not None else None
         tries = isinstance(self.policy, TryCandidates)
         self.resizer = Resizer(shrink, mode, max(shrink.batches if shrink else 0, min(self.policy.steps, 8) if tries
@@ -147,6 +150,7 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         self._snapshot: Snapshot | None = None
         self._rollback_pending = False
         self._gradients = GradientTracker()
+        self._next_due: float | None = None  # progress at which the deadline's next growth is due (cached)
 
     @property
     def state_key(self) -> str:
@@ -225,8 +229,11 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         if self.probe.inputs is None:
             self.probe.capture(batch, validation=False)
         self.schedule.sync(trainer)
-        # After a mid-epoch validation: grow at an accumulation boundary (no pending gradients).
-        if self._due() and batch_idx % trainer.accumulate_grad_batches == 0:
+        if batch_idx % trainer.accumulate_grad_batches:
+            return  # grow at an accumulation boundary only (no pending gradients)
+        if not self._due() and self._deadline_passed(trainer, pl_module):
+            self.pending, self._reason = True, Reason.DEADLINE
+        if self._due():  # after a mid-epoch validation, or the deadline
             self._act(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -241,6 +248,16 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
             self._act(trainer, pl_module)
         pl_module.log("autogrow/params", float(autogrow.num_params(pl_module)), prog_bar=True, rank_zero_only=True)
         pl_module.log("autogrow/lr_multiplier", self.schedule.multiplier(), rank_zero_only=True)
+
+    def _deadline_passed(self, trainer: Any, pl_module: Any) -> bool:
+        """Between evaluations: whether the deadline's next growth is due. Its time is cached until the next
+        event; every rank computes the same one (same model, same step), so no collective per batch."""
+        p = self.schedule.progress(trainer)
+        if self.schedule.deadline is None or p is None or self.stopped is not None:
+            return False
+        if self._next_due is None:
+            self._next_due = self.schedule.deadline.next_due(self._grown(), self._events_needed(pl_module))
+        return p >= self._next_due - 1e-9
 
     def _due(self) -> bool:
         return self.pending or self._rollback_pending or self.resizer.pending is not None
@@ -299,6 +316,7 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         event = GrowthEvent(len(self.events) + 1, trainer.current_epoch, trainer.global_step, self.monitor, self.best,
                             reason, changes, n_before, autogrow.num_params(pl_module), error, **extra)
         self.events.append(event)
+        self._next_due = None  # the size changed: the deadline's next time with it
         report(trainer, pl_module, event)
 
     # -- checkpoints -------------------------------------------------------------------------------------
@@ -311,3 +329,4 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the callback's state; tolerant of checkpoints from autogrow 0.1 (no ``version``)."""
         load_state(self, state_dict)
+        self._next_due = None

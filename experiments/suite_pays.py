@@ -44,6 +44,7 @@ from autogrow.experiments.models import MLP, Classifier, ConvNet
 from autogrow import num_params
 from autogrow.actions import Widen
 from autogrow.lr import GrowthLR
+from autogrow.plateau import Deadline
 
 __all__ = ["main"]
 
@@ -92,6 +93,10 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 
 
 VARIANTS: dict[str, dict[str, Any]] = {  # other recipes, measured against a finished run's baselines (--variant)
+    "defaults": {},  # today's defaults, against baselines saved with older ones
+    "geometric-deadline-0.7": {"deadline": Deadline(0.7, ratio=0.125)},  # small sizes passed in the first percent
+    "deadline-0.7-ratio-0.5": {"deadline": Deadline(0.7, ratio=0.5)},
+    "deadline-0.6-ratio-0.5": {"deadline": Deadline(0.6, ratio=0.5)},
     "copies": {"grow": Widen(init="net2wider")},  # the recipe study's winner on the MLP (with --lrs 3e-3)
     "shrink-perturb": {"shrink_perturb": (0.6, 0.01)},  # Ash & Adams at each growth; picked on seed 0's val acc
     "copies+shrink-perturb": {"grow": Widen(init="net2wider"), "shrink_perturb": (0.6, 0.01)},
@@ -199,7 +204,8 @@ def run_variant(s: Setting, args: argparse.Namespace, out: Path) -> list[dict[st
     for seed in range(args.seeds):
         run = run_grown(s, args, seed, args.lrs[0], **VARIANTS[args.variant])
         rows.append({"config": args.variant, "seed": seed, "lr": args.lrs[0], "test_acc": run.test_acc,
-                     "flops_ratio": run.flops / saved[("scratch", seed)]["train_flops"],
+                     "flops_ratio": run.flops / saved[("scratch", seed)]["train_flops"], "wall_s": run.wall,
+                     "events": [(e.epoch, e.step, str(e.reason.value)) for e in run.events],
                      "d_scratch_pp": 100 * (run.test_acc - saved[("scratch", seed)]["test_acc"]),
                      "d_default_pp": 100 * (run.test_acc - saved[("grown", seed)]["test_acc"])})
     ms = {k: (statistics.mean(r[k] for r in rows), statistics.stdev(r[k] for r in rows) if len(rows) > 1 else 0.0)

@@ -39,7 +39,7 @@ from autogrow.experiments.models import MLP, Classifier
 
 from autogrow import num_params
 from autogrow.actions import Widen
-from autogrow.plateau import EveryN
+from autogrow.plateau import Deadline, EveryN
 from autogrow.policy import TryCandidates
 from autogrow.resize import Shrink
 from autogrow.shrink import SELECTS
@@ -60,7 +60,7 @@ def resize(args: argparse.Namespace, seed: int, start: int) -> Run:
                     overfit_patience=args.overfit_patience, overfit_fraction=args.overfit_fraction,
                     batches=args.shrink_batches, min_width=4, until=args.until, select=args.select)
     grow = AutoGrow(monitor="val_loss", grow=Widen(factor=4), max_params=num_params(MLP(784, [max(args.widths)])),
-                    shrink=shrink, deadline=args.deadline, seed=seed)
+                    shrink=shrink, deadline=Deadline(args.deadline, ratio=1.0), seed=seed)  # all events at once
     module = Classifier(MLP(784, [start]), optimizer="adam", lr=args.lr, max_epochs=args.epochs)
     return train(f"resize from {start}", module, fashion(args, seed=seed), args.epochs, [grow], seed=seed)
 

@@ -4,6 +4,7 @@ deadline through the callback."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import pytorch_lightning as pl
@@ -14,9 +15,11 @@ from autogrow.experiments.data import DigitsDataModule
 from autogrow.experiments.models import MLP, Classifier
 
 import autogrow
+from autogrow.actions import Widen
+from autogrow.budget import Budget
 from autogrow.events import Reason
 from autogrow.lr import GrowthLR, shrink_perturb
-from autogrow.plateau import Plateau
+from autogrow.plateau import Deadline, Plateau
 from tests.test_callback import trainer
 
 
@@ -154,16 +157,31 @@ def test_the_deadline_reaches_the_budget_in_time_and_the_lr_decays_after(tmp_pat
     assert grow.schedule.lr.last_growth is not None and grow.schedule.multiplier() == pytest.approx(0.0, abs=0.02)
 
 
-def test_a_deadline_behind_schedule_catches_up_in_one_evaluation(tmp_path):
-    """Three events needed (2 -> 16 units) by 30% of a 3-epoch run, but the first evaluation comes at 33%: that
-    evaluation brings all three, each exact, and the optimizer follows every one of them."""
+def test_a_geometric_deadline_leaves_small_sizes_within_the_first_epoch_at_the_planned_steps(tmp_path):
+    """``ratio=1/8``: with 3 events to go (2 -> 16 units) by half the run, they are due at 0.5/64, 0.5/8 and 0.5
+    of the run's steps, checked before every batch (not only at evaluations), each exact."""
     dm = DigitsDataModule(batch_size=64, seed=0)
     pl.seed_everything(0, verbose=False)
     model = Classifier(MLP(64, [2]), lr=0.05)
-    grow = AutoGrow(trigger=Plateau(patience=100), max_width=16, deadline=0.3)
+    grow = AutoGrow(trigger=Plateau(patience=100), max_width=16, deadline=Deadline(0.5, ratio=0.125))
+    trainer(tmp_path, [grow], max_epochs=8).fit(model, datamodule=dm)
+    total = model.trainer.estimated_stepping_batches
+    assert [e.step for e in grow.events] == [math.ceil(f * total - 1e-9) for f in (0.5 / 64, 0.5 / 8, 0.5)]
+    assert [e.epoch for e in grow.events][:2] == [0, 0] and [e.reason for e in grow.events] == [Reason.DEADLINE] * 3
+    assert all(e.preservation_error < 1e-5 for e in grow.events) and model.model.fc1.out_features == 16
+
+
+def test_a_deadline_behind_schedule_catches_up_at_once(tmp_path):
+    """Three events needed (2 -> 16 units), all due at 30% of the run (``ratio=1``): the first batch past it
+    brings all three, each exact, and the optimizer follows every one of them."""
+    dm = DigitsDataModule(batch_size=64, seed=0)
+    pl.seed_everything(0, verbose=False)
+    model = Classifier(MLP(64, [2]), lr=0.05)
+    grow = AutoGrow(trigger=Plateau(patience=100), max_width=16, deadline=Deadline(0.3, ratio=1.0))
     trainer(tmp_path, [grow], max_epochs=3).fit(model, datamodule=dm)
     assert [e.reason for e in grow.events] == [Reason.DEADLINE] * 3
-    assert len({e.step for e in grow.events}) == 1 and grow.events[0].epoch == 0  # all at the first evaluation
+    assert len({e.step for e in grow.events}) == 1
+    assert grow.events[0].step == math.ceil(0.3 * model.trainer.estimated_stepping_batches)
     assert [(e.changes[0].old, e.changes[0].new) for e in grow.events] == [(2, 4), (4, 8), (8, 16)]
     assert all(e.preservation_error < 1e-5 for e in grow.events)
     held = [p for g in model.trainer.optimizers[0].param_groups for p in g["params"]]
@@ -177,6 +195,8 @@ def test_growth_lr_arguments_are_checked():
             GrowthLR(**kw)
     with pytest.raises(ValueError, match=r"deadline: 0 is not allowed"):
         AutoGrow(deadline=0)
+    with pytest.raises(ValueError, match=r"ratio: 0 is not allowed"):
+        AutoGrow(deadline=Deadline(0.5, ratio=0))
     with pytest.raises(ValueError, match=r"shrink_perturb: \(2, 0.1\) is not allowed"):
         AutoGrow(shrink_perturb=(2, 0.1))
 
@@ -207,3 +227,19 @@ def test_two_multipliers_on_one_optimizer_apply_the_larger_once_and_restore_the_
     before = float(p)
     opt.step()
     assert before - float(p) == pytest.approx(1.0)  # no hooks left
+
+
+@pytest.mark.parametrize("start", [4, 8, 16])
+def test_events_needed_counts_joint_widenings_as_they_happen(start):
+    """The deadline's count of events still to go, at every size on the way: widening two coupled layers at once
+    grows the weight between them in both dimensions (the sum of the single-layer deltas undercounts it and
+    once made the count one too high, so every growth came a step early)."""
+    mlp = lambda h: nn.Sequential(nn.Linear(30, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 10))
+    budget = Budget(max_params=autogrow.num_params(mlp(64)))
+    net, counts = mlp(start), []
+    while autogrow.num_params(net) < budget.max_params:
+        h = net[0].out_features
+        counts.append(budget.events_needed(net, Widen(), ["0", "2"], [h, h]))
+        for target in ("0", "2"):
+            autogrow.widen(net, target, 2 * h)
+    assert counts == list(range(len(counts), 0, -1)) and autogrow.num_params(net) == budget.max_params
