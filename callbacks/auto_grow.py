@@ -150,7 +150,6 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         self._snapshot: Snapshot | None = None
         self._rollback_pending = False
         self._gradients = GradientTracker()
-        self._next_due: float | None = None  # progress at which the deadline's next growth is due (cached)
 
     @property
     def state_key(self) -> str:
@@ -211,7 +210,8 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
             if self._rollback_pending:
                 info(trainer, "AutoGrow: rolling back to the pre-growth model")
         grow = self.trigger.update(value)
-        if not grow and self.schedule.due(trainer, self._grown(), self._events_needed(pl_module)):
+        self.schedule.forget()  # what can grow may have changed with this evaluation (a shrunk layer's block)
+        if not grow and self.schedule.due(trainer, self._grown(), lambda: self._events_needed(pl_module)):
             grow, self._reason = True, Reason.DEADLINE
         elif grow:
             self._reason = Reason(self.trigger.reason)
@@ -231,7 +231,10 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         self.schedule.sync(trainer)
         if batch_idx % trainer.accumulate_grad_batches:
             return  # grow at an accumulation boundary only (no pending gradients)
-        if not self._due() and self._deadline_passed(trainer, pl_module):
+        # The deadline between evaluations: every rank computes the same time (same model, same step), so no
+        # collective per batch.
+        if not self._due() and self.stopped is None and \
+                self.schedule.due(trainer, self._grown(), lambda: self._events_needed(pl_module)):
             self.pending, self._reason = True, Reason.DEADLINE
         if self._due():  # after a mid-epoch validation, or the deadline
             self._act(trainer, pl_module)
@@ -248,16 +251,6 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
             self._act(trainer, pl_module)
         pl_module.log("autogrow/params", float(autogrow.num_params(pl_module)), prog_bar=True, rank_zero_only=True)
         pl_module.log("autogrow/lr_multiplier", self.schedule.multiplier(), rank_zero_only=True)
-
-    def _deadline_passed(self, trainer: Any, pl_module: Any) -> bool:
-        """Between evaluations: whether the deadline's next growth is due. Its time is cached until the next
-        event; every rank computes the same one (same model, same step), so no collective per batch."""
-        p = self.schedule.progress(trainer)
-        if self.schedule.deadline is None or p is None or self.stopped is not None:
-            return False
-        if self._next_due is None:
-            self._next_due = self.schedule.deadline.next_due(self._grown(), self._events_needed(pl_module))
-        return p >= self._next_due - 1e-9
 
     def _due(self) -> bool:
         return self.pending or self._rollback_pending or self.resizer.pending is not None
@@ -286,7 +279,7 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         grown = -1
         while grown != self._grown() and self.stopped is None and not self.pending:
             grown = self._grown()  # an event that did not grow ends the loop
-            due = self.schedule.due(trainer, grown, self._events_needed(pl_module))
+            due = self.schedule.due(trainer, grown, lambda: self._events_needed(pl_module))
             if not bool(trainer.strategy.broadcast(due, src=0)):
                 return
             self._reason = Reason.DEADLINE
@@ -316,7 +309,7 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         event = GrowthEvent(len(self.events) + 1, trainer.current_epoch, trainer.global_step, self.monitor, self.best,
                             reason, changes, n_before, autogrow.num_params(pl_module), error, **extra)
         self.events.append(event)
-        self._next_due = None  # the size changed: the deadline's next time with it
+        self.schedule.forget()  # the size changed: the deadline's next time with it
         report(trainer, pl_module, event)
 
     # -- checkpoints -------------------------------------------------------------------------------------
@@ -329,4 +322,4 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the callback's state; tolerant of checkpoints from autogrow 0.1 (no ``version``)."""
         load_state(self, state_dict)
-        self._next_due = None
+        self.schedule.forget()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch.nn as nn
@@ -21,6 +21,7 @@ class RunSchedule:
     def __init__(self, lr: GrowthLR | None, deadline: Deadline | None) -> None:
         self.lr, self.deadline = lr, deadline
         self.total_steps: int | None = None
+        self._next_due: float | None = None  # progress at which the deadline's next event is due (cached)
 
     def start(self, trainer: Any, module: nn.Module) -> None:
         """At fit start: the run's length (optimizer steps), and the multiplier on the optimizer."""
@@ -39,10 +40,20 @@ class RunSchedule:
     def progress(self, trainer: Any) -> float | None:
         return trainer.global_step / self.total_steps if self.total_steps else None
 
-    def due(self, trainer: Any, done: int, needed: int) -> bool:
-        """Whether the deadline calls for a growth now."""
+    def due(self, trainer: Any, done: int, needed: Callable[[], int]) -> bool:
+        """Whether the deadline calls for a growth now. ``needed()`` (the events still to go; it plans them) is
+        asked only when the time of the next event is not known: it is kept until :meth:`forget`, so that the
+        check before every training batch costs a comparison."""
         p = self.progress(trainer)
-        return self.deadline is not None and p is not None and self.deadline.due(p, done, needed)
+        if self.deadline is None or p is None:
+            return False
+        if self._next_due is None:
+            self._next_due = self.deadline.next_due(done, needed())
+        return p >= self._next_due - 1e-9
+
+    def forget(self) -> None:
+        """The next event's time is stale (the model changed, or an evaluation may have changed what can grow)."""
+        self._next_due = None
 
     def rebuilt(self, trainer: Any, module: nn.Module, grew: bool, growths: Sequence[Growth] = ()) -> None:
         """After the optimizer was rebuilt (growth or rollback): the multiplier moves to the new one."""
