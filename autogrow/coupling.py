@@ -252,9 +252,9 @@ class _Walk:
                       f"but the widened units are on {where} (from the end)" + (" (flattened)" if lay.flat else ""))
         if spec.uniform_only and node.target not in self.uniform_only:
             self.uniform_only.append(node.target)
-        if spec.group_size is not None:
+        if spec.group_size is not None and spec.group_size(m) > 1:  # groups of one channel constrain nothing
             if lay.key is not None:
-                self.fail(node, "normalises groups of channels of a concatenation: the new channels would land "
+                self.fail(node, "acts on groups of channels of a concatenation: the new channels would land "
                           "inside its groups", "Widen a layer whose output reaches it whole.")
             self.grouped[node.target] = spec.group_size(m)
         self.channelwise[node.target] = lay.key

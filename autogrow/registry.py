@@ -77,8 +77,9 @@ class ChannelSpec:
             (``LayerNorm``: then the mean and variance over the features are unchanged).
         applies: whether an instance is channel-wise at all (a ``PReLU`` with one shared slope is
             element-wise: register the type as both).
-        group_size: for a layer normalising contiguous groups of features (``GroupNorm``), the features per
-            group: exact only when whole new groups of fresh units (zero outgoing weights) are appended.
+        group_size: for a layer acting on contiguous groups of features (``GroupNorm``, a grouped conv), the
+            features per group: exact only when whole new groups of fresh units (zero outgoing weights) are
+            appended (a size of 1 constrains nothing).
     """
 
     tensors: Mapping[str, float | None]
@@ -205,19 +206,23 @@ def _conv_identity(m: nn.Module, kernel_size: int | None, conv: type[nn.Module] 
     return new
 
 
-def _depthwise(m: nn.Module) -> bool:
-    """One filter per channel (groups == in == out channels): channel-wise, each channel on its own."""
-    return m.groups > 1 and m.groups == m.in_channels == m.out_channels
+def _grouped_channelwise(m: nn.Module) -> bool:
+    """Groups of as many out as in channels (depthwise: groups == in == out): each output channel reads only its
+    own group's inputs, so the conv follows its input's width and grows by whole groups (depthwise: one channel)."""
+    return m.groups > 1 and m.in_channels == m.out_channels
 
 
-def _depthwise_update(m: nn.Module, n: int) -> None:
-    m.in_channels = m.out_channels = m.groups = n
+def _grouped_update(m: nn.Module, n: int) -> None:
+    per_group = m.in_channels // m.groups
+    m.in_channels = m.out_channels = n
+    m.groups = n // per_group
 
 
 def _conv_check(m: nn.Module) -> str | None:
     if m.groups != 1:
         return (f"groups={m.groups} with {m.in_channels} in and {m.out_channels} out channels (a grouped "
-                "convolution couples channels within a group; only depthwise convs, groups == in == out, grow)")
+                "convolution couples channels within a group; only grouped convs with as many out as in channels "
+                "grow, by whole groups, with their input)")
     return None
 
 
@@ -226,7 +231,7 @@ register_layer(nn.Linear, LayerSpec({"weight": 0, "bias": 0}, {"weight": 1}, "ou
 for _nd, _conv in ((1, nn.Conv1d), (2, nn.Conv2d), (3, nn.Conv3d)):
     register_layer(_conv, LayerSpec({"weight": 0, "bias": 0}, {"weight": 1}, "out_channels",
                                     "in_channels", -(_nd + 1), -(_nd + 1), check=_conv_check,
-                                    identity=_conv_identity, applies=lambda m: not _depthwise(m)))
+                                    identity=_conv_identity, applies=lambda m: not _grouped_channelwise(m)))
 for _nd, (_convt, _conv) in enumerate(((nn.ConvTranspose1d, nn.Conv1d), (nn.ConvTranspose2d, nn.Conv2d),
                                        (nn.ConvTranspose3d, nn.Conv3d)), 1):
     # weight (in, out, *k): units on axis 1, features on axis 0; deepening after one adds a plain identity conv
@@ -255,9 +260,12 @@ for _bn in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
     register_channelwise(_bn, ChannelSpec(_BN, _bn_update, dims=(1,)))  # (N, C, ...): axis 1
 register_channelwise(nn.LayerNorm, ChannelSpec({"weight": 1.0, "bias": 0.0}, _ln_update, dims=(-1,),
                                                uniform_only=True, check=_ln_check))
-for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):  # depthwise: a new channel copies (or draws) its own filter
-    register_channelwise(_conv, ChannelSpec({"weight": None, "bias": 0.0}, _depthwise_update, dims=(1,),
-                                            applies=_depthwise))
+for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    # depthwise: a new channel copies (or draws) its own filter; wider groups: new channels form new groups, each
+    # with drawn filters over its own (new) inputs, exact when their outgoing weights are zero (as for GroupNorm)
+    register_channelwise(_conv, ChannelSpec({"weight": None, "bias": 0.0}, _grouped_update, dims=(1,),
+                                            applies=_grouped_channelwise,
+                                            group_size=lambda m: m.in_channels // m.groups))
 _IN = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}  # each tensor only if it exists
 for _inorm in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
     # statistics per sample and channel: a copied channel normalises exactly as its original

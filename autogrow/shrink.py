@@ -561,8 +561,8 @@ def _couple(model: nn.Module, target: str, width: int | None, graph: Any, shapes
     except AutogrowError as e:
         raise _reworded(e) from None
     if c.grouped:
-        fail(f"target: cannot shrink {target!r}: {list(c.grouped)} normalise groups of channels, and removing "
-             "channels changes their groups' statistics (only widening grows them, by whole groups)")
+        fail(f"target: cannot shrink {target!r}: {list(c.grouped)} act on groups of channels, and removing "
+             "channels splits their groups (only widening grows them, by whole groups)")
     return c
 
 

@@ -209,16 +209,17 @@ def _choose_mapping(c: Coupling, init: str, mapping: str, width: int) -> str:
 
 
 def _check_groups(c: Coupling, init: str, width: int) -> None:
-    """GroupNorm-like layers stay exact when fresh units with zero outgoing weights fill whole new groups."""
+    """GroupNorm and grouped convs stay exact when fresh units with zero outgoing weights fill whole new groups."""
     if not c.grouped:
         return
     names = list(c.grouped)
     if not isinstance(get_init(init), (ZeroOut, RandomPad)):
-        fail(f"init: {init!r} is not allowed for {c.target!r}: {names} normalise groups of channels, and a copied "
-             "or paired unit in a new group is normalised differently from its original; use init='zero_out'")
+        fail(f"init: {init!r} is not allowed for {c.target!r}: {names} act on groups of channels, and a copied "
+             "or paired unit in a new group is normalised or convolved differently from its original; use "
+             "init='zero_out'")
     size = math.lcm(*c.grouped.values())
     if (width - c.old_width) % size:
-        fail(f"width: {width} is not allowed for {c.target!r}: {names} normalise groups of "
+        fail(f"width: {width} is not allowed for {c.target!r}: {names} act on groups of "
              f"{sorted(set(c.grouped.values()))} channels, so it grows by whole groups: {c.old_width} + a multiple "
              f"of {size} (e.g. {c.old_width + size})")
 

@@ -110,6 +110,11 @@ def _resnet18() -> nn.Module:
     return import_torchvision().models.resnet18(num_classes=10)
 
 
+def _resnext() -> nn.Module:
+    tv = import_torchvision().models.resnet
+    return tv.ResNet(tv.Bottleneck, [1, 1, 1, 1], groups=4, width_per_group=4, num_classes=10)
+
+
 def _mobilenet_v3_small() -> nn.Module:
     return import_torchvision().models.mobilenet_v3_small(num_classes=10)
 
@@ -200,6 +205,9 @@ def _llama_mlp() -> nn.Module:
 
 MODELS: dict[str, ModelSpec] = {s.name: s for s in (
     ModelSpec("resnet18", "torchvision", _resnet18, _images, "resnet18(num_classes=10), 32x32 input"),
+    ModelSpec("resnext", "torchvision", _resnext, _images,
+              "ResNet(Bottleneck, [1, 1, 1, 1], groups=4, width_per_group=4, num_classes=10), 32x32 input: "
+              "grouped 3x3 convs (ResNeXt)"),
     ModelSpec("mobilenet_v3_small", "torchvision", _mobilenet_v3_small, _images,
               "mobilenet_v3_small(num_classes=10), 32x32 input: depthwise convs, squeeze-excitation, hardswish"),
     ModelSpec("vit_tiny", "timm", _vit_tiny, _images,
@@ -369,12 +377,14 @@ def prepare(prototype: nn.Module, x: Any) -> tuple[nn.Module, torch.optim.Optimi
 
 
 def grow(model: nn.Module, opt: torch.optim.Optimizer, layer: str, op: str, x: Any) -> autogrow.Growth:
-    """Perform ``op`` (one of :data:`OPS`) on ``layer``, verified on ``x``, carrying ``opt``."""
+    """Perform ``op`` (one of :data:`OPS`; a widening may end in ``" auto"``: ``init="auto"``, the callback's
+    fresh units, instead of Net2WiderNet copies) on ``layer``, verified on ``x``, carrying ``opt``."""
     if op == "deepen":
         return autogrow.deepen(model, layer, residual=None, optimizer=opt, example_inputs=x, generator=0)
     n = out_width(model.get_submodule(layer))
-    width = 2 * n if op == "widen x2" else n + 1
-    return autogrow.widen(model, layer, width, optimizer=opt, example_inputs=x, generator=0, split=0.3)
+    width = 2 * n if op.startswith("widen x2") else n + 1
+    init = "auto" if op.endswith(" auto") else "net2wider"
+    return autogrow.widen(model, layer, width, optimizer=opt, example_inputs=x, generator=0, split=0.3, init=init)
 
 
 def run_op(spec: ModelSpec, prototype: nn.Module, x: Any, layer: str, op: str,

@@ -1,5 +1,5 @@
-"""ConvTranspose, depthwise convs, InstanceNorm, PReLU grow exactly; GroupNorm grows by whole groups of fresh units;
-grouped convs are refused untouched."""
+"""ConvTranspose, depthwise convs, InstanceNorm, PReLU grow exactly; GroupNorm and grouped convs grow by whole groups
+of fresh units; grouped convs whose in and out channels differ are refused untouched."""
 
 from __future__ import annotations
 
@@ -105,14 +105,14 @@ def test_groupnorm_grows_by_whole_groups_of_fresh_units(name):
 
 GN_REFUSALS = [
     (lambda net, x, opt: autogrow.widen(net, "0", 9, init="auto", optimizer=opt, example_inputs=x),
-     r"width: 9 is not allowed for '0': \['1'\] normalise groups of \[2\] channels, so it grows by whole groups: "
+     r"width: 9 is not allowed for '0': \['1'\] act on groups of \[2\] channels, so it grows by whole groups: "
      r"6 \+ a multiple of 2 \(e.g. 8\)"),
     (lambda net, x, opt: autogrow.widen(net, "0", 8, init="net2wider", optimizer=opt, example_inputs=x),
-     r"init: 'net2wider' is not allowed for '0': \['1'\] normalise groups of channels.*use init='zero_out'"),
+     r"init: 'net2wider' is not allowed for '0': \['1'\] act on groups of channels.*use init='zero_out'"),
     (lambda net, x, opt: autogrow.widen(net, "0", 8, init="vt", optimizer=opt, example_inputs=x),
      r"init: 'vt' is not allowed"),
     (lambda net, x, opt: autogrow.shrink(net, "0", 4, mode="prune", optimizer=opt, example_inputs=x),
-     r"cannot shrink '0': \['1'\] normalise groups of channels"),
+     r"cannot shrink '0': \['1'\] act on groups of channels"),
 ]
 
 
@@ -144,12 +144,62 @@ class CatGroupNorm(nn.Module):
 
 
 def test_groupnorm_over_a_concatenation_is_refused():
-    with pytest.raises(autogrow.AutogrowError, match=r"'gn'.*normalises groups of channels of a concatenation"):
+    with pytest.raises(autogrow.AutogrowError, match=r"'gn'.*acts on groups of channels of a concatenation"):
         autogrow.plan_widen(CatGroupNorm(), "a", 4, init="auto", example_inputs=torch.randn(2, 3, 4, 4))
 
 
+def _resnext_block() -> nn.Sequential:
+    """A ResNeXt bottleneck's core: 1x1 conv, BN, ReLU, grouped 3x3 conv (2 groups of 4), BN, ReLU, 1x1 conv."""
+    return nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2, padding=1),
+                         nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 2, 1))
+
+
+def test_a_grouped_conv_grows_by_whole_groups_with_its_input():
+    """Widening the layer before a grouped conv appends whole groups (fresh filters over the fresh inputs, zero
+    outgoing weights): exact, the group size kept, Adam's state following, replayable, deepenable; it trains."""
+    net, x, opt = _stepped(_resnext_block, (2, 3, 8, 8))
+    net.eval()
+    before, original = net(x).detach(), copy.deepcopy(net)
+    g = autogrow.widen(net, "0", 16, init="auto", optimizer=opt, generator=0, example_inputs=x)
+    conv = net[3]
+    assert (conv.in_channels, conv.out_channels, conv.groups, tuple(conv.weight.shape[:2])) == (16, 16, 4, (16, 4))
+    assert torch.equal(conv.weight[:8], original[3].weight)  # the old groups keep their filters
+    assert (net(x) - before).abs().max() < 1e-12
+    autogrow.replay(original, [g])
+    assert original[3].groups == 4 and torch.equal(original(x), net(x))
+    assert all(opt.state[p]["exp_avg"].shape == p.shape for p in net.parameters())
+    autogrow.deepen(net, "3", optimizer=opt, generator=1, example_inputs=x)  # a full identity conv after it
+    assert (net(x) - before).abs().max() < 1e-12
+    net.train()
+    opt.zero_grad()
+    net(x).square().mean().backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda net, x, opt: autogrow.widen(net, "0", 10, init="auto", optimizer=opt, example_inputs=x),
+     r"width: 10 is not allowed for '0': \['3'\] act on groups of \[4\] channels.*8 \+ a multiple of 4 \(e.g. 12\)"),
+    (lambda net, x, opt: autogrow.widen(net, "0", 16, init="net2wider", optimizer=opt, example_inputs=x),
+     r"init: 'net2wider' is not allowed for '0': \['3'\] act on groups of channels.*use init='zero_out'"),
+    (lambda net, x, opt: autogrow.widen(net, "3", 16, init="auto", optimizer=opt, example_inputs=x),
+     r"'3' is a channel-wise Conv2d.*widen that layer"),
+    (lambda net, x, opt: autogrow.shrink(net, "0", 4, mode="prune", optimizer=opt, example_inputs=x),
+     r"cannot shrink '0': \['3'\] act on groups of channels"),
+])
+def test_grouped_conv_refusals_leave_model_and_optimizer_untouched(call, message):
+    net, x, opt = _stepped(_resnext_block, (2, 3, 8, 8))
+    model_before, opt_before = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
+    with pytest.raises(autogrow.AutogrowError, match=message):
+        call(net, x, opt)
+    assert all(torch.equal(v, model_before[k]) for k, v in net.state_dict().items())
+    assert all(torch.equal(s["exp_avg"], opt_before["state"][i]["exp_avg"])
+               for i, s in opt.state_dict()["state"].items())
+
+
 @pytest.mark.parametrize("build, needle", [
-    (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=2)), "groups=2"),
+    (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 8, 3, groups=2)),
+     r"groups=2 with 4 in and 8 out channels.*only grouped convs with as many out as in channels grow"),
 ])
 def test_group_coupled_layers_are_refused_untouched(build, needle):
     net = _perturbed(build())
@@ -188,3 +238,27 @@ def test_the_callback_grows_a_groupnorm_convnet_exactly(tmp_path):
     assert (gn.num_groups, gn.num_channels) == (8, 16)
     held = [p for g in model.trainer.optimizers[0].param_groups for p in g["params"]]
     assert sorted(map(id, held)) == sorted(id(p) for p in model.parameters())
+
+
+def test_the_callback_grows_a_grouped_convnet_exactly(tmp_path):
+    """AutoGrow's defaults on a ResNeXt-style conv -> grouped conv net in a real fit: the grouped conv is not a target
+    of its own, it grows with its input by whole groups (2 -> 4 -> 8 groups of 2), every event exact."""
+    import pytorch_lightning as pl
+    from autogrow.callbacks import AutoGrow
+    from autogrow.experiments.data import DigitsDataModule
+    from autogrow.experiments.models import Classifier
+
+    from autogrow.plateau import EveryN
+    from tests.test_callback import trainer
+
+    pl.seed_everything(0, verbose=False)
+    net = nn.Sequential(nn.Conv2d(1, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=2, padding=1),
+                        nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 10))
+    model = Classifier(net, lr=0.01)
+    grow = AutoGrow(trigger=EveryN(every=1), max_events=2, deadline=None)
+    trainer(tmp_path, [grow], max_epochs=3).fit(model, datamodule=DigitsDataModule(batch_size=64, flatten=False))
+    assert grow.targets == ["model.0"]
+    assert [(e.changes[0].old, e.changes[0].new) for e in grow.events] == [(4, 8), (8, 16)]
+    assert all(e.preservation_error < 1e-5 for e in grow.events)
+    conv = model.model[3]
+    assert (conv.groups, conv.in_channels, conv.out_channels) == (8, 16, 16)

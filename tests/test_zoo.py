@@ -46,6 +46,16 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
         ("layer3.0.conv2", "deepen", EXACT),
         ("fc", "deepen", EXACT),
     ],
+    # ResNeXt: a bottleneck's conv1 grows with its grouped 3x3 conv, by whole groups of fresh units (init "auto",
+    # the callback's default; Net2WiderNet copies are refused there); the grouped conv is not a target of its own.
+    "resnext": [
+        ("conv1", "widen x2", EXACT),
+        ("layer1.0.conv1", "widen x2", r"init: 'net2wider' is not allowed.*act on groups of channels"),
+        ("layer2.0.conv1", "widen x2 auto", EXACT),
+        ("layer2.0.conv1", "widen +1 auto", r"grows by whole groups: 32 \+ a multiple of 8"),
+        ("layer1.0.conv2", "widen x2", r"is a channel-wise Conv2d.*grows with the layer that produces its input"),
+        ("layer3.0.conv2", "deepen", EXACT),
+    ],
     # MobileNetV3: the stem and expansion convs grow together with the depthwise convs they feed (one
     # filter per channel, copied), the squeeze-excitation layers, the projection convs (with their residual
     # streams) and the classifier's hidden layer grow; a depthwise conv is not a target of its own.
