@@ -182,7 +182,8 @@ for _t in (torch.abs, torch.exp, "abs", "exp",  # not activations Net2DeeperNet 
     register_function(_t, OpKind.ELEMENTWISE)
 for _t in (operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
            operator.imul, torch.add, torch.sub, torch.mul, torch.div, "add", "sub", "mul", "div", "add_", "sub_",
-           "mul_", "div_", "masked_fill", torch.masked_fill):
+           "mul_", "div_", "masked_fill", torch.masked_fill,
+           operator.pow, torch.pow, "pow"):  # x ** 3 (GPT-2's gelu_new): the scalar broadcasts like x * 0.5
     register_function(_t, OpKind.BINARY)
 for _t in (torch.cat, torch.concat, torch.concatenate):
     register_function(_t, OpKind.CAT)

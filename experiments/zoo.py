@@ -48,7 +48,7 @@ from torch.utils._pytree import tree_leaves
 
 import autogrow
 from autogrow.errors import NeedsShapes
-from autogrow.registry import channel_spec, layer_spec, register_channelwise
+from autogrow.registry import LayerSpec, channel_spec, layer_spec, register_channelwise, register_layer
 from autogrow.shapes import as_args, eval_mode
 from autogrow.trace import trace
 
@@ -159,8 +159,28 @@ def _transformers() -> types.ModuleType:
     return transformers
 
 
+def _conv1d_identity(m: nn.Module, kernel_size: int | None) -> nn.Module:
+    with torch.device("meta"):  # no draw from the global RNG for weights that are overwritten
+        new = type(m)(m.nf, m.nf)
+    new = new.to_empty(device=m.weight.device).to(m.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(torch.eye(m.nf, dtype=m.weight.dtype, device=m.weight.device))
+        new.bias.zero_()
+    return new
+
+
+def _hf_conv1d() -> None:
+    """transformers' ``Conv1D`` (GPT-2) is a ``Linear`` whose weight is stored (in, out), with its sizes in ``nx``
+    and ``nf``: registered here, as a GPT-2 user would, so that autogrow widens and deepens after it."""
+    from transformers.pytorch_utils import Conv1D
+
+    register_layer(Conv1D, LayerSpec({"weight": 1, "bias": 0}, {"weight": 0}, "nf", "nx", -1, -1,
+                                     identity=_conv1d_identity))
+
+
 def _gpt2() -> nn.Module:
     t = _transformers()
+    _hf_conv1d()
     return t.GPT2LMHeadModel(t.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=16,
                                           bos_token_id=0, eos_token_id=0))
 

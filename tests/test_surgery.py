@@ -216,6 +216,26 @@ def test_functional_activation_and_view():
     assert g.renames == {"fc1.weight": "fc1.0.weight", "fc1.bias": "fc1.0.bias"}  # functional relu: wrap fc1
 
 
+class TanhGELU(nn.Module):
+    """GPT-2's ``gelu_new``: ``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x ** 3)))``, written with both pows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h = 0.5 * h * (1.0 + torch.tanh(0.7978845608 * (h + 0.044715 * torch.pow(h, 3.0))))
+        return self.fc2(h + 0.1 * h ** 2)
+
+
+@pytest.mark.parametrize("init", ["net2wider", "zero_out"])
+def test_powers_of_the_widened_units_stay_exact(init):
+    torch.manual_seed(0)
+    check_preserved(TanhGELU(), torch.randn(5, 4), lambda m: autogrow.widen(m, "fc1", 11, init=init, split=0.3,
+                                                                           generator=0))
+
+
 def test_random_init_changes_the_function():
     torch.manual_seed(0)
     x = torch.randn(8, 4)

@@ -108,11 +108,14 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
         ("model.layers.0.mlp.up_proj", "widen x2", TRACE),
         ("model.layers.0.mlp.gate_proj", "deepen", TRACE),
     ],
-    # Their MLP blocks on their own: BERT's and Llama's grow (Llama's gate and up projections together:
-    # their outputs are multiplied); GPT-2's is made of transformers' Conv1D, which autogrow does not know.
+    # Their MLP blocks on their own grow: BERT's, Llama's (gate and up projections together: their outputs are
+    # multiplied) and GPT-2's (transformers' Conv1D, a Linear with its weight stored (in, out), registered by the
+    # zoo as a user would; its gelu_new computes x ** 3).
     "gpt2_mlp": [
-        ("c_fc", "widen x2", r"Conv1D.*register"),
-        ("c_fc", "deepen", r"Conv1D.*register"),
+        ("c_fc", "widen x2", EXACT),
+        ("c_fc", "widen +1", EXACT),
+        ("c_proj", "widen x2", OUTPUT),
+        ("c_fc", "deepen", EXACT),
     ],
     "bert_ffn": [
         ("intermediate.dense", "widen x2", EXACT),
