@@ -147,7 +147,8 @@ class Stack(GrowthAction):
     containers that hold weighted layers; with policy ``"all"`` every block gets its copy (depth x2).
 
     Args:
-        init: ``"copy"`` (the block's weights, its stream outputs at zero) or ``"random"``.
+        init: ``"copy"`` (the block's weights, its stream outputs at zero), ``"random"``, or ``"duplicate"`` (an
+            unmodified copy: not function-preserving, opt-in; see :func:`autogrow.plan_stack`).
     """
 
     name = "stack"

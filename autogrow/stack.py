@@ -31,7 +31,7 @@ from autogrow.trace import call_sites, trace, unwrap
 
 __all__ = ["INITS", "StackPlan", "plan_stack", "stack"]
 
-INITS = ("copy", "random")
+INITS = ("copy", "random", "duplicate")
 
 
 @dataclass(kw_only=True)
@@ -57,7 +57,7 @@ class StackPlan(Plan):
 
     @property
     def exact(self) -> bool:
-        return True
+        return self.init != "duplicate"
 
     def _apply(self, undo: Undo) -> Growth:
         parent_name, _, index = self.block.rpartition(".")
@@ -71,7 +71,7 @@ class StackPlan(Plan):
                         bound = 1.0 / math.sqrt(max(1, m.weight[0].numel()))
                         for p in m.parameters(recurse=False):
                             p.copy_((torch.rand(p.shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound)
-            for name in self.zeroed:
+            for name in self.zeroed if self.init != "duplicate" else ():
                 for p in new.get_submodule(name).parameters():
                     p.zero_()
         old_names = [n for n, _ in self.model.named_parameters()]
@@ -87,7 +87,9 @@ class StackPlan(Plan):
 
     @classmethod
     def summarize(cls, record: Growth) -> str:
-        return f"stack after {record.target}: a copy starting as the identity, {len(record.new_params)} new parameters"
+        duplicate = record.options.get("init") == "duplicate"
+        how = "an unmodified duplicate" if duplicate else "a copy starting as the identity"
+        return f"stack after {record.target}: {how}, {len(record.new_params)} new parameters"
 
     @classmethod
     def replay(cls, model: nn.Module, record: Growth) -> Growth:
@@ -147,7 +149,9 @@ def plan_stack(model: nn.Module, block: str, *, init: str = "copy", example_inpu
     Args:
         block: e.g. ``"blocks.3"``.
         init: ``"copy"`` (the block's weights; the stream-writing layers at zero) or ``"random"`` (fresh
-            weights drawn from ``generator``; the stream-writing layers at zero). Both are exact.
+            weights drawn from ``generator``; the stream-writing layers at zero): both exact; or ``"duplicate"``
+            (G_stack, Du et al. 2024: an unmodified copy, writes included; the function changes, so it is not
+            verified against the old outputs, only that the grown model runs).
         example_inputs: a batch: required, to find the stream and check the insertion.
 
     Raises:

@@ -13,7 +13,9 @@ grown and scratch runs of one seed see the same data):
 * ``grown 2x steps``: the grown recipe for twice the steps (and the grown run's LR): what growing costs
   when it is given about scratch's FLOPs;
 * ``grown, deadline 0.3`` (opt-in, ``--configs``): full size by 30% of the run instead of 60%, so that the full
-  model also trains at the peak LR before the decay.
+  model also trains at the peak LR before the decay;
+* ``grown, stack duplicates`` (opt-in): the new blocks are unmodified copies (``Stack(init="duplicate")``, G_stack,
+  Du et al. 2024) instead of copies whose stream writes start at zero: not function-preserving.
 
 Each of ``grown`` and ``scratch`` picks its peak LR from ``--lrs`` by final validation loss over
 ``--tune-seeds`` separate seeds (one ``--lrs`` value: fixed, no tuning runs). FLOPs are the training FLOPs
@@ -188,7 +190,8 @@ def shape_of(net: nn.Module) -> dict[str, int]:
 
 
 BUDGET = "scratch at grown's FLOPs"  # the full model trained (its own schedule) on the grown run's FLOPs
-CONFIGS = ("grown", "scratch", "grown 2x steps", BUDGET, "grown, deadline 0.3")  # the last: opt-in (--configs)
+DUPLICATES = "grown, stack duplicates"  # G_stack: the new blocks unmodified copies (not function-preserving)
+CONFIGS = ("grown", "scratch", "grown 2x steps", BUDGET, "grown, deadline 0.3", DUPLICATES)  # the last 2: opt-in
 DEFAULT_CONFIGS = CONFIGS[:4]
 
 
@@ -203,7 +206,8 @@ def growers(config: str, seed: int) -> list[AutoGrow]:
         return []
     deadline = 0.3 if config == "grown, deadline 0.3" else 0.6
     return [AutoGrow(grow=Widen(), max_events=2, seed=seed, deadline=deadline),
-            AutoGrow(grow=Stack(), max_events=2, seed=seed, deadline=deadline)]
+            AutoGrow(grow=Stack(init="duplicate" if config == DUPLICATES else "copy"), max_events=2, seed=seed,
+                     deadline=deadline)]
 
 
 def event_row(cb: AutoGrow, event: Any) -> dict[str, Any]:
@@ -460,7 +464,8 @@ def report(out: Path, task: Task, args: argparse.Namespace, rows: list[dict[str,
            tuning: list[dict[str, Any]], lrs: dict[str, float], described: str) -> str:
     """The markdown report (also written with the rows as csv/json)."""
     full, small = task.dims(False), task.dims(True)
-    errors = [e["preservation_error"] for e in events if e["preservation_error"] is not None]
+    errors = [e["preservation_error"] for e in events  # the duplicates change the function on purpose
+              if e["preservation_error"] is not None and e["config"] != DUPLICATES]
     md = (f"### Transformers grow: {task.title}, {args.seeds} seeds\n\n"
           f"Full model {full}; grown from {small} with two AutoGrow callbacks (widen x2 and stack x2, "
           f"`max_events=2` each, defaults otherwise). {task.steps} optimizer steps of batch {task.batch_size}"
@@ -471,7 +476,8 @@ def report(out: Path, task: Task, args: argparse.Namespace, rows: list[dict[str,
           + "\n".join(v for v in (verdict(rows, c) for c in CONFIGS if grows(c)) if v)
           + budget_verdict(rows)
           + f"\n\n**Growth events**: largest preservation error {max(errors, default=float('nan')):.1e} (relative, "
-          f"float32, on a validation batch in eval mode). Optimizer-state check (after training, the optimizer "
+          f"float32, on a validation batch in eval mode; '{DUPLICATES}' not counted: its stacks change the function "
+          f"by design). Optimizer-state check (after training, the optimizer "
           f"holds exactly the model's parameters, every moment of its parameter's shape): "
           f"{sum(r['optimizer_ok'] for r in rows)}/{len(rows)} runs pass.\n\n{events_table(events)}\n\n"
           f"FLOPs: training FLOPs (3x the forward pass, attention counted dense), at the size the model had at "

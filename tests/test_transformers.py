@@ -193,6 +193,24 @@ def test_stack_replays_and_carries_the_optimizer():
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
 
 
+def test_stack_duplicate_copies_the_block_unmodified_and_replays():
+    """G_stack's duplicate: the new block equals the old one, writes included, so the function changes (it is not
+    exact, and says so); the grown model trains, the optimizer holds it, and the record replays it."""
+    model, opt, x = trained(True)
+    fresh, before = copy.deepcopy(model), model(x).detach()
+    plan = autogrow.plan_stack(model, "blocks.0", init="duplicate", generator=0, example_inputs=x)
+    assert not plan.exact
+    g = plan.apply(opt)
+    assert "unmodified duplicate" in g.summary()
+    assert all(torch.equal(a, b) for a, b in zip(model.blocks[0].parameters(), model.blocks[1].parameters()))
+    assert (model(x) - before).abs().max() > 1e-3  # the duplicate's writes count
+    assert {id(p) for g_ in opt.param_groups for p in g_["params"]} == {id(p) for p in model.parameters()}
+    autogrow.replay(fresh, [g.to_dict()])
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    F.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+    opt.step()
+
+
 class TinyLM(pl.LightningModule):
     """TinyGPT as a LightningModule: next-token cross-entropy, AdamW."""
 
