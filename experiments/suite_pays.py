@@ -97,6 +97,8 @@ VARIANTS: dict[str, dict[str, Any]] = {  # other recipes, measured against a fin
     "geometric-deadline-0.7": {"deadline": Deadline(0.7, ratio=0.125)},  # small sizes passed in the first percent
     "deadline-0.7-ratio-0.5": {"deadline": Deadline(0.7, ratio=0.5)},
     "deadline-0.6-ratio-0.5": {"deadline": Deadline(0.6, ratio=0.5)},
+    "deadline-0.45": {"deadline": 0.45},  # even spacing, finished earlier: the CNN wants its full size early
+    "deadline-0.3": {"deadline": 0.3},
     "copies": {"grow": Widen(init="net2wider")},  # the recipe study's winner on the MLP (with --lrs 3e-3)
     "shrink-perturb": {"shrink_perturb": (0.6, 0.01)},  # Ash & Adams at each growth; picked on seed 0's val acc
     "copies+shrink-perturb": {"grow": Widen(init="net2wider"), "shrink_perturb": (0.6, 0.01)},
@@ -163,10 +165,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--variant", choices=sorted(VARIANTS), default=None,
                     help="only grown runs of this recipe at --lrs[0], paired with the saved pays_<model>.json")
+    ap.add_argument("--deadline-sweep", action="store_true",
+                    help="only the table of the saved 'defaults' and 'deadline-*' variants against the baselines")
     args = ap.parse_args(argv)
     s = SETTINGS[args.model]
     args.epochs = args.epochs or s.epochs
     out = finish_args(args, f"pays_{args.model}")
+    if args.deadline_sweep:
+        return deadline_sweep(out, args.model, s, args.epochs)
     if args.quick:
         s = Setting(s.name, s.build, 2, 8, (4,), s.flatten, args.epochs, s.data)
         args.tune_seeds, args.lrs = 1, args.lrs[:1]
@@ -217,6 +223,40 @@ def run_variant(s: Setting, args: argparse.Namespace, out: Path) -> list[dict[st
           f"{ms['d_scratch_pp'][1]:.2f} pp, "
           f"vs the default grown run {ms['d_default_pp'][0]:+.2f} ± {ms['d_default_pp'][1]:.2f} pp (± std over seeds)")
     write(out, f"pays_{args.model}_{args.variant}", rows, md)
+    return rows
+
+
+SWEEP = {"deadline-0.3": 0.3, "deadline-0.45": 0.45, "defaults": 0.6}  # variants with even spacing, by deadline
+
+
+def deadline_sweep(out: Path, model: str, s: Setting, epochs: int) -> list[dict[str, Any]]:
+    """The saved runs of the even-spacing deadlines (``SWEEP``) next to the saved baselines trained on a budget:
+    what finishing growth earlier buys, and whether any deadline gets above the fixed nets' accuracy-FLOPs curve.
+    Deadline 0.6 is the ``defaults`` variant, else (a run measured with today's defaults) the saved grown run."""
+    saved = json.loads((out / f"pays_{model}.json").read_text())
+    runs = {v: json.loads((out / f"pays_{model}_{v}.json").read_text()) for v in SWEEP
+            if (out / f"pays_{model}_{v}.json").exists()}
+    runs.setdefault("defaults", [r for r in saved if r["config"] == "grown"])
+    base = {r["seed"]: r["test_acc"] for r in runs["defaults"]}
+    groups = [(f"grown, deadline {SWEEP[v]}", runs[v]) for v in SWEEP if v in runs]
+    groups += [(c, [r for r in saved if r["config"] == c]) for c in dict.fromkeys(r["config"] for r in saved)
+               if c.startswith(("scratch", "fixed"))]
+    lines = ["| run | test acc % | FLOPs / scratch | paired d test vs deadline 0.6 (pp) |", "|---|---|---|---|"]
+    rows = []
+    for config, rs in groups:
+        t, f = [r["test_acc"] for r in rs], [r["flops_ratio"] for r in rs]
+        d = [100 * (r["test_acc"] - base[r["seed"]]) for r in rs if r["seed"] in base]
+        rows.append({"config": config, "test_acc": statistics.mean(t), "flops_ratio": statistics.mean(f),
+                     "d_pp": statistics.mean(d) if d else math.nan})
+        paired = f"{statistics.mean(d):+.2f} ± {statistics.stdev(d):.2f}" if len(d) > 1 and any(d) else "-"
+        sd = statistics.stdev(t) if len(t) > 1 else 0.0
+        lines.append(f"| {config} | {100 * statistics.mean(t):.2f} ± {100 * sd:.2f} | "
+                     f"{statistics.mean(f):.3f} | {paired} |")
+    md = (f"### When growth finishes: {s.name}, {s.data}, {epochs} epochs, the deadline swept\n\n"
+          f"`AutoGrow(max_params=..., deadline=f)` (even spacing: the k-th of n events at k/n x f of the run), the "
+          f"library's defaults otherwise (f = 0.6), paired by seed (± std over seeds); the baselines are "
+          f"`pays_{model}.json`'s, trained on the FLOPs of the grown run of that file.\n\n" + "\n".join(lines))
+    write(out, f"pays_{model}_deadline_sweep", rows, md)
     return rows
 
 

@@ -78,6 +78,12 @@ def test_pays_and_dnc_suites(tiny_idx, tmp_path):
     saved = {r["seed"]: r["test_acc"] for r in rows if r["config"] == "scratch"}
     assert [round(r["d_scratch_pp"], 9) for r in variant] == [round(100 * (r["test_acc"] - saved[r["seed"]]), 9)
                                                                for r in variant]
+    suite_pays.main(["--quick", "--data-dir", tiny_idx, "--out", str(tmp_path / "pays"), "--seeds", "2",
+                     "--variant", "deadline-0.3"])
+    sweep = {r["config"]: r for r in suite_pays.main(["--quick", "--out", str(tmp_path / "pays"), "--deadline-sweep"])}
+    assert list(sweep)[:2] == ["grown, deadline 0.3", "grown, deadline 0.6"]  # no defaults variant: the saved run
+    assert sweep["grown, deadline 0.6"]["test_acc"] == sum(r["test_acc"] for r in grown) / len(grown)
+    assert "| scratch @ budget |" in (tmp_path / "pays" / "pays_mlp_deadline_sweep.md").read_text()
     suite_dnc.main(["--quick", "--data-dir", tiny_idx, "--out", str(tmp_path / "dnc")])
     assert outputs(tmp_path / "dnc", "dnc")
 
