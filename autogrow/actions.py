@@ -75,6 +75,10 @@ class Widen(GrowthAction):
         noise: keras-style noise on the copies' outgoing weights (inexact).
         new_state: optimizer state of fresh units (``init="zero_out"``, ``"vt"``, ``"random"``): ``"zero"`` or
             ``"mean"`` (see :func:`autogrow.plan_widen`).
+        gradmax: in the callback, set the fresh units' incoming weights from the next training step's gradients
+            (:mod:`autogrow.gradmax`; ``init="zero_out"`` or ``"auto"``; Linear layers reaching Linear layers,
+            others keep their drawn rows with a warning). Held in memory until that step: a checkpoint written in
+            between resumes with the drawn rows.
     """
 
     name = "widen"
@@ -85,9 +89,13 @@ class Widen(GrowthAction):
     split: float = 0.5
     noise: float = 0.0
     new_state: str = "zero"
+    gradmax: bool = False
 
     def __post_init__(self) -> None:
         check_float("factor", self.factor, 1.0, low_open=True)
+        check_bool("gradmax", self.gradmax)
+        check("init", self.init, not self.gradmax or self.init in ("auto", "zero_out"),
+              "'auto' or 'zero_out' with gradmax=True (GradMax re-points fresh units)")
         check_choice("new_state", self.new_state, NEW_STATES)
         check_int("units", self.units, 1, optional=True)
         if self.init != "auto":

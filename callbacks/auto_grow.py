@@ -32,6 +32,7 @@ from autogrow.policy import Candidate, GradientTracker, GrowthPolicy, TryCandida
 from autogrow.resize import Shrink
 
 from ._compat import CALLBACK_BASES, MisconfigurationError, check_supported, info, warn
+from .gradmax import PendingGradMax
 from .growth_event import grow_event
 from .mixin import unwrap_load_hook, wrap_load_hook
 from .probe import Probe
@@ -150,6 +151,7 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         self._snapshot: Snapshot | None = None
         self._rollback_pending = False
         self._gradients = GradientTracker()
+        self._gradmax = PendingGradMax()  # fresh rows to set at the next optimizer step
 
     @property
     def state_key(self) -> str:
@@ -172,6 +174,7 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         unwrap_load_hook(pl_module)
+        self._gradmax.cancel()
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if len(trainer.optimizers) != 1:
@@ -243,6 +246,7 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         self.resizer.observe(outputs, batch)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
+        self._gradmax.finish(trainer, pl_module)
         if self.policy.needs_gradients:
             self._gradients.add(pl_module, self.targets)
 

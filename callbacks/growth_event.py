@@ -54,6 +54,8 @@ def grow_event(cb: Any, trainer: Any, pl_module: Any) -> None:
     if not growths:
         return cb._stop(trainer, StopReason.BUDGET, "no layer can grow within max_params / max_width")
     rebuild(trainer, pl_module, saved, growths, cb.optimizer_state)
+    if getattr(choice.action, "gradmax", False):
+        cb._gradmax.start(trainer, pl_module, growths, seed)
     cb.schedule.rebuilt(trainer, pl_module, grew=True, growths=growths)
     after = cb.probe.outputs(pl_module)
     if cb.shrink_perturb is not None:

@@ -103,6 +103,8 @@ VARIANTS: dict[str, dict[str, Any]] = {  # other recipes, measured against a fin
     "shrink-perturb": {"shrink_perturb": (0.6, 0.01)},  # Ash & Adams at each growth; picked on seed 0's val acc
     "copies+shrink-perturb": {"grow": Widen(init="net2wider"), "shrink_perturb": (0.6, 0.01)},
     "fresh-steps": {"lr": GrowthLR(fresh_steps=True)},  # Adam's bias correction per fresh unit (autogrow.fresh)
+    "gradmax": {"grow": Widen(gradmax=True)},  # fresh rows along the top singular vectors of M (autogrow.gradmax)
+    "gradmax+geometric": {"grow": Widen(gradmax=True), "deadline": Deadline(0.7, ratio=0.125)},
 }
 # every ablation too, by a short name: its rows paired with a finished run, one process per ablation
 VARIANTS.update({"ablation-" + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-"): kw

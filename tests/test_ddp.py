@@ -6,15 +6,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 
-def test_ddp_two_ranks_grow_together(tmp_path, subprocess_env):
+@pytest.mark.parametrize("mode", ["default", "gradmax"])
+def test_ddp_two_ranks_grow_together(tmp_path, subprocess_env, mode):
+    """Both ranks grow the same way and end with identical parameters; with GradMax, whose fresh rows come from
+    each rank's own batch, only because its matrix is summed over the ranks."""
     script = Path(__file__).with_name("ddp_run.py")
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=subprocess_env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), *(["gradmax"] if mode == "gradmax" else [])],
+                          env=subprocess_env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["gradmax_applied"] == r1["gradmax_applied"] == (2 if mode == "gradmax" else 0)
     assert len(r0["events"]) == len(r1["events"]) == 2
     assert r0["events"][0]["changes"] == r1["events"][0]["changes"]
     assert r0["steps_after_growth"] >= 20
