@@ -65,7 +65,10 @@ def fresh_rows(model: nn.Module, growth: Growth) -> FreshRows:
                 fail(f"{what}: {module_name!r} ({type(module).__name__}) holds the widened units on dim {t.dim} of "
                      f"{pname!r} (role {t.role!r}); GradMax supports a Linear producer reaching Linear consumers "
                      "through element-wise ops only")
-            (out.setdefault(module_name, t.map) if t.role == "out" else cons.append((module_name, t.map)))
+            if t.role == "out":
+                out.setdefault(module_name, t.map)
+            else:
+                cons.append((module_name, t.map))
     if len(out) != 1:
         fail(f"{what} has {len(out)} producers ({sorted(out)}); GradMax needs exactly one")
     (producer, map_name), = out.items()
