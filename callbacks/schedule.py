@@ -21,7 +21,7 @@ class RunSchedule:
     def __init__(self, lr: GrowthLR | None, deadline: Deadline | None) -> None:
         self.lr, self.deadline = lr, deadline
         self.total_steps: int | None = None
-        self._next_due: float | None = None  # progress at which the deadline's next event is due (cached)
+        self._needed: int | None = None  # the deadline's events still to go (cached: counting them plans growths)
 
     def start(self, trainer: Any, module: nn.Module) -> None:
         """At fit start: the run's length (optimizer steps), and the multiplier on the optimizer."""
@@ -42,18 +42,18 @@ class RunSchedule:
 
     def due(self, trainer: Any, done: int, needed: Callable[[], int]) -> bool:
         """Whether the deadline calls for a growth now. ``needed()`` (the events still to go; it plans them) is
-        asked only when the time of the next event is not known: it is kept until :meth:`forget`, so that the
-        check before every training batch costs a comparison."""
+        asked only when it is not known: it is kept until :meth:`forget`, so that the check before every
+        training batch costs no planning."""
         p = self.progress(trainer)
         if self.deadline is None or p is None:
             return False
-        if self._next_due is None:
-            self._next_due = self.deadline.next_due(done, needed())
-        return p >= self._next_due - 1e-9
+        if self._needed is None:
+            self._needed = needed()
+        return self.deadline.due(p, done, self._needed)
 
     def forget(self) -> None:
-        """The next event's time is stale (the model changed, or an evaluation may have changed what can grow)."""
-        self._next_due = None
+        """The events still to go are stale (the model changed, or an evaluation may have changed what can grow)."""
+        self._needed = None
 
     def rebuilt(self, trainer: Any, module: nn.Module, grew: bool, growths: Sequence[Growth] = ()) -> None:
         """After the optimizer was rebuilt (growth or rollback): the multiplier moves to the new one."""
