@@ -334,13 +334,14 @@ class Outcome:
         return re.sub(r"(?:(?<=\.)|^)\d+(?=\.|$)", "*", self.layer, count=1)
 
 
-def snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> tuple:
+def snapshot(model: nn.Module, opt: torch.optim.Optimizer | None = None) -> tuple:
     """Everything a refusal must leave as it was: architecture, tensors, Parameter identities, optimizer."""
     sd = {k: (v.detach().clone(), v.dtype, v.requires_grad) for k, v in model.state_dict(keep_vars=True).items()}
-    return repr(model), sd, [id(p) for p in model.parameters()], copy.deepcopy(opt.state_dict())
+    state = copy.deepcopy(opt.state_dict()) if opt is not None else None
+    return repr(model), sd, [id(p) for p in model.parameters()], state
 
 
-def assert_unchanged(before: tuple, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+def assert_unchanged(before: tuple, model: nn.Module, opt: torch.optim.Optimizer | None = None) -> None:
     """Raise ``AssertionError`` naming the first thing that differs from ``before`` (a :func:`snapshot`)."""
     after = snapshot(model, opt)
     assert before[0] == after[0], "the module structure changed"

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from autogrow.experiments.zoo import assert_unchanged, snapshot
 
 import autogrow
 from autogrow.actions import Widen
@@ -95,10 +96,10 @@ class PoolTokens(nn.Sequential):
 def test_unsupported_widenings_are_refused_untouched(build, shape, kw, message):
     net, x = build(), torch.randn(*shape)
     g = autogrow.widen(net, "0", 8, generator=0, example_inputs=x, **kw)
-    state = copy.deepcopy(net.state_dict())
+    before = snapshot(net)
     with pytest.raises(autogrow.AutogrowError, match=message):
         gradmax(net, g, x, lambda out: out.square().mean())
-    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+    assert_unchanged(before, net)
 
 
 def test_widen_gradmax_needs_fresh_units():

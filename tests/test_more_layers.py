@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from autogrow.experiments.zoo import assert_unchanged, snapshot
 
 import autogrow
 from autogrow.actions import width_of
@@ -123,12 +124,10 @@ def test_groupnorm_refusals_leave_model_and_optimizer_untouched(call, message):
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     net(x).sum().backward()
     opt.step()
-    model_before, opt_before = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
+    before = snapshot(net, opt)
     with pytest.raises(autogrow.AutogrowError, match=message):
         call(net, x, opt)
-    assert all(torch.equal(v, model_before[k]) for k, v in net.state_dict().items())
-    assert all(torch.equal(s["exp_avg"], opt_before["state"][i]["exp_avg"])
-               for i, s in opt.state_dict()["state"].items())
+    assert_unchanged(before, net, opt)
 
 
 class CatGroupNorm(nn.Module):
@@ -189,12 +188,10 @@ def test_a_grouped_conv_grows_by_whole_groups_with_its_input():
 ])
 def test_grouped_conv_refusals_leave_model_and_optimizer_untouched(call, message):
     net, x, opt = _stepped(_resnext_block, (2, 3, 8, 8))
-    model_before, opt_before = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
+    before = snapshot(net, opt)
     with pytest.raises(autogrow.AutogrowError, match=message):
         call(net, x, opt)
-    assert all(torch.equal(v, model_before[k]) for k, v in net.state_dict().items())
-    assert all(torch.equal(s["exp_avg"], opt_before["state"][i]["exp_avg"])
-               for i, s in opt.state_dict()["state"].items())
+    assert_unchanged(before, net, opt)
 
 
 @pytest.mark.parametrize("build, needle", [
@@ -207,12 +204,10 @@ def test_group_coupled_layers_are_refused_untouched(build, needle):
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     net(x).sum().backward()
     opt.step()
-    model_before, opt_before = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
+    before = snapshot(net, opt)
     with pytest.raises(autogrow.AutogrowError, match=needle):
         autogrow.widen(net, "0", 8, optimizer=opt, generator=0, example_inputs=x)
-    assert all(torch.equal(v, model_before[k]) for k, v in net.state_dict().items())
-    assert all(torch.equal(s["momentum_buffer"], opt_before["state"][i]["momentum_buffer"])
-               for i, s in opt.state_dict()["state"].items())
+    assert_unchanged(before, net, opt)
 
 
 def test_the_callback_grows_a_groupnorm_convnet_exactly(tmp_path):

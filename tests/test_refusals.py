@@ -2,33 +2,14 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from autogrow.experiments.zoo import assert_unchanged, snapshot  # the zoo's exact checks
 
 import autogrow
 from tests.models import TinyTransformer
-
-
-def snapshot(model: nn.Module, opt: torch.optim.Optimizer | None = None) -> tuple:
-    sd = {k: (v.clone(), v.dtype, v.requires_grad) for k, v in model.state_dict(keep_vars=True).items()}
-    ids = [id(p) for p in model.parameters()]
-    ost = copy.deepcopy(opt.state_dict()) if opt is not None else None
-    return repr(model), sd, ids, ost
-
-
-def assert_unchanged(before: tuple, model: nn.Module, opt: torch.optim.Optimizer | None = None) -> None:
-    after = snapshot(model, opt)
-    assert before[0] == after[0] and before[2] == after[2]
-    assert before[1].keys() == after[1].keys()
-    for k, (v, dt, rg) in before[1].items():
-        w, dt2, rg2 = after[1][k]
-        assert torch.equal(v, w) and dt == dt2 and rg == rg2, k
-    if opt is not None:
-        assert repr(before[3]) == repr(after[3])
 
 
 class FixedView(nn.Module):
