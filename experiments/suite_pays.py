@@ -216,7 +216,7 @@ def run_variant(s: Setting, args: argparse.Namespace, out: Path) -> list[dict[st
                      "events": [(e.epoch, e.step, str(e.reason.value)) for e in run.events],
                      "d_scratch_pp": 100 * (run.test_acc - saved[("scratch", seed)]["test_acc"]),
                      "d_default_pp": 100 * (run.test_acc - saved[("grown", seed)]["test_acc"])})
-    ms = {k: (statistics.mean(r[k] for r in rows), statistics.stdev(r[k] for r in rows) if len(rows) > 1 else 0.0)
+    ms = {k: _mean_sd([r[k] for r in rows])
           for k in ("test_acc", "flops_ratio", "d_scratch_pp", "d_default_pp")}
     md = (f"### Variant '{args.variant}' ({VARIANTS[args.variant]}) at peak LR {args.lrs[0]:g}: {s.name}, "
           f"{len(rows)} seeds, paired with pays_{args.model}.json\n\n"
@@ -246,14 +246,11 @@ def deadline_sweep(out: Path, model: str, s: Setting, epochs: int) -> list[dict[
     lines = ["| run | test acc % | FLOPs / scratch | paired d test vs deadline 0.6 (pp) |", "|---|---|---|---|"]
     rows = []
     for config, rs in groups:
-        t, f = [r["test_acc"] for r in rs], [r["flops_ratio"] for r in rs]
+        (t, ts), (f, _) = _mean_sd([r["test_acc"] for r in rs]), _mean_sd([r["flops_ratio"] for r in rs])
         d = [100 * (r["test_acc"] - base[r["seed"]]) for r in rs if r["seed"] in base]
-        rows.append({"config": config, "test_acc": statistics.mean(t), "flops_ratio": statistics.mean(f),
-                     "d_pp": statistics.mean(d) if d else math.nan})
-        paired = f"{statistics.mean(d):+.2f} ± {statistics.stdev(d):.2f}" if len(d) > 1 and any(d) else "-"
-        sd = statistics.stdev(t) if len(t) > 1 else 0.0
-        lines.append(f"| {config} | {100 * statistics.mean(t):.2f} ± {100 * sd:.2f} | "
-                     f"{statistics.mean(f):.3f} | {paired} |")
+        rows.append({"config": config, "test_acc": t, "flops_ratio": f, "d_pp": statistics.mean(d) if d else math.nan})
+        paired = "{:+.2f} ± {:.2f}".format(*_mean_sd(d)) if len(d) > 1 and any(d) else "-"
+        lines.append(f"| {config} | {100 * t:.2f} ± {100 * ts:.2f} | {f:.3f} | {paired} |")
     md = (f"### When growth finishes: {s.name}, {s.data}, {epochs} epochs, the deadline swept\n\n"
           f"`AutoGrow(max_params=..., deadline=f)` (even spacing: the k-th of n events at k/n x f of the run), the "
           f"library's defaults otherwise (f = 0.6), paired by seed (± std over seeds); the baselines are "
@@ -262,9 +259,13 @@ def deadline_sweep(out: Path, model: str, s: Setting, epochs: int) -> list[dict[
     return rows
 
 
-def _stats(rows: list[dict[str, Any]], config: str, key: str) -> tuple[float, float]:
-    xs = [r[key] for r in rows if r["config"] == config]
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    """Mean and standard deviation (0 for a single value)."""
     return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def _stats(rows: list[dict[str, Any]], config: str, key: str) -> tuple[float, float]:
+    return _mean_sd([r[key] for r in rows if r["config"] == config])
 
 
 def _reach(rows: list[dict[str, Any]], config: str) -> str:
