@@ -141,3 +141,35 @@ def test_digits_data_module():
     assert dm.input_shape == (64,)
     assert len(dm._splits["test"]) == 1797 // 5
     assert len(dm._splits["train"]) + len(dm._splits["val"]) == 1797 - 1797 // 5
+
+
+def test_screen_grows_on_schedule_and_counts_flops(tiny_idx, tmp_path):
+    """The plain-PyTorch screen: every recipe runs; the FLOPs follow the schedule exactly (15 steps, growths at
+    steps 3/6/9, each doubling both hidden layers), the budget baseline trains 0.55x the steps."""
+    from autogrow.experiments import screen
+
+    rows = screen.main(["--quick", "--data-dir", tiny_idx, "--out", str(tmp_path)])
+    assert {r["recipe"] for r in rows} == set(screen.RECIPES)
+    assert "| even 0.6 (default) |" in (tmp_path / "screen_mlp_3ep.md").read_text()
+    m, x = screen.MODELS["mlp"], torch.zeros(1, 784)
+    f = {w: screen.forward_flops(m.build(w), x) for w in (32, 64, 128, 256)}
+    by = {r["recipe"]: r["flops"] for r in rows}
+    assert by["scratch"] == pytest.approx(1.0) and by["scratch on 0.55x steps"] == pytest.approx(8 / 15)
+    assert by["even 0.6 (default)"] == pytest.approx((3 * (f[32] + f[64] + f[128]) + 6 * f[256]) / (15 * f[256]))
+    assert by["half width"] == pytest.approx(f[128] / f[256])
+
+
+def test_screen_shrink_perturb_only_at_the_last_growth():
+    from autogrow.experiments import screen
+
+    m, x = screen.MODELS["mlp"], torch.randn(16, 784)
+    r = screen.RECIPES["geometric 0.7 + shrink-perturb 0.2/0.01 at the last growth"]
+    torch.manual_seed(0)
+    net = m.build(32)
+    opt = torch.optim.Adam(net.parameters())
+    before = net(x)
+    screen.grow(net, m, r, opt, x, seed=0, step=1, last=False)  # exact: widened, not perturbed
+    assert net.fc1.out_features == 64 and (net(x) - before).abs().max() < 1e-5
+    assert net.out.weight[:, 32:].abs().max() == 0 < net.fc2.weight[32:].abs().min()  # fresh units, as the callback
+    screen.grow(net, m, r, opt, x, seed=0, step=2, last=True)
+    assert net.fc1.out_features == 128 and (net(x) - before).abs().max() > 0.1
