@@ -29,7 +29,6 @@ from autogrow.experiments.models import MLP, ConvNet
 from torch.utils.flop_counter import FlopCounterMode
 
 import autogrow
-from autogrow.fresh import FreshSteps
 from autogrow.lr import shrink_perturb
 
 
@@ -72,7 +71,6 @@ class Recipe:
     hold: bool = False
     cycle: bool = False
     reset: bool = False
-    fresh_steps: bool = False
     shrink_perturb: tuple[float, float] | None = None
     last_only: bool = False
 
@@ -145,7 +143,6 @@ def train(m: Model, r: Recipe, data: Sequence[torch.Tensor], epochs: int, seed: 
     total = max(1, round(r.steps * epochs * per_epoch))
     events = [round(f * total) for f in r.growth_points(round(math.log2(m.final / m.start)))]
     points = list(events)
-    fresh = FreshSteps() if r.fresh_steps else None
     shuffle, flops, step = torch.Generator().manual_seed(seed + 1000), 0.0, 0
     step_flops = 3 * forward_flops(net, x) * bs
     while step < total:
@@ -155,15 +152,16 @@ def train(m: Model, r: Recipe, data: Sequence[torch.Tensor], epochs: int, seed: 
                 break
             while events and step == events[0]:
                 events.pop(0)
-                growths = grow(net, m, r, opt, x, seed, step, last=not events)
+                grow(net, m, r, opt, x, seed, step, last=not events)
                 if r.reset:
                     opt = torch.optim.Adam(net.parameters(), lr=m.lr)
-                if fresh is not None:
-                    fresh.grew(net, growths, step)
                 step_flops = 3 * forward_flops(net, x) * bs
             for group in opt.param_groups:
                 group["lr"] = m.lr * multiplier(r, step, total, points)
-            sgd_step(net, opt, fresh, x[idx], y[idx], step)
+            loss = F.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
             flops += step_flops * len(idx) / bs
             step += 1
     return {"test": accuracy(net, xt, yt), "val": accuracy(net, xv, yv), "train": accuracy(net, x[:20000], y[:20000]),
@@ -182,17 +180,6 @@ def multiplier(r: Recipe, step: int, total: int, points: Sequence[int]) -> float
     a, b = (done[-1] if done else 0, next((p for p in points if p > step), total)) if r.cycle else (0, total)
     start = max(a + (1 - r.decay) * (b - a), done[-1] if done else 0, points[-1] if r.hold and points else 0)
     return 1.0 if step < start else (b - step) / (b - start)
-
-
-def sgd_step(net: nn.Module, opt: torch.optim.Optimizer, fresh: FreshSteps | None, x: torch.Tensor,
-             y: torch.Tensor, step: int) -> None:
-    loss = F.cross_entropy(net(x), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    before = {id(p): p.detach().clone() for p in net.parameters()} if fresh is not None and fresh.births else {}
-    opt.step()
-    if before:
-        fresh.correct(opt, {id(p): n for n, p in net.named_parameters()}, before, step)
 
 
 def arrays(m: Model, args: argparse.Namespace, seed: int) -> list[torch.Tensor]:
