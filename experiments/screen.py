@@ -6,7 +6,8 @@ decayed linearly to zero, in a plain loop: about 30 s per MLP run on one core, s
 be compared on several seeds and on long runs. Each growth doubles every hidden layer (what the callback's ``all``
 policy does on these nets) with ``autogrow.widen`` (fresh units, Adam state carried), at fixed fractions of the
 run's steps: ``even`` spreads them up to the deadline, ``geometric`` passes the small sizes in the first percent
-(``Deadline(0.7, ratio=0.125)``). FLOPs are counted per step with ``torch.utils.flop_counter`` (training = 3x
+(``Deadline(0.7, ratio=0.125)``). There is no plateau trigger: over long runs the callback's plateaus bring growth
+earlier than the deadline. FLOPs are counted per step with ``torch.utils.flop_counter`` (training = 3x
 forward) and reported over the full-size net's for the same epochs.
 
     python -m autogrow.experiments.screen --model mlp --epochs 30 --seeds 3
@@ -60,7 +61,8 @@ class Recipe:
     this last fraction of the run, restarting from the peak at a growth inside it (``GrowthLR``'s rule: the
     decay starts no earlier than the latest growth so far), or, with ``hold``, held at the peak until the last
     growth, or, with ``cycle``, the same hold-then-decay within every phase between growths (each size annealed,
-    then grown at the peak LR); ``shrink_perturb``: (shrink, noise) after each growth, or only the last (``last_only``).
+    then grown at the peak LR); ``init``: the new units (``widen``'s; ``"net2wider"``: copies, split 0.5 as the
+    callback's ``Widen``); ``shrink_perturb``: (shrink, noise) after each growth, or only the last (``last_only``).
     """
 
     width: int | None = None
@@ -71,6 +73,7 @@ class Recipe:
     hold: bool = False
     cycle: bool = False
     reset: bool = False
+    init: str = "auto"
     shrink_perturb: tuple[float, float] | None = None
     last_only: bool = False
 
@@ -99,12 +102,26 @@ RECIPES = {  # names without commas: --recipes takes a comma-separated list
     "geometric 0.7 + LR cycle per size": Recipe(schedule="geometric", deadline=0.7, cycle=True),
     "even 0.6 + LR cycle per size": Recipe(cycle=True),
     "geometric 0.7 + shrink-perturb 0.5/0.01": Recipe(schedule="geometric", deadline=0.7, shrink_perturb=(0.5, 0.01)),
+    "geometric 0.7 + shrink-perturb 0.3/0.01": Recipe(schedule="geometric", deadline=0.7, shrink_perturb=(0.3, 0.01)),
+    "geometric 0.7 + shrink-perturb 0.7/0.01": Recipe(schedule="geometric", deadline=0.7, shrink_perturb=(0.7, 0.01)),
+    "geometric 0.7 + shrink-perturb 0.5/0.03": Recipe(schedule="geometric", deadline=0.7, shrink_perturb=(0.5, 0.03)),
+    "geometric 0.7 + shrink-perturb 0.5/0.01 + optimizer reset": Recipe(
+        schedule="geometric", deadline=0.7, shrink_perturb=(0.5, 0.01), reset=True),
+    "even 0.6 + shrink-perturb 0.3/0.01": Recipe(shrink_perturb=(0.3, 0.01)),
+    "even 0.6 + copies + shrink-perturb 0.5/0.01": Recipe(init="net2wider", shrink_perturb=(0.5, 0.01)),
+    "geometric 0.7 + copies + shrink-perturb 0.5/0.01": Recipe(schedule="geometric", deadline=0.7, init="net2wider",
+                                                              shrink_perturb=(0.5, 0.01)),
     "geometric 0.7 + shrink-perturb 0.2/0.01 at the last growth": Recipe(
         schedule="geometric", deadline=0.7, shrink_perturb=(0.2, 0.01), last_only=True),
 }
 
 
 def forward_flops(net: nn.Module, x: torch.Tensor) -> float:
+    """FLOPs of one forward pass on one sample of ``x``, in eval mode (BatchNorm statistics do not move).
+
+        >>> forward_flops(nn.Linear(4, 2), torch.zeros(1, 4))
+        16.0
+    """
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         net.eval()
@@ -114,6 +131,11 @@ def forward_flops(net: nn.Module, x: torch.Tensor) -> float:
 
 
 def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy, in eval mode and in chunks.
+
+        >>> accuracy(nn.Identity(), torch.eye(4), torch.tensor([0, 1, 2, 0]))
+        0.75
+    """
     net.eval()
     with torch.no_grad():
         hits = sum(int((net(x[i:i + 2000]).argmax(1) == y[i:i + 2000]).sum()) for i in range(0, len(x), 2000))
@@ -125,7 +147,7 @@ def grow(net: nn.Module, m: Model, r: Recipe, opt: torch.optim.Optimizer, x: tor
          last: bool) -> list[autogrow.Growth]:
     """Double every target layer as the callback does (``init="auto"``: fresh units here); then the recipe's
     shrink-and-perturb."""
-    growths = [autogrow.widen(net, t, 2 * getattr(net, t).weight.shape[0], init="auto", optimizer=opt,
+    growths = [autogrow.widen(net, t, 2 * getattr(net, t).weight.shape[0], init=r.init, split=0.5, optimizer=opt,
                               example_inputs=x[:8], generator=seed * 7919 + step) for t in m.targets]
     if r.shrink_perturb is not None and (last or not r.last_only):
         shrink_perturb(net, *r.shrink_perturb, torch.Generator().manual_seed(seed * 104729 + step))
@@ -182,7 +204,7 @@ def multiplier(r: Recipe, step: int, total: int, points: Sequence[int]) -> float
     return 1.0 if step < start else (b - step) / (b - start)
 
 
-def arrays(m: Model, args: argparse.Namespace, seed: int) -> list[torch.Tensor]:
+def _arrays(m: Model, args: argparse.Namespace, seed: int) -> list[torch.Tensor]:
     dm = fashion(args, m.flatten, seed)
     return [t for load in (dm.train_dataloader, dm.val_dataloader, dm.test_dataloader) for t in load().dataset.tensors]
 
@@ -191,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     ap = parser(__doc__, epochs=10, seeds=3)
     ap.add_argument("--model", choices=sorted(MODELS), default="mlp")
     ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated names from RECIPES")
+    ap.add_argument("--name", default=None, help="results file name (default screen_<model>_<epochs>ep)")
     args = ap.parse_args(argv)
     m = MODELS[args.model]
     if args.train_subset is None:
@@ -204,18 +227,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     bs = 32 if args.quick else 128
     rows, full = [], forward_flops(m.build(m.final), torch.zeros(1, *((784,) if m.flatten else (1, 28, 28))))
     for seed in range(args.seeds):
-        data = arrays(m, args, seed)
+        data = _arrays(m, args, seed)
         for name in names:
             t0 = time.perf_counter()
             res = train(m, RECIPES[name], data, args.epochs, seed, bs)
             res["flops"] /= 3 * full * len(data[0]) * args.epochs
             rows.append({"recipe": name, "seed": seed, **res, "wall_s": time.perf_counter() - t0})
             print(rows[-1], flush=True)
-    write(out, f"screen_{args.model}_{args.epochs}ep", rows, report(m, args, names, rows))
+    write(out, args.name or f"screen_{args.model}_{args.epochs}ep", rows, _report(m, args, names, rows))
     return rows
 
 
-def report(m: Model, args: argparse.Namespace, names: Sequence[str], rows: Sequence[dict]) -> str:
+def _report(m: Model, args: argparse.Namespace, names: Sequence[str], rows: Sequence[dict]) -> str:
     def ms(name: str, key: str) -> str:
         xs = [100 * r[key] for r in rows if r["recipe"] == name]
         return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
