@@ -54,7 +54,8 @@ MODELS = {
 
 @dataclass(frozen=True)
 class Recipe:
-    """One configuration: ``width`` None starts at the model's start width and grows to its final width.
+    """One configuration: ``width`` None starts at the model's start width and grows to its final width; -1 trains
+    a fixed net of the final width, -2 one of half of it.
 
     ``schedule``: "even" (growths at deadline * k / n) or "geometric" (deadline * 0.125 ** (n - k)); ``steps``:
     the fraction of the run's steps trained (a budget baseline); ``decay``: the LR decays linearly to zero over
