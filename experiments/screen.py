@@ -27,10 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from autogrow.experiments.common import fashion, finish_args, parser, table, write
 from autogrow.experiments.models import MLP, ConvNet
-from torch.utils.flop_counter import FlopCounterMode
+from autogrow.experiments.transformers import forward_flops
 
 import autogrow
 from autogrow.lr import shrink_perturb
+from autogrow.shapes import eval_mode
 
 
 @dataclass(frozen=True)
@@ -117,30 +118,14 @@ RECIPES = {  # names without commas: --recipes takes a comma-separated list
 }
 
 
-def forward_flops(net: nn.Module, x: torch.Tensor) -> float:
-    """FLOPs of one forward pass on one sample of ``x``, in eval mode (BatchNorm statistics do not move).
-
-        >>> forward_flops(nn.Linear(4, 2), torch.zeros(1, 4))
-        16.0
-    """
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        net.eval()
-        net(x[:1])
-        net.train()
-    return float(counter.get_total_flops())
-
-
 def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Top-1 accuracy, in eval mode and in chunks.
 
         >>> accuracy(nn.Identity(), torch.eye(4), torch.tensor([0, 1, 2, 0]))
         0.75
     """
-    net.eval()
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(net):
         hits = sum(int((net(x[i:i + 2000]).argmax(1) == y[i:i + 2000]).sum()) for i in range(0, len(x), 2000))
-    net.train()
     return hits / len(x)
 
 
@@ -167,7 +152,7 @@ def train(m: Model, r: Recipe, data: Sequence[torch.Tensor], epochs: int, seed: 
     events = [round(f * total) for f in r.growth_points(round(math.log2(m.final / m.start)))]
     points = list(events)
     shuffle, flops, step = torch.Generator().manual_seed(seed + 1000), 0.0, 0
-    step_flops = 3 * forward_flops(net, x) * bs
+    step_flops = 3 * forward_flops(net, x[:1]) * bs
     while step < total:
         order = torch.randperm(len(x), generator=shuffle)
         for idx in order.split(bs):
@@ -178,7 +163,7 @@ def train(m: Model, r: Recipe, data: Sequence[torch.Tensor], epochs: int, seed: 
                 grow(net, m, r, opt, x, seed, step, last=not events)
                 if r.reset:
                     opt = torch.optim.Adam(net.parameters(), lr=m.lr)
-                step_flops = 3 * forward_flops(net, x) * bs
+                step_flops = 3 * forward_flops(net, x[:1]) * bs
             for group in opt.param_groups:
                 group["lr"] = m.lr * multiplier(r, step, total, points)
             loss = F.cross_entropy(net(x[idx]), y[idx])
