@@ -341,6 +341,8 @@ class _Walk:
                 return _fwd_batched(self, node, node, op, lay)
             except Refusal as r:
                 self.fail(node, r.why, r.fix, r.needs_shapes)
+        if op.kind is OpKind.LAYOUT and isinstance(node.args[0], fx.Node) and node.args[0] in self.layouts:
+            return self._forward_early(node, op, lay, via)
         if op.kind is OpKind.LAYOUT and op.inverse is not None and isinstance(node.args[0], fx.Node):
             try:
                 before = op.inverse(lay, node, op.module, self)
@@ -350,6 +352,18 @@ class _Walk:
             return self.backward(node.args[0], before, node)
         self.fail(via, f"combines the widened tensor with {_origin(node, self.model)}, whose width is fixed",
                   "Residual paths can be widened when every operand comes from a registered layer.")
+
+    def _forward_early(self, node: fx.Node, op: Op, lay: Layout, via: fx.Node) -> None:
+        """A view of a tensor the walk has already reached, met first from the op it flows into (rotary
+        embeddings: ``cat((-x[..., d // 2:], x[..., :d // 2]), -1)`` joins two slices of the widened tensor):
+        its layout is the forward rule's, and must be the one ``via`` needs."""
+        try:
+            fwd = op.layout(self.layouts[node.args[0]], node, op.module, self)  # type: ignore[misc]
+        except Refusal as r:
+            self.fail(node, r.why, r.fix, r.needs_shapes)
+        if (fwd.dim, fwd.key, fwd.flat) != (lay.dim, lay.key, lay.flat):
+            self.fail(via, f"combines tensors whose units are mapped differently ({node.name})")
+        self.mark(node, fwd)
 
     # -- concatenations -------------------------------------------------------------------------------
     def cat(self, user: fx.Node, lay: Layout) -> None:

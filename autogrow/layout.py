@@ -129,6 +129,11 @@ def flatten_axes(lay: Layout, start: int, end: int) -> Layout:
     raise Refusal(f"flattens axes {s}..{e} so that the units (axis {p}) are not the outer index")
 
 
+_NORM_FIX = ("If it is a normalisation written by hand (an RMSNorm's x.pow(2).mean(-1, keepdim=True)), register "
+             "its module as what it computes: autogrow.register_channelwise(MyNorm, "
+             "autogrow.registry.channel_spec(nn.RMSNorm(1))).")
+
+
 def reduce_axes(lay: Layout, dims: int | Sequence[int] | None, keepdim: bool) -> Layout:
     """``mean/sum/amax(dims)``: allowed over any axes but the units'."""
     if lay.ndim is None and dims is not None and not lay.flat:
@@ -139,7 +144,7 @@ def reduce_axes(lay: Layout, dims: int | Sequence[int] | None, keepdim: bool) ->
     pos = sorted(d % nd for d in ([dims] if isinstance(dims, int) else dims))
     p = nd + lay.dim
     if p in pos:
-        raise Refusal("reduces over the widened units")
+        raise Refusal("reduces over the widened units", _NORM_FIX)
     if keepdim:
         return lay
     new_nd = nd - len(pos)

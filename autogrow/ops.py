@@ -174,7 +174,7 @@ _ACTIVATIONS: list[tuple[list[Callable | str], Callable[[], nn.Module], bool]] =
 for _targets, _module, _idem in _ACTIVATIONS:
     for _t in _targets:
         register_function(_t, OpKind.ELEMENTWISE, activation=True, idempotent=_idem, module=_module)
-for _t in (torch.abs, torch.exp, "abs", "exp",  # not activations Net2DeeperNet would copy
+for _t in (torch.abs, torch.exp, "abs", "exp", operator.neg, torch.neg, "neg",  # not activations to copy
            F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.max_pool1d, F.max_pool2d, F.max_pool3d,
            F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
            F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,

@@ -58,16 +58,18 @@ class Recipe:
     """One configuration: ``width`` None starts at the model's start width and grows to its final width; -1 trains
     a fixed net of the final width, -2 one of half of it.
 
-    ``schedule``: "even" (growths at deadline * k / n) or "geometric" (deadline * 0.125 ** (n - k)); ``steps``:
-    the fraction of the run's steps trained (a budget baseline); ``decay``: the LR decays linearly to zero over
-    this last fraction of the run, restarting from the peak at a growth inside it (``GrowthLR``'s rule: the
-    decay starts no earlier than the latest growth so far), or, with ``hold``, held at the peak until the last
+    ``start``: the width to start from (None: the model's; -2: half the final width); ``schedule``: "even" (growths
+    at deadline * k / n), "geometric" (deadline * 0.125 ** (n - k)) or "at" (all of them at the deadline: one jump);
+    ``steps``: the fraction of the run's steps trained (a budget baseline); ``decay``: the LR decays linearly to
+    zero over this last fraction of the run, restarting from the peak at a growth inside it (``GrowthLR``'s rule:
+    the decay starts no earlier than the latest growth so far), or, with ``hold``, held at the peak until the last
     growth, or, with ``cycle``, the same hold-then-decay within every phase between growths (each size annealed,
     then grown at the peak LR); ``init``: the new units (``widen``'s; ``"net2wider"``: copies, split 0.5 as the
     callback's ``Widen``); ``shrink_perturb``: (shrink, noise) after each growth, or only the last (``last_only``).
     """
 
     width: int | None = None
+    start: int | None = None
     schedule: str = "even"
     deadline: float = 0.6
     steps: float = 1.0
@@ -84,9 +86,13 @@ class Recipe:
 
             >>> Recipe().growth_points(3), Recipe(schedule="geometric", deadline=0.7).growth_points(2)
             ([0.2, 0.4, 0.6], [0.0875, 0.7])
+            >>> Recipe(schedule="at", deadline=0.1).growth_points(3)
+            [0.1, 0.1, 0.1]
         """
         if self.width is not None:
             return []
+        if self.schedule == "at":
+            return [self.deadline] * n
         if self.schedule == "even":
             return [round(self.deadline * (k + 1) / n, 6) for k in range(n)]
         return [round(self.deadline * 0.125 ** (n - 1 - k), 6) for k in range(n)]
@@ -115,6 +121,14 @@ RECIPES = {  # names without commas: --recipes takes a comma-separated list
                                                               shrink_perturb=(0.5, 0.01)),
     "geometric 0.7 + shrink-perturb 0.2/0.01 at the last growth": Recipe(
         schedule="geometric", deadline=0.7, shrink_perturb=(0.2, 0.01), last_only=True),
+    # Probes of where the gap comes from: one jump early (at 0%: before any training, a control of the surgery and
+    # the fresh units; at 1%: after 1% of the run spent small), or a late jump from half width.
+    "one jump at 0%": Recipe(schedule="at", deadline=0.0),
+    "one jump at 1%": Recipe(schedule="at", deadline=0.01),
+    "one jump at 10%": Recipe(schedule="at", deadline=0.1),
+    "half width then one jump at 70%": Recipe(start=-2, deadline=0.7),
+    "half width then one jump at 70% + shrink-perturb 0.5/0.01": Recipe(start=-2, deadline=0.7,
+                                                                       shrink_perturb=(0.5, 0.01)),
 }
 
 
@@ -143,13 +157,14 @@ def grow(net: nn.Module, m: Model, r: Recipe, opt: torch.optim.Optimizer, x: tor
 def train(m: Model, r: Recipe, data: Sequence[torch.Tensor], epochs: int, seed: int, bs: int) -> dict[str, float]:
     """One run; returns test/val/train accuracy and training FLOPs (absolute)."""
     x, y, xv, yv, xt, yt = data
-    start = {None: m.start, -1: m.final, -2: m.final // 2}.get(r.width, r.width)
+    sizes = {None: m.start, -1: m.final, -2: m.final // 2}
+    start = sizes.get(r.width, r.width) if r.width is not None else sizes.get(r.start, r.start)
     torch.manual_seed(seed)  # the suites' seed_everything: the same initial weights as theirs
     net = m.build(start)
     opt = torch.optim.Adam(net.parameters(), lr=m.lr)
     per_epoch = math.ceil(len(x) / bs)
     total = max(1, round(r.steps * epochs * per_epoch))
-    events = [round(f * total) for f in r.growth_points(round(math.log2(m.final / m.start)))]
+    events = [round(f * total) for f in r.growth_points(round(math.log2(m.final / start)))]
     points = list(events)
     shuffle, flops, step = torch.Generator().manual_seed(seed + 1000), 0.0, 0
     step_flops = 3 * forward_flops(net, x[:1]) * bs
@@ -231,10 +246,13 @@ def _report(m: Model, args: argparse.Namespace, names: Sequence[str], rows: Sequ
 
     summary = [{"recipe": n, "test": ms(n, "test"), "val": ms(n, "val"), "train": ms(n, "train"),
                 "flops": statistics.mean(r["flops"] for r in rows if r["recipe"] == n)} for n in names]
-    head = (f"### Screen: {m.name} {m.start} -> {m.final}, Fashion-MNIST, {args.epochs} epochs, {args.seeds} seeds, "
-            f"peak LR {m.lr:g}, plain PyTorch\n\n`python -m autogrow.experiments.screen --model {args.model} "
-            f"--epochs {args.epochs} --seeds {args.seeds}`. Train accuracy on (up to) 20k training images; FLOPs "
-            f"over the {m.final}-wide net's for {args.epochs} epochs.\n")
+    chosen = f" --recipes '{','.join(names)}'" if list(names) != list(RECIPES) else ""
+    named = f" --name {args.name}" if args.name else ""
+    subset = f" ({args.train_subset} training images)" if getattr(args, "train_subset", None) else ""
+    head = (f"### Screen: {m.name} {m.start} -> {m.final}, Fashion-MNIST{subset}, {args.epochs} epochs, "
+            f"{args.seeds} seeds, peak LR {m.lr:g}, plain PyTorch\n\n`python -m autogrow.experiments.screen "
+            f"--model {args.model} --epochs {args.epochs} --seeds {args.seeds}{chosen}{named}`. Train accuracy on "
+            f"(up to) 20k training images; FLOPs over the {m.final}-wide net's for {args.epochs} epochs.\n")
     return head + "\n" + table(summary, [("recipe", "recipe", "s"), ("test acc %", "test", "s"),
                                          ("val acc %", "val", "s"), ("train acc %", "train", "s"),
                                          ("FLOPs / scratch", "flops", ".3f")])

@@ -140,3 +140,70 @@ class GPTBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
         return x + self.fc2(self.act(self.fc1(self.ln2(x))))
+
+
+class RMSNorm(nn.Module):
+    """An RMSNorm written by hand, as Llama's is (no ``normalized_shape``); autogrow needs it registered."""
+
+    def __init__(self, d: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RotaryAttention(nn.Module):
+    """Llama's attention: bias-free q/k/v/o, rotary position embeddings on q and k (per head), causal SDPA."""
+
+    def __init__(self, d: int, heads: int, head_size: int) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(d, heads * head_size, bias=False) for _ in range(3))
+        self.o = nn.Linear(heads * head_size, d, bias=False)
+        self.head_size = head_size
+        freqs = torch.outer(torch.arange(16.0), 1.0 / 10000 ** (torch.arange(0, head_size, 2.0) / head_size))
+        self.register_buffer("cos", torch.cat((freqs, freqs), -1).cos())
+        self.register_buffer("sin", torch.cat((freqs, freqs), -1).sin())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = (f(x).view(B, T, -1, self.head_size).transpose(1, 2) for f in (self.q, self.k, self.v))
+        cos, sin = self.cos[:T], self.sin[:T]
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class TinyLlama(nn.Module):
+    """Llama-style: RMSNorm (hand-written), rotary attention, SwiGLU MLP, no position embedding."""
+
+    def __init__(self, vocab: int = 11, d: int = 8, heads: int = 2, head_size: int = 4, hidden: int = 12,
+                 layers: int = 2) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(LlamaBlock(d, heads, head_size, hidden) for _ in range(layers))
+        self.norm, self.head = RMSNorm(d), nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, d: int, heads: int, head_size: int, hidden: int) -> None:
+        super().__init__()
+        self.norm1, self.attn, self.norm2 = RMSNorm(d), RotaryAttention(d, heads, head_size), RMSNorm(d)
+        self.gate, self.up, self.down = (nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False),
+                                         nn.Linear(hidden, d, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        h = self.norm2(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))

@@ -145,7 +145,8 @@ def test_digits_data_module():
 
 def test_screen_grows_on_schedule_and_counts_flops(tiny_idx, tmp_path):
     """The plain-PyTorch screen: every recipe runs; the FLOPs follow the schedule exactly (15 steps, growths at
-    steps 3/6/9, each doubling both hidden layers), the budget baseline trains 0.55x the steps."""
+    steps 3/6/9, each doubling both hidden layers; the probes' single jumps), the budget baseline trains 0.55x
+    the steps."""
     from autogrow.experiments import screen
 
     rows = screen.main(["--quick", "--data-dir", tiny_idx, "--out", str(tmp_path)])
@@ -157,6 +158,9 @@ def test_screen_grows_on_schedule_and_counts_flops(tiny_idx, tmp_path):
     assert by["scratch"] == pytest.approx(1.0) and by["scratch on 0.55x steps"] == pytest.approx(8 / 15)
     assert by["even 0.6 (default)"] == pytest.approx((3 * (f[32] + f[64] + f[128]) + 6 * f[256]) / (15 * f[256]))
     assert by["half width"] == pytest.approx(f[128] / f[256])
+    # Probes: one jump 32 -> 256 at step 2 (10% of 15 steps, rounded); half width, one jump at step 10 (70%).
+    assert by["one jump at 10%"] == pytest.approx((2 * f[32] + 13 * f[256]) / (15 * f[256]))
+    assert by["half width then one jump at 70%"] == pytest.approx((10 * f[128] + 5 * f[256]) / (15 * f[256]))
 
 
 def test_screen_shrink_perturb_only_at_the_last_growth():

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from autogrow.callbacks import AutoGrow
 
 import autogrow
-from tests.models import TinyGPT, max_rel_error
+from tests.models import RMSNorm, TinyGPT, TinyLlama, max_rel_error
 from tests.test_refusals import assert_unchanged, snapshot
 
 pytestmark = pytest.mark.usefixtures("float64")  # exactness is checked to 1e-9: models and data in float64
@@ -89,6 +89,54 @@ def test_head_size_and_partial_heads_are_refused():
     with pytest.raises(autogrow.AutogrowError, match=r"new width 10 is not a whole number of heads.*multiple of 3"):
         autogrow.widen(model, "blocks.0.attn.q", 10, optimizer=opt, example_inputs=x)
     assert_unchanged(before, model, opt)
+
+
+@pytest.fixture
+def rmsnorm_registered():
+    """The hand-written RMSNorm registered as what it computes (as a Llama user would), then forgotten again."""
+    from autogrow.registry import _CHANNELWISE, channel_spec
+
+    autogrow.register_channelwise(RMSNorm, channel_spec(nn.RMSNorm(1)))
+    yield
+    _CHANNELWISE.pop(RMSNorm)
+
+
+def test_llama_style_model_grows_in_every_dimension(rmsnorm_registered):
+    """Rotary embeddings (rotate_half slices the head axis and joins the halves), a hand-written RMSNorm, SwiGLU:
+    heads, MLP, d_model and depth grow exactly, and the optimizer keeps exactly the model's parameters."""
+    torch.manual_seed(0)
+    model, x = TinyLlama(), ids()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    F.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+    opt.step()
+    ref = model(x)
+    autogrow.widen(model, "blocks.0.attn.q", 16, split=0.3, generator=1, optimizer=opt, example_inputs=x)  # 4 heads
+    assert max_rel_error(ref, model(x)) <= 1e-9
+    autogrow.widen(model, "blocks.1.up", 20, init="zero_out", generator=2, optimizer=opt, example_inputs=x)  # SwiGLU
+    assert max_rel_error(ref, model(x)) <= 1e-9
+    autogrow.widen(model, "tok", 16, generator=3, optimizer=opt, example_inputs=x)  # d_model through the RMSNorms
+    assert max_rel_error(ref, model(x)) <= 1e-9
+    autogrow.stack(model, "blocks.1", generator=4, optimizer=opt, example_inputs=x)
+    assert max_rel_error(ref, model(x)) <= 1e-9
+    b0 = model.blocks[0]
+    assert (b0.attn.k.out_features, b0.attn.v.out_features, b0.attn.o.in_features) == (16, 16, 16)
+    assert model.blocks[1].gate.out_features == 20 and model.norm.weight.shape == (16,) and len(model.blocks) == 3
+    held = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(held) == sorted(id(p) for p in model.parameters())
+    opt.zero_grad()
+    F.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_an_unregistered_hand_written_norm_is_refused_with_the_way_out():
+    torch.manual_seed(0)
+    model, x = TinyLlama(), ids()
+    before = snapshot(model)
+    with pytest.raises(autogrow.AutogrowError, match=r"node 'mean'.*reduces over the widened units.*"
+                                                     r"register_channelwise\(MyNorm"):
+        autogrow.widen(model, "tok", 16, example_inputs=x)
+    assert_unchanged(before, model)
 
 
 class Pooling(nn.Module):
@@ -212,11 +260,11 @@ def test_stack_duplicate_copies_the_block_unmodified_and_replays():
 
 
 class TinyLM(pl.LightningModule):
-    """TinyGPT as a LightningModule: next-token cross-entropy, AdamW."""
+    """TinyGPT (or ``arch``) as a LightningModule: next-token cross-entropy, AdamW."""
 
-    def __init__(self, **kw) -> None:
+    def __init__(self, arch: type[nn.Module] = TinyGPT, **kw) -> None:
         super().__init__()
-        self.net = TinyGPT(**kw)
+        self.net = arch(**kw)
 
     def forward(self, idx):
         return self.net(idx)
@@ -256,3 +304,25 @@ def test_the_callback_grows_width_and_depth_of_a_transformer(tmp_path):
     assert len(net.blocks) == 4 and net.tok.embedding_dim == 32
     assert all(b.attn.q.out_features == 16 and b.fc1.out_features == 32 for b in net.blocks)
     assert all(e.preservation_error < 1e-5 for e in widen.events + deeper.events)
+
+
+def test_the_callback_grows_a_llama_style_model(tmp_path, rmsnorm_registered):
+    """The callback's ``all`` policy on rotary attention, RMSNorm and SwiGLU: d_model, heads and MLP, each once per
+    event, exact."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from autogrow.plateau import EveryN
+
+    torch.set_default_dtype(torch.float32)
+    seq = torch.randint(0, 11, (64, 9), generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(TensorDataset(seq[:, :-1], seq[:, 1:]), batch_size=16)
+    pl.seed_everything(0, verbose=False)
+    model = TinyLM(arch=TinyLlama, layers=1, d=8, heads=1, head_size=4, hidden=8)
+    grow = AutoGrow(trigger=EveryN(every=1), max_events=1, policy="all")
+    trainer = pl.Trainer(max_epochs=2, callbacks=[grow], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, accelerator="cpu")
+    trainer.fit(model, loader, loader)
+    net = model.net
+    assert net.tok.embedding_dim == 16 and net.norm.weight.shape == (16,)
+    assert net.blocks[0].attn.q.out_features == 8 and net.blocks[0].gate.out_features == 16
+    assert len(grow.events) == 1 and grow.events[0].preservation_error < 1e-5
