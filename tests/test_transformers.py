@@ -306,7 +306,7 @@ def test_the_callback_grows_width_and_depth_of_a_transformer(tmp_path):
     assert all(e.preservation_error < 1e-5 for e in widen.events + deeper.events)
 
 
-def test_the_callback_grows_a_llama_style_model(tmp_path, rmsnorm_registered):
+def test_the_callback_grows_a_llama_style_model(rmsnorm_registered):
     """The callback's ``all`` policy on rotary attention, RMSNorm and SwiGLU: d_model, heads and MLP, each once per
     event, exact."""
     from torch.utils.data import DataLoader, TensorDataset
