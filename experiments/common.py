@@ -140,11 +140,16 @@ def machine() -> str:
             f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
-def mean_std(xs: Sequence[float]) -> str:
+def mean_std(xs: Sequence[float], spec: str = ".4f") -> str:
+    """``mean ± stdev`` over seeds (a single value alone), each formatted with ``spec``.
+
+        >>> mean_std([0.5, 0.7]), mean_std([89.123], ".2f")
+        ('0.6000 ± 0.1414', '89.12')
+    """
     xs = list(xs)
     if len(xs) == 1:
-        return f"{xs[0]:.4f}"
-    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
+        return format(xs[0], spec)
+    return f"{statistics.mean(xs):{spec}} ± {statistics.stdev(xs):{spec}}"
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from autogrow.experiments.common import fashion, finish_args, parser, table, write
+from autogrow.experiments.common import fashion, finish_args, mean_std, parser, table, write
 from autogrow.experiments.models import MLP, ConvNet
 from autogrow.experiments.transformers import forward_flops
 
@@ -157,8 +157,8 @@ def grow(net: nn.Module, m: Model, r: Recipe, opt: torch.optim.Optimizer, x: tor
 def train(m: Model, r: Recipe, data: Sequence[torch.Tensor], epochs: int, seed: int, bs: int) -> dict[str, float]:
     """One run; returns test/val/train accuracy and training FLOPs (absolute)."""
     x, y, xv, yv, xt, yt = data
-    sizes = {None: m.start, -1: m.final, -2: m.final // 2}
-    start = sizes.get(r.width, r.width) if r.width is not None else sizes.get(r.start, r.start)
+    width = r.start if r.width is None else r.width  # None: the model's start; -1/-2: the final width, or half
+    start = {None: m.start, -1: m.final, -2: m.final // 2}.get(width, width)
     torch.manual_seed(seed)  # the suites' seed_everything: the same initial weights as theirs
     net = m.build(start)
     opt = torch.optim.Adam(net.parameters(), lr=m.lr)
@@ -241,8 +241,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
 
 def _report(m: Model, args: argparse.Namespace, names: Sequence[str], rows: Sequence[dict]) -> str:
     def ms(name: str, key: str) -> str:
-        xs = [100 * r[key] for r in rows if r["recipe"] == name]
-        return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
+        return mean_std([100 * r[key] for r in rows if r["recipe"] == name], ".2f")
 
     summary = [{"recipe": n, "test": ms(n, "test"), "val": ms(n, "val"), "train": ms(n, "train"),
                 "flops": statistics.mean(r["flops"] for r in rows if r["recipe"] == n)} for n in names]
