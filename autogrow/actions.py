@@ -68,8 +68,9 @@ class Widen(GrowthAction):
         factor: growth factor per event (> 1).
         units: add this many units instead (takes precedence over ``factor``).
         init: a widening initialiser (``autogrow.init``): ``"auto"`` (the default: ``"zero_out"``, new units
-            with random incoming and zero outgoing weights, or ``"net2wider"`` copies where a LayerNorm
-            normalises over the units), ``"zero_out"``, ``"vt"``, ``"net2wider"`` (exact) or ``"random"``.
+            with random incoming and zero outgoing weights; where a LayerNorm normalises over the units,
+            ``"mix"``, random orthogonal mixtures of the old units, or ``"net2wider"`` copies where mixing would
+            not be exact), ``"zero_out"``, ``"vt"``, ``"mix"``, ``"net2wider"`` (exact) or ``"random"``.
         split: for copies, uneven shares of their outgoing weights (exact, breaks the symmetry between copies;
             with ``split=0`` exact copies get identical gradients and stay copies).
         noise: keras-style noise on the copies' outgoing weights (inexact).

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from autogrow.errors import SHAPES_HINT, AutogrowError, NeedsShapes, fail
 from autogrow.layout import Layout, NeedsBlock, Refusal, arg, cat_axis
-from autogrow.ops import Op, OpKind, classify
+from autogrow.ops import Linearity, Op, OpKind, classify
 from autogrow.registry import ChannelSpec, LayerSpec, channel_spec, channel_width, layer_spec
 from autogrow.sizes import SizeReader
 from autogrow.trace import call_sites, describe, not_called, trace
@@ -61,6 +61,8 @@ class Coupling:
     grouped: Mapping[str, int] = field(default_factory=dict)  # GroupNorm-like layers -> features per group
     # bare parameters and buffers combined with the widened tensor: (module, tensor name) -> (mapping, axis)
     tensors: Mapping[tuple[str, str], tuple[MapKey, int]] = field(default_factory=dict)
+    # why new units mixed from the old ones (init="mix") would change the function; None: they would not
+    mix_refusal: str | None = "not checked"
 
     def width(self, key: MapKey) -> int:
         """Old width of the tensor mapped by ``key``."""
@@ -132,7 +134,7 @@ class _Walk:
         assert self.old_width is not None
         return Coupling(self.target, self.old_width, dict(self.producers), dict(self.channelwise),
                         dict(self.consumers), dict(self.cats), tuple(self.uniform_only), self.unit_block,
-                        dict(self.grouped), dict(self.tensors))
+                        dict(self.grouped), dict(self.tensors), _mix_refusal(self))
 
     def fail(self, node: fx.Node, why: str, fix: str = "", needs_shapes: bool = False) -> NoReturn:
         msg = f"target: cannot widen {self.target!r} exactly: {describe(node, self.model)} {why}." + (
@@ -405,6 +407,46 @@ def _check_cats(w: _Walk) -> None:
         for (k, _), t in zip(cp.parts, arg(node, 0, "tensors", None)):
             if k is False and t in w.layouts:
                 w.fail(node, f"concatenates {t.name}, which became widened by a later residual path")
+
+
+def _mix_refusal(w: _Walk) -> str | None:
+    """Why new units that mix the old ones linearly (``init="mix"``) would change the function, or ``None``.
+
+    A mixed unit's value is a fixed combination of the old units' values wherever the tensor is linear in
+    them: from the producers (whose rows are mixed) through sums, scalings and views. A LayerNorm/RMSNorm
+    over the units sees the same statistics (the mixing preserves mean and mean square), and what comes after
+    it reaches only readers, whose columns for the new units start at zero. A nonlinearity before the norm,
+    or a path that joins the tensors before and after a norm (a post-norm residual), breaks this.
+    """
+    if w.cats or w.grouped or w.unit_block > 1:
+        return "its units are concatenated with others, grouped, or attention heads"
+    post: set[fx.Node] = set()  # after a normalisation over the units: only readers see these
+    for node in w.graph.nodes:
+        if node not in w.layouts or node.op == "get_attr":
+            continue  # a bare parameter added to the tensor: its entries are mixed like a producer's rows
+        if node.op == "call_method" and node.target == "expand":
+            continue  # a broadcast view (a class token expanded over the batch): linear
+        op = w.classify(node)
+        if op.kind is OpKind.WEIGHTED:
+            continue  # a producer: its rows are mixed
+        ins = [a for a in _tensor_args(node, w) if a in w.layouts]
+        after = [a in post for a in ins]
+        if (op.kind is OpKind.CHANNELWISE and op.spec.uniform_only) or (after and all(after)):  # type: ignore[union-attr]
+            post.add(node)
+            continue
+        where = describe(node, w.model)
+        if any(after):
+            return f"{where} joins the tensor before and after a normalisation over its units (a post-norm residual)"
+        if op.kind is OpKind.CHANNELWISE:
+            return f"{where} scales or normalises each unit on its own"
+        if op.linear is Linearity.FACTOR and len(ins) > 1:
+            return f"{where} multiplies the units by a factor that grows with them (a per-unit scale, LayerScale?)"
+        linear = (op.linear is Linearity.JOINT or (op.linear is Linearity.FACTOR and len(ins) == 1)
+                  or (op.linear is Linearity.DIVIDEND and ins == [node.args[0]]))
+        if not linear:
+            return f"{where} is not linear in the units"
+    return None
+
 
 def _check_size_uses(w: _Walk) -> None:
     """Every use of a size read from a widened axis must still be right after widening."""

@@ -74,6 +74,8 @@ def fresh_rows(model: nn.Module, growth: Growth) -> FreshRows:
     (producer, map_name), = out.items()
     if any(m != map_name for _, m in cons):
         fail(f"{what}: its consumers see the units through another mapping (a concatenation); GradMax needs one")
+    if growth.maps[map_name].mix is not None:  # their rows are tied to the old ones: re-pointing them is not exact
+        fail(f"{what} added mixtures of the old units (init='mix'), not free rows; use init='zero_out'")
     rows = torch.nonzero(growth.maps[map_name].fresh).flatten()
     if not len(rows):
         fail(f"{what} added no fresh units (init={growth.options.get('init')!r}); use init='zero_out'")

@@ -26,12 +26,14 @@ class UnitMap:
     """New unit j takes old unit ``idx[j]``; its outgoing weights carry the share ``scale[j]``.
 
     ``fresh[j]`` marks a brand-new unit with random weights (``init="random"``): nothing of the old
-    model or optimizer state carries over to it.
+    model or optimizer state carries over to it. ``mix`` (``init="mix"``), when set, gives each fresh unit's
+    values as a combination of the old units' values: row ``i`` for the ``i``-th fresh unit.
     """
 
     idx: torch.Tensor
     scale: torch.Tensor  # float64
     fresh: torch.Tensor  # bool
+    mix: torch.Tensor | None = None  # float64, (fresh units, old units)
 
     @property
     def scaled(self) -> bool:
@@ -50,7 +52,8 @@ class UnitMap:
         return v.to(like.device).view(shape)
 
     def expand(self, block: int) -> UnitMap:
-        """The same mapping over features laid out as ``block`` consecutive entries per unit."""
+        """The same mapping over features laid out as ``block`` consecutive entries per unit (without ``mix``:
+        mixtures are planned only for units of one feature; blocks reach only readers, whose columns are zero)."""
         if block == 1:
             return self
         ar = torch.arange(block)
@@ -69,12 +72,14 @@ class UnitMap:
         return UnitMap(torch.arange(n), torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.bool))
 
     def to_dict(self) -> dict[str, list]:
-        return {"idx": self.idx.tolist(), "scale": self.scale.tolist(), "fresh": self.fresh.tolist()}
+        d = {"idx": self.idx.tolist(), "scale": self.scale.tolist(), "fresh": self.fresh.tolist()}
+        return d if self.mix is None else {**d, "mix": self.mix.tolist()}
 
     @staticmethod
     def from_dict(d: dict[str, list]) -> UnitMap:
+        mix = torch.tensor(d["mix"], dtype=torch.float64) if "mix" in d else None
         return UnitMap(torch.tensor(d["idx"], dtype=torch.long), torch.tensor(d["scale"], dtype=torch.float64),
-                       torch.tensor(d["fresh"], dtype=torch.bool))
+                       torch.tensor(d["fresh"], dtype=torch.bool), mix)
 
 
 @dataclass

@@ -12,19 +12,21 @@ An initialiser decides two things:
 Adding an initialiser is one class here plus its test::
 
     >>> sorted(INITS)
-    ['net2wider', 'random', 'vt', 'zero_out']
+    ['mix', 'net2wider', 'random', 'vt', 'zero_out']
 """
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
 
-from autogrow.errors import check_choice
+from autogrow.errors import check_choice, fail
 from autogrow.growth import UnitMap
 
-__all__ = ["INITS", "Net2Wider", "RandomPad", "VTPairs", "WidenInit", "ZeroOut", "get_init", "register_init"]
+__all__ = ["INITS", "Mix", "Net2Wider", "RandomPad", "VTPairs", "WidenInit", "ZeroOut", "get_init", "mix_matrix",
+           "register_init"]
 
 
 class WidenInit:
@@ -39,11 +41,12 @@ class WidenInit:
         raise NotImplementedError
 
     def fresh(self, t: torch.Tensor, dim: int, role: str, fill: float | None, std: float, gen: torch.Generator,
-              mask: torch.Tensor, block: int = 1) -> torch.Tensor:
-        """Values for the fresh units of tensor ``t`` (same shape) along ``dim`` (``mask``: which indices are
-        fresh; each unit is ``block`` consecutive indices, e.g. an attention head): ``role`` is ``"out"`` for
-        tensors indexed by the units themselves (rows, normalisation entries; ``fill`` is a normalisation's
-        neutral value), ``"in"`` for consumer columns; ``std`` is the old tensor's standard deviation."""
+              units: UnitMap, block: int = 1) -> torch.Tensor:
+        """Values for the fresh units of tensor ``t`` (same shape) along ``dim`` (``units``: the mapping along
+        ``dim``, ``units.fresh`` says which indices are fresh; each unit is ``block`` consecutive indices, e.g. an
+        attention head): ``role`` is ``"out"`` for tensors indexed by the units themselves (rows, normalisation
+        entries; ``fill`` is a normalisation's neutral value), ``"in"`` for consumer columns; ``std`` is the old
+        tensor's standard deviation."""
         raise NotImplementedError
 
 
@@ -92,7 +95,7 @@ class RandomPad(WidenInit):
         return _fresh_map(n, width)
 
     def fresh(self, t: torch.Tensor, dim: int, role: str, fill: float | None, std: float, gen: torch.Generator,
-              mask: torch.Tensor, block: int = 1) -> torch.Tensor:
+              units: UnitMap, block: int = 1) -> torch.Tensor:
         return _rows(t, role, fill, std, gen)
 
 
@@ -106,7 +109,7 @@ class ZeroOut(WidenInit):
         return _fresh_map(n, width)
 
     def fresh(self, t: torch.Tensor, dim: int, role: str, fill: float | None, std: float, gen: torch.Generator,
-              mask: torch.Tensor, block: int = 1) -> torch.Tensor:
+              units: UnitMap, block: int = 1) -> torch.Tensor:
         return torch.zeros_like(t) if role == "in" else _rows(t, role, fill, std, gen)
 
 
@@ -120,19 +123,72 @@ class VTPairs(WidenInit):
         return _fresh_map(n, width)
 
     def fresh(self, t: torch.Tensor, dim: int, role: str, fill: float | None, std: float, gen: torch.Generator,
-              mask: torch.Tensor, block: int = 1) -> torch.Tensor:
-        positions = torch.nonzero(mask).flatten().tolist()
-        units = [positions[i] for i in range(0, len(positions), block)]  # first index of each fresh unit
+              units: UnitMap, block: int = 1) -> torch.Tensor:
+        positions = torch.nonzero(units.fresh).flatten().tolist()
+        starts = [positions[i] for i in range(0, len(positions), block)]  # first index of each fresh unit
         out = t.clone()
-        for a, b in zip(units[::2], units[1::2]):  # the pair (a, b) shares one draw
+        for a, b in zip(starts[::2], starts[1::2]):  # the pair (a, b) shares one draw
             one = _rows(t.narrow(dim, a, block), role, fill, std, gen)
             out.narrow(dim, a, block).copy_(one)
             out.narrow(dim, b, block).copy_(-one if role == "in" else one)
-        if len(units) % 2:
-            last = t.narrow(dim, units[-1], block)
-            out.narrow(dim, units[-1], block).copy_(
+        if len(starts) % 2:
+            last = t.narrow(dim, starts[-1], block)
+            out.narrow(dim, starts[-1], block).copy_(
                 torch.zeros_like(last) if role == "in" else _rows(last, role, fill, std, gen))
         return out
+
+
+def _centred_basis(n: int, gen: torch.Generator) -> torch.Tensor:
+    """A random orthonormal basis of the vectors of R^n whose entries sum to zero: ``(n, n - 1)``."""
+    a = torch.randn(n, n - 1, generator=gen, dtype=torch.float64)
+    return torch.linalg.qr(a - a.mean(0, keepdim=True)).Q
+
+
+def mix_matrix(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """A random ``(k, n)`` mixing ``M`` with ``M 1 = 1`` and ``M^T M = (k / n) I`` for ``k >= n``.
+
+    New units ``y = M x`` then leave the mean and the mean square over all ``n + k`` units what they were over
+    the ``n`` old ones, for every ``x``: a LayerNorm or RMSNorm normalises the old units exactly as before.
+    (For ``k < n`` only the first holds: fine where no norm reads the units.)
+
+        >>> m = mix_matrix(3, 5, torch.Generator().manual_seed(0)); x = torch.randn(3, dtype=torch.float64)
+        >>> y = torch.cat([x, m @ x])
+        >>> bool(torch.allclose(y.mean(), x.mean()) and torch.allclose(y.pow(2).mean(), x.pow(2).mean()))
+        True
+    """
+    un, uk = _centred_basis(n, gen), _centred_basis(k, gen)
+    a = torch.randn(max(n, k) - 1, min(n, k) - 1, generator=gen, dtype=torch.float64)
+    o = torch.linalg.qr(a).Q  # orthonormal columns: an isometry between the centred subspaces
+    o = o if k >= n else o.T
+    return torch.ones(k, n, dtype=torch.float64) / n + math.sqrt(k / n) * uk @ o @ un.T
+
+
+class Mix(WidenInit):
+    """New units that are random orthogonal mixtures of the old ones (:func:`mix_matrix`): each producer row
+    of a new unit is the same mixture of the old rows, normalisation entries start neutral, readers' columns at
+    zero. Exact where the tensor is linear from its producers to a LayerNorm/RMSNorm (a transformer's residual
+    stream: the mixing keeps each token's mean and mean square); unlike copies, the new units are not
+    symmetric with any old one, so they learn something else. Their optimizer state starts empty."""
+
+    name, exact = "mix", True
+
+    def draw(self, n: int, width: int, *, uniform: bool, split: float, gen: torch.Generator) -> UnitMap:
+        um = _fresh_map(n, width)
+        um.mix = mix_matrix(n, width - n, gen)
+        return um
+
+    def fresh(self, t: torch.Tensor, dim: int, role: str, fill: float | None, std: float, gen: torch.Generator,
+              units: UnitMap, block: int = 1) -> torch.Tensor:
+        if role == "in":
+            return torch.zeros_like(t)
+        if fill is not None:
+            return torch.full_like(t, fill)
+        if units.mix is None:  # refused when planned (attention heads, concatenations): never reached
+            fail("init: 'mix' mixes whole units of one feature, not blocks")
+        n = units.mix.shape[1]
+        old = t.narrow(dim, 0, n)
+        new = torch.tensordot(units.mix.to(t.device, t.dtype), old.movedim(dim, 0), dims=1).movedim(0, dim)
+        return torch.cat([old, new], dim)
 
 
 _INITS: dict[str, WidenInit] = {}
@@ -153,6 +209,6 @@ def get_init(name: str) -> WidenInit:
     return _INITS[name]
 
 
-for _init in (Net2Wider(), RandomPad(), ZeroOut(), VTPairs()):
+for _init in (Net2Wider(), RandomPad(), ZeroOut(), VTPairs(), Mix()):
     register_init(_init)
 INITS = _INITS  # name -> initialiser (read-only view by convention)

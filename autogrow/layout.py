@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autogrow.errors import SHAPES_HINT
-from autogrow.ops import LayoutRule, OpKind, register_function, register_layout_module
+from autogrow.ops import LayoutRule, Linearity, OpKind, register_function, register_layout_module
 
 __all__ = ["Context", "Layout", "NeedsBlock", "Refusal", "arg", "cat_axis", "flatten_axes", "reduce_axes"]
 
@@ -84,16 +84,18 @@ def arg(node: fx.Node, pos: int, name: str, default: object) -> object:
     return node.kwargs.get(name, default)
 
 
-def layout_rule(*targets: Callable | str | type[nn.Module], inverse: LayoutRule | None = None
+def layout_rule(*targets: Callable | str | type[nn.Module], inverse: LayoutRule | None = None, linear: bool = True
                 ) -> Callable[[LayoutRule], LayoutRule]:
     """Register the decorated rule for functions, tensor methods (by name) and module types; ``inverse``
-    gives the input's layout from the output's (to follow a residual path backwards through the op)."""
+    gives the input's layout from the output's (to follow a residual path backwards through the op);
+    ``linear=False`` for ops that are not linear in the tensor (a max, a softmax)."""
     def register(rule: LayoutRule) -> LayoutRule:
         for t in targets:
             if isinstance(t, type) and issubclass(t, nn.Module):
                 register_layout_module(t, rule, inverse)
             else:
-                register_function(t, OpKind.LAYOUT, layout=rule, inverse=inverse)
+                register_function(t, OpKind.LAYOUT, layout=rule, inverse=inverse,
+                                  linear=Linearity.JOINT if linear else Linearity.NONE)
         return rule
     return register
 
@@ -305,9 +307,12 @@ def _split_units(node: fx.Node, q: int, old_out: tuple[int, ...], ctx: Context, 
                   "head size, or widen another layer.")
 
 
-@layout_rule(torch.mean, torch.sum, torch.amax, "mean", "sum", "amax")
+@layout_rule(torch.mean, torch.sum, "mean", "sum")
 def reduce(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
     return reduce_axes(lay, arg(node, 1, "dim", None), bool(arg(node, 2, "keepdim", False)))
+
+
+layout_rule(torch.amax, "amax", linear=False)(reduce)
 
 
 def _swap(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
@@ -369,7 +374,7 @@ def softmax(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) 
     return lay
 
 
-layout_rule(torch.softmax, F.softmax, F.log_softmax, "softmax", "log_softmax", inverse=softmax)(softmax)
+layout_rule(torch.softmax, F.softmax, F.log_softmax, "softmax", "log_softmax", inverse=softmax, linear=False)(softmax)
 
 
 @layout_rule(torch.chunk, torch.split, "chunk", "split")

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from autogrow.registry import ChannelSpec, Elementwise, LayerSpec, channel_spec, elementwise, layer_spec
 
-__all__ = ["LayoutRule", "Op", "OpKind", "classify", "classify_module", "register_function", "register_layout_module"]
+__all__ = ["LayoutRule", "Linearity", "Op", "OpKind", "classify", "classify_module", "register_function",
+           "register_layout_module"]
 
 
 class OpKind(enum.Enum):
@@ -46,6 +47,15 @@ class OpKind(enum.Enum):
     INPUT = "input"
     OUTPUT = "output"
     OTHER = "other"
+
+
+class Linearity(enum.Enum):
+    """How an op depends on its tensor operands; ``init="mix"`` may mix units only through linear ops."""
+
+    NONE = "none"  # nonlinear (activations, max, softmax, pow)
+    JOINT = "joint"  # linear in all its tensor operands together (add, sub, views, dropout, average pooling)
+    FACTOR = "factor"  # linear in one operand while the others stay fixed (mul, masked_fill)
+    DIVIDEND = "dividend"  # linear in its first operand while the divisor stays fixed (div)
 
 
 # (layout of the widened input, the node, its module or None, context) -> layout of the output
@@ -65,6 +75,7 @@ class Op:
     factory: Callable[[], nn.Module] | None = None
     layout: LayoutRule | None = None
     inverse: LayoutRule | None = None  # the input's layout from the output's (following a residual backwards)
+    linear: Linearity = Linearity.NONE
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,7 @@ class _Entry:
     factory: Callable[[], nn.Module] | None = None
     layout: LayoutRule | None = None
     inverse: LayoutRule | None = None
+    linear: Linearity = Linearity.NONE
 
 
 _TABLE: dict[Callable | str, _Entry] = {}  # functions by identity, tensor methods by name
@@ -81,8 +93,8 @@ _LAYOUT_MODULES: dict[type, tuple[LayoutRule, LayoutRule | None]] = {}  # parame
 
 
 def register_function(target: Callable | str, kind: OpKind, *, activation: bool = False, idempotent: bool = False,
-                      module: Callable[[], nn.Module] | None = None, layout: LayoutRule | None = None,
-                      inverse: LayoutRule | None = None) -> None:
+                      linear: Linearity = Linearity.NONE, module: Callable[[], nn.Module] | None = None,
+                      layout: LayoutRule | None = None, inverse: LayoutRule | None = None) -> None:
     """Tell autogrow what a function (or a tensor method, by name) does to a widened tensor.
 
     For ``OpKind.ELEMENTWISE``: ``activation`` marks a nonlinearity, ``idempotent`` declares
@@ -92,8 +104,8 @@ def register_function(target: Callable | str, kind: OpKind, *, activation: bool 
         >>> import torch
         >>> register_function(torch.special.expit, OpKind.ELEMENTWISE, activation=True, module=torch.nn.Sigmoid)
     """
-    ew = Elementwise(activation=activation, idempotent=idempotent) if kind is OpKind.ELEMENTWISE else None
-    _TABLE[target] = _Entry(kind, ew, module, layout, inverse)
+    ew = Elementwise(activation, idempotent, linear is Linearity.JOINT) if kind is OpKind.ELEMENTWISE else None
+    _TABLE[target] = _Entry(kind, ew, module, layout, inverse, linear)
 
 
 def register_layout_module(cls: type[nn.Module], rule: LayoutRule, inverse: LayoutRule | None = None) -> None:
@@ -118,8 +130,9 @@ def classify(node: fx.Node, model: nn.Module | None) -> Op:
         return Op(OpKind.OTHER)
     ew = entry.elementwise
     if ew is not None and ew.idempotent and not _plain_call(node):
-        ew = Elementwise(activation=ew.activation, idempotent=False)  # F.hardtanh(x, a, b): other bounds
-    return Op(entry.kind, elementwise=ew, factory=entry.factory, layout=entry.layout, inverse=entry.inverse)
+        ew = Elementwise(ew.activation, False, ew.linear)  # F.hardtanh(x, a, b): other bounds
+    return Op(entry.kind, elementwise=ew, factory=entry.factory, layout=entry.layout, inverse=entry.inverse,
+              linear=entry.linear)
 
 
 def classify_module(m: nn.Module) -> Op:
@@ -132,11 +145,11 @@ def classify_module(m: nn.Module) -> Op:
         return Op(OpKind.CHANNELWISE, m, cspec)
     ew = elementwise(m)
     if ew is not None:
-        return Op(OpKind.ELEMENTWISE, m, elementwise=ew)
+        return Op(OpKind.ELEMENTWISE, m, elementwise=ew, linear=Linearity.JOINT if ew.linear else Linearity.NONE)
     for cls in type(m).__mro__:
         if cls in _LAYOUT_MODULES:
             rule, inverse = _LAYOUT_MODULES[cls]
-            return Op(OpKind.LAYOUT, m, layout=rule, inverse=inverse)
+            return Op(OpKind.LAYOUT, m, layout=rule, inverse=inverse, linear=Linearity.JOINT)  # nn.Flatten
     return Op(OpKind.OTHER, m)
 
 
@@ -174,19 +187,24 @@ _ACTIVATIONS: list[tuple[list[Callable | str], Callable[[], nn.Module], bool]] =
 for _targets, _module, _idem in _ACTIVATIONS:
     for _t in _targets:
         register_function(_t, OpKind.ELEMENTWISE, activation=True, idempotent=_idem, module=_module)
-for _t in (torch.abs, torch.exp, "abs", "exp", operator.neg, torch.neg, "neg",  # not activations to copy
-           F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.max_pool1d, F.max_pool2d, F.max_pool3d,
-           F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-           F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-           "contiguous", "clone", "detach", "float", "to", "type_as"):
+for _t in (torch.abs, torch.exp, "abs", "exp",  # not activations to copy
+           F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+           F.adaptive_max_pool3d):
     register_function(_t, OpKind.ELEMENTWISE)
-for _t in (operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
-           operator.imul, torch.add, torch.sub, torch.mul, torch.div, "add", "sub", "mul", "div", "add_", "sub_",
-           "mul_", "div_", "masked_fill", torch.masked_fill,
-           operator.pow, torch.pow, "pow"):  # x ** 3 (GPT-2's gelu_new): the scalar broadcasts like x * 0.5
-    register_function(_t, OpKind.BINARY)
+for _t in (operator.neg, torch.neg, "neg", F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+           F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+           F.adaptive_avg_pool3d, "contiguous", "clone", "detach", "float", "to", "type_as"):
+    register_function(_t, OpKind.ELEMENTWISE, linear=Linearity.JOINT)
+for _ts, _lin in (((operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub, "add", "sub",
+                    "add_", "sub_"), Linearity.JOINT),
+                  ((operator.mul, operator.imul, torch.mul, "mul", "mul_", "masked_fill", torch.masked_fill),
+                   Linearity.FACTOR),
+                  ((operator.truediv, torch.div, "div", "div_"), Linearity.DIVIDEND),
+                  ((operator.pow, torch.pow, "pow"), Linearity.NONE)):  # x ** 3 (GPT-2's gelu_new): the scalar
+    for _t in _ts:                                                         # broadcasts like x * 0.5
+        register_function(_t, OpKind.BINARY, linear=_lin)
 for _t in (torch.cat, torch.concat, torch.concatenate):
-    register_function(_t, OpKind.CAT)
+    register_function(_t, OpKind.CAT, linear=Linearity.JOINT)
 for _t in (operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", F.scaled_dot_product_attention):
     register_function(_t, OpKind.BATCHED)
 for _t in ("size", "dim"):

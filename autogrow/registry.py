@@ -93,10 +93,12 @@ class ChannelSpec:
 
 @dataclass(frozen=True)
 class Elementwise:
-    """A layer acting on each feature separately: is it a nonlinearity, and is it idempotent?"""
+    """A layer acting on each feature separately: is it a nonlinearity, is it idempotent, and is it linear
+    (``f(a x + b y) = a f(x) + b f(y)``: then it commutes with mixing features, as ``init="mix"`` does)?"""
 
     activation: bool = True
     idempotent: bool = False
+    linear: bool = False
 
 
 _WEIGHTED: dict[type, LayerSpec] = {}
@@ -125,14 +127,17 @@ def register_channelwise(cls: type[nn.Module], spec: ChannelSpec) -> None:
     _CHANNELWISE[cls] = spec
 
 
-def register_elementwise(cls: type[nn.Module], *, activation: bool = True, idempotent: bool = False) -> None:
+def register_elementwise(cls: type[nn.Module], *, activation: bool = True, idempotent: bool = False,
+                         linear: bool = False) -> None:
     """Mark a parameter-free layer that acts on each feature separately (activation, dropout, pooling).
 
     ``activation=False`` for layers that are not a nonlinearity (dropout, pooling, identity):
     Net2DeeperNet looks past them for the activation. ``idempotent=True`` declares phi(phi(v)) =
     phi(v), which makes Net2DeeperNet's identity insertion exact after it (ReLU is; GELU is not).
+    ``linear=True`` declares that the layer is linear in its input (identity, dropout, average pooling):
+    ``init="mix"`` may then mix the units before it.
     """
-    _ELEMENTWISE[cls] = Elementwise(activation=activation, idempotent=idempotent)
+    _ELEMENTWISE[cls] = Elementwise(activation=activation, idempotent=idempotent, linear=linear)
 
 
 def layer_spec(module: nn.Module) -> LayerSpec | None:
@@ -298,9 +303,12 @@ for _cls in (nn.ReLU, nn.ReLU6, nn.Hardtanh):
 for _cls in (nn.PReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SELU, nn.CELU,
              nn.Softplus, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Softsign, nn.Tanhshrink):
     register_elementwise(_cls)
-for _cls in (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-             nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-             nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-             nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d):
+for _cls in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+             nn.AdaptiveMaxPool3d):
     register_elementwise(_cls, activation=False)
+# linear: dropout scales each entry by a mask (the identity in eval mode, where exactness is checked)
+for _cls in (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+             nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+             nn.AdaptiveAvgPool3d):
+    register_elementwise(_cls, activation=False, linear=True)
 

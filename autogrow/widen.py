@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 from autogrow.coupling import Coupling, MapKey, couple
 from autogrow.errors import AutogrowError, check, check_choice, check_float, check_int, fail
 from autogrow.growth import Growth, Transform, UnitMap, make_seed
-from autogrow.init import Net2Wider, RandomPad, WidenInit, ZeroOut, get_init
+from autogrow.init import Mix, Net2Wider, RandomPad, WidenInit, ZeroOut, get_init
 from autogrow.optim import NEW_STATES
 from autogrow.plan import Plan, Undo, register_plan
 from autogrow.registry import channel_spec, layer_spec
@@ -105,7 +105,9 @@ class WidenPlan(Plan):
         base = self.maps[BASE]
         lines = [f"WidenPlan: {self.target!r} {self.old_width} -> {self.width} units (init={self.init}, "
                  f"mapping={self.mapping}, split={self.split}, noise={self.noise}, seed={self.seed})"]
-        if not base.fresh.any():
+        if base.mix is not None:
+            lines.append("  new units: random orthogonal mixtures of the old units (norms see the same statistics)")
+        elif not base.fresh.any():
             counts = torch.bincount(base.idx, minlength=self.old_width)
             lines.append(f"  new units copy old units {base.idx[self.old_width:].tolist()[:16]}"
                          f"{' ...' if self.width - self.old_width > 16 else ''}; "
@@ -150,7 +152,7 @@ class WidenPlan(Plan):
                 t = torch.cat([t.narrow(tr.dim, 0, n_old), copies + eps], dim=tr.dim)
             if bool(um.fresh.any()):
                 mask = um.along(um.fresh, t, tr.dim).expand_as(t)
-                t = torch.where(mask, init.fresh(t, tr.dim, tr.role, c.fill, std, gen, um.fresh, tr.block), t)
+                t = torch.where(mask, init.fresh(t, tr.dim, tr.role, c.fill, std, gen, um, tr.block), t)
         return t
 
     @classmethod
@@ -190,6 +192,9 @@ register_plan(WidenPlan)
 def _choose_mapping(c: Coupling, init: str, mapping: str, width: int) -> str:
     """``mapping="auto"`` is uniform exactly when a LayerNorm needs every unit copied equally often."""
     n = c.old_width
+    if isinstance(get_init(init), Mix):
+        _check_mix(c, width)
+        return "random" if mapping == "auto" else mapping
     fresh = get_init(init).exact and not isinstance(get_init(init), Net2Wider)
     if c.uniform_only and fresh:
         fail(f"init: {init!r} is not allowed for {c.target!r}: it adds fresh units, which would change the statistics "
@@ -206,6 +211,17 @@ def _choose_mapping(c: Coupling, init: str, mapping: str, width: int) -> str:
         fail(f"width: mapping='uniform' needs a multiple of {n}, got {width}")
     _check_groups(c, init, width)
     return mapping
+
+
+def _check_mix(c: Coupling, width: int) -> None:
+    """``init="mix"`` is exact where the tensor is linear up to its norms, and under a norm only when at least
+    as many units are added as there are (the mixing must keep each token's mean and mean square)."""
+    if c.mix_refusal is not None:
+        other = "net2wider" if c.uniform_only else "zero_out"  # what init="auto" picks there
+        fail(f"init: 'mix' is not allowed for {c.target!r}: {c.mix_refusal}; use init={other!r}")
+    if c.uniform_only and width < 2 * c.old_width:
+        fail(f"width: with init='mix', {list(c.uniform_only)} (they normalise over the units) stay exact only when "
+             f"{c.target!r} gains at least its {c.old_width} units: at least {2 * c.old_width}, not {width}")
 
 
 def _check_groups(c: Coupling, init: str, width: int) -> None:
@@ -263,7 +279,8 @@ def _changes(model: nn.Module, c: Coupling, maps: dict[str, UnitMap], exact: boo
             add(mod, tname, Transform(0, map_name(key), "out"), fill)
         resizes.append((mod, "channel", len(maps[map_name(key)].idx)))
         counts = torch.bincount(maps[map_name(key)].idx)
-        if mod in c.uniform_only and exact and not bool((counts == counts[0]).all()):
+        mixed = maps[map_name(key)].mix is not None  # mixtures keep the statistics; copies must be uniform
+        if mod in c.uniform_only and exact and not mixed and not bool((counts == counts[0]).all()):
             fail(f"target: {mod!r} normalises a concatenation in which only some units are copied; LayerNorm "
                  "stays exact only under uniform replication")
     for (mod, tname), (key, axis) in c.tensors.items():  # bare parameters: their entries follow the units
@@ -383,9 +400,10 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
         width: the new number of units; larger than the current one.
         init: a registered initialiser (``autogrow.init``): ``"net2wider"`` (copies, exact), ``"zero_out"``
             (random incoming, zero outgoing weights: new features, exact), ``"vt"`` (variance-transfer pairs,
-            exact), ``"random"`` (random padding baseline, inexact), or ``"auto"``: ``"zero_out"``, or
-            ``"net2wider"`` where a LayerNorm normalises over the units (fresh units would change its
-            statistics).
+            exact), ``"mix"`` (random orthogonal mixtures of the old units, exact where the tensor is linear up
+            to a LayerNorm/RMSNorm, e.g. a transformer's residual stream), ``"random"`` (random padding
+            baseline, inexact), or ``"auto"``: ``"zero_out"``, or where a LayerNorm normalises over the units
+            (fresh units would change its statistics) ``"mix"``, else ``"net2wider"`` copies.
         noise: keras-style noise on the copies' outgoing weights, relative to their std (inexact).
         split: 0 splits a unit's outgoing weights evenly between its copies; ``0 < split < 1``
             draws uneven shares ``(1 +- split)`` that still sum to 1 (exact, breaks symmetry).
@@ -422,8 +440,9 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
     old = c.old_width * block
     check("width", width, width > old and width % block == 0, f"more than {target!r}'s current {old} units"
           + (f" and a multiple of its head size {block}" if block > 1 else ""))
-    if init == "auto":  # new features where nothing normalises over the units; copies where a LayerNorm does
-        init = "net2wider" if c.uniform_only else "zero_out"
+    if init == "auto":  # new features where nothing normalises over the units; mixtures (or copies) where a norm does
+        mixable = c.mix_refusal is None and width // block >= 2 * c.old_width
+        init = ("mix" if mixable else "net2wider") if c.uniform_only else "zero_out"
     exact = get_init(init).exact
     mapping = _choose_mapping(c, init, mapping, width // block)
     maps = _draw_maps(c, width // block, init, mapping, float(split), seed)

@@ -251,7 +251,7 @@ def _operation(model: nn.Module, draw: Draw, x: torch.Tensor) -> tuple[str, dict
         m = model.get_submodule(target)
         n = width_of(m)
         kw.update(width=n * draw.choice([2, 3]) if draw.integer(0, 1) else n + draw.integer(1, 4),
-                  split=draw.choice([0.0, 0.3]))
+                  split=draw.choice([0.0, 0.3]), init=draw.choice(["net2wider", "mix", "auto"]))
         return f"widen {target}", {"target": target, **kw}
     kw.update(residual=draw.choice([None, True, False]), batch_norm=bool(draw.integer(0, 3) == 0))
     return f"deepen {target}", {"after": target, **kw}

@@ -27,9 +27,9 @@ target: the grown run reaches scratch's final validation loss at <= 0.7x scratch
     python -m autogrow.experiments.suite_transformers --task lm      # GPT on Python's standard library
     python -m autogrow.experiments.suite_transformers --task vit     # ViT on Fashion-MNIST
 
-The committed results (experiments/results/transformers/): ``--lrs 2e-3 --configs grown scratch``, then
-``--reuse`` adding ``'grown 2x steps'``, ``'grown, deadline 0.3'``, ``"scratch at grown's FLOPs"`` and ``'grown,
-deadline 0.1'``, per task.
+The committed results (experiments/results/transformers/): ``--lrs 2e-3`` with every configuration (``'grown,
+stack duplicates'`` on the GPT only), per task; the runs are saved after each one and ``--reuse`` adds missing
+(config, seed) pairs to them.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@
 * :class:`CharDataModule`: characters of Python's own standard-library sources (no download).
 
 Why these forwards grow exactly: the residual stream (embeddings, every ``o`` and ``fc2``) widens as one
-tensor with every unit copied equally often (LayerNorm stays exact); the heads are whole ``head_size``
+tensor whose new units are orthogonal mixtures of the old ones (``init="mix"``: LayerNorm sees the same mean and
+variance); the heads are whole ``head_size``
 blocks of q/k/v (``view(B, T, -1, head_size)``), so widening q by whole heads adds heads; a stacked block
 starts with its stream outputs (``o``, ``fc2``) at zero, the identity.
 
