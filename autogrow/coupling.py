@@ -315,7 +315,10 @@ class _Walk:
 
     # -- backward: a tensor combined with a widened one must itself become widened ----------------------
     def backward(self, node: object, lay: Layout, via: fx.Node) -> None:
-        if node in self.layouts:
+        if node in self.layouts:  # reached before: it must be laid out as ``via`` needs it
+            have = self.layouts[node]
+            if (have.dim, have.key, have.flat) != (lay.dim, lay.key, lay.flat):
+                self.fail(via, f"combines tensors whose units are mapped differently ({node.name})")
             return
         if not isinstance(node, fx.Node):
             self.fail(via, "combines the widened tensor with a constant of fixed width")

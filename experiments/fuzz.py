@@ -252,7 +252,7 @@ def _operation(model: nn.Module, draw: Draw, x: torch.Tensor) -> tuple[str, dict
         n = width_of(m)
         kw.update(width=n * draw.choice([2, 3]) if draw.integer(0, 1) else n + draw.integer(1, 4),
                   split=draw.choice([0.0, 0.3]), init=draw.choice(["net2wider", "mix", "auto"]))
-        return f"widen {target}", {"target": target, **kw}
+        return f"widen {target} init={kw['init']}", {"target": target, **kw}
     kw.update(residual=draw.choice([None, True, False]), batch_norm=bool(draw.integer(0, 3) == 0))
     return f"deepen {target}", {"after": target, **kw}
 
@@ -313,6 +313,11 @@ def report(outcomes: list[Outcome], cases: int, seconds: float) -> str:
               "| block | " + " | ".join(kinds[:2]) + " | failures |", "|---|---|---|---|"]
     lines += [f"| {b} | {by_block[(b, 'exact')]} | {by_block[(b, 'refused')]} | "
               f"{sum(by_block[(b, k)] for k in BAD)} |" for b in blocks]
+    by_op = Counter((o.op.split(" init=")[1] if " init=" in o.op else "deepen", o.kind) for o in outcomes)
+    lines += ["", "Operations by kind (widen: by initialiser):", "", "| operation | exact | refused | failures |",
+              "|---|---|---|---|"]
+    lines += [f"| {k} | {by_op[(k, 'exact')]} | {by_op[(k, 'refused')]} | {sum(by_op[(k, b)] for b in BAD)} |"
+              for k in ("net2wider", "mix", "auto", "deepen")]
     return "\n".join(lines)
 
 
