@@ -186,3 +186,32 @@ def test_a_class_token_and_positions_are_mixed_and_layer_scale_is_refused():
         autogrow.widen(scaled, "proj", 16, init="mix", example_inputs=x)
     assert_unchanged(before, scaled)
     assert autogrow.plan_widen(scaled, "proj", 16, init="auto", generator=0, example_inputs=x).init == "net2wider"
+
+
+def test_the_callback_mixes_d_model_and_a_checkpoint_of_it_loads(tmp_path):
+    """Through the callback (default init): d_model grows by mixtures; the checkpoint's history replays them."""
+    import pytorch_lightning as pl
+    from autogrow.callbacks import AutoGrow
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from autogrow.checkpoint import load_grown
+    from autogrow.plateau import EveryN
+    from tests.test_transformers import TinyLM
+
+    torch.set_default_dtype(torch.float32)
+    seq = torch.randint(0, 11, (64, 9), generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(TensorDataset(seq[:, :-1], seq[:, 1:]), batch_size=16)
+    pl.seed_everything(0, verbose=False)
+    sizes = {"layers": 1, "d": 8, "heads": 1, "head_size": 4, "hidden": 8}
+    model = TinyLM(**sizes)
+    grow = AutoGrow(trigger=EveryN(every=1), max_events=1, targets=["net.tok"])
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    pl.Trainer(max_epochs=2, callbacks=[grow, ckpt], logger=False, enable_progress_bar=False,
+               enable_model_summary=False, accelerator="cpu").fit(model, loader, loader)
+    assert model.net.tok.embedding_dim == 16 and grow.events[0].preservation_error < 1e-5
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert [h["options"]["init"] for h in saved["autogrow"]["history"]] == ["mix"]
+    loaded = load_grown(TinyLM, tmp_path / "last.ckpt", **sizes)
+    x = seq[:4, :-1]
+    assert torch.equal(loaded(x), model.eval()(x))
