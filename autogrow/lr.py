@@ -104,6 +104,10 @@ class GrowthLR:
             shapes = {n: p.shape for n, p in model.named_parameters()}  # type: ignore[union-attr]
             self.fresh.births = {n: b for n, b in self.fresh.births.items() if shapes.get(n) == b.shape}
 
+    def attached_to(self, optimizer: Optimizer) -> bool:
+        """Whether the multiplier applies to ``optimizer``'s steps."""
+        return self._optimizer is not None and self._optimizer() is optimizer
+
     def detach(self) -> None:
         optimizer = self._optimizer() if self._optimizer is not None else None
         if optimizer is not None:

@@ -231,7 +231,7 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.probe.inputs is None:
             self.probe.capture(batch, validation=False)
-        self.schedule.sync(trainer)
+        self.schedule.sync(trainer, pl_module)
         if batch_idx % trainer.accumulate_grad_batches:
             return  # grow at an accumulation boundary only (no pending gradients)
         # The deadline between evaluations: every rank computes the same time (same model, same step), so no

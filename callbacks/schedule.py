@@ -32,10 +32,13 @@ class RunSchedule:
             self.lr.step_count = trainer.global_step
             self.lr.attach(trainer.optimizers[0], module)
 
-    def sync(self, trainer: Any) -> None:
-        """Before each batch: the multiplier follows the Trainer's optimizer-step count (resumes exactly)."""
+    def sync(self, trainer: Any, module: nn.Module | None = None) -> None:
+        """Before each batch: the multiplier follows the Trainer's optimizer-step count (resumes exactly) and, with
+        ``module``, the Trainer's optimizer (another AutoGrow callback may have rebuilt it since this one grew)."""
         if self.lr is not None:
             self.lr.step_count = trainer.global_step
+            if module is not None and trainer.optimizers and not self.lr.attached_to(trainer.optimizers[0]):
+                self.lr.attach(trainer.optimizers[0], module)
 
     def progress(self, trainer: Any) -> float | None:
         return trainer.global_step / self.total_steps if self.total_steps else None

@@ -243,3 +243,27 @@ def test_events_needed_counts_joint_widenings_as_they_happen(start):
         for target in ("0", "2"):
             autogrow.widen(net, target, 2 * h)
     assert counts == list(range(len(counts), 0, -1)) and autogrow.num_params(net) == budget.max_params
+
+
+def test_every_callbacks_multiplier_follows_the_optimizer_another_one_rebuilt():
+    """Two AutoGrow callbacks growing at the same epoch end: the second rebuilds the optimizer after the first has
+    moved its multiplier; the first's (here with width scaling) must still apply to the optimizer that trains."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from autogrow.actions import Stack
+    from autogrow.plateau import EveryN
+    from tests.test_transformers import TinyLM
+
+    seq = torch.randint(0, 11, (64, 9), generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(TensorDataset(seq[:, :-1], seq[:, 1:]), batch_size=16)
+    pl.seed_everything(0, verbose=False)
+    model = TinyLM(layers=1, d=8, heads=1, head_size=4, hidden=8)
+    widen = AutoGrow(trigger=EveryN(every=1), max_events=1, policy="all", lr=GrowthLR(width_scaling=True))
+    deeper = AutoGrow(grow=Stack(), trigger=EveryN(every=1), max_events=1, policy="all")
+    t = pl.Trainer(max_epochs=3, callbacks=[widen, deeper], logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False, accelerator="cpu")
+    t.fit(model, loader, loader)
+    assert len(widen.events) == len(deeper.events) == 1 and widen.events[0].step == deeper.events[0].step
+    assert widen.schedule.lr.attached_to(t.optimizers[0]) and deeper.schedule.lr.attached_to(t.optimizers[0])
+    scaled = {n for n, p in model.named_parameters() if id(p) in widen.schedule.lr._scales}
+    assert "net.blocks.0.fc2.weight" in scaled  # its fan-in (the MLP width) doubled: half-size steps
