@@ -27,9 +27,12 @@ target: the grown run reaches scratch's final validation loss at <= 0.7x scratch
     python -m autogrow.experiments.suite_transformers --task lm      # GPT on Python's standard library
     python -m autogrow.experiments.suite_transformers --task vit     # ViT on Fashion-MNIST
 
-The committed results (experiments/results/transformers/): ``--lrs 2e-3`` with every configuration (``'grown,
-stack duplicates'`` on the GPT only), per task; the runs are saved after each one and ``--reuse`` adds missing
-(config, seed) pairs to them.
+The committed results: experiments/results/transformers/: ``--lrs 2e-3`` (one LR for every run, fixed in advance)
+with every configuration (``'grown, stack duplicates'`` on the GPT only), per task; experiments/results/
+transformers_tuned/: ``--lrs 2e-3 4e-3 8e-3 --folder transformers_tuned --configs grown scratch "scratch at grown's
+FLOPs" "grown, deadline 0.3" "grown, deadline 0.1" "grown 2x steps"`` (grown and scratch each tuned on seed 1000; the
+other configurations take the grown run's LR, the budget baseline scratch's). The runs are saved after each one and
+``--reuse`` adds missing (config, seed) pairs to them.
 """
 
 from __future__ import annotations
@@ -576,6 +579,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     ap.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder (else the Debian location)")
     ap.add_argument("--out", default=None, help="parent of the results folder `transformers` (default "
                     "experiments/results)")
+    ap.add_argument("--folder", default="transformers", help="the results folder's name (transformers_tuned: the "
+                    "run with tuned LRs)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     if args.quick:
@@ -586,7 +591,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     try:
         for name in (["lm", "vit"] if args.task == "both" else [args.task]):
             task = (QUICK if args.quick else TASKS)[name]
-            out = Path(args.out or Path(__file__).parent / "results") / "transformers"
+            out = Path(args.out or Path(__file__).parent / "results") / args.folder
             out.mkdir(parents=True, exist_ok=True)
             results[name] = run_task(task, args, out)
     finally:
