@@ -87,6 +87,11 @@ def couple(model: nn.Module, target: str, width: int | None = None, *, graph: fx
         return _Walk(model, target, graph, shapes, width, nb.block).run()
 
 
+def _is_expand(node: fx.Node) -> bool:
+    """``t.expand(...)``: a broadcast view, which the walk follows back to ``t`` (a class token over the batch)."""
+    return node.op == "call_method" and node.target == "expand"
+
+
 def _tensor_args(node: fx.Node, w: _Walk) -> list[fx.Node]:
     args = list(node.args) + list(node.kwargs.values())
     flat = [a for x in args for a in (x if isinstance(x, (list, tuple)) else [x])]
@@ -324,7 +329,7 @@ class _Walk:
             self.fail(via, "combines the widened tensor with a constant of fixed width")
         if node.op == "get_attr":
             return self._add_tensor(node, lay, via)
-        if node.op == "call_method" and node.target == "expand":
+        if _is_expand(node):
             return self._expand_back(node, lay, via)
         op = self.classify(node)
         if op.kind is OpKind.WEIGHTED:
@@ -427,7 +432,7 @@ def _mix_refusal(w: _Walk) -> str | None:
     for node in w.graph.nodes:
         if node not in w.layouts or node.op == "get_attr":
             continue  # a bare parameter added to the tensor: its entries are mixed like a producer's rows
-        if node.op == "call_method" and node.target == "expand":
+        if _is_expand(node):
             continue  # a broadcast view (a class token expanded over the batch): linear
         op = w.classify(node)
         if op.kind is OpKind.WEIGHTED:

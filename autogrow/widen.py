@@ -193,7 +193,9 @@ def _choose_mapping(c: Coupling, init: str, mapping: str, width: int) -> str:
     """``mapping="auto"`` is uniform exactly when a LayerNorm needs every unit copied equally often."""
     n = c.old_width
     if isinstance(get_init(init), Mix):
-        _check_mix(c, width)
+        problem = _mix_problem(c, width)
+        if problem:
+            fail(problem)
         return "random" if mapping == "auto" else mapping
     fresh = get_init(init).exact and not isinstance(get_init(init), Net2Wider)
     if c.uniform_only and fresh:
@@ -213,15 +215,17 @@ def _choose_mapping(c: Coupling, init: str, mapping: str, width: int) -> str:
     return mapping
 
 
-def _check_mix(c: Coupling, width: int) -> None:
-    """``init="mix"`` is exact where the tensor is linear up to its norms, and under a norm only when at least
-    as many units are added as there are (the mixing must keep each token's mean and mean square)."""
+def _mix_problem(c: Coupling, width: int) -> str | None:
+    """Why ``init="mix"`` would not be exact at ``width`` units (``None``: it is). It is exact where the tensor is
+    linear up to its norms, and under a norm only when at least as many units are added as there are (the mixing
+    must keep each token's mean and mean square)."""
     if c.mix_refusal is not None:
         other = "net2wider" if c.uniform_only else "zero_out"  # what init="auto" picks there
-        fail(f"init: 'mix' is not allowed for {c.target!r}: {c.mix_refusal}; use init={other!r}")
+        return f"init: 'mix' is not allowed for {c.target!r}: {c.mix_refusal}; use init={other!r}"
     if c.uniform_only and width < 2 * c.old_width:
-        fail(f"width: with init='mix', {list(c.uniform_only)} (they normalise over the units) stay exact only when "
-             f"{c.target!r} gains at least its {c.old_width} units: at least {2 * c.old_width}, not {width}")
+        return (f"width: with init='mix', {list(c.uniform_only)} (they normalise over the units) stay exact only "
+                f"when {c.target!r} gains at least its {c.old_width} units: at least {2 * c.old_width}, not {width}")
+    return None
 
 
 def _check_groups(c: Coupling, init: str, width: int) -> None:
@@ -441,8 +445,7 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
     check("width", width, width > old and width % block == 0, f"more than {target!r}'s current {old} units"
           + (f" and a multiple of its head size {block}" if block > 1 else ""))
     if init == "auto":  # new features where nothing normalises over the units; mixtures (or copies) where a norm does
-        mixable = c.mix_refusal is None and width // block >= 2 * c.old_width
-        init = ("mix" if mixable else "net2wider") if c.uniform_only else "zero_out"
+        init = ("mix" if _mix_problem(c, width // block) is None else "net2wider") if c.uniform_only else "zero_out"
     exact = get_init(init).exact
     mapping = _choose_mapping(c, init, mapping, width // block)
     maps = _draw_maps(c, width // block, init, mapping, float(split), seed)

@@ -31,6 +31,20 @@ def float64():
     torch.set_default_dtype(old)
 
 
+@pytest.fixture
+def rmsnorm_registered():
+    """tests.models' hand-written RMSNorm registered as what it computes (as a Llama user would), then forgotten."""
+    import torch.nn as nn
+
+    from autogrow import register_channelwise
+    from autogrow.registry import _CHANNELWISE, channel_spec
+    from tests.models import RMSNorm
+
+    register_channelwise(RMSNorm, channel_spec(nn.RMSNorm(1)))
+    yield
+    _CHANNELWISE.pop(RMSNorm)
+
+
 @pytest.fixture(scope="session")
 def subprocess_env(tmp_path_factory) -> dict[str, str]:
     """``os.environ`` plus a PYTHONPATH holding the repository and a sitecustomize that imports torchvision

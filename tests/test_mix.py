@@ -14,23 +14,11 @@ import torch.nn.functional as F
 from autogrow.experiments.zoo import assert_unchanged, snapshot
 
 import autogrow
-from tests.models import RMSNorm, TinyGPT, TinyLlama, TinyTransformer, max_rel_error
+from tests.models import TinyGPT, TinyLlama, TinyTransformer, max_rel_error
 from tests.test_token_stream import TinyViT
+from tests.test_transformers import ids
 
 pytestmark = pytest.mark.usefixtures("float64")  # exactness is checked to 1e-9: models and data in float64
-
-
-def ids() -> torch.Tensor:
-    return torch.randint(0, 11, (3, 7), generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture
-def rmsnorm_registered():
-    from autogrow.registry import _CHANNELWISE, channel_spec
-
-    autogrow.register_channelwise(RMSNorm, channel_spec(nn.RMSNorm(1)))
-    yield
-    _CHANNELWISE.pop(RMSNorm)
 
 
 def trained(model: nn.Module, x: torch.Tensor) -> torch.optim.Optimizer:

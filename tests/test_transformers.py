@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from autogrow.callbacks import AutoGrow
 
 import autogrow
-from tests.models import RMSNorm, TinyGPT, TinyLlama, max_rel_error
+from tests.models import TinyGPT, TinyLlama, max_rel_error
 from tests.test_refusals import assert_unchanged, snapshot
 
 pytestmark = pytest.mark.usefixtures("float64")  # exactness is checked to 1e-9: models and data in float64
@@ -89,16 +89,6 @@ def test_head_size_and_partial_heads_are_refused():
     with pytest.raises(autogrow.AutogrowError, match=r"new width 10 is not a whole number of heads.*multiple of 3"):
         autogrow.widen(model, "blocks.0.attn.q", 10, optimizer=opt, example_inputs=x)
     assert_unchanged(before, model, opt)
-
-
-@pytest.fixture
-def rmsnorm_registered():
-    """The hand-written RMSNorm registered as what it computes (as a Llama user would), then forgotten again."""
-    from autogrow.registry import _CHANNELWISE, channel_spec
-
-    autogrow.register_channelwise(RMSNorm, channel_spec(nn.RMSNorm(1)))
-    yield
-    _CHANNELWISE.pop(RMSNorm)
 
 
 def test_llama_style_model_grows_in_every_dimension(rmsnorm_registered):
