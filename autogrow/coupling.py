@@ -3,10 +3,12 @@
 Widening a layer's output changes the width of a tensor. Everything that tensor flows into must
 follow: element-wise ops pass the new width on, BatchNorm/LayerNorm gain entries, the next weighted
 layers gain input features (a flattened conv output brings an H*W block per channel), a residual add
-forces its other operands (and their producers) to grow with the *same* unit mapping, and a
-concatenation shifts the mapping by an offset. :func:`couple` is a small driver: it classifies each
-node once (``autogrow.ops``), moves the layout with the per-op rules of ``autogrow.layout``, and
-returns a frozen :class:`Coupling`; whatever cannot stay exact is refused, naming the node.
+forces its other operands (and their producers) to grow with the *same* unit mapping, a
+concatenation shifts the mapping by an offset, and a layer whose output is split into equal parts (a
+fused q/k/v) grows every part alike, as if its output were the concatenation of the parts.
+:func:`couple` is a small driver: it classifies each node once (``autogrow.ops``), moves the layout
+with the per-op rules of ``autogrow.layout``, and returns a frozen :class:`Coupling`; whatever
+cannot stay exact is refused, naming the node.
 
     >>> import torch.nn as nn
     >>> c = couple(nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 2)), "0")
@@ -27,8 +29,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autogrow.errors import SHAPES_HINT, AutogrowError, NeedsShapes, fail
-from autogrow.layout import Layout, NeedsBlock, Refusal, arg, cat_axis
+from autogrow.errors import SHAPES_HINT, AutogrowError, NeedsShapes, check, fail
+from autogrow.layout import Layout, NeedsBlock, NeedsParts, Refusal, arg, cat_axis
 from autogrow.ops import Linearity, Op, OpKind, classify
 from autogrow.registry import ChannelSpec, LayerSpec, channel_spec, channel_width, layer_spec
 from autogrow.sizes import SizeReader
@@ -63,6 +65,19 @@ class Coupling:
     tensors: Mapping[tuple[str, str], tuple[MapKey, int]] = field(default_factory=dict)
     # why new units mixed from the old ones (init="mix") would change the function; None: they would not
     mix_refusal: str | None = "not checked"
+    parts: int = 1  # > 1: the target's output is that many equal pieces (a fused q/k/v), each grown alike
+
+    @property
+    def unit_features(self) -> int:
+        """The target's output features per unit: a head's size, times the pieces of a fused output."""
+        return self.unit_block * self.parts
+
+    def width_rule(self) -> str:
+        """What the target's new width must be a multiple of, in words ("" for single units)."""
+        if self.parts > 1:
+            heads = f" of whole heads of {self.unit_block}" if self.unit_block > 1 else ""
+            return f" and a multiple of {self.unit_features} ({self.parts} equal parts{heads})"
+        return f" and a multiple of its head size {self.unit_block}" if self.unit_block > 1 else ""
 
     def width(self, key: MapKey) -> int:
         """Old width of the tensor mapped by ``key``."""
@@ -81,10 +96,21 @@ def couple(model: nn.Module, target: str, width: int | None = None, *, graph: fx
         AutogrowError: naming the node that cannot follow the widening exactly.
     """
     graph = graph if graph is not None else trace(model)
-    try:
-        return _Walk(model, target, graph, shapes, width).run()
-    except NeedsBlock as nb:  # the units are heads of nb.block features: count whole heads
-        return _Walk(model, target, graph, shapes, width, nb.block).run()
+    block, parts = 1, 1
+    while True:  # restarts: the units turn out to be heads, or the output a fused projection's pieces
+        try:
+            return _Walk(model, target, graph, shapes, width, block, parts).run()
+        except NeedsBlock as nb:  # the units are heads of nb.block features: count whole heads
+            if block > 1:
+                raise AssertionError(f"{target}: heads of {nb.block} found after heads of {block}") from None
+            block = nb.block
+        except NeedsParts as np:  # q, k, v = fused(x).chunk(3, -1): count one piece's units
+            if parts > 1:
+                fail(f"target: cannot widen {target!r} exactly: its output is split into {parts} parts, and a part "
+                     f"again into {np.parts}; split it once, into equal parts")
+            parts = np.parts
+            check("width", width, width is None or width % parts == 0,
+                  f"a multiple of {parts}: {target!r}'s output is split into {parts} equal parts, which grow alike")
 
 
 def _is_expand(node: fx.Node) -> bool:
@@ -102,10 +128,11 @@ class _Walk:
     """The walk's state: the layout of every tensor reached so far, and what it found."""
 
     def __init__(self, model: nn.Module, target: str, graph: fx.Graph, shapes: dict[fx.Node, Any] | None,
-                 new_width: int | None, unit_block: int = 1) -> None:
+                 new_width: int | None, unit_block: int = 1, parts: int = 1) -> None:
         self.model, self.target, self.graph, self.shapes = model, target, graph, shapes
-        self.unit_block = unit_block
-        self.new_width = new_width // unit_block if new_width is not None else None
+        self.unit_block, self.n_parts = unit_block, parts
+        self.new_width = new_width // (unit_block * parts) if new_width is not None else None
+        self.fused: fx.Node | None = None  # the mapping key of a fused target's output (parts > 1)
         self.sizes = SizeReader(shapes, self.layouts_get, self.widths)
         self.sites = call_sites(graph)
         self.layouts: dict[fx.Node, Layout] = {}
@@ -139,11 +166,14 @@ class _Walk:
         assert self.old_width is not None
         return Coupling(self.target, self.old_width, dict(self.producers), dict(self.channelwise),
                         dict(self.consumers), dict(self.cats), tuple(self.uniform_only), self.unit_block,
-                        dict(self.grouped), dict(self.tensors), _mix_refusal(self))
+                        dict(self.grouped), dict(self.tensors), _mix_refusal(self), self.n_parts)
 
     def fail(self, node: fx.Node, why: str, fix: str = "", needs_shapes: bool = False) -> NoReturn:
         msg = f"target: cannot widen {self.target!r} exactly: {describe(node, self.model)} {why}." + (
             f" {fix}" if fix else "")
+        if self.n_parts > 1:
+            msg += (f" (Widths here count one of the {self.n_parts} equal parts {self.target!r}'s output is split "
+                    f"into; its own width is {self.n_parts} times that.)")
         raise (NeedsShapes if needs_shapes else AutogrowError)(msg)
 
     def classify(self, node: fx.Node) -> Op:
@@ -169,6 +199,9 @@ class _Walk:
 
     def value(self, x: object, new: bool) -> Any:
         return self.sizes.value(x, new)
+
+    def parts(self, key: object) -> int:
+        return self.n_parts if key is not None and key is self.fused else 1
 
     def layouts_get(self, node: fx.Node) -> Layout | None:
         return self.layouts.get(node)
@@ -212,17 +245,23 @@ class _Walk:
         if reason:
             self.fail(node, f"is a producer with {reason}")
         features = getattr(m, spec.out_attr)
-        if features % self.unit_block:
-            self.fail(node, f"has {features} units, not a whole number of heads of {self.unit_block}")
-        width = features // self.unit_block
+        per = self.unit_block * (self.n_parts if name == self.target else 1)
+        if features % per:
+            what = f"{self.n_parts} equal parts of whole" if self.n_parts > 1 else "a whole number of"
+            self.fail(node, f"has {features} units, not {what} heads of {self.unit_block}")
+        width = features // per
         if self.old_width is None:
             self.old_width = width
         elif width != self.old_width:
             self.fail(node, f"must grow with {self.target!r} but has {width} units, not {self.old_width}")
-        self.producers[name] = None
+        key: MapKey = None
+        if self.n_parts > 1 and name == self.target:  # a fused output: its pieces, each the target's own units
+            key = self.fused = self.sites[name][0]
+            self.cats[key] = CatParts(((None, width),) * self.n_parts)
+        self.producers[name] = key
         ndim = -spec.out_dim + 1 if spec.out_dim < -1 else None
         for site in self.sites[name]:  # a module called twice shares its parameters: both outputs grow
-            self.mark(site, Layout(spec.out_dim, ndim, None, flat=self.unit_block > 1))
+            self.mark(site, Layout(spec.out_dim, ndim, key, flat=self.unit_block > 1))
 
     def add_consumer(self, user: fx.Node, lay: Layout, spec: LayerSpec, m: nn.Module) -> None:
         if spec.in_attr is None:
@@ -412,6 +451,8 @@ class _Walk:
 
 def _check_cats(w: _Walk) -> None:
     for node, cp in w.cats.items():
+        if node is w.fused:
+            continue  # a fused layer's output, not a concatenation
         for (k, _), t in zip(cp.parts, arg(node, 0, "tensors", None)):
             if k is False and t in w.layouts:
                 w.fail(node, f"concatenates {t.name}, which became widened by a later residual path")
@@ -427,7 +468,7 @@ def _mix_refusal(w: _Walk) -> str | None:
     or a path that joins the tensors before and after a norm (a post-norm residual), breaks this.
     """
     if w.cats or w.grouped or w.unit_block > 1:
-        return "its units are concatenated with others, grouped, or attention heads"
+        return "its units are concatenated with others, a fused projection's parts, grouped, or attention heads"
     post: set[fx.Node] = set()  # after a normalisation over the units: only readers see these
     for node in w.graph.nodes:
         if node not in w.layouts or node.op == "get_attr":

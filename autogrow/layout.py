@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from autogrow.errors import SHAPES_HINT
 from autogrow.ops import LayoutRule, Linearity, OpKind, register_function, register_layout_module
 
-__all__ = ["Context", "Layout", "NeedsBlock", "Refusal", "arg", "cat_axis", "flatten_axes", "reduce_axes"]
+__all__ = ["Context", "Layout", "NeedsBlock", "NeedsParts", "Refusal", "arg", "cat_axis", "flatten_axes",
+           "reduce_axes"]
 
 
 class Refusal(Exception):
@@ -52,6 +53,15 @@ class NeedsBlock(Exception):
     def __init__(self, block: int) -> None:
         super().__init__(block)
         self.block = block
+
+
+class NeedsParts(Exception):
+    """The widened layer's output is split into ``parts`` equal pieces along its units (a fused q/k/v or
+    gate/up projection): the walk restarts, its units being one piece's, every piece growing alike."""
+
+    def __init__(self, parts: int) -> None:
+        super().__init__(parts)
+        self.parts = parts
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,10 @@ class Context(Protocol):
 
     def value(self, x: object, new: bool) -> Any:
         """The value of a size expression before/after widening (raises when it cannot be computed)."""
+
+    def parts(self, key: object) -> int:
+        """Into how many equal pieces, each mapped as the widened layer's own units, a mapping's units fall:
+        more than 1 for a fused projection's output, else 1."""
 
 
 def arg(node: fx.Node, pos: int, name: str, default: object) -> object:
@@ -245,7 +259,13 @@ def reshape(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) 
             raise Refusal(f"reshapes the widened tensor to a shape computed from sizes {tuple(map(str, shape))}",
                           SHAPES_HINT, needs_shapes=True)
         raise Refusal(f"reshapes the widened tensor to a fixed shape {tuple(map(str, shape))}", _FIXED)
-    out, q = _units_after_reshape(lay, old_in, old_out, ctx, node)
+    try:
+        out, q = _units_after_reshape(lay, old_in, old_out, ctx, node)
+    except Refusal:
+        if ctx.parts(lay.key) == 1:
+            raise
+        lay, old_in = _as_parts(lay, old_in, ctx.parts(lay.key))
+        out, q = _units_after_reshape(lay, old_in, old_out, ctx, node)
     old, new = ctx.widths(lay)
     expected = list(old_out)
     expected[q] = old_out[q] // old * new
@@ -261,6 +281,25 @@ def reshape(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) 
         raise Refusal(f"reshapes the widened tensor to a fixed shape {tuple(map(str, shape))} (after widening "
                       f"it would need {tuple(expected)}, gets {tuple(target)})", _FIXED)
     return out
+
+
+def _as_parts(lay: Layout, old_in: tuple[int, ...], parts: int) -> tuple[Layout, tuple[int, ...]]:
+    """A fused output seen as ``(..., parts, one part's units, ...)``: the part's units are the layer's own."""
+    p = len(old_in) + lay.dim
+    virtual = old_in[:p] + (parts, old_in[p] // parts) + old_in[p + 1:]
+    return replace(lay, key=None, ndim=len(virtual)), virtual
+
+
+def _fixed_parts(node: fx.Node, q: int, old_out: tuple[int, ...], units: int, ctx: Context) -> bool:
+    """``qkv.reshape(B, N, 3, -1, head_size)``: the units' axis becomes a fixed number of parts (axis ``q``,
+    the same after widening) followed by at least two axes that hold one part's units."""
+    ends = [k for k in range(q + 3, len(old_out) + 1) if math.prod(old_out[q:k]) == units]
+    if old_out[q] < 2 or not ends:
+        return False
+    try:
+        return int(ctx.value(list(reshape_target(node)), new=True)[q]) == old_out[q]
+    except Exception:
+        return False
 
 
 def _units_after_reshape(lay: Layout, old_in: tuple[int, ...], old_out: tuple[int, ...], ctx: Context,
@@ -282,6 +321,8 @@ def _units_after_reshape(lay: Layout, old_in: tuple[int, ...], old_out: tuple[in
             return Layout(q - len(old_out), len(old_out), lay.key), q  # blocks (heads) back to their own axis
         if not lay.flat and q + 1 < len(old_out) and old_out[q] * old_out[q + 1] == units:
             _split_units(node, q, old_out, ctx, lay)
+        if not lay.flat and ctx.parts(lay.key) == 1 and _fixed_parts(node, q, old_out, units, ctx):
+            raise NeedsParts(old_out[q])  # a fused q/k/v: (B, N, 3 * heads * size) -> (B, N, 3, heads, size)
     raise Refusal(f"reshapes {old_in} to {old_out}, splitting the widened units (axis {p}) across several axes "
                   "or behind others", "Reshapes that keep the units one axis, or flatten them outermost, work.")
 
@@ -301,8 +342,14 @@ def _split_units(node: fx.Node, q: int, old_out: tuple[int, ...], ctx: Context, 
                       "of heads", f"Widen to a multiple of {size}.")
     if size == old_out[q + 1] and heads in (-1, new // size):
         raise NeedsBlock(size)
+    if size == old_out[q + 1]:  # timm's reshape(B, N, 3, self.num_heads, self.head_dim)
+        raise Refusal(f"splits the widened units into {heads} heads of {size}, a number of heads fixed in the code (a "
+                      "constant or a module attribute), so the new units fit no head",
+                      "Compute the number of heads from the tensor: view(B, T, -1, head_size) or x.size(-1) // "
+                      "head_size.")
     raise Refusal(f"splits the widened units into {old_out[q]} x {old_out[q + 1]} (heads x head size?) and the head "
-                  f"size would change to {size} (it sets the attention's 1/sqrt(d) scale and rotary frequencies)",
+                  f"size would change{f' to {size}' if size > 0 else ''} (it sets the attention's 1/sqrt(d) scale and "
+                  "rotary frequencies)",
                   "Grow the number of heads: compute it from the tensor (x.size(-1) // head_size) with a fixed "
                   "head size, or widen another layer.")
 
@@ -345,7 +392,8 @@ def _squeeze_at(lay: Layout, dim: int) -> Layout:
     """The layout after removing axis ``dim`` (from the end), which is not the units'."""
     if dim == lay.dim:
         raise Refusal("squeezes the widened units' axis")
-    return replace(lay, dim=lay.dim + (1 if dim < lay.dim else 0), ndim=None if lay.ndim is None else lay.ndim - 1)
+    # an axis nearer the end than the units' moves them one nearer; one before them changes nothing
+    return replace(lay, dim=lay.dim + (1 if dim > lay.dim else 0), ndim=None if lay.ndim is None else lay.ndim - 1)
 
 
 def _unsqueeze_at(lay: Layout, node: fx.Node) -> Layout:
@@ -367,6 +415,21 @@ def unsqueeze(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context
     return _unsqueeze_at(lay, node)
 
 
+@layout_rule(torch.squeeze, "squeeze")
+def squeeze(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
+    """Drops axes of size 1 other than the units' (whose size changes with the width)."""
+    dims, shape = arg(node, 1, "dim", None), ctx.shape(node.args[0])
+    if dims is None and shape is None:
+        raise Refusal("squeezes every axis of size 1 of a tensor of unknown shape", SHAPES_HINT, needs_shapes=True)
+    dims = [i for i, n in enumerate(shape) if n == 1] if dims is None else [dims] if isinstance(dims, int) else dims
+    for d in sorted({_axis(d, lay.ndim) for d in dims}):  # the axis farthest from the end first: no shifts
+        if d == lay.dim and (shape is None or ctx.widths(lay)[0] == 1):
+            raise Refusal("squeezes the widened units' axis", "" if shape else SHAPES_HINT, needs_shapes=not shape)
+        if d != lay.dim and (shape is None or shape[d] == 1):
+            lay = _squeeze_at(lay, d)
+    return lay
+
+
 def softmax(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
     """Normalises along one axis: exact for copies only when that axis is not the units'."""
     if _axis(arg(node, 1, "dim", -1), lay.ndim) == lay.dim:
@@ -377,12 +440,67 @@ def softmax(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) 
 layout_rule(torch.softmax, F.softmax, F.log_softmax, "softmax", "log_softmax", inverse=softmax, linear=False)(softmax)
 
 
+_FUSED_FIX = "Split by sizes computed from the tensor (h.chunk(3, dim=-1) or h.split(h.size(-1) // 3, dim=-1))."
+
+
+def _pieces(node: fx.Node, lay: Layout, ctx: Context) -> int:
+    """How many equal pieces a split along the units makes, before and after widening (else refused)."""
+    old, new = ctx.widths(lay)
+    if node.target in (torch.chunk, "chunk"):
+        n = arg(node, 1, "chunks", None)
+        if not isinstance(n, int) or old % n:  # a new width that is not a multiple: refused by name (couple)
+            raise Refusal(f"splits the widened units into {n} chunks, not equal at {old} units")
+        return n
+    shape = ctx.shape(node.args[0])
+    if shape is None:
+        raise Refusal("splits the widened units into parts", SHAPES_HINT, needs_shapes=True)
+    features = (shape[lay.dim], shape[lay.dim] // old * new)
+    given = node.kwargs.get("split_size", arg(node, 1, "split_size_or_sections", None))  # Tensor.split's name
+    try:
+        sizes = [ctx.value(given, new=w) for w in (False, True)]
+    except Exception:
+        raise Refusal("splits the widened units into parts of sizes autogrow cannot follow", _FUSED_FIX) from None
+    counts = []
+    for f, sz in zip(features, sizes):
+        if not isinstance(sz, (int, list, tuple)):
+            raise Refusal(f"splits the widened units by {sz!r}, which autogrow cannot read", _FUSED_FIX)
+        if isinstance(sz, int):
+            parts = [sz] * (f // sz) if sz > 0 and f % sz == 0 else []
+        else:
+            parts = list(sz) if sum(sz) == f else []
+        if not parts or len(set(parts)) > 1:
+            raise Refusal(f"splits the widened units ({features[0]} features) into parts of {sizes[0]}: after "
+                          f"widening to {features[1]} they would be {sizes[1]}, not equal parts", _FUSED_FIX)
+        counts.append(len(parts))
+    if counts[0] != counts[1]:
+        raise Refusal(f"splits the widened units into parts of fixed size {sizes[0]}: {counts[0]} parts now, "
+                      f"{counts[1]} after widening", _FUSED_FIX)
+    return counts[0]
+
+
 @layout_rule(torch.chunk, torch.split, "chunk", "split")
 def split(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
-    """Pieces along another axis keep the layout (``getitem`` then picks one); along the units': refused."""
-    if _axis(arg(node, 2, "dim", 0), lay.ndim) == lay.dim:
-        raise Refusal("splits the widened units into fixed parts (a fused projection?)",
-                      "Use separate layers (e.g. q, k and v Linear layers) for the parts.")
+    """Pieces along another axis keep the layout (``getitem`` then picks one). Along the units, equal pieces
+    (a fused q/k/v or gate/up projection) are each one copy of the widened layer's units, growing alike:
+    the walk restarts counting one piece's units (:class:`NeedsParts`)."""
+    if _axis(arg(node, 2, "dim", 0), lay.ndim) != lay.dim:
+        return lay
+    pieces = _pieces(node, lay, ctx)
+    if ctx.parts(lay.key) == pieces:
+        return lay
+    if lay.key is None and pieces > 1:  # the layer's own units (after a restart: one part's, split again)
+        raise NeedsParts(pieces)
+    if ctx.parts(lay.key) == 1:
+        raise Refusal("splits a concatenation that holds the widened units into parts",
+                      "Split a layer's own output into equal parts.")
+    raise Refusal(f"splits the widened units into {pieces} parts, not the {ctx.parts(lay.key)} parts they grow as")
+
+
+@layout_rule(torch.unbind, "unbind")
+def unbind(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
+    """Slices along another axis (``q, k, v = qkv.unbind(0)``): ``getitem`` then drops that axis."""
+    if _axis(arg(node, 1, "dim", 0), lay.ndim) == lay.dim:
+        raise Refusal("unbinds the widened units' axis into separate tensors")
     return lay
 
 
@@ -397,7 +515,11 @@ def getitem(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) 
     and ``...`` are followed; anything but a full slice on the units' axis is refused."""
     src = node.args[0]
     if isinstance(src, fx.Node) and src.target in (torch.chunk, torch.split, "chunk", "split"):
+        if ctx.parts(lay.key) > 1 and _axis(arg(src, 2, "dim", 0), lay.ndim) == lay.dim:
+            return replace(lay, key=None)  # one piece of a fused output: the widened layer's own units
         return lay  # one piece of a split along another axis
+    if isinstance(src, fx.Node) and src.target in (torch.unbind, "unbind"):
+        return _squeeze_at(lay, _axis(arg(src, 1, "dim", 0), lay.ndim))  # one slice: that axis gone
     items, nd = _index_items(node), lay.ndim
     if nd is None:
         raise Refusal("indexes a widened tensor of unknown rank", SHAPES_HINT, needs_shapes=True)

@@ -278,12 +278,12 @@ def _unit_features(model: nn.Module, c: Coupling, labels: dict[str, torch.Tensor
         t = t.detach().double().reshape(n, -1)
         cols.append(t / t.abs().max().clamp_min(1e-300))
 
-    for mod, _ in c.producers.items():
-        m = model.get_submodule(mod)
+    for mod, key in c.producers.items():
+        m, parts = model.get_submodule(mod), c.parts if key is not None else 1  # fused: rows (part, unit, ...)
         for tname, d in layer_spec(m).out_params.items():  # type: ignore[union-attr]
             t = getattr(m, tname, None)
             if t is not None:
-                add(t.movedim(d, 0))
+                add(t.movedim(d, 0).unflatten(0, (parts, -1)).transpose(0, 1))
     for (mod, tname), (_, axis) in c.tensors.items():  # bare parameters (base mapping only)
         add(getattr(model.get_submodule(mod), tname).movedim(axis, 0))
     for mod, key in c.channelwise.items():
@@ -340,7 +340,7 @@ def _merge_base(gid: torch.Tensor, width: int | None) -> UnitMap:
 
 def _plan_merge(model: nn.Module, c: Coupling, width: int | None, tol: float) -> UnitMap:
     gid = _duplicate_groups(_unit_features(model, c, _labels(c)), tol)
-    groups, unit = int(gid.max()) + 1, c.unit_block
+    groups, unit = int(gid.max()) + 1, c.unit_features
     what = "units" if unit == 1 else f"heads of {unit}"
     if groups == c.old_width:
         fail(f"target: {c.target!r} has no duplicate units to merge: its {c.old_width} {what} differ pairwise by more "
@@ -674,9 +674,10 @@ def plan_shrink(model: nn.Module, target: str, width: int | None = None, *, mode
     graph = trace(model)
     shapes = propagate(model, graph, example_inputs) if example_inputs is not None else None
     c = _couple(model, target, width if width is not None else _current_width(model, target), graph, shapes)
-    unit, old = c.unit_block, c.old_width * c.unit_block  # unit > 1: the units are attention heads of that size
+    unit = c.unit_features  # > 1: the units are attention heads of that size, or a fused output's parts
+    old = c.old_width * unit
     check("width", width, width is None or (width < old and width % unit == 0), f"fewer than {target!r}'s current "
-          f"{old} units" + (f" and a multiple of its head size {unit}" if unit > 1 else ""))
+          f"{old} units" + c.width_rule())
     tol = _tolerance(model.get_submodule(target), tol)
     inputs = _consumer_inputs(model, c, example_inputs) if mode == "prune" else {}
     base = _plan_merge(model, c, width, tol) if mode == "merge" else \

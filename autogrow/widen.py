@@ -401,7 +401,9 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
     Args:
         model: any ``nn.Module`` whose forward torch.fx can trace.
         target: name of a ``Linear``/``ConvNd``/``Embedding`` (or registered) module.
-        width: the new number of units; larger than the current one.
+        width: the new number of units; larger than the current one. A layer whose output is split into equal
+            parts (a fused q/k/v: ``qkv(x).chunk(3, -1)``) grows every part alike, so ``width`` is a multiple of the
+            number of parts (times the head size where the parts are reshaped into heads).
         init: a registered initialiser (``autogrow.init``): ``"net2wider"`` (copies, exact), ``"zero_out"``
             (random incoming, zero outgoing weights: new features, exact), ``"vt"`` (variance-transfer pairs,
             exact), ``"mix"`` (random orthogonal mixtures of the old units, exact where the tensor is linear up
@@ -440,10 +442,10 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
     graph = trace(model)
     c = couple(model, target, width, graph=graph,
                shapes=propagate(model, graph, example_inputs) if example_inputs is not None else None)
-    block = c.unit_block  # > 1: the units are attention heads of that many features
+    block = c.unit_features  # > 1: the units are attention heads of that many features, or a fused output's pieces
     old = c.old_width * block
     check("width", width, width > old and width % block == 0, f"more than {target!r}'s current {old} units"
-          + (f" and a multiple of its head size {block}" if block > 1 else ""))
+          + c.width_rule())
     if init == "auto":  # new features where nothing normalises over the units; mixtures (or copies) where a norm does
         init = ("mix" if _mix_problem(c, width // block) is None else "net2wider") if c.uniform_only else "zero_out"
     exact = get_init(init).exact

@@ -4,8 +4,10 @@ Each case builds a random network (an MLP, a token model on ``(B, T, C)``, a CNN
 ids with a tied output layer) from blocks that include the constructs that once grew wrongly: sizes
 read from tensors (``x / x.size(-1)``, ``b, t, c = x.shape`` and reshapes with them, splitting the
 units into heads), ``BatchNorm1d`` on 3-D input, concatenations in keyword form and along other axes,
-tied weights, residual streams, flatten, pooling over tokens, LayerNorm and every activation. Then it
-widens or deepens random layers, with and without example inputs, and classifies every operation:
+tied weights, residual streams, fused projections split into equal parts (chunk, split by a size read
+or fixed, a reshape into (parts, heads, size) unbound), flatten, pooling over tokens, LayerNorm and every
+activation. Then it widens or deepens random layers, with and without example inputs, and classifies every
+operation:
 
 * ``exact``: no error, the output is unchanged (<= 1e-9 relative in float64) and a training step runs;
 * ``refused``: an ``AutogrowError``, with the model and optimizer byte-identical;
@@ -102,6 +104,8 @@ class Block(nn.Module):
         if kind == "tied":
             self.a, self.b = nn.Linear(w, out), nn.Linear(w, out)
             self.b.weight = self.a.weight
+        if kind == "fused":  # one layer, two equal parts (a gate and a value; q and k), split in one of four ways
+            self.fc, self.how = nn.Linear(w, 2 * out), draw.choice(["chunk", "split_size", "split_const", "heads"])
 
     def nonlin(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(x) if self.act is not None else activate(x, self._fn)
@@ -140,7 +144,20 @@ class Block(nn.Module):
             return self.nonlin(torch.cat([self.a(x), self.b(x)], dim=1))
         if k == "tied":
             return self.nonlin(self.a(x) + self.b(2 * x))
+        if k == "fused":
+            return self.fused(self.fc(x))
         raise AssertionError(k)
+
+    def fused(self, h: torch.Tensor) -> torch.Tensor:
+        if self.how == "heads":  # timm's qkv: (B, T, parts, heads, size), the parts unbound
+            b, t, _ = h.shape
+            gate, value = h.reshape(b, t, 2, -1, 2).unbind(2)
+            return (self.nonlin(gate) * value).flatten(2)
+        if self.how == "chunk":
+            gate, value = h.chunk(2, dim=-1)
+        else:  # by a size read from the tensor, or fixed in the code (GPT-2's split_size: refused when it must grow)
+            gate, value = h.split(h.size(-1) // 2 if self.how == "split_size" else self.width_out, dim=-1)
+        return self.nonlin(gate) * value
 
 
 class Net(nn.Module):
@@ -189,7 +206,7 @@ def build(draw: Draw) -> tuple[nn.Module, torch.Tensor]:
     tokens = 4 if mode in ("tokens", "ids") else 0
     kinds = ["dense", "bn", "ln", "residual", "cat", "cat_kw", "tied", "scale", "bare"]
     if mode in ("tokens", "ids"):
-        kinds += ["roundtrip", "heads", "cat_other"]
+        kinds += ["roundtrip", "heads", "cat_other", "fused"]
     pool = draw.choice(["mean", "none"]) if mode != "flat" else "none"
     w_in = draw.integer(2, 6)
     classes, w = 5, w_in

@@ -75,7 +75,7 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
     # (reshaped to a fixed number of heads). Deepening works after every layer (a residual block after GELU).
     "vit_tiny": [
         ("patch_embed.proj", "widen x2", EXACT),
-        ("blocks.0.attn.qkv", "widen x2", r"splitting the widened units"),
+        ("blocks.0.attn.qkv", "widen x2", r"heads of 64, a number of heads fixed in the code"),
         ("blocks.0.mlp.fc1", "widen +1", EXACT),
         ("blocks.1.mlp.fc1", "widen x2", EXACT),
         ("blocks.1.mlp.fc2", "widen x2", EXACT),
