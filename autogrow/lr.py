@@ -122,8 +122,19 @@ class GrowthLR:
         """A growth just happened: re-warm from here; the decay starts no earlier than now; with
         ``fresh_steps``, the fresh entries of ``growths`` (applied to ``model``) are born now."""
         self.last_growth = self.step_count
+        self.follow(growths)
         if self.fresh_steps and model is not None:
             self.fresh.grew(model, growths, self.step_count)
+
+    def follow(self, growths: list[Growth] | tuple[Growth, ...]) -> None:
+        """Stacking and deepening rename parameters: the fan-ins at start follow them (a stacked copy starts from
+        its original's; a deepened layer from its fan-in when first seen). :meth:`grew` calls this; call it for
+        growths that did not pass through :meth:`grew` (another callback's)."""
+        for g in growths:
+            self.base_fan_in = {g.renames.get(k, k): v for k, v in self.base_fan_in.items()}
+            if g.kind == "stack":
+                self.base_fan_in.update({new: self.base_fan_in[old] for new, old in g.new_params.items()
+                                         if old in self.base_fan_in})
 
     def _width_scales(self, model: nn.Module) -> dict[int, float]:
         out = {}

@@ -56,11 +56,11 @@ def grow_event(cb: Any, trainer: Any, pl_module: Any) -> None:
     rebuild(trainer, pl_module, saved, growths, cb.optimizer_state)
     if getattr(choice.action, "gradmax", False):
         cb._gradmax.start(trainer, pl_module, growths, seed)
+    set_history(pl_module, history_of(pl_module) + [g.to_dict() for g in growths])
     cb.schedule.rebuilt(trainer, pl_module, grew=True, growths=growths)
     after = cb.probe.outputs(pl_module)
     if cb.shrink_perturb is not None:
         shrink_perturb(pl_module, *cb.shrink_perturb, torch.Generator().manual_seed(seed))
-    set_history(pl_module, history_of(pl_module) + [g.to_dict() for g in growths])
     for stopper in trainer.early_stopping_callbacks:  # growth is progress: do not stop right after it
         stopper.wait_count = 0
     cb.trigger.notify_growth()

@@ -128,8 +128,8 @@ class Resizer:
         if not done.growths:
             return None
         rebuild(trainer, module, saved, done.growths, cb.optimizer_state)
-        cb.schedule.rebuilt(trainer, module, grew=False)
         set_history(module, history_of(module) + [g.to_dict() for g in done.growths])
+        cb.schedule.rebuilt(trainer, module, grew=False, growths=done.growths)
         for c in done.changes:
             self.blocks.shrank(c.target, cb.best)
         if self.overfit is not None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from autogrow.checkpoint import history_of
 from autogrow.growth import Growth
 from autogrow.lr import GrowthLR
 from autogrow.plateau import Deadline
@@ -22,11 +23,13 @@ class RunSchedule:
         self.lr, self.deadline = lr, deadline
         self.total_steps: int | None = None
         self._needed: int | None = None  # the deadline's events still to go (cached: counting them plans growths)
+        self._seen = 0  # growth records of the module's history the multiplier has followed
 
     def start(self, trainer: Any, module: nn.Module) -> None:
         """At fit start: the run's length (optimizer steps), and the multiplier on the optimizer."""
         total = trainer.estimated_stepping_batches
         self.total_steps = int(total) if math.isfinite(total) and total > 0 else None
+        self._seen = len(history_of(module))  # on a resume, the saved fan-ins already use today's names
         if self.lr is not None:
             self.lr.total_steps = self.total_steps
             self.lr.step_count = trainer.global_step
@@ -38,7 +41,15 @@ class RunSchedule:
         if self.lr is not None:
             self.lr.step_count = trainer.global_step
             if module is not None and trainer.optimizers and not self.lr.attached_to(trainer.optimizers[0]):
+                self.lr.follow(self._others(module))  # another callback grew (stacks rename parameters)
                 self.lr.attach(trainer.optimizers[0], module)
+
+    def _others(self, module: nn.Module, own: Sequence[Growth] = ()) -> list[Growth]:
+        """The growth records added to ``module``'s history since last asked, but for ``own`` (the last ones)."""
+        records = history_of(module)
+        others = records[self._seen:len(records) - len(own)]
+        self._seen = len(records)
+        return [Growth.from_dict(r) for r in others]
 
     def progress(self, trainer: Any) -> float | None:
         return trainer.global_step / self.total_steps if self.total_steps else None
@@ -59,9 +70,11 @@ class RunSchedule:
         self._needed = None
 
     def rebuilt(self, trainer: Any, module: nn.Module, grew: bool, growths: Sequence[Growth] = ()) -> None:
-        """After the optimizer was rebuilt (growth or rollback): the multiplier moves to the new one."""
+        """After the optimizer was rebuilt (growth, shrink or rollback; ``growths``, this callback's, are the last
+        records of the module's history): the multiplier moves to the new one."""
         if self.lr is not None:
             self.sync(trainer)  # growth at an epoch's end comes after its last step: count it
+            self.lr.follow(self._others(module, growths))  # another callback's growths since (stacks rename)
             if grew:
                 self.lr.grew(module, tuple(growths))
             self.lr.attach(trainer.optimizers[0], module)

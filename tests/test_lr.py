@@ -77,6 +77,27 @@ def test_width_scaling_shrinks_the_updates_of_widened_layers():
     assert torch.allclose(moved["0.weight"], 0.1 * grads["0.weight"])  # fan-in 4 unchanged
 
 
+def test_width_scaling_follows_stacked_blocks_to_their_originals_fan_in():
+    """Stacking renames the blocks after the copy: every weight keeps the fan-in it started from (the copy its
+    original's), so a copy of a narrow block is not scaled as the wide block whose name it takes."""
+    from tests.models import TinyGPT
+
+    net = TinyGPT(layers=2).double()
+    ids = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(0))
+    autogrow.widen(net, "blocks.1.fc1", 24, generator=0, example_inputs=ids)  # block 1's fc2 starts at fan-in 24
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    lr = GrowthLR(decay=0.0, width_scaling=True)
+    lr.attach(opt, net)  # fan-ins at start: blocks.0.fc2 12, blocks.1.fc2 24
+    g = autogrow.stack(net, "blocks.0", optimizer=opt, generator=1, example_inputs=ids)  # new blocks.1: fan-in 12
+    lr.grew(net, [g])
+    lr.attach(opt, net)
+    assert lr.base_fan_in["blocks.1.fc2.weight"] == 12 and lr.base_fan_in["blocks.2.fc2.weight"] == 24
+    assert not lr._scales  # no weight is wider than it started: nothing is scaled
+    autogrow.widen(net, "blocks.1.fc1", 24, optimizer=opt, generator=2, example_inputs=ids)  # the copy widens
+    lr.attach(opt, net)
+    assert lr._scales == {id(net.blocks[1].fc2.weight): 0.5}
+
+
 def test_fresh_steps_give_new_units_adams_own_bias_correction():
     """Fresh units' moments start at zero while the tensor's step count is carried: with ``fresh_steps`` their k-th
     update is the one Adam makes from a fresh start (bias correction with k, not t); old entries move as without."""
@@ -265,5 +286,7 @@ def test_every_callbacks_multiplier_follows_the_optimizer_another_one_rebuilt():
     t.fit(model, loader, loader)
     assert len(widen.events) == len(deeper.events) == 1 and widen.events[0].step == deeper.events[0].step
     assert widen.schedule.lr.attached_to(t.optimizers[0]) and deeper.schedule.lr.attached_to(t.optimizers[0])
-    scaled = {n for n, p in model.named_parameters() if id(p) in widen.schedule.lr._scales}
-    assert "net.blocks.0.fc2.weight" in scaled  # its fan-in (the MLP width) doubled: half-size steps
+    scaled = {n: widen.schedule.lr._scales[id(p)] for n, p in model.named_parameters()
+              if id(p) in widen.schedule.lr._scales}
+    assert scaled["net.blocks.0.fc2.weight"] == 0.5  # its fan-in (the MLP width) doubled: half-size steps
+    assert scaled["net.blocks.1.fc2.weight"] == 0.5  # the other callback's stacked copy: scaled as its original
