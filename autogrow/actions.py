@@ -29,7 +29,7 @@ from autogrow.plan import Plan
 from autogrow.registry import layer_spec
 from autogrow.stack import INITS as STACK_INITS
 from autogrow.stack import plan_stack
-from autogrow.widen import plan_widen
+from autogrow.widen import plan_widen, unit_features
 
 __all__ = ["ACTIONS", "Deepen", "GrowthAction", "Stack", "Widen", "discover_targets", "make_action", "width_of"]
 
@@ -62,7 +62,8 @@ class GrowthAction:
 
 @dataclass
 class Widen(GrowthAction):
-    """Net2WiderNet on a layer: ``ceil(width * factor)`` units, or ``units`` more.
+    """Net2WiderNet on a layer: ``ceil(width * factor)`` units, or ``units`` more, rounded up to whole attention
+    heads (and equal parts of a fused layer), or down where ``max_width`` would be exceeded.
 
     Args:
         factor: growth factor per event (> 1).
@@ -116,9 +117,13 @@ class Widen(GrowthAction):
     def plan(self, model: nn.Module, target: str, seed: int, *, max_width: int | None = None,
              example_inputs: Any = None) -> Plan:
         old = width_of(model.get_submodule(target))
-        return plan_widen(model, target, max(self.new_width(old, max_width), old + 1), init=self.init,
-                          split=self.split, noise=self.noise, generator=seed, example_inputs=example_inputs,
-                          new_state=self.new_state)
+        width = max(self.new_width(old, max_width), old + 1)
+        unit = unit_features(model, target, example_inputs)
+        if width % unit:  # whole heads (and parts of a fused layer): up, or down to stay within max_width
+            up = -(-width // unit) * unit
+            width = up if max_width is None or up <= max_width else up - unit if up - unit > old else width
+        return plan_widen(model, target, width, init=self.init, split=self.split, noise=self.noise, generator=seed,
+                          example_inputs=example_inputs, new_state=self.new_state)
 
 
 @dataclass

@@ -29,7 +29,7 @@ from autogrow.shapes import propagate
 from autogrow.trace import trace, unwrap
 
 __all__ = ["MAPPINGS", "TensorChange", "WidenPlan", "plan_widen", "planned_tensors", "resize", "swap_tensors",
-           "tie_changes", "widen"]
+           "tie_changes", "unit_features", "widen"]
 
 MAPPINGS = ("auto", "random", "uniform")
 BASE = "base"  # record key of the mapping drawn for the widened layer itself
@@ -456,6 +456,25 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
                      split=float(split), mapping=mapping, seed=seed, maps=maps, producers=list(c.producers),
                      channelwise=list(c.channelwise), consumers=list(c.consumers), changes=changes,
                      resizes=resizes, example_inputs=example_inputs, new_state=new_state)
+
+
+def unit_features(model: nn.Module, target: str, example_inputs: Any = None) -> int:
+    """How many of ``target``'s output features make one unit that grows whole: 1, an attention head's size, or
+    that times the parts of a fused output (1 where planning would refuse: :func:`plan_widen` then says why).
+
+    Example:
+        >>> import torch.nn as nn
+        >>> from autogrow.widen import unit_features
+        >>> unit_features(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), "0")
+        1
+    """
+    model, target = unwrap(model, target)
+    try:
+        graph = trace(model)
+        shapes = propagate(model, graph, example_inputs) if example_inputs is not None else None
+        return couple(model, target, graph=graph, shapes=shapes).unit_features
+    except AutogrowError:
+        return 1
 
 
 def widen(model: nn.Module, target: str, width: int, *, optimizer: Optimizer | None = None,

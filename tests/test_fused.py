@@ -256,3 +256,16 @@ def test_a_part_split_again_is_refused_untouched():
     with pytest.raises(autogrow.AutogrowError, match=r"'fc'.*split into 2 parts, and a part again into 2"):
         autogrow.widen(model, "fc", 32, example_inputs=x)
     assert_unchanged(before, model)
+
+
+def test_the_widen_action_rounds_to_whole_heads_in_every_part():
+    """``Widen(factor=1.25)`` on a fused qkv of 2 heads of 4 (24 features) asks for 30: it grows to 36 (3 heads in
+    q, k and v); under ``max_width=30`` it cannot add a head and the plan refuses, naming the multiple."""
+    from autogrow.actions import Widen
+
+    model, _, x = trained()
+    assert Widen(factor=1.25).plan(model, "block.qkv", seed=0, example_inputs=x).width == 36
+    assert Widen(units=1).plan(model, "block.qkv", seed=0, example_inputs=x).width == 36
+    assert Widen(factor=1.25).plan(model, "block.gate_up", seed=0, example_inputs=x).width == 16  # 2 parts of 8
+    with pytest.raises(autogrow.AutogrowError, match=r"width"):
+        Widen(factor=1.25).plan(model, "block.qkv", seed=0, max_width=30, example_inputs=x)
