@@ -24,13 +24,13 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.optim import Optimizer
 
+from autogrow.capture import traced
 from autogrow.errors import SHAPES_HINT, NeedsShapes, check, check_bool, check_choice, check_int, fail
 from autogrow.growth import Growth, make_seed
 from autogrow.ops import Op, OpKind, classify
 from autogrow.plan import Plan, Undo, register_plan
 from autogrow.registry import identity_kernel_size, identity_spec
-from autogrow.shapes import propagate
-from autogrow.trace import call_sites, describe, not_called, trace, unwrap
+from autogrow.trace import call_sites, describe, not_called, unwrap
 
 __all__ = ["INITS", "DeepenPlan", "Residual", "deepen", "plan_deepen"]
 
@@ -242,15 +242,15 @@ def _check_deepen_args(model: nn.Module, after: str, init: str, residual: bool |
              "a layer inserted after it would change every call")
 
 
-def _check_batch_norm_axis(model: nn.Module, graph: fx.Graph, site: fx.Node, after: str, example_inputs: Any) -> None:
+def _check_batch_norm_axis(model: nn.Module, site: fx.Node, after: str, shapes: dict[fx.Node, Any] | None) -> None:
     """A new BatchNorm normalises axis 1: the layer's units must sit there (not in a (B, T, C) output)."""
     spec = identity_spec(model.get_submodule(after))
     if spec.out_dim != -1:
         return  # a convolution: channels are axis 1
-    if example_inputs is None:
+    if shapes is None:
         raise NeedsShapes(f"batch_norm: True after {after!r} needs example_inputs: a BatchNorm normalises axis 1, "
                           f"which holds {after!r}'s units only if its output is 2-D. {SHAPES_HINT}")
-    shape = propagate(model, graph, example_inputs).get(site)
+    shape = shapes.get(site)
     check("batch_norm", True, isinstance(shape, tuple) and len(shape) == 2,
           f"False: {after!r}'s output has shape {shape}; a BatchNorm would normalise axis 1, not its units")
 
@@ -285,11 +285,11 @@ def plan_deepen(model: nn.Module, after: str, *, init: str = "identity", residua
     """
     seed = make_seed(generator)
     model, after = unwrap(model, after)
-    graph = trace(model)
+    graph, shapes = traced(model, example_inputs)
     sites = call_sites(graph)
     _check_deepen_args(model, after, init, residual, batch_norm, kernel_size, sites)
     if batch_norm and _check_axis:
-        _check_batch_norm_axis(model, graph, sites[after][0], after, example_inputs)
+        _check_batch_norm_axis(model, sites[after][0], after, shapes)
     prev, act, op = _activation_after(model, sites, after)
     factory = _factory(model, act, op)
     idempotent = op is not None and op.elementwise is not None and op.elementwise.idempotent and factory is not None

@@ -43,13 +43,14 @@ import torch
 import torch.nn as nn
 from torch.optim import Optimizer
 
+from autogrow.capture import traced
 from autogrow.coupling import Coupling, couple
 from autogrow.errors import AutogrowError, check, check_bool, check_choice, check_float, check_int, fail
 from autogrow.growth import Growth, Transform, UnitMap, merge_members, merge_units, shrunk_width
 from autogrow.plan import Plan, Undo, outputs, register_plan, relative_error
 from autogrow.registry import channel_spec, layer_spec
-from autogrow.shapes import as_args, eval_mode, propagate
-from autogrow.trace import trace, unwrap
+from autogrow.shapes import as_args, eval_mode
+from autogrow.trace import unwrap
 from autogrow.widen import BASE, TensorChange, map_name, planned_tensors, swap_tensors, tie_changes
 
 __all__ = ["MODES", "ShrinkChange", "ShrinkPlan", "default_tol", "plan_shrink", "shrink"]
@@ -671,8 +672,7 @@ def plan_shrink(model: nn.Module, target: str, width: int | None = None, *, mode
     """
     _check_args(mode, width, tol, correct, ridge, example_inputs, select)
     model, target = unwrap(model, target)
-    graph = trace(model)
-    shapes = propagate(model, graph, example_inputs) if example_inputs is not None else None
+    graph, shapes = traced(model, example_inputs)
     c = _couple(model, target, width if width is not None else _current_width(model, target), graph, shapes)
     unit = c.unit_features  # > 1: the units are attention heads of that size, or a fused output's parts
     old = c.old_width * unit

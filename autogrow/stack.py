@@ -21,13 +21,13 @@ import torch
 import torch.nn as nn
 from torch.optim import Optimizer
 
+from autogrow.capture import traced
 from autogrow.coupling import couple
 from autogrow.errors import AutogrowError, NeedsShapes, check, check_choice, fail
 from autogrow.growth import Growth, make_seed
 from autogrow.plan import Plan, Undo, register_plan
 from autogrow.registry import layer_spec
-from autogrow.shapes import propagate
-from autogrow.trace import call_sites, trace, unwrap
+from autogrow.trace import call_sites, unwrap
 
 __all__ = ["INITS", "StackPlan", "plan_stack", "stack"]
 
@@ -125,8 +125,7 @@ def _renames(parent: str, i: int, n: int, old_names: list[str]) -> dict[str, str
 
 def _stream_writers(model: nn.Module, block: str, example_inputs: Any) -> list[str]:
     """Layers of ``block`` whose outputs are coupled to layers outside it: they write into the stream."""
-    graph = trace(model)
-    shapes = propagate(model, graph, example_inputs)
+    graph, shapes = traced(model, example_inputs)
     sites = call_sites(graph)
     module = model.get_submodule(block)
     out = []

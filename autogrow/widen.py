@@ -11,6 +11,7 @@ the copies' outgoing weights instead: that is *not* exact. Other initialisers (`
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn as nn
 from torch.optim import Optimizer
 
+from autogrow.capture import traced
 from autogrow.coupling import Coupling, MapKey, couple
 from autogrow.errors import AutogrowError, check, check_choice, check_float, check_int, fail
 from autogrow.growth import Growth, Transform, UnitMap, make_seed
@@ -25,8 +27,7 @@ from autogrow.init import Mix, Net2Wider, RandomPad, WidenInit, ZeroOut, get_ini
 from autogrow.optim import NEW_STATES
 from autogrow.plan import Plan, Undo, register_plan
 from autogrow.registry import channel_spec, layer_spec
-from autogrow.shapes import propagate
-from autogrow.trace import trace, unwrap
+from autogrow.trace import unwrap
 
 __all__ = ["MAPPINGS", "TensorChange", "WidenPlan", "plan_widen", "planned_tensors", "resize", "swap_tensors",
            "tie_changes", "unit_features", "widen"]
@@ -439,9 +440,8 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
     _check_args(init, mapping, new_state, width, noise, split)
     seed = make_seed(generator)
     model, target = unwrap(model, target)
-    graph = trace(model)
-    c = couple(model, target, width, graph=graph,
-               shapes=propagate(model, graph, example_inputs) if example_inputs is not None else None)
+    graph, shapes = traced(model, example_inputs)
+    c = couple(model, target, width, graph=graph, shapes=shapes)
     block = c.unit_features  # > 1: the units are attention heads of that many features, or a fused output's pieces
     old = c.old_width * block
     check("width", width, width > old and width % block == 0, f"more than {target!r}'s current {old} units"
@@ -470,8 +470,9 @@ def unit_features(model: nn.Module, target: str, example_inputs: Any = None) -> 
     """
     model, target = unwrap(model, target)
     try:
-        graph = trace(model)
-        shapes = propagate(model, graph, example_inputs) if example_inputs is not None else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # plan_widen warns about a captured graph
+            graph, shapes = traced(model, example_inputs)
         return couple(model, target, graph=graph, shapes=shapes).unit_features
     except AutogrowError:
         return 1

@@ -6,14 +6,15 @@ download), in float64 on a small batch. For every weighted layer (every module h
 rank >= 2: Linear, ConvNd, Embedding, transformers' Conv1D...) and every operation (``widen x2``,
 ``widen +1``, ``deepen``), on a fresh copy with an Adam optimizer that has taken one step:
 
-* ``exact``: no error, the output is unchanged (<= 1e-9 relative), every parameter is in the optimizer
-  and a training step with Adam runs;
+* ``exact``: no error, the output is unchanged (<= 1e-9 relative) on the batch it was planned on and on another
+  one, every parameter is in the optimizer and a training step with Adam runs;
 * ``refused``: an ``AutogrowError``, with the model and optimizer byte-identical;
 * ``silently wrong`` / ``broken`` / ``foreign exception`` / ``dirty refusal``: failures.
 
-It also records whether autogrow can trace each model at all (and, for transformers, a thin wrapper
-``forward(input_ids) -> model(input_ids=input_ids).logits``); the transformers models do not trace, so their
-MLP blocks are swept on their own too (``gpt2_mlp``, ``bert_ffn``, ``llama_mlp``). It writes
+It also records whether torch.fx can trace each model at all (and, for transformers, a thin wrapper
+``forward(input_ids) -> model(input_ids=input_ids).logits``); the transformers models do not, so autogrow traces
+what their forward runs on the batch (:mod:`autogrow.capture`), and their MLP blocks are swept on their own too
+(``gpt2_mlp``, ``bert_ffn``, ``llama_mlp``). It writes
 ``experiments/results/zoo.md`` (about 4 minutes on 2 CPU cores):
 
     python -m autogrow.experiments.zoo [--models resnet18 vit_tiny] [--out path.md] [--json raw.json] [--verbose]
@@ -194,6 +195,9 @@ def _bert() -> nn.Module:
 
 def _llama() -> nn.Module:
     t = _transformers()
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    register_channelwise(LlamaRMSNorm, channel_spec(nn.RMSNorm(1)))  # its forward is its own: say what it computes
     return t.LlamaForCausalLM(t.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
                                             bos_token_id=0, eos_token_id=0, pad_token_id=0))
@@ -418,6 +422,8 @@ def run_op(spec: ModelSpec, prototype: nn.Module, x: Any, layer: str, op: str,
     t0 = time.perf_counter()
     model, opt = prepare(prototype, x)
     ref = outputs(model, x)
+    unseen = spec.inputs(torch.Generator().manual_seed(7))  # a batch the growth was neither planned nor checked on
+    ref_unseen = outputs(model, unseen)
     before = snap(model, opt)
     params = autogrow.num_params(model)
 
@@ -434,15 +440,16 @@ def run_op(spec: ModelSpec, prototype: nn.Module, x: Any, layer: str, op: str,
         return done("refused", str(e), isinstance(e, NeedsShapes))
     except Exception as e:  # noqa: BLE001 - classified, not swallowed
         return done("foreign exception", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}")
-    try:
-        out = outputs(model, x)
-    except Exception as e:  # noqa: BLE001
-        return done("broken", f"forward raised {type(e).__name__}: {e}")
-    if out.shape != ref.shape:
-        return done("silently wrong", f"output shape {tuple(ref.shape)} -> {tuple(out.shape)}")
-    err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-    if err > TOLERANCE:
-        return done("silently wrong", f"relative error {err:.3g}")
+    for batch, want, which in ((x, ref, ""), (unseen, ref_unseen, " on another batch")):
+        try:
+            out = outputs(model, batch)
+        except Exception as e:  # noqa: BLE001
+            return done("broken", f"forward{which} raised {type(e).__name__}: {e}")
+        if out.shape != want.shape:
+            return done("silently wrong", f"output shape{which} {tuple(want.shape)} -> {tuple(out.shape)}")
+        err = float((out - want).abs().max() / want.abs().max().clamp_min(1e-30))
+        if err > TOLERANCE:
+            return done("silently wrong", f"relative error{which} {err:.3g}")
     if autogrow.num_params(model) <= params:
         return done("silently wrong", "reported success but the model did not grow")
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}

@@ -94,19 +94,27 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
         ("stem.0", "deepen", EXACT),
         ("stages.3.blocks.0.conv_dw", "deepen", EXACT),
     ],
-    # transformers (v5): nothing grows, because no whole model traces (see test_transformers_do_not_trace).
+    # transformers (v5): torch.fx cannot trace them (test_transformers_do_not_trace); autogrow traces what their
+    # forward runs on the batch (autogrow.capture). GPT-2's MLP grows and every layer deepens; its d_model is tied
+    # to lm_head and its c_attn split by a size fixed in the code. BERT grows d_model, heads and FFN; Llama (its
+    # RMSNorm registered by the zoo, as a user would) d_model and MLP, not the grouped-query k/v (fewer heads).
     "gpt2": [
-        ("transformer.h.0.mlp.c_fc", "widen x2", TRACE),
-        ("transformer.wte", "widen x2", TRACE),
-        ("transformer.h.0.mlp.c_fc", "deepen", TRACE),
+        ("transformer.h.0.mlp.c_fc", "widen x2", EXACT),
+        ("transformer.h.0.mlp.c_fc", "deepen", EXACT),
+        ("transformer.wte", "widen x2", r"lm_head.weight and transformer.wte.weight are one tied Parameter"),
+        ("transformer.h.0.attn.c_attn", "widen x2", r"'split'.*parts of fixed size \d+"),
     ],
     "bert": [
-        ("bert.encoder.layer.0.intermediate.dense", "widen x2", TRACE),
-        ("bert.encoder.layer.0.intermediate.dense", "deepen", TRACE),
+        ("bert.embeddings.word_embeddings", "widen x2", EXACT),
+        ("bert.encoder.layer.0.attention.self.query", "widen x2", EXACT),
+        ("bert.encoder.layer.0.intermediate.dense", "widen +1", EXACT),
+        ("bert.encoder.layer.0.intermediate.dense", "deepen", EXACT),
     ],
     "llama": [
-        ("model.layers.0.mlp.up_proj", "widen x2", TRACE),
-        ("model.layers.0.mlp.gate_proj", "deepen", TRACE),
+        ("model.embed_tokens", "widen x2", EXACT),
+        ("model.layers.0.mlp.up_proj", "widen x2", EXACT),
+        ("model.layers.0.self_attn.k_proj", "widen x2", r"must grow with .* but has \d+ units"),
+        ("model.layers.0.mlp.gate_proj", "deepen", EXACT),
     ],
     # Their MLP blocks on their own grow: BERT's, Llama's (gate and up projections together: their outputs are
     # multiplied) and GPT-2's (transformers' Conv1D, a Linear with its weight stored (in, out), registered by the
@@ -186,8 +194,8 @@ def test_growth_is_exact_or_cleanly_refused(built, model, layer, op, expected):
 
 @pytest.mark.parametrize("model", ["gpt2", "bert", "llama"])
 def test_transformers_do_not_trace(built, model):
-    """transformers v5 models are refused at tracing, as such and behind the usual ``input_ids -> logits``
-    wrapper (mask creation and embeddings branch on tensor sizes: control flow torch.fx cannot trace)."""
+    """torch.fx cannot trace transformers v5 models, as such or behind the usual ``input_ids -> logits`` wrapper
+    (mask creation and embeddings branch on tensor sizes): autogrow traces what they run instead (CASES)."""
     prototype, _ = built(model)
     traces = zoo.tracing(zoo.MODELS[model], prototype)
     assert set(traces) == {"model", "Logits(model)"}

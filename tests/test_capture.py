@@ -1,0 +1,128 @@
+"""Models torch.fx cannot trace grow from the graph of what their forward ran on the example inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import autogrow
+from autogrow.capture import capture
+from tests.models import max_rel_error
+from tests.test_refusals import assert_unchanged, snapshot
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+
+class Branchy(nn.Module):
+    """Python control flow on a tensor's value (fx cannot trace it) and sizes read from the widened tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x.sum() < -1e9):  # never taken on these inputs
+            x = -x
+        h = torch.relu(self.fc1(x))
+        b, t, c = h.shape
+        z = self.fc2(h.reshape(b * t, c))  # sizes read from the widened tensors
+        return self.head(z.view(b, t, z.size(-1)).mean(1))
+
+
+def test_a_model_fx_cannot_trace_grows_from_what_ran():
+    model, x = Branchy(), torch.randn(2, 5, 4)
+    other = torch.randn(3, 7, 4)
+    ref, ref_other = model(x), model(other)
+    with pytest.warns(UserWarning, match=r"traced what its forward ran on example_inputs"):
+        autogrow.widen(model, "fc1", 9, generator=0, example_inputs=x)
+    assert max_rel_error(ref, model(x)) <= 1e-9 and max_rel_error(ref_other, model(other)) <= 1e-9
+    with pytest.warns(UserWarning):
+        autogrow.widen(model, "fc2", 12, init="zero_out", generator=1, example_inputs=x)  # view(b, t, z.size(-1))
+        autogrow.deepen(model, "fc1", generator=2, example_inputs=x)
+    assert max_rel_error(ref_other, model(other)) <= 1e-9 and model.fc2.out_features == 12
+
+
+def test_sizes_read_in_a_captured_forward_remember_their_nodes():
+    graph, shapes = capture(Branchy(), torch.randn(2, 5, 4))
+    view = next(n for n in graph.nodes if n.op == "call_method" and n.target == "view")
+    # b and t from h.shape (getitem nodes), c from h.size(-1): nodes, not the literals 2, 5, 6
+    assert [a.op for a in view.args[1:]] == ["call_function", "call_function", "call_method"]
+    assert shapes[view] == (2, 5, 6)
+
+
+def test_without_example_inputs_the_refusal_says_to_pass_them():
+    model = Branchy()
+    before = snapshot(model)
+    with pytest.raises(autogrow.AutogrowError, match=r"could not trace Branchy.*Or pass example_inputs"):
+        autogrow.widen(model, "fc1", 9)
+    assert_unchanged(before, model)
+
+
+class BranchOnWidened(nn.Module):
+    """The branch reads the widened tensor: after growth it could go the other way, so the use is refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        return self.fc2(-h if bool(h.sum() < 0) else h)
+
+
+def test_a_branch_on_the_widened_tensor_is_refused():
+    model = BranchOnWidened()
+    before = snapshot(model)
+    with pytest.warns(UserWarning), pytest.raises(autogrow.AutogrowError, match=r"'sum.*reduces over the units"):
+        autogrow.widen(model, "fc1", 9, example_inputs=torch.randn(3, 4))
+    assert_unchanged(before, model)
+
+
+def test_the_callback_grows_a_hugging_face_gpt2_it_cannot_trace_with_fx(tmp_path):
+    """A real fit of transformers' GPT-2 (its Conv1D registered, as the zoo does): the callback's default Widen()
+    finds what grows from the probe batch's run, both MLPs widen exactly, and the checkpoint loads."""
+    pytest.importorskip("transformers")
+    import pytorch_lightning as pl
+    import torch.nn.functional as F
+    from autogrow.callbacks import AutoGrow, load_grown
+    from autogrow.experiments import zoo
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from autogrow.plateau import EveryN
+
+    class LM(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = zoo._gpt2()
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            return self.net(idx).logits
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x).flatten(0, 1), y.flatten())
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", F.cross_entropy(self(x).flatten(0, 1), y.flatten()))
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    torch.set_default_dtype(torch.float32)
+    seq = torch.randint(0, zoo.VOCAB, (64, 9), generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(TensorDataset(seq[:, :-1], seq[:, 1:]), batch_size=16)
+    pl.seed_everything(0, verbose=False)
+    model = LM()
+    grow = AutoGrow(trigger=EveryN(every=1), max_events=1, policy="all")
+    trainer = pl.Trainer(max_epochs=2, callbacks=[grow], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
+    with pytest.warns(UserWarning, match="traced what its forward ran"):
+        trainer.fit(model, loader, loader)
+    (event,) = grow.events
+    assert sorted(c.target for c in event.changes) == ["net.transformer.h.0.mlp.c_fc", "net.transformer.h.1.mlp.c_fc"]
+    assert event.preservation_error < 1e-5 and model.net.transformer.h[0].mlp.c_fc.nf == 256
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    loaded = load_grown(LM, tmp_path / "last.ckpt")
+    assert torch.equal(loaded(seq[:2, :-1]), model.eval()(seq[:2, :-1]))
