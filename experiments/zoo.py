@@ -529,7 +529,8 @@ def _section(name: str, outs: list[Outcome], traces: dict[str, str]) -> list[str
     spec = MODELS[name]
     lines = ["", f"## {name} ({spec.library})", "", spec.note, ""]
     for what, msg in traces.items():
-        lines.append(f"- traces `{what}`: " + ("yes" if msg == "ok" else f"**no**: {msg}"))
+        lines.append(f"- torch.fx traces `{what}`: " + ("yes" if msg == "ok" else
+                                                         f"**no** (autogrow traces what it runs instead): {msg}"))
     lines += [f"- {op} grows: {_grows(outs, op)}" for op in OPS]
     reasons = Counter(reason(o.detail) for o in outs if o.kind == "refused")
     number = {r: i + 1 for i, (r, _) in enumerate(reasons.most_common())}
