@@ -140,6 +140,9 @@ class _Recorder(TorchFunctionMode):
                     else self.graph.call_function(getattr, (src, "shape")))
             self.shapes[node] = tuple(out) if isinstance(out, torch.Size) else int(out)
             return self.sizes(out, node)
+        if name == "__setitem__" and isinstance(args[0], torch.Tensor):  # x[i] = v writes into x: x is now this
+            self.bind(args[0], self.graph.call_function(operator.setitem, self.arg(tuple(args))))
+            return out
         if not isinstance(out, torch.Tensor) and not (isinstance(out, (tuple, list)) and
                                                       any(isinstance(o, torch.Tensor) for o in out)):
             return out  # metadata (dtype, device, dim, numel...): not part of the graph
@@ -171,6 +174,8 @@ def capture(model: nn.Module, example_inputs: Any) -> tuple[fx.Graph, dict[fx.No
     def leave(m: nn.Module, a: tuple, k: dict, out: Any) -> None:
         rec.inside -= 1
         if rec.inside == 0:
+            if not a and len(k) == 1:  # layer(hidden_states=x): its input, as the walk expects it, first
+                a, k = tuple(k.values()), {}
             rec.bind(out, rec.graph.call_module(rec.names[id(m)], rec.arg(tuple(a)), rec.arg(k)))
 
     leaves = [m for m in model.modules() if m is not model and classify_module(m).kind is not OpKind.OTHER]

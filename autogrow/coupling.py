@@ -226,7 +226,8 @@ class _Walk:
         if rule is None and user.op == "call_module":
             self.fail(user, f"is a {type(op.module).__name__}, which autogrow does not know how to widen",
                       _unknown_module_fix(op.module))
-        if user.op == "call_module" and (user.args[0] is not node or any(a is node for a in user.args[1:])):
+        if user.op == "call_module" and (not user.args or user.args[0] is not node
+                                         or any(a is node for a in user.args[1:])):
             self.fail(user, "takes the widened tensor in an argument other than its first")
         if rule is None:
             self.fail(user, "is an operation that autogrow cannot keep exact on a widened tensor",

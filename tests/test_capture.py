@@ -126,3 +126,26 @@ def test_the_callback_grows_a_hugging_face_gpt2_it_cannot_trace_with_fx(tmp_path
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     loaded = load_grown(LM, tmp_path / "last.ckpt")
     assert torch.equal(loaded(seq[:2, :-1]), model.eval()(seq[:2, :-1]))
+
+
+class WritesInPlace(nn.Module):
+    """``h[:, 0] = 0`` writes into the widened tensor: a capture records it (and the walk refuses it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x.sum() < -1e9):
+            x = -x
+        h = self.fc1(x)
+        h[:, 0] = 0.0
+        return self.fc2(h)
+
+
+def test_an_in_place_write_into_the_widened_tensor_is_seen_and_refused():
+    model = WritesInPlace()
+    before = snapshot(model)
+    with pytest.warns(UserWarning), pytest.raises(autogrow.AutogrowError, match=r"setitem"):
+        autogrow.widen(model, "fc1", 9, example_inputs=torch.randn(3, 4))
+    assert_unchanged(before, model)
