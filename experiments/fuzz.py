@@ -6,8 +6,9 @@ read from tensors (``x / x.size(-1)``, ``b, t, c = x.shape`` and reshapes with t
 units into heads), ``BatchNorm1d`` on 3-D input, concatenations in keyword form and along other axes,
 tied weights, residual streams, fused projections split into equal parts (chunk, split by a size read
 or fixed, a reshape into (parts, heads, size) unbound), flatten, pooling over tokens, LayerNorm and every
-activation. Then it widens or deepens random layers, with and without example inputs, and classifies every
-operation:
+activation; one network in five branches on its input's value, which torch.fx cannot trace (autogrow then
+traces what the forward runs). Then it widens or deepens random layers, with and without example inputs, and
+classifies every operation:
 
 * ``exact``: no error, the output is unchanged (<= 1e-9 relative in float64) and a training step runs;
 * ``refused``: an ``AutogrowError``, with the model and optimizer byte-identical;
@@ -164,9 +165,9 @@ class Net(nn.Module):
     """The drawn network: an input stage per mode, the blocks, a head."""
 
     def __init__(self, mode: str, blocks: list[Block], w_in: int, w: int, classes: int, tied: bool,
-                 pool: str) -> None:
+                 pool: str, branch: bool = False) -> None:
         super().__init__()
-        self.mode, self.pool = mode, pool
+        self.mode, self.pool, self.branch = mode, pool, branch
         if mode == "image":
             self.conv1, self.bn1 = nn.Conv2d(2, w_in, 3, padding=1), nn.BatchNorm2d(w_in)
             self.conv2 = nn.Conv2d(w_in, w_in, 3, padding=1)
@@ -178,6 +179,8 @@ class Net(nn.Module):
             self.head.weight = self.emb.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.branch and bool(x.abs().sum() < 0):  # never taken; torch.fx cannot trace it: traced by running
+            x = -x
         if self.mode == "image":
             h = F.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 2)
             h = torch.relu(self.conv2(h))
@@ -221,7 +224,7 @@ def build(draw: Draw) -> tuple[nn.Module, torch.Tensor]:
     if tied:  # the head shares the embedding's weight: the last block returns to the embedding's width
         blocks.append(Block("dense", w, w_in, draw.choice(list(ACTS)), draw, tokens))
         w = w_in
-    model = Net(mode, blocks, w_in, w, classes, tied, pool).double()
+    model = Net(mode, blocks, w_in, w, classes, tied, pool, branch=draw.integer(0, 4) == 0).double()
     gen = torch.Generator().manual_seed(draw.integer(0, 2**20))
     with torch.no_grad():
         for m in model.modules():
@@ -278,6 +281,7 @@ def run_op(model: nn.Module, opt: torch.optim.Optimizer, draw: Draw, x: torch.Te
     """One random growth of ``model``, classified."""
     name, kw = _operation(model, draw, x)
     blocks = [b.kind for b in model.blocks] if hasattr(model, "blocks") else []
+    blocks += ["(traced by running it)"] if getattr(model, "branch", False) else []
     before, ref = _state(model, opt), _outputs(model, x)
     try:
         if name.startswith("widen"):
