@@ -194,9 +194,11 @@ def capture(model: nn.Module, example_inputs: Any) -> tuple[fx.Graph, dict[fx.No
     return rec.graph, rec.shapes
 
 
-def traced(model: nn.Module, example_inputs: Any = None) -> tuple[fx.Graph, dict[fx.Node, Any] | None]:
+def traced(model: nn.Module, example_inputs: Any = None, shapes: bool = True
+           ) -> tuple[fx.Graph, dict[fx.Node, Any] | None]:
     """The model's graph and, with example inputs, every node's shape: torch.fx's symbolic trace, or where that
     fails and ``example_inputs`` are given, :func:`capture` (warning that it holds the path they took).
+    ``shapes=False``: the caller needs the graph only (a captured graph still comes with them, for free).
 
     Raises:
         NeedsShapes: fx cannot trace the model and there are no example inputs (the message says to pass them).
@@ -214,4 +216,4 @@ def traced(model: nn.Module, example_inputs: Any = None) -> tuple[fx.Graph, dict
             return capture(model, example_inputs)
         except Exception as err:
             fail(f"example_inputs: the model's forward failed on them ({type(err).__name__}: {err})")
-    return graph, propagate(model, graph, example_inputs) if example_inputs is not None else None
+    return graph, propagate(model, graph, example_inputs) if example_inputs is not None and shapes else None

@@ -285,7 +285,7 @@ def plan_deepen(model: nn.Module, after: str, *, init: str = "identity", residua
     """
     seed = make_seed(generator)
     model, after = unwrap(model, after)
-    graph, shapes = traced(model, example_inputs)
+    graph, shapes = traced(model, example_inputs, shapes=batch_norm and _check_axis)  # run it only to check BN
     sites = call_sites(graph)
     _check_deepen_args(model, after, init, residual, batch_norm, kernel_size, sites)
     if batch_norm and _check_axis:
