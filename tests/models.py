@@ -87,6 +87,14 @@ def conv_nd(nd: int, bias: bool = True) -> nn.Module:
                          nn.Linear(4 * 4**nd, 3, bias=bias))
 
 
+def lm_steps(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, steps: int = 1) -> None:
+    """``steps`` optimizer steps of next-token cross-entropy (the tokens as their own targets)."""
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+        opt.step()
+
+
 def max_rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))

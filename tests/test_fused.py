@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import autogrow
-from tests.models import max_rel_error
+from tests.models import lm_steps, max_rel_error
 from tests.test_refusals import assert_unchanged, snapshot
 
 pytestmark = pytest.mark.usefixtures("float64")  # exactness is checked to 1e-9: models and data in float64
@@ -66,10 +66,7 @@ def trained(how: str = "chunk") -> tuple[FusedLM, torch.optim.Optimizer, torch.T
     torch.manual_seed(0)
     model, x = FusedLM(how), ids()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(2):
-        opt.zero_grad()
-        F.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
-        opt.step()
+    lm_steps(model, opt, x, 2)
     return model, opt, x
 
 
@@ -87,9 +84,7 @@ def test_a_fused_qkv_grows_whole_heads_in_every_part(how, init):
         src = g.maps["base"].idx[2]
         for part in range(3):
             assert torch.equal(w[part, 2], w[part, src])
-    opt.zero_grad()
-    F.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
-    opt.step()
+    lm_steps(model, opt, x)
     assert torch.isfinite(model(x)).all()
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from autogrow.experiments.zoo import assert_unchanged, snapshot
 
 import autogrow
-from tests.models import TinyGPT, TinyLlama, TinyTransformer, max_rel_error
+from tests.models import TinyGPT, TinyLlama, TinyTransformer, lm_steps, max_rel_error
 from tests.test_token_stream import TinyViT
 from tests.test_transformers import ids
 
@@ -23,10 +23,7 @@ pytestmark = pytest.mark.usefixtures("float64")  # exactness is checked to 1e-9:
 
 def trained(model: nn.Module, x: torch.Tensor) -> torch.optim.Optimizer:
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(3):
-        opt.zero_grad()
-        F.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
-        opt.step()
+    lm_steps(model, opt, x, 3)
     return opt
 
 
@@ -55,9 +52,7 @@ def test_mixed_stream_units_are_exact_new_and_start_without_state(build, width, 
     assert max_abs_cosine(w[:, n:], old_rows) < 0.99  # no new unit is a copy of an old one
     st = opt.state[model.get_submodule(target).weight]
     assert torch.equal(st["exp_avg"][:, :n], before["exp_avg"]) and st["exp_avg"][:, n:].abs().sum() == 0
-    opt.zero_grad()
-    F.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
-    opt.step()
+    lm_steps(model, opt, x)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

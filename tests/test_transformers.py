@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from autogrow.callbacks import AutoGrow
 
 import autogrow
-from tests.models import TinyGPT, TinyLlama, max_rel_error
+from tests.models import TinyGPT, TinyLlama, lm_steps, max_rel_error
 from tests.test_refusals import assert_unchanged, snapshot
 
 pytestmark = pytest.mark.usefixtures("float64")  # exactness is checked to 1e-9: models and data in float64
@@ -26,10 +26,7 @@ def trained(sdpa: bool) -> tuple[nn.Module, torch.optim.Optimizer, torch.Tensor]
     torch.manual_seed(0)
     model, x = TinyGPT(sdpa=sdpa), ids()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(2):
-        opt.zero_grad()
-        F.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
-        opt.step()
+    lm_steps(model, opt, x, 2)
     return model, opt, x
 
 
@@ -113,9 +110,7 @@ def test_llama_style_model_grows_in_every_dimension(rmsnorm_registered):
     assert model.blocks[1].gate.out_features == 20 and model.norm.weight.shape == (16,) and len(model.blocks) == 3
     held = [id(p) for g in opt.param_groups for p in g["params"]]
     assert sorted(held) == sorted(id(p) for p in model.parameters())
-    opt.zero_grad()
-    F.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
-    opt.step()
+    lm_steps(model, opt, x)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
