@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 from torch.optim import Optimizer
 
@@ -27,6 +28,7 @@ from autogrow.init import Mix, Net2Wider, RandomPad, WidenInit, ZeroOut, get_ini
 from autogrow.optim import NEW_STATES
 from autogrow.plan import Plan, Undo, register_plan
 from autogrow.registry import channel_spec, layer_spec
+from autogrow.tied import free_tied_readers
 from autogrow.trace import unwrap
 
 __all__ = ["MAPPINGS", "TensorChange", "WidenPlan", "plan_widen", "planned_tensors", "resize", "swap_tensors",
@@ -254,8 +256,8 @@ def _draw_maps(c: Coupling, width: int, init: str, mapping: str, split: float, s
     return maps
 
 
-def _changes(model: nn.Module, c: Coupling, maps: dict[str, UnitMap], exact: bool
-             ) -> tuple[list[TensorChange], list[tuple[str, str, int]]]:
+def _changes(model: nn.Module, c: Coupling, maps: dict[str, UnitMap], exact: bool, graph: fx.Graph,
+             init: WidenInit) -> tuple[list[TensorChange], list[tuple[str, str, int]]]:
     """Every tensor that changes shape (and how), and every size attribute to update."""
     modules = dict(model.named_modules())
     by_name: dict[str, TensorChange] = {}
@@ -296,6 +298,8 @@ def _changes(model: nn.Module, c: Coupling, maps: dict[str, UnitMap], exact: boo
         for tname, d in spec.in_params.items():
             add(mod, tname, Transform(d, map_name(key), "in", block))
         resizes.append((mod, "in", len(maps[map_name(key)].idx) * block))
+    if isinstance(init, (Mix, ZeroOut)):  # every new unit fresh: a norm's fill is what its new entries get
+        free_tied_readers(model, c, graph, by_name)
     return tie_changes(model, list(by_name.values())), resizes
 
 
@@ -451,7 +455,7 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
     exact = get_init(init).exact
     mapping = _choose_mapping(c, init, mapping, width // block)
     maps = _draw_maps(c, width // block, init, mapping, float(split), seed)
-    changes, resizes = _changes(model, c, maps, exact)
+    changes, resizes = _changes(model, c, maps, exact, graph, get_init(init))
     return WidenPlan(model=model, target=target, old_width=old, width=width, init=init, noise=float(noise),
                      split=float(split), mapping=mapping, seed=seed, maps=maps, producers=list(c.producers),
                      channelwise=list(c.channelwise), consumers=list(c.consumers), changes=changes,

@@ -69,9 +69,9 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
             growth behind schedule brings as many events as it takes to catch up (``None``: grow on the trigger
             only).
         lr: the learning rate around growth (:class:`~autogrow.lr.GrowthLR`), a multiplier applied on top of
-            your optimizer and scheduler: ``"wsd"`` (the default ``GrowthLR()``) holds it while growing and
-            decays it linearly to zero over the last 40% of the run (never before the last growth); ``None``:
-            leave the LR alone.
+            your optimizer and scheduler: ``"wsd"`` (the default ``GrowthLR()``) holds it while growing, re-warms
+            it from 0.1x over 5% of the run after each growth, and decays it linearly to zero over the last 40% of
+            the run (never before the last growth); ``None``: leave the LR alone.
         shrink_perturb: ``(shrink, noise)``: after each growth every weight becomes ``shrink * w + noise * u``
             (Ash & Adams 2020; not function-preserving; opt-in).
         stop_patience: stop growing when the monitored metric has not beaten its pre-growth best within

@@ -1,14 +1,14 @@
 """Fuzzing the surgery: random architectures x random growth sequences; nothing may be silently wrong.
 
-Each case builds a random network (an MLP, a token model on ``(B, T, C)``, a CNN, or a token model on
-ids with a tied output layer) from blocks that include the constructs that once grew wrongly: sizes
-read from tensors (``x / x.size(-1)``, ``b, t, c = x.shape`` and reshapes with them, splitting the
-units into heads), ``BatchNorm1d`` on 3-D input, concatenations in keyword form and along other axes,
-tied weights, residual streams, fused projections split into equal parts (chunk, split by a size read
-or fixed, a reshape into (parts, heads, size) unbound), flatten, pooling over tokens, LayerNorm and every
-activation; one network in five branches on its input's value, which torch.fx cannot trace (autogrow then
-traces what the forward runs). Then it widens or deepens random layers, with and without example inputs, and
-classifies every operation:
+Each case builds a random network (an MLP, a token model on ``(B, T, C)``, a CNN, or a token model on ids with
+a tied output layer, in half of them GPT-2's shape: residual blocks and a final LayerNorm) from blocks that
+include the constructs that once grew wrongly: sizes read from tensors (``x / x.size(-1)``,
+``b, t, c = x.shape`` and reshapes with them, splitting the units into heads), ``BatchNorm1d`` on 3-D input,
+concatenations in keyword form and along other axes, tied weights, residual streams, fused projections split
+into equal parts (chunk, split by a size read or fixed, a reshape into (parts, heads, size) unbound), flatten,
+pooling over tokens, LayerNorm and every activation; one network in five branches on its input's value, which
+torch.fx cannot trace (autogrow then traces what the forward runs). Then it widens or deepens random layers,
+with and without example inputs, and classifies every operation:
 
 * ``exact``: no error, the output is unchanged (<= 1e-9 relative in float64) and a training step runs;
 * ``refused``: an ``AutogrowError``, with the model and optimizer byte-identical;
@@ -165,9 +165,10 @@ class Net(nn.Module):
     """The drawn network: an input stage per mode, the blocks, a head."""
 
     def __init__(self, mode: str, blocks: list[Block], w_in: int, w: int, classes: int, tied: bool,
-                 pool: str, branch: bool = False) -> None:
+                 pool: str, branch: bool = False, final_norm: bool = False) -> None:
         super().__init__()
         self.mode, self.pool, self.branch = mode, pool, branch
+        self.norm = nn.LayerNorm(w) if final_norm else None
         if mode == "image":
             self.conv1, self.bn1 = nn.Conv2d(2, w_in, 3, padding=1), nn.BatchNorm2d(w_in)
             self.conv2 = nn.Conv2d(w_in, w_in, 3, padding=1)
@@ -188,6 +189,8 @@ class Net(nn.Module):
         if self.mode == "ids":
             x = self.emb(x)
         h = self.blocks(x)
+        if self.norm is not None:
+            h = self.norm(h)
         if self.mode in ("tokens", "ids") and self.pool == "mean":
             h = h.mean(dim=1)
         return self.head(h)
@@ -221,10 +224,15 @@ def build(draw: Draw) -> tuple[nn.Module, torch.Tensor]:
         blocks.append(Block(kind, w, out, draw.choice(list(ACTS)), draw, tokens))
         w, tokens = blocks[-1].width_out, blocks[-1].tokens_out
     tied = mode == "ids" and bool(draw.integer(0, 1))
-    if tied:  # the head shares the embedding's weight: the last block returns to the embedding's width
+    final_norm = tied and bool(draw.integer(0, 1))
+    if final_norm:  # GPT-2's shape: residual blocks on the embedding's width, a final LayerNorm, the tied head
+        blocks = [Block("residual", w_in, w_in, draw.choice(list(ACTS)), draw, 4) for _ in range(draw.integer(1, 2))]
+        w = w_in
+    elif tied:  # the head shares the embedding's weight: the last block returns to the embedding's width
         blocks.append(Block("dense", w, w_in, draw.choice(list(ACTS)), draw, tokens))
         w = w_in
-    model = Net(mode, blocks, w_in, w, classes, tied, pool, branch=draw.integer(0, 4) == 0).double()
+    model = Net(mode, blocks, w_in, w, classes, tied, pool, branch=draw.integer(0, 4) == 0,
+                final_norm=final_norm).double()
     gen = torch.Generator().manual_seed(draw.integer(0, 2**20))
     with torch.no_grad():
         for m in model.modules():
@@ -282,6 +290,7 @@ def run_op(model: nn.Module, opt: torch.optim.Optimizer, draw: Draw, x: torch.Te
     name, kw = _operation(model, draw, x)
     blocks = [b.kind for b in model.blocks] if hasattr(model, "blocks") else []
     blocks += ["(traced by running it)"] if getattr(model, "branch", False) else []
+    blocks += ["(tied head after a final norm)"] if getattr(model, "norm", None) is not None else []
     before, ref = _state(model, opt), _outputs(model, x)
     try:
         if name.startswith("widen"):

@@ -61,11 +61,12 @@ class Recipe:
     ``start``: the width to start from (None: the model's; -2: half the final width); ``schedule``: "even" (growths
     at deadline * k / n), "geometric" (deadline * 0.125 ** (n - k)) or "at" (all of them at the deadline: one jump);
     ``steps``: the fraction of the run's steps trained (a budget baseline); ``decay``: the LR decays linearly to
-    zero over this last fraction of the run, restarting from the peak at a growth inside it (``GrowthLR``'s rule:
-    the decay starts no earlier than the latest growth so far), or, with ``hold``, held at the peak until the last
-    growth, or, with ``cycle``, the same hold-then-decay within every phase between growths (each size annealed,
-    then grown at the peak LR); ``init``: the new units (``widen``'s; ``"net2wider"``: copies, split 0.5 as the
-    callback's ``Widen``); ``shrink_perturb``: (shrink, noise) after each growth, or only the last (``last_only``).
+    zero over this last fraction of the run, restarting from the peak at a growth inside it (``GrowthLR``'s rule,
+    without its re-warm: the decay starts no earlier than the latest growth so far), or, with ``hold``, held at the
+    peak until the last growth, or, with ``cycle``, the same hold-then-decay within every phase between growths
+    (each size annealed, then grown at the peak LR); ``init``: the new units (``widen``'s; ``"net2wider"``: copies,
+    split 0.5 as the callback's ``Widen``); ``shrink_perturb``: (shrink, noise) after each growth, or only the last
+    (``last_only``).
     """
 
     width: int | None = None

@@ -87,7 +87,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "fresh units' state at the old units' mean": {"grow": Widen(new_state="mean")},
     "- carried optimizer state (reset)": {"optimizer_state": "reset"},
     "+ width-aware LR (muP-style)": {"lr": GrowthLR(width_scaling=True)},
-    "+ LR re-warm after growth (100 steps)": {"lr": GrowthLR(rewarm=100)},
+    "- LR re-warm after growth (none)": {"lr": GrowthLR(rewarm=0)},  # the default re-warms over 5% of the run
     "+ shrink-and-perturb (0.9, 0.05)": {"shrink_perturb": (0.9, 0.05)},
 }
 
@@ -108,6 +108,8 @@ VARIANTS: dict[str, dict[str, Any]] = {  # other recipes, measured against a fin
     "gradmax+geometric+fresh-steps": {"grow": Widen(gradmax=True), "deadline": Deadline(0.7, ratio=0.125),
                                       "lr": GrowthLR(fresh_steps=True)},  # the prototype's best (89.43 %, 3 seeds)
     "geometric+shrink-perturb": {"deadline": Deadline(0.7, ratio=0.125), "shrink_perturb": (0.5, 0.01)},  # 30 ep best
+    "rewarm-0.05": {"lr": GrowthLR(rewarm=0.05)},  # re-warm over 5% of the run after each growth
+    "rewarm-0.1": {"lr": GrowthLR(rewarm=0.1)},
 }
 # every ablation too, by a short name: its rows paired with a finished run, one process per ablation
 VARIANTS.update({"ablation-" + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-"): kw
@@ -138,6 +140,15 @@ def run_fixed(s: Setting, args: argparse.Namespace, seed: int, lr: float, width:
         steps = max(1, round(flops / (3 * module.count_flops(x) * len(x))))
     label = f"fixed {width}" + (" @ budget" if flops is not None else "")
     return train(label, module, dm, args.epochs, seed=seed, max_steps=steps)
+
+
+def scratch_flops(s: Setting, args: argparse.Namespace) -> float:
+    """The training FLOPs of the final-size net over ``args.epochs`` of the setting's data (seed 0's split)."""
+    dm = data(s, args, 0)
+    dm.setup()
+    x = dm.train_dataloader().dataset.tensors[0][: dm.batch_size]
+    per_example = 3 * classifier(s.build(s.final), 1e-3, None).count_flops(x)
+    return per_example * len(dm.train_dataloader().dataset) * args.epochs
 
 
 def tune(name: str, make: Callable[[int, float], Run], args: argparse.Namespace) -> float:
@@ -211,6 +222,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 def run_variant(s: Setting, args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     """Grown runs of ``args.variant`` at ``args.lrs[0]``, each paired with the saved run of its seed."""
     saved = {(r["config"], r["seed"]): r for r in json.loads((out / f"pays_{args.model}.json").read_text())}
+    missing = [seed for seed in range(args.seeds) if ("scratch", seed) not in saved or ("grown", seed) not in saved]
+    if missing:  # before any run: every grown run is paired with its seed's saved baselines
+        raise SystemExit(f"--seeds {args.seeds}: pays_{args.model}.json has no grown and scratch runs of seed(s) "
+                         f"{missing}; pass --seeds {min(missing)}")
+    want, saved_flops = scratch_flops(s, args), saved[("scratch", 0)]["train_flops"]
+    if abs(want / saved_flops - 1) > 0.01:  # other --epochs or --train-subset than the baselines': not comparable
+        raise SystemExit(f"--epochs {args.epochs} / --train-subset {args.train_subset}: scratch would cost "
+                         f"{want:.3g} FLOPs here, {saved_flops:.3g} in pays_{args.model}.json; pass the options it "
+                         "was run with (its .md says)")
     rows = []
     for seed in range(args.seeds):
         run = run_grown(s, args, seed, args.lrs[0], **VARIANTS[args.variant])

@@ -6,8 +6,8 @@ grown and scratch runs of one seed see the same data):
 * ``grown``: the 1/4-width, 1/4-depth model (d_model/4, heads/4, MLP/4, layers/4) with two AutoGrow
   callbacks: one widens (d_model, heads, MLP: every target discovered by tracing) x2 per event, one stacks
   blocks (depth x2 per event), ``max_events=2`` each, defaults otherwise (plateau trigger with a deadline at
-  60% of the run, uneven split, carried optimizer state, LR held while growing then decayed to 0 over the
-  last 40%); it ends at the full size;
+  60% of the run, uneven split, carried optimizer state, LR held while growing, re-warmed over 5% of the run
+  after each growth, then decayed to 0 over the last 40%); it ends at the full size;
 * ``scratch``: the full model for the same number of steps, the same warmup-free hold-then-decay schedule
   (a ``LambdaLR``);
 * ``grown 2x steps``: the grown recipe for twice the steps (and the grown run's LR): what growing costs
@@ -32,7 +32,8 @@ with every configuration (``'grown, stack duplicates'`` on the GPT only), per ta
 transformers_tuned/: ``--lrs 2e-3 4e-3 8e-3 --folder transformers_tuned --configs grown scratch "scratch at grown's
 FLOPs" "grown, deadline 0.3" "grown, deadline 0.1" "grown 2x steps"`` (grown and scratch each tuned on seed 1000; the
 other configurations take the grown run's LR, the budget baseline scratch's). The runs are saved after each one and
-``--reuse`` adds missing (config, seed) pairs to them.
+``--reuse`` adds missing (config, seed) pairs to them, and re-runs a budget baseline whose grown run now costs another
+number of steps; ``--regrow`` re-tunes and re-runs every grown configuration, keeping scratch's runs and tuning.
 """
 
 from __future__ import annotations
@@ -458,13 +459,15 @@ def plot(out: Path, name: str, outcomes: list[Outcome], title: str) -> None:
 
 def lr_text(args: argparse.Namespace, lrs: dict[str, float], tuning: list[dict[str, Any]]) -> str:
     """How the peak LRs were set: fixed (one ``--lrs``), or the tuning table."""
-    head = "Peak LR (AdamW/Adam, held, then linearly to 0 over the last 40% of the steps)"
+    head = ("Peak LR (AdamW/Adam, held (grown runs: re-warmed from 0.1x over 5% of the run after each growth, the "
+            "library's default), then linearly to 0 over the last 40% of the steps)")
     if not tuning:
         return f"{head}: {lrs['grown']:g} for every run, fixed in advance, not tuned."
     lines = "\n".join(f"| {t['config']} | {t['lr']:g} | {t['val_loss']:.4f} |" for t in tuning)
-    return (f"{head}: grown {lrs['grown']:g}, scratch {lrs['scratch']:g}, chosen from {args.lrs} by final "
-            f"validation loss on {args.tune_seeds} separate seed(s):\n\n| run | LR | val loss |\n|---|---|---|\n"
-            f"{lines}")
+    grid = {c: sorted(t["lr"] for t in tuning if t["config"] == c) for c in ("grown", "scratch")}
+    return (f"{head}: grown {lrs['grown']:g} (of {grid['grown']}), scratch {lrs['scratch']:g} (of {grid['scratch']}), "
+            f"each chosen by final validation loss on {args.tune_seeds} separate seed(s):\n\n| run | LR | val loss |\n"
+            f"|---|---|---|\n{lines}")
 
 
 def report(out: Path, task: Task, args: argparse.Namespace, rows: list[dict[str, Any]], events: list[dict[str, Any]],
@@ -545,14 +548,22 @@ def budget_steps(task: Task, outcomes: list[Outcome], seed: int) -> int | None:
 
 def run_task(task: Task, args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     """Tune, run every seed of every configuration, write the results; returns the rows per run."""
-    saved = load_runs(out, task) if args.reuse else None
+    saved = load_runs(out, task) if args.reuse or args.regrow else None
     outcomes, tuning, lrs = saved or ([], [], {})
+    if saved and args.regrow:  # the library's growth changed: keep the scratch runs, tune and run growth again
+        outcomes = [o for o in outcomes if not grows(o.config)]
+        tuning = [t for t in tuning if not grows(t["config"])]
+        lrs["grown"] = tune(task, args, "grown", tuning)
     if not saved:
         lrs = {c: tune(task, args, c, tuning) for c in ("grown", "scratch")}
     done = {(o.config, o.seed) for o in outcomes}
     for seed in range(args.seeds):
-        for c in (c for c in args.configs if (c, seed) not in done):
+        for c in args.configs:
             steps = budget_steps(task, outcomes, seed) if c == BUDGET else None
+            stale = [o for o in outcomes if (o.config, o.seed) == (c, seed) and steps and len(o.record.losses) != steps]
+            if (c, seed) in done and not stale:
+                continue
+            outcomes = [o for o in outcomes if not any(o is x for x in stale)]  # its grown run was re-run
             if c == BUDGET and steps is None:
                 print(f"[{task.name}] {BUDGET} seed {seed}: needs the grown and scratch runs of the seed", flush=True)
                 continue
@@ -576,6 +587,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     ap.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), choices=CONFIGS)
     ap.add_argument("--reuse", action="store_true", help="keep the runs and tuning saved in the results folder; "
                     "run only the missing (config, seed) pairs")
+    ap.add_argument("--regrow", action="store_true", help="keep the saved scratch runs and their tuning; tune "
+                    "the grown runs' LR over --lrs and run every grown configuration again (after a change to growth)")
     ap.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder (else the Debian location)")
     ap.add_argument("--out", default=None, help="parent of the results folder `transformers` (default "
                     "experiments/results)")

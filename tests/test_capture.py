@@ -73,7 +73,8 @@ class BranchOnWidened(nn.Module):
 
 def test_the_callback_grows_a_hugging_face_gpt2_it_cannot_trace_with_fx(tmp_path):
     """A real fit of transformers' GPT-2 (its Conv1D registered, as the zoo does): the callback's default Widen()
-    finds what grows from the probe batch's run, both MLPs widen exactly, and the checkpoint loads."""
+    finds what grows from the probe batch's run, both MLPs and d_model (its embedding tied to ``lm_head``) widen
+    exactly, and the checkpoint loads."""
     pytest.importorskip("transformers")
     import pytorch_lightning as pl
     from autogrow.callbacks import AutoGrow, load_grown
@@ -97,8 +98,14 @@ def test_the_callback_grows_a_hugging_face_gpt2_it_cannot_trace_with_fx(tmp_path
     with pytest.warns(UserWarning, match="traced what its forward ran"):
         trainer.fit(model, loader, loader)
     (event,) = grow.events
-    assert sorted(c.target for c in event.changes) == [f"net.model.transformer.h.{i}.mlp.c_fc" for i in (0, 1)]
-    assert event.preservation_error < 1e-5 and model.net.model.transformer.h[0].mlp.c_fc.nf == 256
+    gpt = model.net.model
+    assert sorted(c.target for c in event.changes) == [*(f"net.model.transformer.h.{i}.mlp.c_fc" for i in (0, 1)),
+                                                       "net.model.transformer.wte"]
+    assert event.preservation_error < 1e-5 and gpt.transformer.h[0].mlp.c_fc.nf == 256
+    # d_model 32 -> 64 through the tied embedding (autogrow.tied): still one Parameter, held once by the optimizer
+    assert gpt.transformer.wte.weight.shape[1] == 64 and gpt.lm_head.weight is gpt.transformer.wte.weight
+    held = [p for g in trainer.optimizers[0].param_groups for p in g["params"]]
+    assert sorted(map(id, held)) == sorted(id(p) for p in model.parameters())
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     loaded = load_grown(TinyLM, tmp_path / "last.ckpt", arch=gpt2)
     assert torch.equal(loaded(seq[:2, :-1]), model.eval()(seq[:2, :-1]))

@@ -180,15 +180,15 @@ def test_screen_shrink_perturb_only_at_the_last_growth():
 
 
 def test_screen_lr_rule_is_growth_lrs():
-    """The screen's default and held LR multipliers are GrowthLR's rule (the decay starts no earlier than the
-    latest growth so far; held: than the last one), step by step."""
+    """The screen's default and held LR multipliers are GrowthLR's rule without its re-warm (the decay starts no
+    earlier than the latest growth so far; held: than the last one), step by step."""
     from autogrow.experiments import screen
 
     from autogrow.lr import GrowthLR
 
     total, points = 50, [5, 20, 35]
     for recipe, hold in ((screen.Recipe(), False), (screen.Recipe(hold=True), True)):
-        lr = GrowthLR(decay=recipe.decay, total_steps=total)
+        lr = GrowthLR(decay=recipe.decay, rewarm=0, total_steps=total)
         for t in range(total):
             done = [p for p in points if p <= t]
             lr.last_growth = points[-1] if hold else (done[-1] if done else None)

@@ -33,6 +33,21 @@ def test_multiplier_holds_decays_after_the_last_growth_and_rewarms():
     assert lr.multiplier(16) == pytest.approx(1 - 4 / 8) and lr.multiplier(20) == 0.0
 
 
+def test_rewarm_as_a_fraction_of_the_run_follows_total_steps():
+    """``rewarm=0.1`` re-warms over 10% of ``total_steps`` (as Lightning's ``val_check_interval``): the same ramp as
+    ``rewarm=4`` on a 40-step run; without a known length there is no re-warm."""
+    by_steps, by_fraction = GrowthLR(decay=0.0, rewarm=4), GrowthLR(decay=0.0, rewarm=0.1)
+    assert by_fraction.rewarm_steps == 0 and by_fraction.multiplier(3) == 1.0
+    by_fraction.total_steps = 40
+    for lr in (by_steps, by_fraction):
+        lr.step_count = 7
+        lr.grew()
+    assert by_fraction.rewarm_steps == 4
+    ramp = [by_fraction.multiplier(t) for t in range(7, 13)]
+    assert ramp == [by_steps.multiplier(t) for t in range(7, 13)]
+    assert ramp[0] == pytest.approx(0.1) and ramp[4:] == [1.0, 1.0]
+
+
 def test_multiplier_composes_with_any_scheduler():
     """The scheduler never sees the multiplier; every update is lr(scheduler) x multiplier x gradient."""
     def run(with_lr: bool) -> tuple[list[float], list[float]]:
@@ -211,6 +226,7 @@ def test_a_deadline_behind_schedule_catches_up_at_once(tmp_path):
 
 def test_growth_lr_arguments_are_checked():
     for kw, message in (({"decay": 1.5}, "decay: 1.5"), ({"rewarm": -1}, "rewarm: -1"),
+                        ({"rewarm": 1.5}, r"rewarm: 1.5 .*a float in \(0, 1\)"), ({"rewarm": True}, "rewarm: True"),
                         ({"width_scaling": 1}, "width_scaling: 1"), ({"fresh_steps": "yes"}, "fresh_steps: 'yes'")):
         with pytest.raises(ValueError, match=message):
             GrowthLR(**kw)

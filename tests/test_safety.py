@@ -189,6 +189,62 @@ def test_tied_parameters_grow_together_or_are_refused():
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 
 
+class TiedNormLM(nn.Module):
+    """A language model's tied embedding and output layer around a pre-LN residual block; the output layer reads
+    the final LayerNorm through a view and a slice (``act``: through an activation too)."""
+
+    def __init__(self, act: bool = False) -> None:
+        super().__init__()
+        self.emb, self.ln1, self.fc, self.ln_f = nn.Embedding(11, 6), nn.LayerNorm(6), nn.Linear(6, 6), nn.LayerNorm(6)
+        self.head, self.act = nn.Linear(6, 11, bias=False), act
+        self.head.weight = self.emb.weight
+        for ln in (self.ln1, self.ln_f):  # not the neutral 1 and 0: the new entries' values are what is tested
+            nn.init.uniform_(ln.weight, 0.5, 1.5), nn.init.uniform_(ln.bias, -0.5, 0.5)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.emb(idx)
+        h = h + self.fc(torch.tanh(self.ln1(h)))
+        z = self.ln_f(h).view(idx.shape[0], idx.shape[1], -1)[:, 1:]
+        return self.head(torch.tanh(z) if self.act else z)
+
+
+def test_a_tied_embedding_and_output_layer_widen_through_the_final_norm():
+    """d_model grows through a tied embedding/output layer (GPT-2's wte and lm_head): the final LayerNorm's new
+    entries start at zero, so the output layer's new columns may be the embedding's and the tie is kept. Exact; the
+    new units learn from the first step (the norm's new scale has a gradient); the optimizer holds the one tensor."""
+    torch.manual_seed(0)
+    model, idx = TiedNormLM(), torch.randint(0, 11, (4, 5))
+    opt = torch.optim.Adam(model.parameters())
+    model(idx).sum().backward()
+    opt.step()
+    ref = model(idx).detach()
+    plan = autogrow.plan_widen(model, "emb", 12, init="auto", generator=0, example_inputs=idx)
+    assert plan.init == "mix"
+    plan.apply(opt)
+    assert model.head.weight is model.emb.weight and model.emb.weight.shape == (11, 12)
+    assert max_rel_error(ref, model(idx)) <= 1e-12
+    assert torch.equal(model.ln_f.weight[6:], torch.zeros(6)) and torch.equal(model.ln_f.bias[6:], torch.zeros(6))
+    assert torch.equal(model.ln1.weight[6:], torch.ones(6))  # other norms: neutral, as for any mixture
+    assert model.emb.weight[:, 6:].abs().min() > 0  # the new columns are mixtures, read by the output layer too
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert sorted(map(id, held)) == sorted(id(p) for p in model.parameters())
+    assert opt.state[model.emb.weight]["exp_avg"].shape == (11, 12)
+    opt.zero_grad()
+    model(idx).sum().backward()
+    assert model.ln_f.weight.grad[6:].abs().min() > 0
+    opt.step()
+
+
+def test_a_tie_the_final_norm_cannot_darken_is_refused():
+    """Refused, model and optimizer untouched: copies (the output layer's columns would be split), and an output
+    layer that reads the final norm through an activation (only views, indexing and dropout are followed)."""
+    idx = torch.randint(0, 11, (4, 5))
+    refused(TiedNormLM(), lambda m: autogrow.widen(m, "emb", 12, init="net2wider", example_inputs=idx),
+            r"emb.weight and head.weight are one tied Parameter")
+    refused(TiedNormLM(act=True), lambda m: autogrow.widen(m, "emb", 12, init="mix", example_inputs=idx),
+            r"emb.weight and head.weight are one tied Parameter")
+
+
 class CatKeywords(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -129,3 +129,28 @@ def test_reuse_adds_a_configuration_without_rerunning(tmp_path, tiny_idx, monkey
     rows = suite_transformers.main(argv + ["--reuse", "--configs", "grown", "scratch", "grown, deadline 0.3"])["lm"]
     assert ran == ["grown, deadline 0.3"] and [r["config"] for r in rows] == ["grown", "scratch", "grown, deadline 0.3"]
     assert rows[2]["d"] == suite_transformers.QUICK["lm"].d and rows[2]["events"] == 4
+
+
+def test_regrow_reruns_growth_and_reuse_a_stale_budget_baseline(tmp_path, tiny_idx, monkeypatch):
+    """``--regrow`` runs the grown configurations again and keeps scratch's; ``--reuse`` re-runs a budget baseline
+    whose grown run now costs another number of steps (here: its saved FLOPs x1.5), and nothing else."""
+    budget = suite_transformers.BUDGET
+    argv = ["--quick", "--task", "lm", "--out", str(tmp_path), "--configs", "grown", "scratch", budget]
+    suite_transformers.main(argv)
+    ran = []
+    original = suite_transformers.run_config
+    monkeypatch.setattr(suite_transformers, "run_config", lambda *a: ran.append(a[2]) or original(*a))
+    suite_transformers.main(argv + ["--regrow"])
+    assert ran == ["grown"]
+    path = tmp_path / "transformers" / "transformers_lm_curves.json"
+    runs = json.loads(path.read_text())
+    before = next(r["flops"] for r in runs if r["config"] == budget)
+    for r in runs:
+        if r["config"] == "grown":
+            r["flops"] *= 1.5
+    path.write_text(json.dumps(runs))
+    ran.clear()
+    suite_transformers.main(argv + ["--reuse"])
+    assert ran == [budget]
+    after = next(r["flops"] for r in json.loads(path.read_text()) if r["config"] == budget)
+    assert after == pytest.approx(1.5 * before, rel=0.1)

@@ -95,13 +95,15 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
         ("stages.3.blocks.0.conv_dw", "deepen", EXACT),
     ],
     # transformers (v5): torch.fx cannot trace them (test_transformers_do_not_trace); autogrow traces what their
-    # forward runs on the batch (autogrow.capture). GPT-2's MLP grows and every layer deepens; its d_model is tied
-    # to lm_head and its c_attn split by a size fixed in the code. BERT grows d_model, heads and FFN; Llama (its
-    # RMSNorm registered by the zoo, as a user would) d_model and MLP, not the grouped-query k/v (fewer heads).
+    # forward runs on the batch (autogrow.capture). GPT-2's MLP grows and every layer deepens; its d_model, tied
+    # to lm_head, grows with mixtures (not copies); its c_attn is split by a size fixed in the code. BERT grows
+    # d_model, heads and FFN; Llama (its RMSNorm registered by the zoo, as a user would) d_model and MLP, not the
+    # grouped-query k/v (fewer heads).
     "gpt2": [
         ("transformer.h.0.mlp.c_fc", "widen x2", EXACT),
         ("transformer.h.0.mlp.c_fc", "deepen", EXACT),
         ("transformer.wte", "widen x2", r"lm_head.weight and transformer.wte.weight are one tied Parameter"),
+        ("transformer.wte", "widen x2 auto", EXACT),  # mixtures: ln_f's new entries start at 0 (autogrow.tied)
         ("transformer.h.0.attn.c_attn", "widen x2", r"'split'.*parts of fixed size \d+"),
     ],
     "bert": [
