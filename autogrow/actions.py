@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import torch.nn as nn
 
+from autogrow.capture import traced
 from autogrow.deepen import INITS as DEEPEN_INITS
 from autogrow.deepen import plan_deepen
 from autogrow.errors import AutogrowError, NeedsShapes, check, check_bool, check_choice, check_float, check_int, fail
@@ -29,6 +30,7 @@ from autogrow.plan import Plan
 from autogrow.registry import layer_spec
 from autogrow.stack import INITS as STACK_INITS
 from autogrow.stack import plan_stack
+from autogrow.trace import unwrap
 from autogrow.widen import plan_widen, unit_features
 
 __all__ = ["ACTIONS", "Deepen", "GrowthAction", "Stack", "Widen", "discover_targets", "make_action", "width_of"]
@@ -118,12 +120,13 @@ class Widen(GrowthAction):
              example_inputs: Any = None) -> Plan:
         old = width_of(model.get_submodule(target))
         width = max(self.new_width(old, max_width), old + 1)
-        unit = unit_features(model, target, example_inputs)
+        graph = traced(unwrap(model, target)[0], example_inputs)  # once: the rounding and the plan read it
+        unit = unit_features(model, target, example_inputs, traced_graph=graph)
         if width % unit:  # whole heads (and parts of a fused layer): up, or down to stay within max_width
             up = -(-width // unit) * unit
             width = up if max_width is None or up <= max_width else up - unit if up - unit > old else width
         return plan_widen(model, target, width, init=self.init, split=self.split, noise=self.noise, generator=seed,
-                          example_inputs=example_inputs, new_state=self.new_state)
+                          example_inputs=example_inputs, new_state=self.new_state, traced_graph=graph)
 
 
 @dataclass

@@ -400,7 +400,8 @@ def _check_args(init: str, mapping: str, new_state: str, width: int, noise: floa
 
 def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wider", noise: float = 0.0,
                split: float = 0.0, mapping: str = "auto", generator: torch.Generator | int | None = None,
-               example_inputs: Any = None, new_state: str = "zero") -> WidenPlan:
+               example_inputs: Any = None, new_state: str = "zero",
+               traced_graph: tuple[fx.Graph, Any] | None = None) -> WidenPlan:
     """Plan giving module ``target`` ``width`` output units, and every coupled layer what follows.
 
     Args:
@@ -425,6 +426,8 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
             then checks the grown model on it and undoes a growth that does not preserve the function.
         new_state: optimizer state of fresh units (``init="zero_out"``/``"vt"``/``"random"``): ``"zero"``, or
             ``"mean"`` (second moments at the old units' mean: no oversized first Adam steps).
+        traced_graph: the ``(graph, shapes)`` :func:`autogrow.capture.traced` returned for this model (unwrapped)
+            and ``example_inputs``, to skip tracing it again.
 
     Raises:
         AutogrowError: a bad argument, or a model that cannot be widened exactly there (the message names
@@ -444,7 +447,7 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
     _check_args(init, mapping, new_state, width, noise, split)
     seed = make_seed(generator)
     model, target = unwrap(model, target)
-    graph, shapes = traced(model, example_inputs)
+    graph, shapes = traced_graph if traced_graph is not None else traced(model, example_inputs)
     c = couple(model, target, width, graph=graph, shapes=shapes)
     block = c.unit_features  # > 1: the units are attention heads of that many features, or a fused output's pieces
     old = c.old_width * block
@@ -462,9 +465,11 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
                      resizes=resizes, example_inputs=example_inputs, new_state=new_state)
 
 
-def unit_features(model: nn.Module, target: str, example_inputs: Any = None) -> int:
+def unit_features(model: nn.Module, target: str, example_inputs: Any = None, *,
+                  traced_graph: tuple[fx.Graph, Any] | None = None) -> int:
     """How many of ``target``'s output features make one unit that grows whole: 1, an attention head's size, or
     that times the parts of a fused output (1 where planning would refuse: :func:`plan_widen` then says why).
+    ``traced_graph``: as for :func:`plan_widen`.
 
     Example:
         >>> import torch.nn as nn
@@ -476,7 +481,7 @@ def unit_features(model: nn.Module, target: str, example_inputs: Any = None) -> 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # plan_widen warns about a captured graph
-            graph, shapes = traced(model, example_inputs)
+            graph, shapes = traced_graph if traced_graph is not None else traced(model, example_inputs)
         return couple(model, target, graph=graph, shapes=shapes).unit_features
     except AutogrowError:
         return 1
