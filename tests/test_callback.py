@@ -103,8 +103,8 @@ class StopAfter(Callback):
 
 @pytest.mark.parametrize("fresh_steps", [False, True])
 def test_resume_is_bit_identical(tmp_path, dm, fresh_steps):
-    """Also the LR multiplier (decaying over the last 40% of the run) resumes exactly, and with ``fresh_steps`` the
-    fresh units' birth steps (their own Adam bias correction) do."""
+    """Also the LR multiplier (re-warming after a growth, decaying over the last 40% of the run) resumes exactly, and
+    with ``fresh_steps`` the fresh units' birth steps (their own Adam bias correction) do."""
     def run(epochs, ckpt=None, root="a"):
         model = tiny(hidden=(3, 3), optimizer="adam", lr=0.01, scheduler="cosine", max_epochs=8)
         grow = AutoGrow(trigger=EveryN(every=2), policy="round_robin", seed=3,
@@ -118,6 +118,8 @@ def test_resume_is_bit_identical(tmp_path, dm, fresh_steps):
     part, grow_part = run(4, root="part")
     assert len(grow_part.events) == 2
     assert bool(grow_part.schedule.lr.fresh.births) == fresh_steps  # young units at the interruption
+    lr = grow_part.schedule.lr
+    assert 0 <= lr.step_count - lr.last_growth < lr.rewarm_steps  # interrupted inside the re-warm after a growth
     resumed, grow_resumed = run(8, ckpt=tmp_path / "part" / "last.ckpt", root="resumed")
     assert len(grow_resumed.events) == len(grow_full.events) == 4
     a, b = full.state_dict(), resumed.state_dict()
