@@ -135,19 +135,23 @@ def run_fixed(s: Setting, args: argparse.Namespace, seed: int, lr: float, width:
     module = classifier(s.build(width), lr, "wsd")
     steps = -1
     if flops is not None:
-        dm.setup()
-        x = dm.train_dataloader().dataset.tensors[0][: dm.batch_size]
-        steps = max(1, round(flops / (3 * module.count_flops(x) * len(x))))
+        per_example = example_flops(module, dm)  # sets the data up
+        per_batch = min(dm.batch_size, len(dm.train_dataloader().dataset))  # examples in a training step
+        steps = max(1, round(flops / (per_example * per_batch)))
     label = f"fixed {width}" + (" @ budget" if flops is not None else "")
     return train(label, module, dm, args.epochs, seed=seed, max_steps=steps)
+
+
+def example_flops(module: Classifier, dm: ArrayDataModule) -> float:
+    """``module``'s training FLOPs per example of ``dm`` (3x the forward), measured on its first training batch."""
+    dm.setup()
+    return 3 * module.count_flops(dm.train_dataloader().dataset.tensors[0][: dm.batch_size])
 
 
 def scratch_flops(s: Setting, args: argparse.Namespace) -> float:
     """The training FLOPs of the final-size net over ``args.epochs`` of the setting's data (seed 0's split)."""
     dm = data(s, args, 0)
-    dm.setup()
-    x = dm.train_dataloader().dataset.tensors[0][: dm.batch_size]
-    per_example = 3 * classifier(s.build(s.final), 1e-3, None).count_flops(x)
+    per_example = example_flops(classifier(s.build(s.final), 1e-3, None), dm)
     return per_example * len(dm.train_dataloader().dataset) * args.epochs
 
 

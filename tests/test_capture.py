@@ -76,27 +76,16 @@ def test_the_callback_grows_a_hugging_face_gpt2_it_cannot_trace_with_fx(tmp_path
     finds what grows from the probe batch's run, both MLPs and d_model (its embedding tied to ``lm_head``) widen
     exactly, and the checkpoint loads."""
     pytest.importorskip("transformers")
-    import pytorch_lightning as pl
-    from autogrow.callbacks import AutoGrow, load_grown
+    from autogrow.callbacks import load_grown
     from autogrow.experiments import zoo
-    from torch.utils.data import DataLoader, TensorDataset
 
-    from autogrow.plateau import EveryN
-    from tests.test_transformers import TinyLM
+    from tests.test_transformers import TinyLM, fit_one_growth
 
     def gpt2() -> nn.Module:
         return zoo.Logits(zoo._gpt2())  # input_ids -> logits, as a user wraps it
 
-    torch.set_default_dtype(torch.float32)
-    seq = torch.randint(0, zoo.VOCAB, (64, 9), generator=torch.Generator().manual_seed(0))
-    loader = DataLoader(TensorDataset(seq[:, :-1], seq[:, 1:]), batch_size=16)
-    pl.seed_everything(0, verbose=False)
-    model = TinyLM(arch=gpt2)
-    grow = AutoGrow(trigger=EveryN(every=1), max_events=1, policy="all")
-    trainer = pl.Trainer(max_epochs=2, callbacks=[grow], logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
     with pytest.warns(UserWarning, match="traced what its forward ran"):
-        trainer.fit(model, loader, loader)
+        model, grow, trainer, seq = fit_one_growth(lambda: TinyLM(arch=gpt2), vocab=zoo.VOCAB)
     (event,) = grow.events
     gpt = model.net.model
     assert sorted(c.target for c in event.changes) == [*(f"net.model.transformer.h.{i}.mlp.c_fc" for i in (0, 1)),

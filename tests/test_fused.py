@@ -207,22 +207,11 @@ def test_a_copied_head_of_a_fused_qkv_merges_back_exactly():
 def test_the_callback_grows_a_fused_model_and_its_checkpoint_loads(tmp_path):
     """A real fit: the default Widen() finds the fused qkv and gate_up (and d_model) on its own; every event is
     exact, and ``load_grown`` rebuilds the grown model from the checkpoint."""
-    import pytorch_lightning as pl
-    from autogrow.callbacks import AutoGrow, load_grown
-    from torch.utils.data import DataLoader, TensorDataset
+    from autogrow.callbacks import load_grown
 
-    from autogrow.plateau import EveryN
-    from tests.test_transformers import TinyLM
+    from tests.test_transformers import TinyLM, fit_one_growth
 
-    torch.set_default_dtype(torch.float32)
-    seq = torch.randint(0, 11, (64, 7), generator=torch.Generator().manual_seed(0))
-    loader = DataLoader(TensorDataset(seq[:, :-1], seq[:, 1:]), batch_size=16)
-    pl.seed_everything(0, verbose=False)
-    model = TinyLM(arch=FusedLM)
-    grow = AutoGrow(trigger=EveryN(every=1), max_events=1, policy="all")
-    trainer = pl.Trainer(max_epochs=2, callbacks=[grow], logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
-    trainer.fit(model, loader, loader)
+    model, grow, trainer, seq = fit_one_growth(lambda: TinyLM(arch=FusedLM), length=7)
     block = model.net.block
     assert block.qkv.out_features == 48 and block.o.in_features == 16 and block.gate_up.out_features == 24
     assert all(e.preservation_error < 1e-5 for e in grow.events)

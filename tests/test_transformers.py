@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import pytorch_lightning as pl
@@ -266,6 +267,27 @@ class TinyLM(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=3e-3)
 
 
+def fit_one_growth(make: Callable[[], TinyLM], vocab: int = 11, length: int = 9
+                   ) -> tuple[TinyLM, AutoGrow, pl.Trainer, torch.Tensor]:
+    """A 2-epoch float32 fit of ``make()`` (built after seeding) on 64 random token sequences of ``vocab`` ids and
+    ``length``, with one ``AutoGrow`` event of the ``all`` policy after the first epoch; returns the model, the
+    callback, the trainer and the sequences."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from autogrow.plateau import EveryN
+
+    torch.set_default_dtype(torch.float32)
+    seq = torch.randint(0, vocab, (64, length), generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(TensorDataset(seq[:, :-1], seq[:, 1:]), batch_size=16)
+    pl.seed_everything(0, verbose=False)
+    model = make()
+    grow = AutoGrow(trigger=EveryN(every=1), max_events=1, policy="all")
+    trainer = pl.Trainer(max_epochs=2, callbacks=[grow], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, accelerator="cpu")
+    trainer.fit(model, loader, loader)
+    return model, grow, trainer, seq
+
+
 def test_the_callback_grows_width_and_depth_of_a_transformer(tmp_path):
     """One AutoGrow widens (d_model, heads, MLP: all discovered), another stacks blocks; both exact."""
     from torch.utils.data import DataLoader, TensorDataset
@@ -294,19 +316,7 @@ def test_the_callback_grows_width_and_depth_of_a_transformer(tmp_path):
 def test_the_callback_grows_a_llama_style_model(rmsnorm_registered):
     """The callback's ``all`` policy on rotary attention, RMSNorm and SwiGLU: d_model, heads and MLP, each once per
     event, exact."""
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from autogrow.plateau import EveryN
-
-    torch.set_default_dtype(torch.float32)
-    seq = torch.randint(0, 11, (64, 9), generator=torch.Generator().manual_seed(0))
-    loader = DataLoader(TensorDataset(seq[:, :-1], seq[:, 1:]), batch_size=16)
-    pl.seed_everything(0, verbose=False)
-    model = TinyLM(arch=TinyLlama, layers=1, d=8, heads=1, head_size=4, hidden=8)
-    grow = AutoGrow(trigger=EveryN(every=1), max_events=1, policy="all")
-    trainer = pl.Trainer(max_epochs=2, callbacks=[grow], logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, accelerator="cpu")
-    trainer.fit(model, loader, loader)
+    model, grow, _, _ = fit_one_growth(lambda: TinyLM(arch=TinyLlama, layers=1, d=8, heads=1, head_size=4, hidden=8))
     net = model.net
     assert net.tok.embedding_dim == 16 and net.norm.weight.shape == (16,)
     assert net.blocks[0].attn.q.out_features == 8 and net.blocks[0].gate.out_features == 16
