@@ -29,6 +29,7 @@ from autogrow.optim import (
     translate_state_dict,
 )
 from autogrow.plan import Plan
+from autogrow.ramp import advance_ramps
 from autogrow.registry import (
     ChannelSpec,
     LayerSpec,
@@ -45,8 +46,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutogrowError", "ChannelSpec", "DeepenPlan", "Growth", "LayerSpec", "OpKind", "Plan", "Residual", "ShrinkPlan",
-    "Transform", "UnitMap", "WidenInit", "WidenPlan", "carry_scheduler", "check_optimizer", "deepen", "grow_optimizer",
-    "load_grown", "num_params", "param_names", "plan_deepen", "plan_shrink", "plan_stack", "plan_widen",
-    "register_channelwise", "register_elementwise", "register_function", "register_init", "register_layer",
-    "register_optimizer_state", "replay", "shrink", "stack", "StackPlan", "translate_state_dict", "widen",
+    "Transform", "UnitMap", "WidenInit", "WidenPlan", "advance_ramps", "carry_scheduler", "check_optimizer", "deepen",
+    "grow_optimizer", "load_grown", "num_params", "param_names", "plan_deepen", "plan_shrink", "plan_stack",
+    "plan_widen", "register_channelwise", "register_elementwise", "register_function", "register_init",
+    "register_layer", "register_optimizer_state", "replay", "shrink", "stack", "StackPlan", "translate_state_dict",
+    "widen",
 ]

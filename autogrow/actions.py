@@ -15,7 +15,7 @@ have string shortcuts (``"widen"``, ``"deepen"``) for configs::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch.nn as nn
@@ -57,6 +57,10 @@ class GrowthAction:
         """Whether ``target`` has room to grow under ``max_width``."""
         return True
 
+    def for_run(self, total_steps: int | None) -> GrowthAction:
+        """This action with options given as a fraction of the run resolved (``total_steps``: ``None`` if unknown)."""
+        return self
+
     def candidates(self, model: nn.Module) -> list[str]:
         """Names this action may grow, before checking: every registered weighted layer."""
         return [n for n, m in model.named_modules() if layer_spec(m) is not None]
@@ -83,6 +87,10 @@ class Widen(GrowthAction):
             (:mod:`autogrow.gradmax`; ``init="zero_out"`` or ``"auto"``; Linear layers reaching Linear layers,
             others keep their drawn rows with a warning). Held in memory until that step: a checkpoint written in
             between resumes with the drawn rows.
+        ramp: with ``init="auto"``, units that LayerNorms/RMSNorms normalise over (a transformer's d_model) start
+            as fresh units that the norms ramp in (:mod:`autogrow.ramp`, exact) over this many optimizer steps
+            (an int) or this fraction of the run (a float in (0, 1); no ramp while the run's length is unknown);
+            ``None``: mixtures of the old units instead (``init="mix"``).
     """
 
     name = "widen"
@@ -94,9 +102,14 @@ class Widen(GrowthAction):
     noise: float = 0.0
     new_state: str = "zero"
     gradmax: bool = False
+    ramp: int | float | None = 0.05
 
     def __post_init__(self) -> None:
         check_float("factor", self.factor, 1.0, low_open=True)
+        check("ramp", self.ramp, self.ramp is None or (isinstance(self.ramp, int) and not isinstance(self.ramp, bool)
+                                                       and self.ramp >= 1)
+              or (isinstance(self.ramp, float) and 0 < self.ramp < 1),
+              "None, a number of steps >= 1, or a fraction of the run in (0, 1)")
         check_bool("gradmax", self.gradmax)
         check("init", self.init, not self.gradmax or self.init in ("auto", "zero_out"),
               "'auto' or 'zero_out' with gradmax=True (GradMax re-points fresh units)")
@@ -116,6 +129,11 @@ class Widen(GrowthAction):
         old = width_of(model.get_submodule(target))
         return self.new_width(old, max_width) > old
 
+    def for_run(self, total_steps: int | None) -> Widen:
+        if not isinstance(self.ramp, float):
+            return self
+        return replace(self, ramp=max(1, round(self.ramp * total_steps)) if total_steps else None)
+
     def plan(self, model: nn.Module, target: str, seed: int, *, max_width: int | None = None,
              example_inputs: Any = None) -> Plan:
         old = width_of(model.get_submodule(target))
@@ -125,8 +143,10 @@ class Widen(GrowthAction):
         if width % unit:  # whole heads (and parts of a fused layer): up, or down to stay within max_width
             up = -(-width // unit) * unit
             width = up if max_width is None or up <= max_width else up - unit if up - unit > old else width
+        ramp = self.ramp if isinstance(self.ramp, int) else None  # a fraction: unresolved (see for_run)
         return plan_widen(model, target, width, init=self.init, split=self.split, noise=self.noise, generator=seed,
-                          example_inputs=example_inputs, new_state=self.new_state, traced_graph=graph)
+                          example_inputs=example_inputs, new_state=self.new_state, traced_graph=graph,
+                          ramp_steps=ramp)
 
 
 @dataclass

@@ -15,9 +15,11 @@ import torch
 import torch.nn as nn
 
 from autogrow.errors import fail
+from autogrow.ramp import set_ramps
 from autogrow.replay import replay
 
-__all__ = ["CHECKPOINT_KEY", "history_from", "history_of", "load_grown", "restore_history", "set_history"]
+__all__ = ["CHECKPOINT_KEY", "history_from", "history_of", "load_grown", "ramps_from", "restore_history",
+           "set_history"]
 
 CHECKPOINT_KEY = "autogrow"
 _ATTR = "_autogrow_history"
@@ -32,6 +34,17 @@ def history_from(checkpoint: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [dict(h) for h in checkpoint.get(CHECKPOINT_KEY, {}).get("history", [])]
 
 
+def ramps_from(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The norms ramping new units in when the checkpoint was saved (:func:`autogrow.ramp.ramp_state`); ``None`` for
+    a checkpoint that does not say (saved before ramps existed: every norm plain).
+
+        >>> ramps_from({"autogrow": {"history": [], "ramps": {}}}), ramps_from({})
+        ({}, None)
+    """
+    ramps = checkpoint.get(CHECKPOINT_KEY, {}).get("ramps")
+    return None if ramps is None else dict(ramps)
+
+
 def history_of(module: nn.Module) -> list[dict[str, Any]]:
     """The growth records applied to ``module`` so far (oldest first)."""
     return list(getattr(module, _ATTR, []))
@@ -42,8 +55,10 @@ def set_history(module: nn.Module, history: Sequence[Mapping[str, Any]]) -> None
 
 
 def restore_history(module: nn.Module, history: Sequence[Mapping[str, Any]],
-                    reset: Callable[[nn.Module], None] | None = None) -> int:
-    """Replay the records of ``history`` that ``module`` does not have yet; returns how many.
+                    reset: Callable[[nn.Module], None] | None = None,
+                    ramps: Mapping[str, Mapping[str, Any]] | None = None) -> int:
+    """Replay the records of ``history`` that ``module`` does not have yet, then put its norms' ramps as in
+    ``ramps`` (:func:`ramps_from`; ``None``: every norm plain); returns how many records were replayed.
 
     A module that grew differently (or further: a checkpoint saved before the last growth) is first
     put back to its original architecture by ``reset`` when given, then grown by the whole history.
@@ -71,6 +86,7 @@ def restore_history(module: nn.Module, history: Sequence[Mapping[str, Any]],
     todo = list(history[len(done):])
     replay(module, todo)
     set_history(module, history)
+    set_ramps(module, ramps or {})
     return len(todo)
 
 
@@ -98,6 +114,6 @@ def load_grown(model_class: type[nn.Module] | Callable[..., nn.Module], path: st
     """
     ckpt = torch.load(path, map_location=map_location, weights_only=False)
     module = model_class(**{**ckpt.get("hyper_parameters", {}), **kwargs})
-    restore_history(module, history_from(ckpt))
+    restore_history(module, history_from(ckpt), ramps=ramps_from(ckpt))
     module.load_state_dict(ckpt["state_dict"], strict=strict)
     return module.eval()

@@ -12,7 +12,7 @@ An initialiser decides two things:
 Adding an initialiser is one class here plus its test::
 
     >>> sorted(INITS)
-    ['mix', 'net2wider', 'random', 'vt', 'zero_out']
+    ['mix', 'net2wider', 'ramp', 'random', 'vt', 'zero_out']
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch
 from autogrow.errors import check_choice, fail
 from autogrow.growth import UnitMap
 
-__all__ = ["INITS", "Mix", "Net2Wider", "RandomPad", "VTPairs", "WidenInit", "ZeroOut", "get_init", "mix_matrix",
-           "register_init"]
+__all__ = ["INITS", "Mix", "Net2Wider", "Ramp", "RandomPad", "VTPairs", "WidenInit", "ZeroOut", "get_init",
+           "mix_matrix", "register_init"]
 
 
 class WidenInit:
@@ -111,6 +111,15 @@ class ZeroOut(WidenInit):
     def fresh(self, t: torch.Tensor, dim: int, role: str, fill: float | None, std: float, gen: torch.Generator,
               units: UnitMap, block: int = 1) -> torch.Tensor:
         return torch.zeros_like(t) if role == "in" else _rows(t, role, fill, std, gen)
+
+
+class Ramp(ZeroOut):
+    """Fresh units as ``zero_out`` (random incoming, zero outgoing weights), ramped in by every LayerNorm/RMSNorm
+    that normalises over them (:mod:`autogrow.ramp`): the norms weigh the new units by 0 at first, in their
+    statistics and outputs, and by 1 after ``ramp_steps`` optimizer steps. Exact, and unlike mixtures the new units
+    are new features from the start. Where no norm normalises over the units it is ``zero_out``."""
+
+    name = "ramp"
 
 
 class VTPairs(WidenInit):
@@ -209,6 +218,6 @@ def get_init(name: str) -> WidenInit:
     return _INITS[name]
 
 
-for _init in (Net2Wider(), RandomPad(), ZeroOut(), VTPairs(), Mix()):
+for _init in (Net2Wider(), RandomPad(), ZeroOut(), VTPairs(), Mix(), Ramp()):
     register_init(_init)
 INITS = _INITS  # name -> initialiser (read-only view by convention)

@@ -45,21 +45,22 @@ class Undo:
     """Shallow snapshots of the modules (and optimizer) a surgery touches, to put them back exactly."""
 
     def __init__(self) -> None:
-        self._modules: list[tuple[nn.Module, dict[str, Any]]] = []
+        self._modules: list[tuple[nn.Module, type[nn.Module], dict[str, Any]]] = []
         self._optimizer: tuple[Optimizer, list[dict], list[list], dict] | None = None
 
     def save(self, module: nn.Module) -> None:
-        """Remember ``module``'s attributes, parameters, buffers and children as they are now."""
-        if any(m is module for m, _ in self._modules):
+        """Remember ``module``'s class (a ramped norm's is swapped), attributes, parameters, buffers and children as
+        they are now."""
+        if any(m is module for m, _, _ in self._modules):
             return
         state = {k: dict(v) if k in ("_parameters", "_buffers", "_modules") else v for k, v in vars(module).items()}
-        self._modules.append((module, state))
+        self._modules.append((module, type(module), state))
 
     def merge(self, other: Undo) -> None:
         """Also remember what ``other`` saved (earlier saves win: they hold the older state)."""
-        for module, state in other._modules:
-            if not any(m is module for m, _ in self._modules):
-                self._modules.append((module, state))
+        for module, cls, state in other._modules:
+            if not any(m is module for m, _, _ in self._modules):
+                self._modules.append((module, cls, state))
 
     def save_optimizer(self, optimizer: Optimizer) -> None:
         groups = optimizer.param_groups
@@ -67,7 +68,8 @@ class Undo:
 
     def restore(self) -> None:
         """Put every saved module (and the optimizer) back as it was when saved."""
-        for module, state in reversed(self._modules):
+        for module, cls, state in reversed(self._modules):
+            module.__class__ = cls
             vars(module).clear()
             vars(module).update({k: dict(v) if k in ("_parameters", "_buffers", "_modules") else v
                                  for k, v in state.items()})

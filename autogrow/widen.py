@@ -24,9 +24,10 @@ from autogrow.capture import traced
 from autogrow.coupling import Coupling, MapKey, couple
 from autogrow.errors import AutogrowError, check, check_choice, check_float, check_int, fail
 from autogrow.growth import Growth, Transform, UnitMap, make_seed
-from autogrow.init import Mix, Net2Wider, RandomPad, WidenInit, ZeroOut, get_init
+from autogrow.init import Mix, Net2Wider, Ramp, RandomPad, WidenInit, ZeroOut, get_init
 from autogrow.optim import NEW_STATES
 from autogrow.plan import Plan, Undo, register_plan
+from autogrow.ramp import is_ramped, rampable, start_ramp
 from autogrow.registry import channel_spec, layer_spec
 from autogrow.tied import free_tied_readers
 from autogrow.trace import unwrap
@@ -35,6 +36,7 @@ __all__ = ["MAPPINGS", "TensorChange", "WidenPlan", "plan_widen", "planned_tenso
            "tie_changes", "unit_features", "widen"]
 
 MAPPINGS = ("auto", "random", "uniform")
+DEFAULT_RAMP_STEPS = 100  # init="ramp" without ramp_steps
 BASE = "base"  # record key of the mapping drawn for the widened layer itself
 
 
@@ -95,6 +97,8 @@ class WidenPlan(Plan):
     resizes: list[tuple[str, str, int]] = field(repr=False)  # (module, "out" | "in" | "channel", new size)
     example_inputs: Any = field(default=None, repr=False)
     new_state: str = "zero"
+    ramps: list[str] = field(default_factory=list)  # norms that ramp the new units in (autogrow.ramp)
+    ramp_steps: int = 0
 
     @property
     def param_delta(self) -> int:
@@ -115,6 +119,8 @@ class WidenPlan(Plan):
             lines.append(f"  new units copy old units {base.idx[self.old_width:].tolist()[:16]}"
                          f"{' ...' if self.width - self.old_width > 16 else ''}; "
                          f"replication counts {counts.min().item()}..{counts.max().item()}")
+        if self.ramps:
+            lines.append(f"  ramped in over {self.ramp_steps} steps by the norms {self.ramps}")
         lines.append(f"  producers (output grows): {self.producers}")
         if self.channelwise:
             lines.append(f"  channel-wise (entries copied): {self.channelwise}")
@@ -132,10 +138,13 @@ class WidenPlan(Plan):
         with torch.no_grad():
             new = {c.name: self._transform(current[c.name].detach(), c, init, gen) for c in self.changes}
         replaced = swap_tensors(modules, self.changes, current, new, self.resizes, undo)
+        for name in self.ramps:  # saved in undo by swap_tensors: their weights grew
+            start_ramp(modules[name], self.old_width, self.ramp_steps)
+        ramp = {"ramps": list(self.ramps), "ramp_steps": self.ramp_steps} if self.ramps else {}
         return Growth(
             kind=self.kind, target=self.target, seed=self.seed,
             options={"width": self.width, "old_width": self.old_width, "init": self.init, "noise": self.noise,
-                     "split": self.split, "mapping": self.mapping, "new_state": self.new_state},
+                     "split": self.split, "mapping": self.mapping, "new_state": self.new_state, **ramp},
             maps=dict(self.maps), params={c.name: c.transforms for c in self.changes if c.is_param},
             buffers=[c.name for c in self.changes if not c.is_param], replaced=replaced,
             tensors=[c.to_dict() for c in self.changes], resizes=[list(r) for r in self.resizes])
@@ -166,7 +175,10 @@ class WidenPlan(Plan):
 
     @classmethod
     def replay(cls, model: nn.Module, record: Growth) -> Growth:
-        """The recorded tensors and sizes, re-applied without tracing (records of autogrow 0.1: re-planned)."""
+        """The recorded tensors and sizes, re-applied without tracing (records of autogrow 0.1: re-planned).
+
+        Norms that ramped the new units in are left plain (the ramp over): the weights loaded next are what
+        counts, and a checkpoint saved during a ramp restores it by name (``restore_history(..., ramps=...)``)."""
         o = record.options
         if record.tensors:
             changes = [TensorChange.from_dict(t) for t in record.tensors]
@@ -176,7 +188,7 @@ class WidenPlan(Plan):
                              width=o["width"], init=o["init"], noise=o["noise"], split=o["split"], mapping=o["mapping"],
                              seed=record.seed, maps=dict(record.maps), producers=by_kind["out"],
                              channelwise=by_kind["channel"], consumers=by_kind["in"], changes=changes, resizes=resizes,
-                             new_state=o.get("new_state", "zero"))
+                             new_state=o.get("new_state", "zero"))  # no ramp: see below
             try:
                 return plan.apply()
             except AutogrowError as e:
@@ -199,6 +211,9 @@ def _choose_mapping(c: Coupling, init: str, mapping: str, width: int) -> str:
         problem = _mix_problem(c, width)
         if problem:
             fail(problem)
+        return "random" if mapping == "auto" else mapping
+    if isinstance(get_init(init), Ramp):  # the norms ramp the fresh units in (checked by _ramp_norms)
+        _check_groups(c, init, width)
         return "random" if mapping == "auto" else mapping
     fresh = get_init(init).exact and not isinstance(get_init(init), Net2Wider)
     if c.uniform_only and fresh:
@@ -287,7 +302,8 @@ def _changes(model: nn.Module, c: Coupling, maps: dict[str, UnitMap], exact: boo
         resizes.append((mod, "channel", len(maps[map_name(key)].idx)))
         counts = torch.bincount(maps[map_name(key)].idx)
         mixed = maps[map_name(key)].mix is not None  # mixtures keep the statistics; copies must be uniform
-        if mod in c.uniform_only and exact and not mixed and not bool((counts == counts[0]).all()):
+        ramped = isinstance(init, Ramp)  # the norm ramps the fresh units in
+        if mod in c.uniform_only and exact and not (mixed or ramped) and not bool((counts == counts[0]).all()):
             fail(f"target: {mod!r} normalises a concatenation in which only some units are copied; LayerNorm "
                  "stays exact only under uniform replication")
     for (mod, tname), (key, axis) in c.tensors.items():  # bare parameters: their entries follow the units
@@ -401,7 +417,7 @@ def _check_args(init: str, mapping: str, new_state: str, width: int, noise: floa
 def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wider", noise: float = 0.0,
                split: float = 0.0, mapping: str = "auto", generator: torch.Generator | int | None = None,
                example_inputs: Any = None, new_state: str = "zero",
-               traced_graph: tuple[fx.Graph, Any] | None = None) -> WidenPlan:
+               traced_graph: tuple[fx.Graph, Any] | None = None, ramp_steps: int | None = None) -> WidenPlan:
     """Plan giving module ``target`` ``width`` output units, and every coupled layer what follows.
 
     Args:
@@ -414,8 +430,10 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
             (random incoming, zero outgoing weights: new features, exact), ``"vt"`` (variance-transfer pairs,
             exact), ``"mix"`` (random orthogonal mixtures of the old units, exact where the tensor is linear up
             to a LayerNorm/RMSNorm, e.g. a transformer's residual stream), ``"random"`` (random padding
-            baseline, inexact), or ``"auto"``: ``"zero_out"``, or where a LayerNorm normalises over the units
-            (fresh units would change its statistics) ``"mix"``, else ``"net2wider"`` copies.
+            baseline, inexact), ``"ramp"`` (``"zero_out"`` units that every LayerNorm/RMSNorm over them ramps in
+            over ``ramp_steps`` steps: :mod:`autogrow.ramp`, exact), or ``"auto"``: ``"zero_out"``, or where a
+            LayerNorm normalises over the units (fresh units would change its statistics) ``"ramp"`` when
+            ``ramp_steps`` is given and the norms can ramp, else ``"mix"``, else ``"net2wider"`` copies.
         noise: keras-style noise on the copies' outgoing weights, relative to their std (inexact).
         split: 0 splits a unit's outgoing weights evenly between its copies; ``0 < split < 1``
             draws uneven shares ``(1 +- split)`` that still sum to 1 (exact, breaks symmetry).
@@ -428,6 +446,8 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
             ``"mean"`` (second moments at the old units' mean: no oversized first Adam steps).
         traced_graph: the ``(graph, shapes)`` :func:`autogrow.capture.traced` returned for this model (unwrapped)
             and ``example_inputs``, to skip tracing it again.
+        ramp_steps: the length of a ramp in optimizer steps (``init="ramp"``: default 100); the ramp advances
+            with :func:`autogrow.ramp.advance_ramps` (``AutoGrow`` calls it every step).
 
     Raises:
         AutogrowError: a bad argument, or a model that cannot be widened exactly there (the message names
@@ -445,6 +465,7 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
         (True, 12)
     """
     _check_args(init, mapping, new_state, width, noise, split)
+    check_int("ramp_steps", ramp_steps, 1, optional=True)
     seed = make_seed(generator)
     model, target = unwrap(model, target)
     graph, shapes = traced_graph if traced_graph is not None else traced(model, example_inputs)
@@ -453,8 +474,9 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
     old = c.old_width * block
     check("width", width, width > old and width % block == 0, f"more than {target!r}'s current {old} units"
           + c.width_rule())
-    if init == "auto":  # new features where nothing normalises over the units; mixtures (or copies) where a norm does
-        init = ("mix" if _mix_problem(c, width // block) is None else "net2wider") if c.uniform_only else "zero_out"
+    if init == "auto":
+        init = _auto_init(model, c, width // block, ramp_steps)
+    ramps = _ramp_norms(model, c, init)
     exact = get_init(init).exact
     mapping = _choose_mapping(c, init, mapping, width // block)
     maps = _draw_maps(c, width // block, init, mapping, float(split), seed)
@@ -462,7 +484,43 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
     return WidenPlan(model=model, target=target, old_width=old, width=width, init=init, noise=float(noise),
                      split=float(split), mapping=mapping, seed=seed, maps=maps, producers=list(c.producers),
                      channelwise=list(c.channelwise), consumers=list(c.consumers), changes=changes,
-                     resizes=resizes, example_inputs=example_inputs, new_state=new_state)
+                     resizes=resizes, example_inputs=example_inputs, new_state=new_state, ramps=ramps,
+                     ramp_steps=(ramp_steps or DEFAULT_RAMP_STEPS) if ramps else 0)
+
+
+def _auto_init(model: nn.Module, c: Coupling, width: int, ramp_steps: int | None) -> str:
+    """``init="auto"``: new features where nothing normalises over the units; where norms do, new features that
+    the norms ramp in (given ``ramp_steps``, and norms that can), else mixtures, else copies."""
+    if not c.uniform_only:
+        return "zero_out"
+    if ramp_steps is not None and _ramp_problem(model, c) is None:
+        return "ramp"
+    return "mix" if _mix_problem(c, width) is None else "net2wider"
+
+
+def _ramp_problem(model: nn.Module, c: Coupling) -> str | None:
+    """Why the norms over ``c``'s units cannot ramp its new units in (``None``: they can)."""
+    if c.cats or c.grouped or c.unit_block > 1:
+        return "its units are concatenated with others, grouped, or attention heads"
+    modules = dict(model.named_modules())
+    return next((f"{n!r} is {why}" for n in c.uniform_only if (why := rampable(modules[n])) is not None), None)
+
+
+def _ramp_norms(model: nn.Module, c: Coupling, init: str) -> list[str]:
+    """The norms that ramp the new units in: all of them for ``init="ramp"``; for mixtures, those already in a
+    ramp (mixtures weigh 0 there at first, exactly, and join it)."""
+    modules = dict(model.named_modules())
+    ramped = [n for n in c.uniform_only if is_ramped(modules[n])]
+    if isinstance(get_init(init), Ramp):
+        problem = _ramp_problem(model, c) if c.uniform_only else None
+        if problem is not None:
+            fail(f"init: 'ramp' is not allowed for {c.target!r}: {problem}; use init='mix'")
+        return list(c.uniform_only)
+    if ramped and not isinstance(get_init(init), Mix):
+        fail(f"init: {init!r} is not allowed for {c.target!r} while {ramped} ramp in units of an earlier growth "
+             "(copies or fresh units there would not be weighed like their originals); use init='ramp' or 'mix', "
+             "or widen once the ramp has ended")
+    return ramped
 
 
 def unit_features(model: nn.Module, target: str, example_inputs: Any = None, *,

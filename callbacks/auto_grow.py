@@ -29,6 +29,7 @@ from autogrow.events import Change, GrowthEvent, Reason, StopReason
 from autogrow.lr import GrowthLR
 from autogrow.plateau import Deadline, PayoffCheck, Trigger, make_trigger
 from autogrow.policy import Candidate, GradientTracker, GrowthPolicy, TryCandidates, make_policy
+from autogrow.ramp import advance_ramps, ramp_state
 from autogrow.resize import Shrink
 
 from ._compat import CALLBACK_BASES, MisconfigurationError, check_supported, info, warn
@@ -232,15 +233,15 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
         if self.probe.inputs is None:
             self.probe.capture(batch, validation=False)
         self.schedule.sync(trainer, pl_module)
-        if batch_idx % trainer.accumulate_grad_batches:
-            return  # grow at an accumulation boundary only (no pending gradients)
-        # The deadline between evaluations: every rank computes the same time (same model, same step), so no
-        # collective per batch.
-        if not self._due() and self.stopped is None and \
-                self.schedule.due(trainer, self._grown(), lambda: self._events_needed(pl_module)):
-            self.pending, self._reason = True, Reason.DEADLINE
-        if self._due():  # after a mid-epoch validation, or the deadline
-            self._act(trainer, pl_module)
+        if batch_idx % trainer.accumulate_grad_batches == 0:  # grow at an accumulation boundary only
+            # The deadline between evaluations: every rank computes the same time (same model, same step), so no
+            # collective per batch.
+            if not self._due() and self.stopped is None and \
+                    self.schedule.due(trainer, self._grown(), lambda: self._events_needed(pl_module)):
+                self.pending, self._reason = True, Reason.DEADLINE
+            if self._due():  # after a mid-epoch validation, or the deadline
+                self._act(trainer, pl_module)
+        advance_ramps(pl_module, trainer.global_step)  # norms ramping new units in (another AutoGrow's too)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.resizer.observe(outputs, batch)
@@ -318,7 +319,7 @@ class AutoGrow(*CALLBACK_BASES):  # type: ignore[misc]
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"history": history_of(pl_module)}
+        checkpoint[CHECKPOINT_KEY] = {"history": history_of(pl_module), "ramps": ramp_state(pl_module)}
 
     def state_dict(self) -> dict[str, Any]:
         return dump_state(self)

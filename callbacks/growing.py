@@ -37,7 +37,7 @@ def grow_layers(cb: Any, trainer: Any, module: Any, chosen: list[str], seed: int
             event is undone first, so the model is exactly as before.
     """
     growths, changes, event, targets = [], [], Undo(), list(cb.targets)
-    action = cb.action if action is None else action
+    action = (cb.action if action is None else action).for_run(cb.schedule.total_steps)
     chosen = list(chosen)
     for i in range(len(chosen)):
         name = chosen[i]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from autogrow.checkpoint import history_from, restore_history
+from autogrow.checkpoint import history_from, ramps_from, restore_history
 
 __all__ = ["GrowableMixin", "unwrap_load_hook", "wrap_load_hook"]
 
@@ -18,7 +18,7 @@ class GrowableMixin:
     """
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        restore_history(self, history_from(checkpoint))  # type: ignore[arg-type]
+        restore_history(self, history_from(checkpoint), ramps=ramps_from(checkpoint))  # type: ignore[arg-type]
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
 
 
@@ -35,7 +35,7 @@ def wrap_load_hook(module: Any, reset: Callable[[Any], None] | None = None) -> N
         return
 
     def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-        restore_history(module, history_from(checkpoint), reset)
+        restore_history(module, history_from(checkpoint), reset, ramps_from(checkpoint))
         original(checkpoint)
 
     on_load_checkpoint._autogrow = True  # type: ignore[attr-defined]

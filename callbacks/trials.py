@@ -131,8 +131,8 @@ def _trial(cb: Any, trainer: Any, module: Any, option: Option, seed: int, ctx: d
     """Grow ``option``, train, measure, undo everything; ``None`` when it cannot grow (refused, over budget)."""
     undo = Undo()
     try:
-        plan = option.action.plan(module, option.target, seed, max_width=cb.budget.max_width,
-                                  example_inputs=cb.probe.inputs)
+        action = option.action.for_run(cb.schedule.total_steps)
+        plan = action.plan(module, option.target, seed, max_width=cb.budget.max_width, example_inputs=cb.probe.inputs)
         if not cb.budget.fits(ctx["params"], plan.param_delta):
             return None
         growth = plan.apply(record=undo)

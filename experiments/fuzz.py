@@ -45,6 +45,7 @@ ACTS: dict[str, Any] = {
     "f.gelu": F.gelu, "torch.tanh": torch.tanh, "method.relu": "relu",
 }
 BAD = ("silently wrong", "broken", "foreign exception", "dirty refusal")
+WIDEN_INITS = ("net2wider", "mix", "ramp", "auto")  # the initialisers a widening draws
 
 
 class Draw(Protocol):
@@ -279,7 +280,7 @@ def _operation(model: nn.Module, draw: Draw, x: torch.Tensor) -> tuple[str, dict
         m = model.get_submodule(target)
         n = width_of(m)
         kw.update(width=n * draw.choice([2, 3]) if draw.integer(0, 1) else n + draw.integer(1, 4),
-                  split=draw.choice([0.0, 0.3]), init=draw.choice(["net2wider", "mix", "auto"]))
+                  split=draw.choice([0.0, 0.3]), init=draw.choice(WIDEN_INITS))
         return f"widen {target} init={kw['init']}", {"target": target, **kw}
     kw.update(residual=draw.choice([None, True, False]), batch_norm=bool(draw.integer(0, 3) == 0))
     return f"deepen {target}", {"after": target, **kw}
@@ -347,7 +348,7 @@ def report(outcomes: list[Outcome], cases: int, seconds: float) -> str:
     lines += ["", "Operations by kind (widen: by initialiser):", "", "| operation | exact | refused | failures |",
               "|---|---|---|---|"]
     lines += [f"| {k} | {by_op[(k, 'exact')]} | {by_op[(k, 'refused')]} | {sum(by_op[(k, b)] for b in BAD)} |"
-              for k in ("net2wider", "mix", "auto", "deepen")]
+              for k in (*WIDEN_INITS, "deepen")]
     return "\n".join(lines)
 
 

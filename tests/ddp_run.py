@@ -1,7 +1,8 @@
 """Run by tests/test_ddp.py as a script: Lightning's 'ddp' launcher re-executes it for rank 1.
 
-Usage: python tests/ddp_run.py OUT_DIR [gradmax]  -> OUT_DIR/rank{0,1}.pt with each rank's final parameters
-(``gradmax``: ``Widen(gradmax=True)``, whose fresh rows come from the gradients all-reduced over the ranks).
+Usage: python tests/ddp_run.py OUT_DIR [gradmax|ramp]  -> OUT_DIR/rank{0,1}.pt with each rank's final parameters
+(``gradmax``: ``Widen(gradmax=True)``, whose fresh rows come from the gradients all-reduced over the ranks; ``ramp``:
+a LayerNorm over the widened units, which ramps the new ones in, its weights a buffer that DDP broadcasts).
 """
 
 from __future__ import annotations
@@ -10,27 +11,34 @@ import sys
 
 import pytorch_lightning as pl
 import torch
+import torch.nn as nn
 from autogrow.callbacks import AutoGrow
 from autogrow.experiments.data import DigitsDataModule
 from autogrow.experiments.models import MLP, Classifier
 
 from autogrow.actions import Widen
+from autogrow.checkpoint import history_of
 from autogrow.plateau import EveryN
+from autogrow.ramp import is_ramped
 
 
 class Record(pl.Callback):
     def __init__(self) -> None:
-        self.steps_after_growth = 0
+        self.steps_after_growth = self.ramped_steps = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.callbacks[0].events:
             self.steps_after_growth += 1
+        self.ramped_steps += any(is_ramped(m) for m in pl_module.modules())
 
 
-def main(out: str, gradmax: bool) -> None:
+def main(out: str, mode: str) -> None:
     pl.seed_everything(0, verbose=False)
-    model = Classifier(MLP(64, [3, 3]), lr=0.1)
-    grow = AutoGrow(trigger=EveryN(every=1), max_events=2, policy="round_robin", grow=Widen(gradmax=gradmax))
+    net = nn.Sequential(nn.Linear(64, 3), nn.LayerNorm(3), nn.GELU(), nn.Linear(3, 10)) if mode == "ramp" \
+        else MLP(64, [3, 3])
+    model = Classifier(net, lr=0.1)
+    widen = Widen(gradmax=True) if mode == "gradmax" else Widen(ramp=30) if mode == "ramp" else Widen()
+    grow = AutoGrow(trigger=EveryN(every=1), max_events=2, policy="round_robin", grow=widen)
     rec = Record()
     trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=4, callbacks=[grow, rec],
                          logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -38,10 +46,11 @@ def main(out: str, gradmax: bool) -> None:
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=32, seed=0))
     torch.save({"state_dict": model.state_dict(), "events": [e.to_dict() for e in grow.events],
                 "steps_after_growth": rec.steps_after_growth, "gradmax_applied": grow._gradmax.applied,
+                "ramped_steps": rec.ramped_steps, "inits": [h["options"]["init"] for h in history_of(model)],
                 "ddp_params": [id(p) for p in trainer.strategy.model.parameters()] ==
                 [id(p) for p in model.parameters()]},
                f"{out}/rank{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:] == ["gradmax"])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "default")

@@ -159,7 +159,8 @@ def test_checkpoints_of_autogrow_0_1_still_load_and_resume(tmp_path, dm):
     x = next(iter(dm.test_dataloader()))[0][:8]
     expected = torch.load("tests/data/autogrow-0.1-outputs.pt")  # what 0.1 computed with this checkpoint
     model = load_grown(Classifier, old, model=MLP(64, [3]))
-    assert model.model.fc1.out_features == 12 and torch.equal(model(x), expected)
+    # The same weights give the same outputs up to the CPU's rounding (0.1 ran on another machine).
+    assert model.model.fc1.out_features == 12 and torch.allclose(model(x), expected, rtol=1e-6, atol=1e-6)
     pl.seed_everything(0, verbose=False)
     fresh = Classifier(MLP(64, [3]), optimizer="adam", lr=0.01, scheduler="cosine", max_epochs=4)
     grow = AutoGrow(trigger=EveryN(every=1), max_events=2, policy="round_robin", seed=3)

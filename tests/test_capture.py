@@ -79,6 +79,7 @@ def test_the_callback_grows_a_hugging_face_gpt2_it_cannot_trace_with_fx(tmp_path
     from autogrow.callbacks import load_grown
     from autogrow.experiments import zoo
 
+    from autogrow.checkpoint import history_of
     from tests.test_transformers import TinyLM, fit_one_growth
 
     def gpt2() -> nn.Module:
@@ -93,6 +94,8 @@ def test_the_callback_grows_a_hugging_face_gpt2_it_cannot_trace_with_fx(tmp_path
     assert event.preservation_error < 1e-5 and gpt.transformer.h[0].mlp.c_fc.nf == 256
     # d_model 32 -> 64 through the tied embedding (autogrow.tied): still one Parameter, held once by the optimizer
     assert gpt.transformer.wte.weight.shape[1] == 64 and gpt.lm_head.weight is gpt.transformer.wte.weight
+    # by fresh units that GPT-2's LayerNorms ramp in (the callback's default: 5% of the run, here one step)
+    assert {h["options"]["init"] for h in history_of(model) if h["target"].endswith("wte")} == {"ramp"}
     held = [p for g in trainer.optimizers[0].param_groups for p in g["params"]]
     assert sorted(map(id, held)) == sorted(id(p) for p in model.parameters())
     trainer.save_checkpoint(tmp_path / "last.ckpt")

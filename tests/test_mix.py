@@ -171,15 +171,19 @@ def test_a_class_token_and_positions_are_mixed_and_layer_scale_is_refused():
     assert autogrow.plan_widen(scaled, "proj", 16, init="auto", generator=0, example_inputs=x).init == "net2wider"
 
 
-def test_the_callback_mixes_d_model_and_a_checkpoint_of_it_loads(tmp_path):
-    """Through the callback (default init): d_model grows by mixtures; the checkpoint's history replays them."""
+@pytest.mark.parametrize("ramp", [None, 100])
+def test_the_callback_grows_d_model_and_a_checkpoint_of_it_loads(tmp_path, ramp):
+    """Through the callback: d_model grows by fresh units that the norms ramp in (the default; here still ramping
+    when the fit ends) or, with ``ramp=None``, by mixtures; the checkpoint's history and ramps rebuild the model."""
     import pytorch_lightning as pl
     from autogrow.callbacks import AutoGrow
     from pytorch_lightning.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader, TensorDataset
 
+    from autogrow.actions import Widen
     from autogrow.checkpoint import load_grown
     from autogrow.plateau import EveryN
+    from autogrow.ramp import is_ramped
     from tests.test_transformers import TinyLM
 
     torch.set_default_dtype(torch.float32)
@@ -188,13 +192,16 @@ def test_the_callback_mixes_d_model_and_a_checkpoint_of_it_loads(tmp_path):
     pl.seed_everything(0, verbose=False)
     sizes = {"layers": 1, "d": 8, "heads": 1, "head_size": 4, "hidden": 8}
     model = TinyLM(**sizes)
-    grow = AutoGrow(trigger=EveryN(every=1), max_events=1, targets=["net.tok"])
+    grow = AutoGrow(grow=Widen(ramp=ramp), trigger=EveryN(every=1), max_events=1, targets=["net.tok"])
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     pl.Trainer(max_epochs=2, callbacks=[grow, ckpt], logger=False, enable_progress_bar=False,
                enable_model_summary=False, accelerator="cpu").fit(model, loader, loader)
     assert model.net.tok.embedding_dim == 16 and grow.events[0].preservation_error < 1e-5
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
-    assert [h["options"]["init"] for h in saved["autogrow"]["history"]] == ["mix"]
+    assert [h["options"]["init"] for h in saved["autogrow"]["history"]] == ["mix" if ramp is None else "ramp"]
+    ramped = {"net.ln_f", "net.blocks.0.ln1", "net.blocks.0.ln2"} if ramp else set()
+    assert set(saved["autogrow"]["ramps"]) == ramped and is_ramped(model.net.ln_f) == bool(ramp)
     loaded = load_grown(TinyLM, tmp_path / "last.ckpt", **sizes)
+    assert {n for n, m in loaded.named_modules() if is_ramped(m)} == ramped
     x = seq[:4, :-1]
     assert torch.equal(loaded(x), model.eval()(x))

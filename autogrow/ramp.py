@@ -1,0 +1,213 @@
+"""Norms that fade new units in: the masked ramp of MSG (Yao et al. 2024) for a widened residual stream.
+
+Widening a transformer's d_model adds units to every LayerNorm/RMSNorm over the stream. Fresh units (random
+writers, zero readers: ``init="zero_out"``) would change those norms' statistics; mixtures of the old units
+(``init="mix"``) keep them exactly, but the new units start as functions of the old ones and learn slowly. A
+*ramped* norm weights each unit, in its statistics and in its output, by ``w`` in [0, 1]: the old units by 1, the
+units of a growth by ``min(1, (step - start) / length)``, ``step`` being the optimizer step the caller last passed
+to :func:`advance_ramps`. At ``w = 0`` the norm computes exactly what it computed before the growth, whatever the
+new units hold, so fresh units are exact (``init="ramp"``); once every weight reaches 1 the norm is a plain
+``nn.LayerNorm``/``nn.RMSNorm`` again (its class is restored).
+
+The ramp lives on the module (its class is swapped for :class:`RampedLayerNorm`/:class:`RampedRMSNorm`, a
+subclass, as ``torch.nn.utils.parametrize`` does; parameters and ``state_dict`` keys stay the same). Deep copies
+(a stacked block) carry it. :func:`ramp_state` / :func:`set_ramps` save and restore it by module name.
+
+    >>> import torch, torch.nn as nn, torch.nn.functional as F
+    >>> ln = nn.LayerNorm(6); x = torch.randn(2, 6)        # already widened from 4 units
+    >>> start_ramp(ln, old=4, length=2)
+    >>> y = ln(x)
+    >>> bool(torch.allclose(y[:, :4], F.layer_norm(x[:, :4], (4,), ln.weight[:4], ln.bias[:4]), atol=1e-6))
+    True
+    >>> bool((y[:, 4:] == 0).all()), advance_ramps(ln, 0), advance_ramps(ln, 1), advance_ramps(ln, 2), type(ln).__name__
+    (True, 1, 1, 0, 'LayerNorm')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from autogrow.errors import check_int, fail
+from autogrow.registry import channel_spec, register_channelwise
+
+__all__ = ["RampState", "RampedLayerNorm", "RampedRMSNorm", "advance_ramps", "is_ramped", "rampable", "ramp_state",
+           "set_ramps", "start_ramp", "unramp"]
+
+_ATTR = "_autogrow_ramp"  # the RampState
+_WEIGHTS = "_autogrow_ramp_weights"  # its per-unit weights: a plain tensor attribute, not a buffer (DDP would sync
+# buffers, and removing a DDP-wrapped model's last buffer breaks its broadcast), updated in place
+_RMSNorm: type[nn.Module] | None = getattr(nn, "RMSNorm", None)  # torch >= 2.4
+
+
+@dataclass(frozen=True)
+class RampState:
+    """One norm's ramp: per growth ``(first unit, end unit, start step)`` (start ``None``: not started, weight 0,
+    until the next :func:`advance_ramps`), the ramp's length in steps and the last step passed. Units past the last
+    segment's end weigh 0. Frozen: a change is a new state, so that an :class:`~autogrow.plan.Undo` restores it."""
+
+    segments: tuple[tuple[int, int, int | None], ...]
+    length: int
+    now: int | None = None
+
+    def weights(self, width: int) -> torch.Tensor:
+        """The per-unit weights (float64) of a norm over ``width`` units."""
+        w = torch.zeros(width, dtype=torch.float64)
+        w[: self.segments[0][0]] = 1.0
+        for first, end, start in self.segments:
+            done = 0 if start is None or self.now is None else max(0, self.now - start)
+            w[first:min(end, width)] = min(1.0, done / self.length)
+        return w
+
+    def finished(self) -> bool:
+        return all(s is not None and self.now is not None and self.now - s >= self.length
+                   for _, _, s in self.segments)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"segments": [list(s) for s in self.segments], "length": self.length, "now": self.now}
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> RampState:
+        return RampState(tuple((int(a), int(b), None if s is None else int(s)) for a, b, s in d["segments"]),
+                         int(d["length"]), None if d.get("now") is None else int(d["now"]))
+
+
+class _Ramped:
+    """The forward of a ramped norm: statistics and output weighted per unit (see the module docstring). The weights
+    are a tensor updated in place, so that a compiled model does not recompile at every step."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = getattr(self, _WEIGHTS).to(x.device, x.dtype)
+        total = w.sum()
+        if isinstance(self, nn.LayerNorm):
+            x = x - (x * w).sum(-1, keepdim=True) / total
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps  # type: ignore[attr-defined]
+        y = x * torch.rsqrt((x * x * w).sum(-1, keepdim=True) / total + eps)
+        if self.weight is not None:  # type: ignore[attr-defined]
+            y = y * self.weight  # type: ignore[attr-defined]
+        if getattr(self, "bias", None) is not None:
+            y = y + self.bias  # type: ignore[attr-defined]
+        return y * w
+
+
+class RampedLayerNorm(_Ramped, nn.LayerNorm):
+    """An ``nn.LayerNorm`` during a ramp (made by :func:`start_ramp`, undone by :func:`unramp`)."""
+
+
+_BASES: dict[type[nn.Module], type[nn.Module]] = {nn.LayerNorm: RampedLayerNorm}
+if _RMSNorm is not None:
+    class RampedRMSNorm(_Ramped, _RMSNorm):  # type: ignore[misc,valid-type]
+        """An ``nn.RMSNorm`` during a ramp."""
+
+    _BASES[_RMSNorm] = RampedRMSNorm
+else:  # pragma: no cover - torch < 2.4
+    RampedRMSNorm = None  # type: ignore[assignment,misc]
+for _base, _ramped in _BASES.items():  # to the tracer and the coupling, a ramped norm is still its norm
+    register_channelwise(_ramped, channel_spec(_base(1)))  # type: ignore[arg-type]
+
+
+def is_ramped(m: nn.Module) -> bool:
+    """Whether ``m`` is a norm in a ramp."""
+    return isinstance(m, _Ramped)
+
+
+def rampable(m: nn.Module) -> str | None:
+    """Why ``m`` cannot ramp (``None``: it can): only ``nn.LayerNorm``/``nn.RMSNorm`` themselves (a subclass may
+    compute something else) over their last dimension."""
+    if not is_ramped(m) and type(m) not in _BASES:
+        return f"a {type(m).__name__}; only nn.LayerNorm and nn.RMSNorm ramp"
+    if len(m.normalized_shape) != 1:  # type: ignore[arg-type]
+        return f"normalises over {len(m.normalized_shape)} dimensions; a ramp needs the last one only"  # type: ignore
+    return None
+
+
+def start_ramp(m: nn.Module, old: int, length: int) -> None:
+    """Ramp ``m``'s units from index ``old`` on (a growth just appended them) in over ``length`` steps, from the
+    next :func:`advance_ramps`. A norm already in a ramp adds them as a new segment (its ``length`` stays)."""
+    check_int("length", length, 1)
+    why = rampable(m)
+    if why is not None:
+        fail(f"ramp: the norm is {why}")
+    width = int(m.normalized_shape[0])  # type: ignore[index]
+    if is_ramped(m):
+        state = getattr(m, _ATTR)
+        _set(m, replace(state, segments=(*state.segments, (old, width, None))))
+    else:
+        m.__class__ = _BASES[type(m)]
+        _set(m, RampState(((old, width, None),), int(length)))
+
+
+def _set(m: nn.Module, state: RampState) -> None:
+    """Give ramped norm ``m`` its state and the weights that follow from it."""
+    setattr(m, _ATTR, state)
+    w = state.weights(int(m.normalized_shape[0]))  # type: ignore[index]
+    held = getattr(m, _WEIGHTS, None)
+    if held is not None and held.shape == w.shape:
+        held.copy_(w)
+    else:
+        device = m.weight.device if m.weight is not None else None  # type: ignore[union-attr]
+        setattr(m, _WEIGHTS, w.to(device, torch.get_default_dtype()))
+
+
+def unramp(m: nn.Module) -> None:
+    """Make a ramped norm plain again (every weight 1: what it computes does not change)."""
+    if is_ramped(m):
+        m.__class__ = next(base for base, ramped in _BASES.items() if type(m) is ramped)
+        delattr(m, _ATTR)
+        delattr(m, _WEIGHTS)
+
+
+def advance_ramps(model: nn.Module, step: int) -> int:
+    """Tell every ramped norm of ``model`` that the next forward is at optimizer step ``step`` (a ramp started by
+    a growth begins at the first step passed after it); norms whose ramp is complete become plain. Calling it
+    again with the same step changes nothing. Returns how many norms still ramp."""
+    left = 0
+    for m in model.modules():
+        if not is_ramped(m):
+            continue
+        state = getattr(m, _ATTR)
+        state = RampState(tuple((a, b, step if s is None else s) for a, b, s in state.segments), state.length, step)
+        if state.finished():
+            unramp(m)
+        else:
+            _set(m, state)
+            left += 1
+    return left
+
+
+def ramp_state(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Every ramped norm's state by module name (plain data, for a checkpoint).
+
+        >>> net = nn.Sequential(nn.Linear(2, 6), nn.LayerNorm(6)); start_ramp(net[1], old=4, length=10)
+        >>> advance_ramps(net, 3); ramp_state(net)
+        1
+        {'1': {'segments': [[4, 6, 3]], 'length': 10, 'now': 3}}
+    """
+    return {name: getattr(m, _ATTR).to_dict() for name, m in model.named_modules() if is_ramped(m)}
+
+
+def set_ramps(model: nn.Module, states: Mapping[str, Mapping[str, Any]]) -> None:
+    """Put :func:`ramp_state`'s ramps back: the named norms ramp as saved, every other norm is plain.
+
+        >>> net = nn.Sequential(nn.Linear(2, 6), nn.LayerNorm(6))
+        >>> set_ramps(net, {"1": {"segments": [[4, 6, 3]], "length": 10, "now": 5}})
+        >>> net[1]._autogrow_ramp.weights(6).tolist()
+        [1.0, 1.0, 1.0, 1.0, 0.2, 0.2]
+        >>> set_ramps(net, {}); is_ramped(net[1])
+        False
+    """
+    modules = dict(model.named_modules())
+    for name in states:
+        if name not in modules or rampable(modules[name]) is not None:
+            fail(f"ramps: {name!r} is not a norm of this model that can ramp")
+    for name, m in modules.items():
+        if name in states:
+            if not is_ramped(m):
+                m.__class__ = _BASES[type(m)]
+            _set(m, RampState.from_dict(states[name]))
+        else:
+            unramp(m)
