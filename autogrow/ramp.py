@@ -115,11 +115,28 @@ def is_ramped(m: nn.Module) -> bool:
     return isinstance(m, _Ramped)
 
 
+def _ramped_class(m: nn.Module) -> type[nn.Module]:
+    """The ramped twin of ``m``'s class: made once for a registered subclass of ``nn.LayerNorm``/``nn.RMSNorm`` (timm's
+    ``LayerNorm``), registered as what that class is registered as."""
+    cls = type(m)
+    if cls not in _BASES:
+        name = f"Ramped{cls.__name__}Of{cls.__module__.split('.')[0].title()}"  # unique: timm's LayerNorm
+        _BASES[cls] = type(name, (_Ramped, cls),
+                           {"__module__": __name__, "__doc__": f"A {cls.__name__} during a ramp."})
+        register_channelwise(_BASES[cls], channel_spec(m))  # type: ignore[arg-type]
+    return _BASES[cls]
+
+
 def rampable(m: nn.Module) -> str | None:
-    """Why ``m`` cannot ramp (``None``: it can): only ``nn.LayerNorm``/``nn.RMSNorm`` themselves (a subclass may
-    compute something else) over their last dimension."""
-    if not is_ramped(m) and type(m) not in _BASES:
-        return f"a {type(m).__name__}; only nn.LayerNorm and nn.RMSNorm ramp"
+    """Why ``m`` cannot ramp (``None``: it can): ``nn.LayerNorm``/``nn.RMSNorm``, and their subclasses registered as
+    normalising the last axis (``register_channelwise(timm.layers.LayerNorm, channel_spec(nn.LayerNorm(1)))``: a
+    subclass with a forward of its own may compute something else), over their last dimension only."""
+    if is_ramped(m):
+        return None
+    spec = channel_spec(m)
+    norms = tuple(b for b in (nn.LayerNorm, _RMSNorm) if b is not None)
+    if type(m) not in _BASES and not (isinstance(m, norms) and spec is not None and spec.dims == (-1,)):
+        return f"a {type(m).__name__}; only nn.LayerNorm and nn.RMSNorm ramp (and their subclasses registered as such)"
     if len(m.normalized_shape) != 1:  # type: ignore[arg-type]
         return f"normalises over {len(m.normalized_shape)} dimensions; a ramp needs the last one only"  # type: ignore
     return None
@@ -137,7 +154,7 @@ def start_ramp(m: nn.Module, old: int, length: int) -> None:
         state = getattr(m, _ATTR)
         _set(m, replace(state, segments=(*state.segments, (old, width, None))))
     else:
-        m.__class__ = _BASES[type(m)]
+        m.__class__ = _ramped_class(m)
         _set(m, RampState(((old, width, None),), int(length)))
 
 
@@ -207,7 +224,7 @@ def set_ramps(model: nn.Module, states: Mapping[str, Mapping[str, Any]]) -> None
     for name, m in modules.items():
         if name in states:
             if not is_ramped(m):
-                m.__class__ = _BASES[type(m)]
+                m.__class__ = _ramped_class(m)
             _set(m, RampState.from_dict(states[name]))
         else:
             unramp(m)

@@ -6,8 +6,9 @@ grown and scratch runs of one seed see the same data):
 * ``grown``: the 1/4-width, 1/4-depth model (d_model/4, heads/4, MLP/4, layers/4) with two AutoGrow
   callbacks: one widens (d_model, heads, MLP: every target discovered by tracing) x2 per event, one stacks
   blocks (depth x2 per event), ``max_events=2`` each, defaults otherwise (plateau trigger with a deadline at
-  60% of the run, uneven split, carried optimizer state, LR held while growing, re-warmed over 5% of the run
-  after each growth, then decayed to 0 over the last 40%); it ends at the full size;
+  60% of the run, d_model by fresh units that the LayerNorms ramp in over 5% of the run, heads and MLP by fresh
+  units, carried optimizer state, LR held while growing, re-warmed over 5% of the run after each growth, then
+  decayed to 0 over the last 40%); it ends at the full size;
 * ``scratch``: the full model for the same number of steps, the same warmup-free hold-then-decay schedule
   (a ``LambdaLR``);
 * ``grown 2x steps``: the grown recipe for twice the steps (and the grown run's LR): what growing costs
@@ -478,7 +479,8 @@ def report(out: Path, task: Task, args: argparse.Namespace, rows: list[dict[str,
               if e["preservation_error"] is not None and e["config"] != DUPLICATES]
     md = (f"### Transformers grow: {task.title}, {args.seeds} seeds\n\n"
           f"Full model {full}; grown from {small} with two AutoGrow callbacks (widen x2 and stack x2, "
-          f"`max_events=2` each, defaults otherwise). {task.steps} optimizer steps of batch {task.batch_size}"
+          f"`max_events=2` each, defaults otherwise: d_model by fresh units that the LayerNorms ramp in over 5% of the "
+          f"run). {task.steps} optimizer steps of batch {task.batch_size}"
           + (f" x {task.context} characters" if task.name == "lm" else "") + f", validation every {task.val_every} "
           f"steps. {described}\n\n{lr_text(args, lrs, tuning)}\n\n{runs_table(rows, task.name == 'vit')}\n\n"
           f"**Target** (reach scratch's final validation loss at <= "

@@ -402,13 +402,13 @@ def prepare(prototype: nn.Module, x: Any) -> tuple[nn.Module, torch.optim.Optimi
 
 
 def grow(model: nn.Module, opt: torch.optim.Optimizer, layer: str, op: str, x: Any) -> autogrow.Growth:
-    """Perform ``op`` (one of :data:`OPS`; a widening may end in ``" auto"``: ``init="auto"``, the callback's
-    fresh units, instead of Net2WiderNet copies) on ``layer``, verified on ``x``, carrying ``opt``."""
+    """Perform ``op`` (one of :data:`OPS`; a widening may end in ``" auto"`` or ``" ramp"``: that initialiser
+    instead of Net2WiderNet copies) on ``layer``, verified on ``x``, carrying ``opt``."""
     if op == "deepen":
         return autogrow.deepen(model, layer, residual=None, optimizer=opt, example_inputs=x, generator=0)
     n = out_width(model.get_submodule(layer))
     width = 2 * n if op.startswith("widen x2") else n + 1
-    init = "auto" if op.endswith(" auto") else "net2wider"
+    init = op.split()[-1] if op.endswith((" auto", " ramp")) else "net2wider"
     return autogrow.widen(model, layer, width, optimizer=opt, example_inputs=x, generator=0, split=0.3, init=init)
 
 

@@ -84,9 +84,13 @@ def test_widening_d_model_with_a_ramp_is_exact_and_stays_exact_through_stacking_
 
 
 def test_auto_ramps_where_the_norms_can_and_mixes_where_they_cannot():
-    class OwnNorm(nn.LayerNorm):  # a subclass with a forward of its own: it may compute something else
+    """A subclass of nn.LayerNorm registered as one (timm's) ramps; a norm written by hand (Llama's RMSNorm) does
+    not: "auto" falls back to mixtures there, and "ramp" is refused naming it."""
+    from tests.models import RMSNorm
+
+    class OwnNorm(nn.LayerNorm):  # a forward of its own: it ramps only once registered as what it computes
         def forward(self, x):
-            return super().forward(x)
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
     ids = torch.randint(0, 11, (2, 6))
     net = TinyGPT(layers=1).double()
@@ -96,15 +100,22 @@ def test_auto_ramps_where_the_norms_can_and_mixes_where_they_cannot():
         "zero_out"  # no norm over the MLP's units: nothing to ramp
     autogrow.register_channelwise(OwnNorm, autogrow.registry.channel_spec(nn.LayerNorm(1)))
     net.ln_f = OwnNorm(8).double()
-    assert autogrow.plan_widen(net, "tok", 16, init="auto", ramp_steps=5, example_inputs=ids).init == "mix"
+    ref = net(ids)
+    autogrow.widen(net, "tok", 16, init="ramp", ramp_steps=5, generator=0, example_inputs=ids)
+    assert is_ramped(net.ln_f) and isinstance(net.ln_f, OwnNorm) and max_rel_error(ref, net(ids)) <= 1e-12
+    advance_ramps(net, 0)
+    assert advance_ramps(net, 5) == 0 and type(net.ln_f) is OwnNorm  # its own class back
+    autogrow.register_channelwise(RMSNorm, autogrow.registry.channel_spec(nn.RMSNorm(1)))
+    net.ln_f = RMSNorm(16).double()
+    assert autogrow.plan_widen(net, "tok", 32, init="auto", ramp_steps=5, example_inputs=ids).init == "mix"
     before = snapshot(net)
-    with pytest.raises(autogrow.AutogrowError, match=r"init: 'ramp' is not allowed for 'tok': 'ln_f' is a OwnNorm; "
+    with pytest.raises(autogrow.AutogrowError, match=r"init: 'ramp' is not allowed for 'tok': 'ln_f' is a RMSNorm; "
                                                      r"only nn.LayerNorm and nn.RMSNorm ramp"):
-        autogrow.plan_widen(net, "tok", 16, init="ramp", example_inputs=ids)
+        autogrow.plan_widen(net, "tok", 32, init="ramp", example_inputs=ids)
     assert_unchanged(before, net)
 
 
-def test_copies_are_refused_while_a_ramp_runs_and_an_undo_puts_the_plain_norms_back():
+def test_copies_and_shrinking_are_refused_while_a_ramp_runs_and_an_undo_puts_the_plain_norms_back():
     ids = torch.randint(0, 11, (2, 6))
     net = TinyGPT(layers=1).double()
     opt = torch.optim.Adam(net.parameters())
@@ -117,6 +128,10 @@ def test_copies_are_refused_while_a_ramp_runs_and_an_undo_puts_the_plain_norms_b
     with pytest.raises(autogrow.AutogrowError, match=r"init: 'net2wider' is not allowed for 'tok' while "
                                                      r"\['blocks.0.ln1', 'blocks.0.ln2', 'ln_f'\] ramp in units"):
         autogrow.widen(net, "tok", 32, init="net2wider", example_inputs=ids, optimizer=opt)
+    assert_unchanged(ramped, net, opt)
+    with pytest.raises(autogrow.AutogrowError, match=r"target: 'tok' is not allowed; expected a layer whose units no "
+                                                     r"norm is ramping in .*shrink once the ramp has ended"):
+        autogrow.shrink(net, "tok", mode="prune", width=12, example_inputs=ids, optimizer=opt)
     assert_unchanged(ramped, net, opt)
     undo.restore()  # the model only (a caller's Undo does not hold the optimizer)
     assert_unchanged(before[:3] + (None,), net)

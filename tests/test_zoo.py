@@ -75,6 +75,7 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
     # (reshaped to a fixed number of heads). Deepening works after every layer (a residual block after GELU).
     "vit_tiny": [
         ("patch_embed.proj", "widen x2", EXACT),
+        ("patch_embed.proj", "widen x2 ramp", EXACT),  # timm's LayerNorm, registered as nn.LayerNorm: it ramps
         ("blocks.0.attn.qkv", "widen x2", r"heads of 64, a number of heads fixed in the code"),
         ("blocks.0.mlp.fc1", "widen +1", EXACT),
         ("blocks.1.mlp.fc1", "widen x2", EXACT),
@@ -104,16 +105,20 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
         ("transformer.h.0.mlp.c_fc", "deepen", EXACT),
         ("transformer.wte", "widen x2", r"lm_head.weight and transformer.wte.weight are one tied Parameter"),
         ("transformer.wte", "widen x2 auto", EXACT),  # mixtures: ln_f's new entries start at 0 (autogrow.tied)
+        ("transformer.wte", "widen x2 ramp", EXACT),  # fresh units the LayerNorms ramp in, the tie kept
         ("transformer.h.0.attn.c_attn", "widen x2", r"'split'.*parts of fixed size \d+"),
     ],
     "bert": [
         ("bert.embeddings.word_embeddings", "widen x2", EXACT),
+        ("bert.embeddings.word_embeddings", "widen x2 ramp", EXACT),  # post-norm: each LayerNorm zeroes the new units
         ("bert.encoder.layer.0.attention.self.query", "widen x2", EXACT),
         ("bert.encoder.layer.0.intermediate.dense", "widen +1", EXACT),
         ("bert.encoder.layer.0.intermediate.dense", "deepen", EXACT),
     ],
     "llama": [
         ("model.embed_tokens", "widen x2", EXACT),
+        ("model.embed_tokens", "widen x2 ramp", r"'model.layers.0.input_layernorm' is a LlamaRMSNorm; only "
+                                                 r"nn.LayerNorm and nn.RMSNorm ramp"),
         ("model.layers.0.mlp.up_proj", "widen x2", EXACT),
         ("model.layers.0.self_attn.k_proj", "widen x2", r"must grow with .* but has \d+ units"),
         ("model.layers.0.mlp.gate_proj", "deepen", EXACT),
