@@ -23,7 +23,18 @@ import torch.nn as nn
 from autogrow.capture import traced
 from autogrow.deepen import INITS as DEEPEN_INITS
 from autogrow.deepen import plan_deepen
-from autogrow.errors import AutogrowError, NeedsShapes, check, check_bool, check_choice, check_float, check_int, fail
+from autogrow.errors import (
+    AutogrowError,
+    NeedsShapes,
+    check,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_steps,
+    fail,
+    steps_of_run,
+)
 from autogrow.init import get_init
 from autogrow.optim import NEW_STATES
 from autogrow.plan import Plan
@@ -106,10 +117,7 @@ class Widen(GrowthAction):
 
     def __post_init__(self) -> None:
         check_float("factor", self.factor, 1.0, low_open=True)
-        check("ramp", self.ramp, self.ramp is None or (isinstance(self.ramp, int) and not isinstance(self.ramp, bool)
-                                                       and self.ramp >= 1)
-              or (isinstance(self.ramp, float) and 0 < self.ramp < 1),
-              "None, a number of steps >= 1, or a fraction of the run in (0, 1)")
+        check_steps("ramp", self.ramp, 1, optional=True)
         check_bool("gradmax", self.gradmax)
         check("init", self.init, not self.gradmax or self.init in ("auto", "zero_out"),
               "'auto' or 'zero_out' with gradmax=True (GradMax re-points fresh units)")
@@ -130,9 +138,7 @@ class Widen(GrowthAction):
         return self.new_width(old, max_width) > old
 
     def for_run(self, total_steps: int | None) -> Widen:
-        if not isinstance(self.ramp, float):
-            return self
-        return replace(self, ramp=max(1, round(self.ramp * total_steps)) if total_steps else None)
+        return replace(self, ramp=steps_of_run(self.ramp, total_steps)) if isinstance(self.ramp, float) else self
 
     def plan(self, model: nn.Module, target: str, seed: int, *, max_width: int | None = None,
              example_inputs: Any = None) -> Plan:

@@ -36,7 +36,7 @@ from autogrow.registry import ChannelSpec, LayerSpec, channel_spec, channel_widt
 from autogrow.sizes import SizeReader
 from autogrow.trace import call_sites, describe, not_called, trace
 
-__all__ = ["CatParts", "Coupling", "couple"]
+__all__ = ["CatParts", "Coupling", "couple", "not_single_units"]
 
 MapKey = fx.Node | None  # None: the mapping drawn for the widened layer itself; a node: a concatenation's
 
@@ -459,6 +459,14 @@ def _check_cats(w: _Walk) -> None:
                 w.fail(node, f"concatenates {t.name}, which became widened by a later residual path")
 
 
+def not_single_units(c: Coupling | _Walk) -> str | None:
+    """Why the units of ``c`` are not single features that only the coupled layers see (``None``: they are), which
+    initialisers acting unit by unit through the norms (mixtures, ramps) need."""
+    if c.cats or c.grouped or c.unit_block > 1:
+        return "its units are concatenated with others, a fused projection's parts, grouped, or attention heads"
+    return None
+
+
 def _mix_refusal(w: _Walk) -> str | None:
     """Why new units that mix the old ones linearly (``init="mix"``) would change the function, or ``None``.
 
@@ -468,8 +476,8 @@ def _mix_refusal(w: _Walk) -> str | None:
     it reaches only readers, whose columns for the new units start at zero. A nonlinearity before the norm,
     or a path that joins the tensors before and after a norm (a post-norm residual), breaks this.
     """
-    if w.cats or w.grouped or w.unit_block > 1:
-        return "its units are concatenated with others, a fused projection's parts, grouped, or attention heads"
+    if (why := not_single_units(w)) is not None:
+        return why
     post: set[fx.Node] = set()  # after a normalisation over the units: only readers see these
     for node in w.graph.nodes:
         if node not in w.layouts or node.op == "get_attr":

@@ -15,7 +15,8 @@ import math
 from collections.abc import Collection
 from typing import NoReturn
 
-__all__ = ["AutogrowError", "NeedsShapes", "check", "check_bool", "check_choice", "check_float", "check_int", "fail"]
+__all__ = ["AutogrowError", "NeedsShapes", "check", "check_bool", "check_choice", "check_float", "check_int",
+           "check_steps", "fail", "steps_of_run"]
 
 
 class AutogrowError(ValueError):
@@ -83,6 +84,27 @@ def check_int(name: str, value: object, low: int | None = None, high: int | None
     bounds = " and ".join(b for b in ((f">= {low}" if low is not None else ""),
                                       (f"<= {high}" if high is not None else "")) if b)
     check(name, value, ok, f"an int{' ' + bounds if bounds else ''}{' or None' if optional else ''}")
+
+
+def check_steps(name: str, value: object, low: int = 0, optional: bool = False) -> None:
+    """Refuse anything but a length in optimizer steps: an int >= ``low``, or a fraction of the run in (0, 1) (or
+    ``None`` when ``optional``)."""
+    ok = (optional and value is None) or (_is_int(value) and value >= low) or (  # type: ignore[operator]
+        isinstance(value, float) and 0 < value < 1)
+    check(name, value, ok, f"an int >= {low} (steps) or a float in (0, 1) (a fraction of the run)"
+          + (", or None" if optional else ""))
+
+
+def steps_of_run(value: int | float, total_steps: int | None) -> int | None:
+    """A length given as :func:`check_steps` allows, in steps: an int as it is, a fraction of a run of
+    ``total_steps`` at least 1 step (``None`` while the run's length is unknown).
+
+        >>> steps_of_run(100, None), steps_of_run(0.05, 1200), steps_of_run(0.05, None)
+        (100, 60, None)
+    """
+    if isinstance(value, float):
+        return max(1, round(value * total_steps)) if total_steps else None
+    return value
 
 
 def check_float(name: str, value: object, low: float | None = None, high: float | None = None, *,

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from torch.optim import Optimizer
 
-from autogrow.errors import check, check_bool, check_float, check_int
+from autogrow.errors import check_bool, check_float, check_int, check_steps, steps_of_run
 from autogrow.fresh import FreshSteps
 from autogrow.growth import Growth
 
@@ -74,9 +74,7 @@ class GrowthLR:
     def __post_init__(self) -> None:
         check_float("decay", self.decay, 0.0, 1.0)
         check_float("final", self.final, 0.0, 1.0)
-        check("rewarm", self.rewarm, isinstance(self.rewarm, int) and not isinstance(self.rewarm, bool)
-              and self.rewarm >= 0 or isinstance(self.rewarm, float) and 0 < self.rewarm < 1,
-              "an int >= 0 (steps) or a float in (0, 1) (a fraction of the run)")
+        check_steps("rewarm", self.rewarm)
         check_float("rewarm_start", self.rewarm_start, 0.0, 1.0)
         check_bool("width_scaling", self.width_scaling)
         check_bool("fresh_steps", self.fresh_steps)
@@ -103,9 +101,7 @@ class GrowthLR:
     @property
     def rewarm_steps(self) -> int:
         """The re-warm's length in steps (a fraction's needs ``total_steps``; 0 until it is known)."""
-        if isinstance(self.rewarm, float):
-            return max(1, round(self.rewarm * self.total_steps)) if self.total_steps else 0
-        return self.rewarm
+        return steps_of_run(self.rewarm, self.total_steps) or 0
 
     def attach(self, optimizer: Optimizer, model: nn.Module | None = None) -> None:
         """Apply the multiplier (and, with ``model``, the width scaling) to every step of ``optimizer``."""

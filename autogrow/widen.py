@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.optim import Optimizer
 
 from autogrow.capture import traced
-from autogrow.coupling import Coupling, MapKey, couple
+from autogrow.coupling import Coupling, MapKey, couple, not_single_units
 from autogrow.errors import AutogrowError, check, check_choice, check_float, check_int, fail
 from autogrow.growth import Growth, Transform, UnitMap, make_seed
 from autogrow.init import Mix, Net2Wider, Ramp, RandomPad, WidenInit, ZeroOut, get_init
@@ -500,8 +500,8 @@ def _auto_init(model: nn.Module, c: Coupling, width: int, ramp_steps: int | None
 
 def _ramp_problem(model: nn.Module, c: Coupling) -> str | None:
     """Why the norms over ``c``'s units cannot ramp its new units in (``None``: they can)."""
-    if c.cats or c.grouped or c.unit_block > 1:
-        return "its units are concatenated with others, grouped, or attention heads"
+    if (why := not_single_units(c)) is not None:
+        return why
     modules = dict(model.named_modules())
     return next((f"{n!r} is {why}" for n in c.uniform_only if (why := rampable(modules[n])) is not None), None)
 
