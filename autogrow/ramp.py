@@ -7,7 +7,9 @@ writers, zero readers: ``init="zero_out"``) would change those norms' statistics
 units of a growth by ``min(1, (step - start) / length)``, ``step`` being the optimizer step the caller last passed
 to :func:`advance_ramps`. At ``w = 0`` the norm computes exactly what it computed before the growth, whatever the
 new units hold, so fresh units are exact (``init="ramp"``); once every weight reaches 1 the norm is a plain
-``nn.LayerNorm``/``nn.RMSNorm`` again (its class is restored).
+``nn.LayerNorm``/``nn.RMSNorm`` again (its class is restored). Norms that ramp: ``nn.LayerNorm`` and ``nn.RMSNorm``
+over their last axis, their subclasses registered as such (timm's ``LayerNorm``), and classes of their own
+registered as ``nn.RMSNorm`` (Llama's ``LlamaRMSNorm``: ramped by scaling what its own forward sees and returns).
 
 The ramp lives on the module (its class is swapped for :class:`RampedLayerNorm`/:class:`RampedRMSNorm`, a
 subclass, as ``torch.nn.utils.parametrize`` does; parameters and ``state_dict`` keys stay the same). Deep copies
@@ -33,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from autogrow.errors import check_int, fail
-from autogrow.registry import channel_spec, register_channelwise
+from autogrow.registry import channel_spec, channel_width, register_channelwise
 
 __all__ = ["RampState", "RampedLayerNorm", "RampedRMSNorm", "advance_ramps", "is_ramped", "rampable", "ramp_state",
            "set_ramps", "start_ramp", "unramp"]
@@ -41,7 +43,9 @@ __all__ = ["RampState", "RampedLayerNorm", "RampedRMSNorm", "advance_ramps", "is
 _ATTR = "_autogrow_ramp"  # the RampState
 _WEIGHTS = "_autogrow_ramp_weights"  # its per-unit weights: a plain tensor attribute, not a buffer (DDP would sync
 # buffers, and removing a DDP-wrapped model's last buffer breaks its broadcast), updated in place
+_LIVE = "_autogrow_ramp_live"  # how many units weigh more than 0 (for a norm ramped by scaling)
 _RMSNorm: type[nn.Module] | None = getattr(nn, "RMSNorm", None)  # torch >= 2.4
+_NORMS = tuple(b for b in (nn.LayerNorm, _RMSNorm) if b is not None)
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,11 @@ class RampState:
                          int(d["length"]), None if d.get("now") is None else int(d["now"]))
 
 
-class _Ramped:
+class _Ramp:
+    """What every ramped norm is (``is_ramped``)."""
+
+
+class _Ramped(_Ramp):
     """The forward of a ramped norm: statistics and output weighted per unit (see the module docstring). The weights
     are a tensor updated in place, so that a compiled model does not recompile at every step."""
 
@@ -92,6 +100,45 @@ class _Ramped:
         if getattr(self, "bias", None) is not None:
             y = y + self.bias  # type: ignore[attr-defined]
         return y * w
+
+
+class _Scaled(_Ramp):
+    """The ramped forward of a class of its own registered as ``nn.RMSNorm`` (Llama's ``LlamaRMSNorm``), whose
+    attributes autogrow does not know. Its own forward runs on the units that weigh more than 0 (a prefix: a later
+    growth never weighs more than an earlier one), with its per-unit tensors cut to them, on inputs scaled per unit
+    by ``sqrt(w k / sum(w))`` (their mean square over the ``k`` units is the weighted one) and outputs scaled by
+    ``sqrt(w sum(w) / k)``; the units that weigh 0 output 0. For ``g x / sqrt(mean(x^2) + eps)`` that is what the
+    ramped ``nn.RMSNorm`` computes, whatever the eps is called; when only the old units weigh more than 0 the
+    scales are 1, so the norm computes bit for bit what it computed before the growth, in whatever precision its
+    forward works (``LlamaRMSNorm`` works in float32 whatever the model's dtype)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        live, width = getattr(self, _LIVE), x.shape[-1]
+        w = getattr(self, _WEIGHTS)[:live].to(x.device, x.dtype)
+        share = w.sum() / live
+        x = x[..., :live] * torch.sqrt(w / share)
+        base = next(b for b, ramped in _BASES.items() if type(self) is ramped)
+        if live == width:
+            y = base.forward(self, x)
+        else:
+            spec = channel_spec(self)
+            cut = {n: t[:live] for n in (spec.tensors if spec else ()) if isinstance(t := getattr(self, n, None),
+                                                                                   torch.Tensor)}
+            if hasattr(self, "normalized_shape"):
+                cut["normalized_shape"] = (live,)
+            y = base.forward(_Cut(self, cut), x)
+            y = torch.cat([y, y.new_zeros((*y.shape[:-1], width - live))], -1)
+        return y * torch.sqrt(getattr(self, _WEIGHTS).to(x.device, x.dtype) * share)
+
+
+class _Cut:
+    """``module`` with some tensors replaced (its per-unit tensors cut to the live units), for its own forward."""
+
+    def __init__(self, module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.__dict__.update(tensors, _module=module)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_module"], name)
 
 
 class RampedLayerNorm(_Ramped, nn.LayerNorm):
@@ -112,31 +159,49 @@ for _base, _ramped in _BASES.items():  # to the tracer and the coupling, a rampe
 
 def is_ramped(m: nn.Module) -> bool:
     """Whether ``m`` is a norm in a ramp."""
-    return isinstance(m, _Ramped)
+    return isinstance(m, _Ramp)
+
+
+def _registered_as_rms(m: nn.Module) -> bool:
+    """Whether ``m``'s class is registered as ``nn.RMSNorm`` (``register_channelwise(cls,
+    channel_spec(nn.RMSNorm(1)))``): a promise that it computes ``g x / sqrt(mean(x^2) + eps)`` over the last axis."""
+    return _RMSNorm is not None and channel_spec(m) is channel_spec(_RMSNorm(1))
 
 
 def _ramped_class(m: nn.Module) -> type[nn.Module]:
-    """The ramped twin of ``m``'s class: made once for a registered subclass of ``nn.LayerNorm``/``nn.RMSNorm`` (timm's
-    ``LayerNorm``), registered as what that class is registered as."""
+    """The ramped twin of ``m``'s class: made once for a registered subclass of ``nn.LayerNorm``/``nn.RMSNorm``
+    (timm's ``LayerNorm``) or a class of its own registered as ``nn.RMSNorm``, and registered as that class is."""
     cls = type(m)
     if cls not in _BASES:
+        mixin = _Ramped if isinstance(m, _NORMS) else _Scaled
         name = f"Ramped{cls.__name__}Of{cls.__module__.split('.')[0].title()}"  # unique: timm's LayerNorm
-        _BASES[cls] = type(name, (_Ramped, cls),
-                           {"__module__": __name__, "__doc__": f"A {cls.__name__} during a ramp."})
+        _BASES[cls] = type(name, (mixin, cls), {"__module__": __name__, "__doc__": f"A {cls.__name__} during a ramp."})
         register_channelwise(_BASES[cls], channel_spec(m))  # type: ignore[arg-type]
     return _BASES[cls]
 
 
+def _width(m: nn.Module) -> int:
+    """The units of a norm that rampable() accepted (a class of its own has no ``normalized_shape``: its weight's)."""
+    shape = getattr(m, "normalized_shape", None)
+    return int(shape[0]) if shape else int(channel_width(m))  # type: ignore[arg-type]
+
+
 def rampable(m: nn.Module) -> str | None:
-    """Why ``m`` cannot ramp (``None``: it can): ``nn.LayerNorm``/``nn.RMSNorm``, and their subclasses registered as
+    """Why ``m`` cannot ramp (``None``: it can): ``nn.LayerNorm``/``nn.RMSNorm`` and their subclasses registered as
     normalising the last axis (``register_channelwise(timm.layers.LayerNorm, channel_spec(nn.LayerNorm(1)))``: a
-    subclass with a forward of its own may compute something else), over their last dimension only."""
+    subclass with a forward of its own may compute something else), over their last dimension only; and classes
+    of their own registered as ``nn.RMSNorm`` (``register_channelwise(LlamaRMSNorm, channel_spec(nn.RMSNorm(1)))``)."""
     if is_ramped(m):
         return None
     spec = channel_spec(m)
-    norms = tuple(b for b in (nn.LayerNorm, _RMSNorm) if b is not None)
-    if type(m) not in _BASES and not (isinstance(m, norms) and spec is not None and spec.dims == (-1,)):
-        return f"a {type(m).__name__}; only nn.LayerNorm and nn.RMSNorm ramp (and their subclasses registered as such)"
+    if _registered_as_rms(m) and not isinstance(m, _NORMS):
+        weight = getattr(m, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+            return f"a {type(m).__name__} without a 1-D weight; a ramp needs one (its units)"
+        return None
+    if type(m) not in _BASES and not (isinstance(m, _NORMS) and spec is not None and spec.dims == (-1,)):
+        return (f"a {type(m).__name__}; only nn.LayerNorm and nn.RMSNorm ramp, their subclasses registered as "
+                "such, and classes of their own registered as nn.RMSNorm")
     if len(m.normalized_shape) != 1:  # type: ignore[arg-type]
         return f"normalises over {len(m.normalized_shape)} dimensions; a ramp needs the last one only"  # type: ignore
     return None
@@ -149,7 +214,7 @@ def start_ramp(m: nn.Module, old: int, length: int) -> None:
     why = rampable(m)
     if why is not None:
         fail(f"ramp: the norm is {why}")
-    width = int(m.normalized_shape[0])  # type: ignore[index]
+    width = _width(m)
     if is_ramped(m):
         state = getattr(m, _ATTR)
         _set(m, replace(state, segments=(*state.segments, (old, width, None))))
@@ -161,7 +226,8 @@ def start_ramp(m: nn.Module, old: int, length: int) -> None:
 def _set(m: nn.Module, state: RampState) -> None:
     """Give ramped norm ``m`` its state and the weights that follow from it."""
     setattr(m, _ATTR, state)
-    w = state.weights(int(m.normalized_shape[0]))  # type: ignore[index]
+    w = state.weights(_width(m))
+    setattr(m, _LIVE, int((w > 0).sum()))
     held = getattr(m, _WEIGHTS, None)
     if held is not None and held.shape == w.shape:
         held.copy_(w)
@@ -174,8 +240,8 @@ def unramp(m: nn.Module) -> None:
     """Make a ramped norm plain again (every weight 1: what it computes does not change)."""
     if is_ramped(m):
         m.__class__ = next(base for base, ramped in _BASES.items() if type(m) is ramped)
-        delattr(m, _ATTR)
-        delattr(m, _WEIGHTS)
+        for attr in (_ATTR, _WEIGHTS, _LIVE):
+            delattr(m, attr)
 
 
 def advance_ramps(model: nn.Module, step: int) -> int:

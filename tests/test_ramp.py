@@ -83,14 +83,43 @@ def test_widening_d_model_with_a_ramp_is_exact_and_stays_exact_through_stacking_
     assert all(v.shape == p.shape for p in net.parameters() for v in opt.state[p].values() if v.dim() > 0)
 
 
-def test_auto_ramps_where_the_norms_can_and_mixes_where_they_cannot():
-    """A subclass of nn.LayerNorm registered as one (timm's) ramps; a norm written by hand (Llama's RMSNorm) does
-    not: "auto" falls back to mixtures there, and "ramp" is refused naming it."""
+def test_a_norm_of_its_own_registered_as_rmsnorm_ramps_as_nn_rmsnorm_does(rmsnorm_registered):
+    """Llama's case: a hand-written RMSNorm (its eps under a name of its own) registered as nn.RMSNorm ramps by
+    scaling what its own forward sees and returns; it computes what a ramped nn.RMSNorm computes at every step."""
+    from tests.models import RMSNorm
+
+    own, ref = RMSNorm(7, eps=1e-5).double(), nn.RMSNorm(7, eps=1e-5).double()
+    with torch.no_grad():
+        own.weight.uniform_(0.5, 1.5)
+        ref.weight.copy_(own.weight)
+    x = torch.randn(3, 5, 7, dtype=torch.float64)
+    for norm in (own, ref):
+        start_ramp(norm, old=4, length=4)
+    y = own(x)
+    assert torch.allclose(y[..., :4], _plain(ref, x[..., :4]), atol=1e-12) and bool((y[..., 4:] == 0).all())
+    for step in range(10, 14):
+        assert advance_ramps(own, step) == advance_ramps(ref, step) == 1
+        assert torch.allclose(own(x), ref(x), atol=1e-12), step
+    assert advance_ramps(own, 14) == 0 and type(own) is RMSNorm and torch.equal(own(x), RMSNorm.forward(own, x))
+
+
+def test_auto_ramps_where_the_norms_can_and_mixes_where_they_cannot(rmsnorm_registered):
+    """A subclass of nn.LayerNorm registered as one (timm's) ramps, and so does an RMSNorm of its own registered as
+    nn.RMSNorm (Llama's); a LayerNorm of its own does not (its statistics subtract a mean that scaling cannot
+    weigh): "auto" falls back to mixtures there, and "ramp" is refused naming it."""
     from tests.models import RMSNorm
 
     class OwnNorm(nn.LayerNorm):  # a forward of its own: it ramps only once registered as what it computes
         def forward(self, x):
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    class OwnLayerNorm(nn.Module):
+        def __init__(self, d: int) -> None:
+            super().__init__()
+            self.weight, self.bias = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d))
+
+        def forward(self, x):
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias)
 
     ids = torch.randint(0, 11, (2, 6))
     net = TinyGPT(layers=1).double()
@@ -98,21 +127,27 @@ def test_auto_ramps_where_the_norms_can_and_mixes_where_they_cannot():
     assert autogrow.plan_widen(net, "tok", 16, init="auto", example_inputs=ids).init == "mix"  # no ramp length
     assert autogrow.plan_widen(net, "blocks.0.fc1", 24, init="auto", ramp_steps=5, example_inputs=ids).init == \
         "zero_out"  # no norm over the MLP's units: nothing to ramp
-    autogrow.register_channelwise(OwnNorm, autogrow.registry.channel_spec(nn.LayerNorm(1)))
-    net.ln_f = OwnNorm(8).double()
-    ref = net(ids)
-    autogrow.widen(net, "tok", 16, init="ramp", ramp_steps=5, generator=0, example_inputs=ids)
-    assert is_ramped(net.ln_f) and isinstance(net.ln_f, OwnNorm) and max_rel_error(ref, net(ids)) <= 1e-12
-    advance_ramps(net, 0)
-    assert advance_ramps(net, 5) == 0 and type(net.ln_f) is OwnNorm  # its own class back
-    autogrow.register_channelwise(RMSNorm, autogrow.registry.channel_spec(nn.RMSNorm(1)))
-    net.ln_f = RMSNorm(16).double()
-    assert autogrow.plan_widen(net, "tok", 32, init="auto", ramp_steps=5, example_inputs=ids).init == "mix"
-    before = snapshot(net)
-    with pytest.raises(autogrow.AutogrowError, match=r"init: 'ramp' is not allowed for 'tok': 'ln_f' is a RMSNorm; "
-                                                     r"only nn.LayerNorm and nn.RMSNorm ramp"):
-        autogrow.plan_widen(net, "tok", 32, init="ramp", example_inputs=ids)
-    assert_unchanged(before, net)
+    for norm, spec in ((OwnNorm(8), nn.LayerNorm(1)), (RMSNorm(8), nn.RMSNorm(1))):
+        autogrow.register_channelwise(type(norm), autogrow.registry.channel_spec(spec))
+        net = TinyGPT(layers=1).double()
+        net.ln_f = norm.double()
+        ref = net(ids)
+        autogrow.widen(net, "tok", 16, init="ramp", ramp_steps=5, generator=0, example_inputs=ids)
+        assert is_ramped(net.ln_f) and isinstance(net.ln_f, type(norm)) and max_rel_error(ref, net(ids)) <= 1e-12
+        advance_ramps(net, 0)
+        assert advance_ramps(net, 5) == 0 and type(net.ln_f) is type(norm)  # its own class back
+    autogrow.register_channelwise(OwnLayerNorm, autogrow.registry.channel_spec(nn.LayerNorm(1)))
+    try:
+        net.ln_f = OwnLayerNorm(16).double()
+        assert autogrow.plan_widen(net, "tok", 32, init="auto", ramp_steps=5, example_inputs=ids).init == "mix"
+        before = snapshot(net)
+        with pytest.raises(autogrow.AutogrowError, match=r"init: 'ramp' is not allowed for 'tok': 'ln_f' is a "
+                                                         r"OwnLayerNorm; only nn.LayerNorm and nn.RMSNorm ramp"):
+            autogrow.plan_widen(net, "tok", 32, init="ramp", example_inputs=ids)
+        assert_unchanged(before, net)
+    finally:
+        autogrow.registry._CHANNELWISE.pop(OwnLayerNorm)
+        autogrow.registry._CHANNELWISE.pop(OwnNorm)
 
 
 def test_copies_and_shrinking_are_refused_while_a_ramp_runs_and_an_undo_puts_the_plain_norms_back():

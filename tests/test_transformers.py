@@ -315,9 +315,12 @@ def test_the_callback_grows_width_and_depth_of_a_transformer(tmp_path):
 
 def test_the_callback_grows_a_llama_style_model(rmsnorm_registered):
     """The callback's ``all`` policy on rotary attention, RMSNorm and SwiGLU: d_model, heads and MLP, each once per
-    event, exact."""
+    event, exact; d_model by fresh units that the hand-written RMSNorms (registered as nn.RMSNorm) ramp in."""
+    from autogrow.checkpoint import history_of
+
     model, grow, _, _ = fit_one_growth(lambda: TinyLM(arch=TinyLlama, layers=1, d=8, heads=1, head_size=4, hidden=8))
     net = model.net
+    assert {h["options"]["init"] for h in history_of(model) if h["target"].endswith("tok")} == {"ramp"}
     assert net.tok.embedding_dim == 16 and net.norm.weight.shape == (16,)
     assert net.blocks[0].attn.q.out_features == 8 and net.blocks[0].gate.out_features == 16
     assert len(grow.events) == 1 and grow.events[0].preservation_error < 1e-5

@@ -98,7 +98,8 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
     # transformers (v5): torch.fx cannot trace them (test_transformers_do_not_trace); autogrow traces what their
     # forward runs on the batch (autogrow.capture). GPT-2's MLP grows and every layer deepens; its d_model, tied
     # to lm_head, grows with mixtures (not copies); its c_attn is split by a size fixed in the code. BERT grows
-    # d_model, heads and FFN; Llama (its RMSNorm registered by the zoo, as a user would) d_model and MLP, not the
+    # d_model, heads and FFN; Llama (its RMSNorm registered by the zoo, as a user would) d_model (also ramped in) and
+    # MLP, not the
     # grouped-query k/v (fewer heads).
     "gpt2": [
         ("transformer.h.0.mlp.c_fc", "widen x2", EXACT),
@@ -117,8 +118,7 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
     ],
     "llama": [
         ("model.embed_tokens", "widen x2", EXACT),
-        ("model.embed_tokens", "widen x2 ramp", r"'model.layers.0.input_layernorm' is a LlamaRMSNorm; only "
-                                                 r"nn.LayerNorm and nn.RMSNorm ramp"),
+        ("model.embed_tokens", "widen x2 ramp", EXACT),  # LlamaRMSNorm, registered as nn.RMSNorm, ramps by scaling
         ("model.layers.0.mlp.up_proj", "widen x2", EXACT),
         ("model.layers.0.self_attn.k_proj", "widen x2", r"must grow with .* but has \d+ units"),
         ("model.layers.0.mlp.gate_proj", "deepen", EXACT),
