@@ -27,6 +27,7 @@ import autogrow
 from autogrow.actions import GrowthAction
 from autogrow.plan import Undo, outputs
 from autogrow.policy import Trial, TryCandidates
+from autogrow.ramp import ramp_state, set_ramps
 from autogrow.shapes import eval_mode
 
 from .batches import inputs_of
@@ -108,11 +109,14 @@ def _optimizer(trainer: Any, module: Any, saved: TrainingState, growths: list[au
 
 def _train(cb: Any, trainer: Any, module: Any, saved: TrainingState, growths: list[autogrow.Growth],
            batches: Sequence[Any]) -> float:
-    """``steps`` training steps on ``batches`` (in turn) with a throw-away optimizer; the loss on them after."""
+    """``steps`` training steps on ``batches`` (in turn) with a throw-away optimizer, the norms' ramps advanced as
+    the real steps would advance them (a d_model growth's new units would otherwise weigh 0 throughout and score
+    as no growth); the loss on them after."""
     opt = _optimizer(trainer, module, saved, growths, cb.optimizer_state)
     for g in opt.param_groups:  # the growth-aware LR multiplier, as the real step would apply it
         g["lr"] = g["lr"] * cb.schedule.multiplier()
     for step in range(cb.policy.steps):
+        autogrow.advance_ramps(module, trainer.global_step + step)
         opt.zero_grad(set_to_none=True)
         with trainer.precision_plugin.forward_context():
             loss = _loss(module.training_step(batches[step % len(batches)], step))
@@ -143,8 +147,15 @@ def _trial(cb: Any, trainer: Any, module: Any, option: Option, seed: int, ctx: d
         loss = _train(cb, trainer, module, ctx["saved"], [growth], ctx["batches"])
     finally:
         undo.restore()
-        ctx["state"].restore(module)
+        _restore(module, ctx)
     return Trial(option.target, option.action.name, loss, added)
+
+
+def _restore(module: nn.Module, ctx: dict[str, Any]) -> None:
+    """Values, gradients, counters, random state and the norms' ramps as they were before the trials (a trial may
+    have ended a ramp, making its norm plain)."""
+    ctx["state"].restore(module)
+    set_ramps(module, ctx["ramps"])
 
 
 def run_trials(cb: Any, trainer: Any, module: Any, options: Sequence[Option], seed: int, batches: Sequence[Any]
@@ -159,7 +170,8 @@ def run_trials(cb: Any, trainer: Any, module: Any, options: Sequence[Option], se
     x = cb.probe.inputs if cb.probe.inputs is not None else inputs_of(batches[0])
     counter = FlopCounterMode(display=False)
     ctx = {"params": autogrow.num_params(module), "saved": TrainingState.capture(trainer, module, deep=True),
-           "state": ModuleState(module), "batches": list(batches), "counter": counter, "one": x[:1]}
+           "state": ModuleState(module), "ramps": ramp_state(module), "batches": list(batches), "counter": counter,
+           "one": x[:1]}
     trials: list[Trial] = []
     tried: list[Option] = []
     with counter, _muted(module), torch.enable_grad():
@@ -169,7 +181,7 @@ def run_trials(cb: Any, trainer: Any, module: Any, options: Sequence[Option], se
             try:
                 reference = _train(cb, trainer, module, ctx["saved"], [], batches)
             finally:
-                ctx["state"].restore(module)
+                _restore(module, ctx)
         for i in shortlist:
             trial = _trial(cb, trainer, module, options[i], seed, ctx)
             if trial is not None:

@@ -17,6 +17,7 @@ import autogrow
 from autogrow.actions import Stack, Widen
 from autogrow.plan import Undo
 from autogrow.plateau import EveryN
+from autogrow.policy import GrowthPolicy, TryCandidates
 from autogrow.ramp import RampState, advance_ramps, is_ramped, ramp_state, set_ramps, start_ramp
 from tests.models import TinyGPT, lm_steps, max_rel_error
 from tests.test_transformers import TinyLM
@@ -246,3 +247,48 @@ def test_a_replayed_growth_leaves_the_norms_plain_unless_the_checkpoint_says_the
     assert not any(is_ramped(m) for m in plain.modules()) and ramp_state(ramped) == ramp_state(net)
     ramped.load_state_dict(net.state_dict())
     assert torch.equal(ramped(ids), net(ids))
+
+
+class _Replay(GrowthPolicy):
+    """Grows the named layers, one per event, in order (what TryCandidates chose, grown directly)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = list(names)
+
+    def choose(self, candidates):
+        name = self.names.pop(0)
+        return [c.name for c in candidates if c.name == name]
+
+
+def test_try_candidates_trials_ramp_d_model_in_and_leave_the_ramps_as_they_were(tmp_path):
+    """A trial of d_model advances the ramps as real steps would (else its new units weigh 0 throughout and it
+    scores exactly as no growth); after the trials, even one that ended a running ramp, the model, the ramps and
+    the optimizer are what growing the chosen layers directly gives."""
+    torch.set_default_dtype(torch.float32)
+    seq = torch.randint(0, 11, (64, 9), generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(TensorDataset(seq[:, :-1], seq[:, 1:]), batch_size=16)
+
+    def run(policy: GrowthPolicy) -> tuple[TinyLM, AutoGrow, dict]:
+        pl.seed_everything(0, verbose=False)
+        model = TinyLM(layers=1, d=8, heads=1, head_size=4, hidden=8)
+        first = AutoGrow(grow=Widen(ramp=6), trigger=EveryN(every=1), max_events=1, targets=["net.tok"],
+                         deadline=None)  # d_model at step 4: its ramp runs over steps 4-10
+        grow = AutoGrow(grow=Widen(ramp=6), trigger=EveryN(every=2), max_events=1, policy=policy, deadline=None,
+                        seed=5)  # at step 8: trials of 3 steps end the first ramp
+        trainer = pl.Trainer(max_epochs=3, callbacks=[first, grow], logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, enable_checkpointing=False, accelerator="cpu")
+        trainer.fit(model, loader, loader)
+        return model, grow, trainer.optimizers[0].state_dict()
+
+    tried, grow, opt_a = run(TryCandidates(k=3, steps=3, actions=("widen",)))
+    notes = grow.events[0].notes
+    assert notes.startswith("tried 3") and "widen net.tok: loss" in notes
+    reference = float(notes.split("reference loss ")[1].split(")")[0])
+    tok = float(notes.split("widen net.tok: loss ")[1].split(",")[0])
+    assert tok != reference  # the new d_model units took part in the trial
+    direct, _, opt_b = run(_Replay([grow.events[0].changes[0].target]))
+    a, b = tried.state_dict(), direct.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert ramp_state(tried) == ramp_state(direct)
+    assert all(torch.equal(torch.as_tensor(opt_a["state"][i][k]), torch.as_tensor(opt_b["state"][i][k]))
+               for i in opt_a["state"] for k in opt_a["state"][i])
