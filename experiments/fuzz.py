@@ -6,7 +6,8 @@ include the constructs that once grew wrongly: sizes read from tensors (``x / x.
 ``b, t, c = x.shape`` and reshapes with them, splitting the units into heads), ``BatchNorm1d`` on 3-D input,
 concatenations in keyword form and along other axes, tied weights, residual streams, fused projections split
 into equal parts (chunk, split by a size read or fixed, a reshape into (parts, heads, size) unbound), flatten,
-pooling over tokens, LayerNorm and every activation; one network in five branches on its input's value, which
+pooling over tokens, LayerNorm, RMSNorm (torch's, and one written by hand as Llama's is, registered as
+``nn.RMSNorm``) and every activation; one network in five branches on its input's value, which
 torch.fx cannot trace (autogrow then traces what the forward runs). Then it widens or deepens random layers,
 with and without example inputs, and classifies every operation:
 
@@ -46,6 +47,22 @@ ACTS: dict[str, Any] = {
 }
 BAD = ("silently wrong", "broken", "foreign exception", "dirty refusal")
 WIDEN_INITS = ("net2wider", "mix", "ramp", "auto")  # the initialisers a widening draws
+
+
+class OwnRMSNorm(nn.Module):
+    """An RMSNorm written by hand, as Llama's is (its eps under a name of its own, no ``normalized_shape``),
+    registered as ``nn.RMSNorm`` below, as a user would."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight, self.variance_epsilon = nn.Parameter(torch.ones(d)), 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+
+autogrow.register_channelwise(OwnRMSNorm, autogrow.registry.channel_spec(nn.RMSNorm(1)))
+NORMS: dict[str, type[nn.Module]] = {"ln": nn.LayerNorm, "rms": nn.RMSNorm, "rms_own": OwnRMSNorm}
 
 
 class Draw(Protocol):
@@ -92,8 +109,8 @@ class Block(nn.Module):
         if kind == "bn":  # on tokens, BatchNorm1d normalises the T axis: the trap
             self.fc = nn.Linear(w, out)
             self.bn = nn.BatchNorm1d(tokens if tokens else out)
-        if kind == "ln":
-            self.fc, self.ln = nn.Linear(w, out), nn.LayerNorm(out)
+        if kind in NORMS:
+            self.fc, self.ln = nn.Linear(w, out), NORMS[kind](out)
         if kind == "residual":
             self.fc1, self.fc2 = nn.Linear(w, draw.integer(1, 6)), None
             self.fc2 = nn.Linear(self.fc1.out_features, w)
@@ -118,7 +135,7 @@ class Block(nn.Module):
             return self.nonlin(self.fc(x))
         if k == "bn":
             return self.nonlin(self.bn(self.fc(x)))
-        if k == "ln":
+        if k in NORMS:
             return self.nonlin(self.ln(self.fc(x)))
         if k == "scale":
             h = self.nonlin(self.fc(x))
@@ -166,10 +183,10 @@ class Net(nn.Module):
     """The drawn network: an input stage per mode, the blocks, a head."""
 
     def __init__(self, mode: str, blocks: list[Block], w_in: int, w: int, classes: int, tied: bool,
-                 pool: str, branch: bool = False, final_norm: bool = False) -> None:
+                 pool: str, branch: bool = False, final_norm: str | None = None) -> None:
         super().__init__()
         self.mode, self.pool, self.branch = mode, pool, branch
-        self.norm = nn.LayerNorm(w) if final_norm else None
+        self.norm, self.norm_kind = (NORMS[final_norm](w) if final_norm else None), final_norm
         if mode == "image":
             self.conv1, self.bn1 = nn.Conv2d(2, w_in, 3, padding=1), nn.BatchNorm2d(w_in)
             self.conv2 = nn.Conv2d(w_in, w_in, 3, padding=1)
@@ -211,7 +228,7 @@ def build(draw: Draw) -> tuple[nn.Module, torch.Tensor]:
     """A random float64 network and a batch for it."""
     mode = draw.choice(["flat", "tokens", "image", "ids"])
     tokens = 4 if mode in ("tokens", "ids") else 0
-    kinds = ["dense", "bn", "ln", "residual", "cat", "cat_kw", "tied", "scale", "bare"]
+    kinds = ["dense", "bn", *NORMS, "residual", "cat", "cat_kw", "tied", "scale", "bare"]
     if mode in ("tokens", "ids"):
         kinds += ["roundtrip", "heads", "cat_other", "fused"]
     pool = draw.choice(["mean", "none"]) if mode != "flat" else "none"
@@ -225,8 +242,8 @@ def build(draw: Draw) -> tuple[nn.Module, torch.Tensor]:
         blocks.append(Block(kind, w, out, draw.choice(list(ACTS)), draw, tokens))
         w, tokens = blocks[-1].width_out, blocks[-1].tokens_out
     tied = mode == "ids" and bool(draw.integer(0, 1))
-    final_norm = tied and bool(draw.integer(0, 1))
-    if final_norm:  # GPT-2's shape: residual blocks on the embedding's width, a final LayerNorm, the tied head
+    final_norm = draw.choice(list(NORMS)) if tied and bool(draw.integer(0, 1)) else None
+    if final_norm:  # GPT-2's shape: residual blocks on the embedding's width, a final norm, the tied head
         blocks = [Block("residual", w_in, w_in, draw.choice(list(ACTS)), draw, 4) for _ in range(draw.integer(1, 2))]
         w = w_in
     elif tied:  # the head shares the embedding's weight: the last block returns to the embedding's width
@@ -281,6 +298,8 @@ def _operation(model: nn.Module, draw: Draw, x: torch.Tensor) -> tuple[str, dict
         n = width_of(m)
         kw.update(width=n * draw.choice([2, 3]) if draw.integer(0, 1) else n + draw.integer(1, 4),
                   split=draw.choice([0.0, 0.3]), init=draw.choice(WIDEN_INITS))
+        if kw["init"] == "ramp" or (kw["init"] == "auto" and draw.integer(0, 1)):
+            kw["ramp_steps"] = draw.integer(1, 3)  # short: the case's later operations meet ramps midway and ended
         return f"widen {target} init={kw['init']}", {"target": target, **kw}
     kw.update(residual=draw.choice([None, True, False]), batch_norm=bool(draw.integer(0, 3) == 0))
     return f"deepen {target}", {"after": target, **kw}
@@ -291,7 +310,8 @@ def run_op(model: nn.Module, opt: torch.optim.Optimizer, draw: Draw, x: torch.Te
     name, kw = _operation(model, draw, x)
     blocks = [b.kind for b in model.blocks] if hasattr(model, "blocks") else []
     blocks += ["(traced by running it)"] if getattr(model, "branch", False) else []
-    blocks += ["(tied head after a final norm)"] if getattr(model, "norm", None) is not None else []
+    norm = getattr(model, "norm_kind", None)
+    blocks += [f"(tied head after a final {norm})"] if norm else []
     before, ref = _state(model, opt), _outputs(model, x)
     try:
         if name.startswith("widen"):
@@ -318,15 +338,18 @@ def run_op(model: nn.Module, opt: torch.optim.Optimizer, draw: Draw, x: torch.Te
 
 
 def run_case(draw: Draw, ops: int = 4) -> list[Outcome]:
-    """Build a network, take one optimizer step, then ``ops`` random growths (a failure ends the case)."""
+    """Build a network, take one optimizer step, then ``ops`` random growths (a failure ends the case), the norms'
+    ramps advanced by 0-2 steps after each."""
     model, x = build(draw)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     _step(model, opt, x)
-    out = []
+    out, step = [], 0
     for _ in range(ops):
         out.append(run_op(model, opt, draw, x))
         if out[-1].kind in BAD:
             break
+        step += draw.integer(0, 2)
+        autogrow.advance_ramps(model, step)
     return out
 
 

@@ -83,11 +83,12 @@ class Task:
     batch_size: int
     context: int = 64  # lm only
 
-    def dims(self, small: bool) -> dict[str, int]:
-        """The model's dimensions: full, or 1/4 in d_model, heads, MLP and depth."""
-        k = 4 if small else 1
-        return {"d": self.d // k, "heads": self.heads // k, "head_size": self.head_size,
-                "hidden": self.hidden // k, "layers": self.layers // k}
+    def dims(self, small: bool = False, frac: float = 1.0) -> dict[str, int]:
+        """The model's dimensions: full, the 1/4 start (``small``: d_model, heads, MLP and depth), or ``frac`` of
+        each (a fixed smaller model: the iso-FLOP baselines)."""
+        k = 0.25 if small else frac
+        return {"d": round(self.d * k), "heads": round(self.heads * k), "head_size": self.head_size,
+                "hidden": round(self.hidden * k), "layers": round(self.layers * k)}
 
 
 # Sized for one thread of a shared 2-core CPU (minutes per run): d_model 64 in 4 heads of 16, MLP 256, 4 blocks.
@@ -146,12 +147,14 @@ def data(task: Task, args: argparse.Namespace, seed: int) -> pl.LightningDataMod
                                   flatten=False)
 
 
-def build(task: Task, dm: pl.LightningDataModule, small: bool, lr: float, scheduler: str | None) -> pl.LightningModule:
-    """The LightningModule of ``task``: full size or the 1/4 start, with its optimizer settings."""
+def build(task: Task, dm: pl.LightningDataModule, small: bool, lr: float, scheduler: str | None,
+          frac: float = 1.0) -> pl.LightningModule:
+    """The LightningModule of ``task``: full size, the 1/4 start or ``frac`` of each dimension, with its optimizer
+    settings."""
     if task.name == "lm":
-        net: nn.Module = GPT(dm.vocab_size, task.context, **task.dims(small))
+        net: nn.Module = GPT(dm.vocab_size, task.context, **task.dims(small, frac))
         return LMModule(net, lr=lr, scheduler=scheduler)
-    return ViTClassifier(ViT(**task.dims(small)), optimizer="adam", lr=lr, scheduler=scheduler)
+    return ViTClassifier(ViT(**task.dims(small, frac)), optimizer="adam", lr=lr, scheduler=scheduler)
 
 
 @dataclass
@@ -200,8 +203,11 @@ def shape_of(net: nn.Module) -> dict[str, int]:
 BUDGET = "scratch at grown's FLOPs"  # the full model trained (its own schedule) on the grown run's FLOPs
 DUPLICATES = "grown, stack duplicates"  # G_stack: the new blocks unmodified copies (not function-preserving)
 EARLY = "grown, deadline 0.1"  # full size by 10% of the run: what the small phase costs when it is short
-CONFIGS = ("grown", "scratch", "grown 2x steps", BUDGET, "grown, deadline 0.3", DUPLICATES, EARLY)  # last 3: opt-in
-DEFAULT_CONFIGS = CONFIGS[:4]
+# the iso-FLOP baselines: a fixed smaller model (this fraction of every dimension) trained from scratch, its own
+# schedule, for as many steps as cost the grown run's FLOPs
+FIXED = {"1/2 size at grown's FLOPs": 0.5, "3/4 size at grown's FLOPs": 0.75}
+CONFIGS = ("grown", "scratch", "grown 2x steps", BUDGET, "grown, deadline 0.3", DUPLICATES, EARLY, *FIXED)
+DEFAULT_CONFIGS = CONFIGS[:4]  # the rest: opt-in (--configs)
 
 
 def grows(config: str) -> bool:
@@ -235,7 +241,7 @@ def run_config(task: Task, args: argparse.Namespace, config: str, seed: int, lr:
     pl.seed_everything(seed, verbose=False)
     dm = data(task, args, seed)
     dm.setup()
-    module = build(task, dm, small=grown, lr=lr, scheduler=None if grown else "wsd")
+    module = build(task, dm, small=grown, lr=lr, scheduler=None if grown else "wsd", frac=FIXED.get(config, 1.0))
     callbacks, record = growers(config, seed), Record()
     trainer = pl.Trainer(max_steps=steps, max_epochs=-1, val_check_interval=task.val_every,
                          check_val_every_n_epoch=None, callbacks=[record, *callbacks], logger=False,
@@ -381,19 +387,23 @@ def verdict(rows: list[dict[str, Any]], config: str) -> str:
 
 
 COLORS = {"grown": "tab:blue", "scratch": "tab:orange", "grown 2x steps": "tab:green",
-          "grown, deadline 0.3": "tab:purple", BUDGET: "tab:red", EARLY: "tab:brown"}
+          "grown, deadline 0.3": "tab:purple", BUDGET: "tab:red", EARLY: "tab:brown",
+          "1/2 size at grown's FLOPs": "tab:olive", "3/4 size at grown's FLOPs": "tab:cyan"}
+BASELINES = {BUDGET: "the full model from scratch for as many steps as cost the grown run's FLOPs, its own "
+                     "hold-then-decay schedule",
+             **{c: f"a fixed model of {f:g}x every dimension from scratch, as many steps as cost the grown run's "
+                   "FLOPs, its own schedule and LR" for c, f in FIXED.items()}}
 
 
-def budget_verdict(rows: list[dict[str, Any]]) -> str:
-    """The grown run against the full model trained from scratch on the grown run's FLOPs, paired by seed."""
+def baseline_verdict(rows: list[dict[str, Any]], config: str) -> str:
+    """The grown run against baseline ``config`` (one of ``BASELINES``: the same FLOPs), paired by seed."""
     pairs = [(g, b) for g in rows if g["config"] == "grown" for b in rows
-             if b["config"] == BUDGET and b["seed"] == g["seed"]]
+             if b["config"] == config and b["seed"] == g["seed"]]
     if not pairs:
         return ""
     wins = sum(g["final_val_loss"] < b["final_val_loss"] for g, b in pairs)
     diff = [g["final_val_loss"] - b["final_val_loss"] for g, b in pairs]
-    return (f"\n\n**Against scratch on the same FLOPs** (the full model from scratch for as many steps as cost the "
-            f"grown run's FLOPs, its own hold-then-decay schedule; paired by seed): grown final validation loss "
+    return (f"\n\n**Against {config}** ({BASELINES[config]}; paired by seed): grown final validation loss "
             f"{_ms([g['final_val_loss'] for g, _ in pairs])} vs {_ms([b['final_val_loss'] for _, b in pairs])}, "
             f"difference {_ms(diff)}; grown lower in {wins}/{len(pairs)} seeds: growth "
             f"{'pays' if wins == len(pairs) else 'does not pay'} against this baseline.")
@@ -465,10 +475,10 @@ def lr_text(args: argparse.Namespace, lrs: dict[str, float], tuning: list[dict[s
     if not tuning:
         return f"{head}: {lrs['grown']:g} for every run, fixed in advance, not tuned."
     lines = "\n".join(f"| {t['config']} | {t['lr']:g} | {t['val_loss']:.4f} |" for t in tuning)
-    grid = {c: sorted(t["lr"] for t in tuning if t["config"] == c) for c in ("grown", "scratch")}
-    return (f"{head}: grown {lrs['grown']:g} (of {grid['grown']}), scratch {lrs['scratch']:g} (of {grid['scratch']}), "
-            f"each chosen by final validation loss on {args.tune_seeds} separate seed(s):\n\n| run | LR | val loss |\n"
-            f"|---|---|---|\n{lines}")
+    chosen = ", ".join(f"{c} {lrs[c]:g} (of {sorted(t['lr'] for t in tuning if t['config'] == c)})"
+                       for c in ("grown", "scratch", *FIXED) if c in lrs)
+    return (f"{head}: {chosen}, each chosen by final validation loss on {args.tune_seeds} separate seed(s) (a fixed "
+            f"smaller model from scratch's and the grown run's):\n\n| run | LR | val loss |\n|---|---|---|\n{lines}")
 
 
 def report(out: Path, task: Task, args: argparse.Namespace, rows: list[dict[str, Any]], events: list[dict[str, Any]],
@@ -486,7 +496,7 @@ def report(out: Path, task: Task, args: argparse.Namespace, rows: list[dict[str,
           f"**Target** (reach scratch's final validation loss at <= "
           f"{TARGET}x scratch's training FLOPs, paired by seed):\n\n"
           + "\n".join(v for v in (verdict(rows, c) for c in CONFIGS if grows(c)) if v)
-          + budget_verdict(rows)
+          + "".join(baseline_verdict(rows, c) for c in BASELINES)
           + f"\n\n**Growth events**: largest preservation error {max(errors, default=float('nan')):.1e} (relative, "
           f"float32, on a validation batch in eval mode; '{DUPLICATES}' not counted: its stacks change the function "
           f"by design). Optimizer-state check (after training, the optimizer "
@@ -548,6 +558,41 @@ def budget_steps(task: Task, outcomes: list[Outcome], seed: int) -> int | None:
     return max(1, round(by["grown"].flops / (by["scratch"].flops / task.steps)))
 
 
+def fixed_steps(task: Task, args: argparse.Namespace, outcomes: list[Outcome], seed: int, config: str) -> int | None:
+    """Steps of the fixed smaller model of ``config`` (one of ``FIXED``) that cost what seed ``seed``'s grown run
+    spent (``None``: no grown run of that seed)."""
+    grown = next((o for o in outcomes if o.config == "grown" and o.seed == seed), None)
+    if grown is None:
+        return None
+    dm = data(task, args, seed)
+    dm.setup()
+    module = build(task, dm, small=False, lr=1e-3, scheduler=None, frac=FIXED[config])
+    x = next(iter(dm.train_dataloader()))[0]
+    return max(1, round(grown.flops / (3 * module.count_flops(x) * len(x))))
+
+
+def tune_fixed(task: Task, args: argparse.Namespace, config: str, lrs: dict[str, float], steps: int,
+               log: list[dict[str, Any]]) -> float:
+    """The peak LR of a fixed smaller model: scratch's or the grown run's (a smaller model may want the larger),
+    by final validation loss over the tuning seeds, trained for ``steps``."""
+    candidates = sorted({lrs["scratch"], lrs["grown"]})
+    if len(candidates) == 1:
+        return candidates[0]
+    scores = {}
+    for lr in candidates:
+        scores[lr] = statistics.mean(run_config(task, args, config, 1000 + s, lr, steps).final_loss
+                                     for s in range(args.tune_seeds))
+        log.append({"config": config, "lr": lr, "val_loss": scores[lr], "seeds": args.tune_seeds})
+    return min(scores, key=scores.__getitem__)
+
+
+def _steps(task: Task, args: argparse.Namespace, outcomes: list[Outcome], seed: int, config: str) -> int | None:
+    """A baseline's steps on the grown run's FLOPs; ``None`` for the other configurations (their own length)."""
+    if config == BUDGET:
+        return budget_steps(task, outcomes, seed)
+    return fixed_steps(task, args, outcomes, seed, config) if config in FIXED else None
+
+
 def run_task(task: Task, args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     """Tune, run every seed of every configuration, write the results; returns the rows per run."""
     saved = load_runs(out, task) if args.reuse or args.regrow else None
@@ -561,16 +606,18 @@ def run_task(task: Task, args: argparse.Namespace, out: Path) -> list[dict[str, 
     done = {(o.config, o.seed) for o in outcomes}
     for seed in range(args.seeds):
         for c in args.configs:
-            steps = budget_steps(task, outcomes, seed) if c == BUDGET else None
+            steps = _steps(task, args, outcomes, seed, c)
             stale = [o for o in outcomes if (o.config, o.seed) == (c, seed) and steps and len(o.record.losses) != steps]
             if (c, seed) in done and not stale:
                 continue
             outcomes = [o for o in outcomes if not any(o is x for x in stale)]  # its grown run was re-run
-            if c == BUDGET and steps is None:
-                print(f"[{task.name}] {BUDGET} seed {seed}: needs the grown and scratch runs of the seed", flush=True)
+            if c in (BUDGET, *FIXED) and steps is None:
+                print(f"[{task.name}] {c} seed {seed}: needs the grown (and scratch) runs of the seed", flush=True)
                 continue
-            outcomes.append(run_config(task, args, c, seed, lrs["grown" if grows(c) else "scratch"],
-                                       steps))
+            if c in FIXED and c not in lrs:
+                lrs[c] = tune_fixed(task, args, c, lrs, steps, tuning)
+            lr = lrs[c] if c in FIXED else lrs["grown" if grows(c) else "scratch"]
+            outcomes.append(run_config(task, args, c, seed, lr, steps))
             outcomes.sort(key=lambda o: (o.seed, CONFIGS.index(o.config)))
             save_runs(out, task, outcomes, tuning, lrs)  # after every run: an interrupted sweep resumes (--reuse)
     rows, events = analyse(outcomes)

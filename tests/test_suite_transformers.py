@@ -82,7 +82,9 @@ def test_char_data_is_deterministic_and_split_by_file():
 
 @pytest.mark.parametrize("task", ["lm", "vit"])
 def test_quick_suite_grows_to_full_size_and_writes_results(tmp_path, tiny_idx, task):
-    rows = suite_transformers.main(["--quick", "--task", task, "--data-dir", tiny_idx, "--out", str(tmp_path)])[task]
+    fixed = list(suite_transformers.FIXED)
+    rows = suite_transformers.main(["--quick", "--task", task, "--data-dir", tiny_idx, "--out", str(tmp_path),
+                                    "--configs", *suite_transformers.DEFAULT_CONFIGS, *fixed])[task]
     out = tmp_path / "transformers"
     for suffix in (".md", ".csv", ".json", ".png", "_events.csv", "_curves.json"):
         assert (out / f"transformers_{task}{suffix}").exists()
@@ -94,12 +96,20 @@ def test_quick_suite_grows_to_full_size_and_writes_results(tmp_path, tiny_idx, t
             {k: full[k] for k in ("d", "heads", "hidden", "layers")}
         assert grown["params"] == by_config["scratch"]["params"] and grown["events"] == 4
         assert grown["flops_ratio"] < 1.0 if config == "grown" else True
-    assert all(r["optimizer_ok"] for r in rows) and len(rows) == 4
+    assert all(r["optimizer_ok"] for r in rows) and len(rows) == 6
     budget = by_config[suite_transformers.BUDGET]  # the full model on the grown run's FLOPs (to one step's worth)
     assert budget["params"] == by_config["scratch"]["params"] and budget["events"] == 0
     step = by_config["scratch"]["train_flops"] / suite_transformers.QUICK[task].steps
     assert abs(budget["train_flops"] - by_config["grown"]["train_flops"]) <= step / 2
-    assert "Against scratch on the same FLOPs" in (out / f"transformers_{task}.md").read_text()
+    for config, frac in suite_transformers.FIXED.items():  # iso-FLOP: a fixed smaller model on the grown run's FLOPs
+        row, dims = by_config[config], suite_transformers.QUICK[task].dims(frac=frac)
+        assert {k: row[k] for k in ("d", "heads", "hidden", "layers")} == \
+            {k: dims[k] for k in ("d", "heads", "hidden", "layers")} and row["events"] == 0
+        steps = next(len(r["train_losses"]) for r in json.loads((out / f"transformers_{task}_curves.json").read_text())
+                     if r["config"] == config)
+        assert abs(row["train_flops"] - by_config["grown"]["train_flops"]) <= row["train_flops"] / steps / 2
+    md = (out / f"transformers_{task}.md").read_text()
+    assert all(f"**Against {c}**" in md for c in (suite_transformers.BUDGET, *fixed))
     events = json.loads((out / f"transformers_{task}_events.json").read_text())
     assert len(events) == 8 and all(0 <= e["preservation_error"] < 1e-5 for e in events)
     assert {e["callback"] for e in events} == {"widen", "stack"}
