@@ -18,7 +18,10 @@ grown and scratch runs of one seed see the same data):
 * ``grown, deadline 0.1`` (opt-in): full size by 10% of the run: whether a short small phase leaves a deficit (as it
   does on the Fashion-MNIST MLP, ``screen``'s probes);
 * ``grown, stack duplicates`` (opt-in): the new blocks are unmodified copies (``Stack(init="duplicate")``, G_stack,
-  Du et al. 2024) instead of copies whose stream writes start at zero: not function-preserving.
+  Du et al. 2024) instead of copies whose stream writes start at zero: not function-preserving;
+* ``1/2 size at grown's FLOPs``, ``3/4 size at grown's FLOPs`` (opt-in): the iso-FLOP baselines, a fixed model of
+  that fraction of every dimension from scratch (its own schedule), for as many steps as cost the seed's grown run's
+  FLOPs; each picks its LR from scratch's and the grown run's on the tuning seeds.
 
 Each of ``grown`` and ``scratch`` picks its peak LR from ``--lrs`` by final validation loss over
 ``--tune-seeds`` separate seeds (one ``--lrs`` value: fixed, no tuning runs). FLOPs are the training FLOPs
@@ -32,7 +35,8 @@ The committed results: experiments/results/transformers/: ``--lrs 2e-3`` (one LR
 with every configuration (``'grown, stack duplicates'`` on the GPT only), per task; experiments/results/
 transformers_tuned/: ``--lrs 2e-3 4e-3 8e-3 --folder transformers_tuned --configs grown scratch "scratch at grown's
 FLOPs" "grown, deadline 0.3" "grown, deadline 0.1" "grown 2x steps"`` (grown and scratch each tuned on seed 1000; the
-other configurations take the grown run's LR, the budget baseline scratch's). The runs are saved after each one and
+other configurations take the grown run's LR, the budget baseline scratch's), then ``--reuse --seeds 5 --configs
+"1/2 size at grown's FLOPs" "3/4 size at grown's FLOPs"``. The runs are saved after each one and
 ``--reuse`` adds missing (config, seed) pairs to them, and re-runs a budget baseline whose grown run now costs another
 number of steps; ``--regrow`` re-tunes and re-runs every grown configuration, keeping scratch's runs and tuning.
 """
