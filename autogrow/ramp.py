@@ -201,7 +201,8 @@ def rampable(m: nn.Module) -> str | None:
         return None
     if type(m) not in _BASES and not (isinstance(m, _NORMS) and spec is not None and spec.dims == (-1,)):
         return (f"a {type(m).__name__}; only nn.LayerNorm and nn.RMSNorm ramp, their subclasses registered as "
-                "such, and classes of their own registered as nn.RMSNorm")
+                "such, and classes of their own registered as nn.RMSNorm (an RMSNorm of its own: "
+                "register_channelwise(cls, channel_spec(nn.RMSNorm(1))))")
     if len(m.normalized_shape) != 1:  # type: ignore[arg-type]
         return f"normalises over {len(m.normalized_shape)} dimensions; a ramp needs the last one only"  # type: ignore
     return None
