@@ -19,9 +19,11 @@ grown and scratch runs of one seed see the same data):
   does on the Fashion-MNIST MLP, ``screen``'s probes);
 * ``grown, stack duplicates`` (opt-in): the new blocks are unmodified copies (``Stack(init="duplicate")``, G_stack,
   Du et al. 2024) instead of copies whose stream writes start at zero: not function-preserving;
-* ``1/2 size at grown's FLOPs``, ``3/4 size at grown's FLOPs`` (opt-in): the iso-FLOP baselines, a fixed model of
-  that fraction of every dimension from scratch (its own schedule), for as many steps as cost the seed's grown run's
-  FLOPs; each picks its LR from scratch's and the grown run's on the tuning seeds.
+* ``1/2 size at grown's FLOPs``, ``3/4 size at grown's FLOPs``: the iso-FLOP baselines, a fixed model of that
+  fraction of every dimension from scratch (its own schedule), for as many steps as cost the seed's grown run's
+  FLOPs; each picks its LR from scratch's and the grown run's on the tuning seeds;
+* ``scratch at grown 2x's FLOPs``, ``1/2 size at grown 2x's FLOPs``, ``3/4 size at grown 2x's FLOPs`` (opt-in): the
+  same three baselines on the FLOPs of ``grown 2x steps``.
 
 Each of ``grown`` and ``scratch`` picks its peak LR from ``--lrs`` by final validation loss over
 ``--tune-seeds`` separate seeds (one ``--lrs`` value: fixed, no tuning runs). FLOPs are the training FLOPs
@@ -36,7 +38,8 @@ with every configuration (``'grown, stack duplicates'`` on the GPT only), per ta
 transformers_tuned/: ``--lrs 2e-3 4e-3 8e-3 --folder transformers_tuned --configs grown scratch "scratch at grown's
 FLOPs" "grown, deadline 0.3" "grown, deadline 0.1" "grown 2x steps"`` (grown and scratch each tuned on seed 1000; the
 other configurations take the grown run's LR, the budget baseline scratch's), then ``--reuse --seeds 5 --configs
-"1/2 size at grown's FLOPs" "3/4 size at grown's FLOPs"``. The runs are saved after each one and
+"1/2 size at grown's FLOPs" "3/4 size at grown's FLOPs"``, and the same with the three baselines at ``grown 2x steps``'s
+FLOPs. The runs are saved after each one and
 ``--reuse`` adds missing (config, seed) pairs to them, and re-runs a budget baseline whose grown run now costs another
 number of steps; ``--regrow`` re-tunes and re-runs every grown configuration, keeping scratch's runs and tuning.
 """
@@ -205,13 +208,17 @@ def shape_of(net: nn.Module) -> dict[str, int]:
 
 
 BUDGET = "scratch at grown's FLOPs"  # the full model trained (its own schedule) on the grown run's FLOPs
+BUDGET_2X = "scratch at grown 2x's FLOPs"  # the same on the FLOPs of the grown run with twice the steps
 DUPLICATES = "grown, stack duplicates"  # G_stack: the new blocks unmodified copies (not function-preserving)
 EARLY = "grown, deadline 0.1"  # full size by 10% of the run: what the small phase costs when it is short
 # the iso-FLOP baselines: a fixed smaller model (this fraction of every dimension) trained from scratch, its own
-# schedule, for as many steps as cost the grown run's FLOPs
-FIXED = {"1/2 size at grown's FLOPs": 0.5, "3/4 size at grown's FLOPs": 0.75}
-CONFIGS = ("grown", "scratch", "grown 2x steps", BUDGET, "grown, deadline 0.3", DUPLICATES, EARLY, *FIXED)
-DEFAULT_CONFIGS = CONFIGS[:4]  # the rest: opt-in (--configs)
+# schedule, for as many steps as cost a grown run's FLOPs
+FIXED = {"1/2 size at grown's FLOPs": 0.5, "3/4 size at grown's FLOPs": 0.75,
+         "1/2 size at grown 2x's FLOPs": 0.5, "3/4 size at grown 2x's FLOPs": 0.75}
+REFERENCE = {c: "grown 2x steps" if "2x" in c else "grown" for c in (BUDGET, BUDGET_2X, *FIXED)}  # whose FLOPs
+CONFIGS = ("grown", "scratch", "grown 2x steps", BUDGET, *list(FIXED)[:2], "grown, deadline 0.3", DUPLICATES, EARLY,
+           BUDGET_2X, *list(FIXED)[2:])
+DEFAULT_CONFIGS = CONFIGS[:6]  # the rest: opt-in (--configs)
 
 
 def grows(config: str) -> bool:
@@ -392,25 +399,33 @@ def verdict(rows: list[dict[str, Any]], config: str) -> str:
 
 COLORS = {"grown": "tab:blue", "scratch": "tab:orange", "grown 2x steps": "tab:green",
           "grown, deadline 0.3": "tab:purple", BUDGET: "tab:red", EARLY: "tab:brown",
-          "1/2 size at grown's FLOPs": "tab:olive", "3/4 size at grown's FLOPs": "tab:cyan"}
-BASELINES = {BUDGET: "the full model from scratch for as many steps as cost the grown run's FLOPs, its own "
-                     "hold-then-decay schedule",
-             **{c: f"a fixed model of {f:g}x every dimension from scratch, as many steps as cost the grown run's "
-                   "FLOPs, its own schedule and LR" for c, f in FIXED.items()}}
+          "1/2 size at grown's FLOPs": "tab:olive", "3/4 size at grown's FLOPs": "tab:cyan",
+          BUDGET_2X: "tab:pink", "1/2 size at grown 2x's FLOPs": "tab:gray", "3/4 size at grown 2x's FLOPs": "black"}
+BASELINES = {c: ("the full model from scratch" if c in (BUDGET, BUDGET_2X) else
+                 f"a fixed model of {FIXED[c]:g}x every dimension from scratch") +
+             f" for as many steps as cost the {REFERENCE[c]!r} run's FLOPs, its own hold-then-decay schedule and LR"
+             for c in REFERENCE}
 
 
 def baseline_verdict(rows: list[dict[str, Any]], config: str) -> str:
-    """The grown run against baseline ``config`` (one of ``BASELINES``: the same FLOPs), paired by seed."""
-    pairs = [(g, b) for g in rows if g["config"] == "grown" for b in rows
+    """Baseline ``config`` (one of ``BASELINES``) against the grown run of the same FLOPs, paired by seed."""
+    ref = REFERENCE[config]
+    pairs = [(g, b) for g in rows if g["config"] == ref for b in rows
              if b["config"] == config and b["seed"] == g["seed"]]
     if not pairs:
         return ""
     wins = sum(g["final_val_loss"] < b["final_val_loss"] for g, b in pairs)
     diff = [g["final_val_loss"] - b["final_val_loss"] for g, b in pairs]
-    return (f"\n\n**Against {config}** ({BASELINES[config]}; paired by seed): grown final validation loss "
+    text = (f"\n\n**{ref!r} against {config}** ({BASELINES[config]}; paired by seed): grown final validation loss "
             f"{_ms([g['final_val_loss'] for g, _ in pairs])} vs {_ms([b['final_val_loss'] for _, b in pairs])}, "
-            f"difference {_ms(diff)}; grown lower in {wins}/{len(pairs)} seeds: growth "
-            f"{'pays' if wins == len(pairs) else 'does not pay'} against this baseline.")
+            f"difference {_ms(diff)}; grown lower in {wins}/{len(pairs)} seeds")
+    acc = [(g["test_acc"], b["test_acc"]) for g, b in pairs if g["test_acc"] == g["test_acc"]]
+    if acc:  # the ViT: its validation loss and its accuracy can disagree (a model trained long gets overconfident)
+        text += (f"; test accuracy {_ms([a for a, _ in acc], '.2f', 100)} vs {_ms([b for _, b in acc], '.2f', 100)} %, "
+                 f"difference {_ms([a - b for a, b in acc], '.2f', 100)} pp, grown higher in "
+                 f"{sum(a > b for a, b in acc)}/{len(acc)} seeds")
+        wins = min(wins, sum(a > b for a, b in acc))
+    return text + f": growth {'pays' if wins == len(pairs) else 'does not pay'} against this baseline."
 
 
 def _curves(ax: Any, outcomes: list[Outcome], x: str, y: str, xlabel: str) -> None:
@@ -549,23 +564,23 @@ def load_runs(out: Path, task: Task) -> tuple[list[Outcome], list[dict[str, Any]
     return outcomes, saved["tuning"], saved["lrs"]
 
 
-def budget_steps(task: Task, outcomes: list[Outcome], seed: int) -> int | None:
-    """Steps of the full model that cost what seed ``seed``'s grown run spent (``None``: either run missing).
+def budget_steps(task: Task, outcomes: list[Outcome], seed: int, ref: str = "grown") -> int | None:
+    """Steps of the full model that cost what seed ``seed``'s run ``ref`` spent (``None``: either run missing).
 
         >>> o = lambda c, f: Outcome(c, 0, 1e-3, Record(), float("nan"), 1.0, f, 1, {})
         >>> budget_steps(TASKS["lm"], [o("grown", 4.5e11), o("scratch", 1.2e12)], 0)
         450
     """
     by = {o.config: o for o in outcomes if o.seed == seed}
-    if "grown" not in by or "scratch" not in by:
+    if ref not in by or "scratch" not in by:
         return None
-    return max(1, round(by["grown"].flops / (by["scratch"].flops / task.steps)))
+    return max(1, round(by[ref].flops / (by["scratch"].flops / task.steps)))
 
 
 def fixed_steps(task: Task, args: argparse.Namespace, outcomes: list[Outcome], seed: int, config: str) -> int | None:
     """Steps of the fixed smaller model of ``config`` (one of ``FIXED``) that cost what seed ``seed``'s grown run
-    spent (``None``: no grown run of that seed)."""
-    grown = next((o for o in outcomes if o.config == "grown" and o.seed == seed), None)
+    (``REFERENCE[config]``) spent (``None``: no such run of that seed)."""
+    grown = next((o for o in outcomes if o.config == REFERENCE[config] and o.seed == seed), None)
     if grown is None:
         return None
     dm = data(task, args, seed)
@@ -591,9 +606,9 @@ def tune_fixed(task: Task, args: argparse.Namespace, config: str, lrs: dict[str,
 
 
 def _steps(task: Task, args: argparse.Namespace, outcomes: list[Outcome], seed: int, config: str) -> int | None:
-    """A baseline's steps on the grown run's FLOPs; ``None`` for the other configurations (their own length)."""
-    if config == BUDGET:
-        return budget_steps(task, outcomes, seed)
+    """A baseline's steps on its grown run's FLOPs; ``None`` for the other configurations (their own length)."""
+    if config in (BUDGET, BUDGET_2X):
+        return budget_steps(task, outcomes, seed, REFERENCE[config])
     return fixed_steps(task, args, outcomes, seed, config) if config in FIXED else None
 
 
@@ -615,7 +630,7 @@ def run_task(task: Task, args: argparse.Namespace, out: Path) -> list[dict[str, 
             if (c, seed) in done and not stale:
                 continue
             outcomes = [o for o in outcomes if not any(o is x for x in stale)]  # its grown run was re-run
-            if c in (BUDGET, *FIXED) and steps is None:
+            if c in REFERENCE and steps is None:
                 print(f"[{task.name}] {c} seed {seed}: needs the grown (and scratch) runs of the seed", flush=True)
                 continue
             if c in FIXED and c not in lrs:

@@ -82,42 +82,38 @@ def test_char_data_is_deterministic_and_split_by_file():
 
 @pytest.mark.parametrize("task", ["lm", "vit"])
 def test_quick_suite_grows_to_full_size_and_writes_results(tmp_path, tiny_idx, task):
-    fixed = list(suite_transformers.FIXED)
-    rows = suite_transformers.main(["--quick", "--task", task, "--data-dir", tiny_idx, "--out", str(tmp_path),
-                                    "--configs", *suite_transformers.DEFAULT_CONFIGS, *fixed])[task]
+    st = suite_transformers
+    configs = [*st.DEFAULT_CONFIGS, st.BUDGET_2X, *(c for c in st.FIXED if c not in st.DEFAULT_CONFIGS)]
+    rows = st.main(["--quick", "--task", task, "--data-dir", tiny_idx, "--out", str(tmp_path), "--configs",
+                    *configs])[task]
     out = tmp_path / "transformers"
     for suffix in (".md", ".csv", ".json", ".png", "_events.csv", "_curves.json"):
         assert (out / f"transformers_{task}{suffix}").exists()
     by_config = {r["config"]: r for r in rows}
-    full = suite_transformers.QUICK[task].dims(small=False)
+    full = st.QUICK[task].dims(small=False)
     for config in ("grown", "grown 2x steps"):
         grown = by_config[config]
         assert {k: grown[k] for k in ("d", "heads", "hidden", "layers")} == \
             {k: full[k] for k in ("d", "heads", "hidden", "layers")}
         assert grown["params"] == by_config["scratch"]["params"] and grown["events"] == 4
         assert grown["flops_ratio"] < 1.0 if config == "grown" else True
-    assert all(r["optimizer_ok"] for r in rows) and len(rows) == 6
-    budget = by_config[suite_transformers.BUDGET]  # the full model on the grown run's FLOPs (to one step's worth)
-    assert budget["params"] == by_config["scratch"]["params"] and budget["events"] == 0
-    step = by_config["scratch"]["train_flops"] / suite_transformers.QUICK[task].steps
-    assert abs(budget["train_flops"] - by_config["grown"]["train_flops"]) <= step / 2
-    for config, frac in suite_transformers.FIXED.items():  # iso-FLOP: a fixed smaller model on the grown run's FLOPs
-        row, dims = by_config[config], suite_transformers.QUICK[task].dims(frac=frac)
+    assert all(r["optimizer_ok"] for r in rows) and len(rows) == len(configs) == 9
+    curves = json.loads((out / f"transformers_{task}_curves.json").read_text())
+    md = (out / f"transformers_{task}.md").read_text()
+    for config, ref in st.REFERENCE.items():  # every baseline on its grown run's FLOPs, to half a step's worth
+        row, dims = by_config[config], st.QUICK[task].dims(frac=st.FIXED.get(config, 1.0))
         assert {k: row[k] for k in ("d", "heads", "hidden", "layers")} == \
             {k: dims[k] for k in ("d", "heads", "hidden", "layers")} and row["events"] == 0
-        steps = next(len(r["train_losses"]) for r in json.loads((out / f"transformers_{task}_curves.json").read_text())
-                     if r["config"] == config)
-        assert abs(row["train_flops"] - by_config["grown"]["train_flops"]) <= row["train_flops"] / steps / 2
-    md = (out / f"transformers_{task}.md").read_text()
-    assert all(f"**Against {c}**" in md for c in (suite_transformers.BUDGET, *fixed))
+        steps = next(len(r["train_losses"]) for r in curves if r["config"] == config)
+        assert abs(row["train_flops"] - by_config[ref]["train_flops"]) <= row["train_flops"] / steps / 2
+        assert f"**{ref!r} against {config}**" in md
     events = json.loads((out / f"transformers_{task}_events.json").read_text())
     assert len(events) == 8 and all(0 <= e["preservation_error"] < 1e-5 for e in events)
     assert {e["callback"] for e in events} == {"widen", "stack"}
-    curves = json.loads((out / f"transformers_{task}_curves.json").read_text())
     for run in curves:  # training went on after the last growth, and the losses stayed finite
         last = max((e["step"] for e in run["events"]), default=0)
         assert run["evals"][-1]["step"] > last and all(loss == loss for loss in run["train_losses"])
-    assert "Target" in (out / f"transformers_{task}.md").read_text()
+    assert "Target" in md
 
 
 def test_optimizer_check_catches_a_stale_parameter():
