@@ -50,6 +50,11 @@ def main(out: str, mode: str) -> None:
                 "ddp_params": [id(p) for p in trainer.strategy.model.parameters()] ==
                 [id(p) for p in model.parameters()]},
                f"{out}/rank{trainer.global_rank}.pt")
+    # leave the process group before the interpreter exits: gloo's threads torn down at exit have aborted a rank
+    # ("terminate called without an active exception", exit -6) after a fit that had finished
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
