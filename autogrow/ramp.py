@@ -114,10 +114,11 @@ class _Scaled(_Ramp):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         live, width = getattr(self, _LIVE), x.shape[-1]
-        w = getattr(self, _WEIGHTS)[:live].to(x.device, x.dtype)
+        weights = getattr(self, _WEIGHTS).to(x.device, x.dtype)
+        w = weights[:live]
         share = w.sum() / live
         x = x[..., :live] * torch.sqrt(w / share)
-        base = next(b for b, ramped in _BASES.items() if type(self) is ramped)
+        base = _plain(type(self))
         if live == width:
             y = base.forward(self, x)
         else:
@@ -128,7 +129,7 @@ class _Scaled(_Ramp):
                 cut["normalized_shape"] = (live,)
             y = base.forward(_Cut(self, cut), x)
             y = torch.cat([y, y.new_zeros((*y.shape[:-1], width - live))], -1)
-        return y * torch.sqrt(getattr(self, _WEIGHTS).to(x.device, x.dtype) * share)
+        return y * torch.sqrt(weights * share)
 
 
 class _Cut:
@@ -155,6 +156,11 @@ else:  # pragma: no cover - torch < 2.4
     RampedRMSNorm = None  # type: ignore[assignment,misc]
 for _base, _ramped in _BASES.items():  # to the tracer and the coupling, a ramped norm is still its norm
     register_channelwise(_ramped, channel_spec(_base(1)))  # type: ignore[arg-type]
+
+
+def _plain(ramped: type[nn.Module]) -> type[nn.Module]:
+    """The norm class a ramped class was made from: its last base (every ramped class is ``(mixin, norm class)``)."""
+    return ramped.__bases__[-1]
 
 
 def is_ramped(m: nn.Module) -> bool:
@@ -240,7 +246,7 @@ def _set(m: nn.Module, state: RampState) -> None:
 def unramp(m: nn.Module) -> None:
     """Make a ramped norm plain again (every weight 1: what it computes does not change)."""
     if is_ramped(m):
-        m.__class__ = next(base for base, ramped in _BASES.items() if type(m) is ramped)
+        m.__class__ = _plain(type(m))
         for attr in (_ATTR, _WEIGHTS, _LIVE):
             delattr(m, attr)
 
