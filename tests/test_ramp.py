@@ -20,6 +20,7 @@ from autogrow.plateau import EveryN
 from autogrow.policy import GrowthPolicy, TryCandidates
 from autogrow.ramp import RampState, advance_ramps, is_ramped, ramp_state, set_ramps, start_ramp
 from tests.models import TinyGPT, lm_steps, max_rel_error
+from tests.test_resize_callback import Only
 from tests.test_transformers import TinyLM
 
 
@@ -249,17 +250,6 @@ def test_a_replayed_growth_leaves_the_norms_plain_unless_the_checkpoint_says_the
     assert torch.equal(ramped(ids), net(ids))
 
 
-class _Replay(GrowthPolicy):
-    """Grows the named layers, one per event, in order (what TryCandidates chose, grown directly)."""
-
-    def __init__(self, names: list[str]) -> None:
-        self.names = list(names)
-
-    def choose(self, candidates):
-        name = self.names.pop(0)
-        return [c.name for c in candidates if c.name == name]
-
-
 def test_try_candidates_trials_ramp_d_model_in_and_leave_the_ramps_as_they_were(tmp_path):
     """A trial of d_model advances the ramps as real steps would (else its new units weigh 0 throughout and it
     scores exactly as no growth); after the trials, even one that ended a running ramp, the model, the ramps and
@@ -286,7 +276,7 @@ def test_try_candidates_trials_ramp_d_model_in_and_leave_the_ramps_as_they_were(
     reference = float(notes.split("reference loss ")[1].split(")")[0])
     tok = float(notes.split("widen net.tok: loss ")[1].split(",")[0])
     assert tok != reference  # the new d_model units took part in the trial
-    direct, _, opt_b = run(_Replay([grow.events[0].changes[0].target]))
+    direct, _, opt_b = run(Only(grow.events[0].changes[0].target))
     a, b = tried.state_dict(), direct.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert ramp_state(tried) == ramp_state(direct)
