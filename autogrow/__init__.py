@@ -14,6 +14,7 @@ models, carry optimizer and scheduler state across, detect plateaus. The Lightni
     True
 """
 
+from autogrow.attention import SplitAttention, unfuse_attention
 from autogrow.checkpoint import load_grown
 from autogrow.deepen import DeepenPlan, Residual, deepen, plan_deepen
 from autogrow.errors import AutogrowError
@@ -45,10 +46,10 @@ from autogrow.widen import WidenPlan, plan_widen, widen
 __version__ = "0.1.0"
 
 __all__ = [
-    "AutogrowError", "ChannelSpec", "DeepenPlan", "Growth", "LayerSpec", "OpKind", "Plan", "Residual", "ShrinkPlan",
-    "Transform", "UnitMap", "WidenInit", "WidenPlan", "advance_ramps", "carry_scheduler", "check_optimizer", "deepen",
-    "grow_optimizer", "load_grown", "num_params", "param_names", "plan_deepen", "plan_shrink", "plan_stack",
-    "plan_widen", "register_channelwise", "register_elementwise", "register_function", "register_init",
-    "register_layer", "register_optimizer_state", "replay", "shrink", "stack", "StackPlan", "translate_state_dict",
-    "widen",
+    "advance_ramps", "AutogrowError", "carry_scheduler", "ChannelSpec", "check_optimizer", "deepen", "DeepenPlan",
+    "grow_optimizer", "Growth", "LayerSpec", "load_grown", "num_params", "OpKind", "param_names", "Plan",
+    "plan_deepen", "plan_shrink", "plan_stack", "plan_widen", "register_channelwise", "register_elementwise",
+    "register_function", "register_init", "register_layer", "register_optimizer_state", "replay", "Residual",
+    "shrink", "ShrinkPlan", "SplitAttention", "stack", "StackPlan", "Transform", "translate_state_dict",
+    "unfuse_attention", "UnitMap", "widen", "WidenInit", "WidenPlan",
 ]

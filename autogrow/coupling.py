@@ -4,8 +4,9 @@ Widening a layer's output changes the width of a tensor. Everything that tensor 
 follow: element-wise ops pass the new width on, BatchNorm/LayerNorm gain entries, the next weighted
 layers gain input features (a flattened conv output brings an H*W block per channel), a residual add
 forces its other operands (and their producers) to grow with the *same* unit mapping, a
-concatenation shifts the mapping by an offset, and a layer whose output is split into equal parts (a
-fused q/k/v) grows every part alike, as if its output were the concatenation of the parts.
+concatenation shifts the mapping by an offset, a layer whose output is split into equal parts (a
+fused q/k/v) grows every part alike, as if its output were the concatenation of the parts, and under
+grouped-query attention a unit is a key/value head with the query heads it serves.
 :func:`couple` is a small driver: it classifies each node once (``autogrow.ops``), moves the layout
 with the per-op rules of ``autogrow.layout``, and returns a frozen :class:`Coupling`; whatever
 cannot stay exact is refused, naming the node.
@@ -18,6 +19,7 @@ cannot stay exact is refused, naming the node.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -30,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autogrow.errors import SHAPES_HINT, AutogrowError, NeedsShapes, check, fail
-from autogrow.layout import Layout, NeedsBlock, NeedsParts, Refusal, arg, cat_axis
+from autogrow.layout import Layout, NeedsBlock, NeedsParts, NeedsRep, Refusal, arg, cat_axis
 from autogrow.ops import Linearity, Op, OpKind, classify
 from autogrow.registry import ChannelSpec, LayerSpec, channel_spec, channel_width, layer_spec
 from autogrow.sizes import SizeReader
@@ -66,14 +68,26 @@ class Coupling:
     # why new units mixed from the old ones (init="mix") would change the function; None: they would not
     mix_refusal: str | None = "not checked"
     parts: int = 1  # > 1: the target's output is that many equal pieces (a fused q/k/v), each grown alike
+    # producers with several heads per unit: a grouped-query attention's query projection -> query heads per unit
+    reps: Mapping[str, int] = field(default_factory=dict)
+
+    def block(self, producer: str) -> int:
+        """Rows of ``producer`` per unit (per piece of a fused output): a head's size, times the query heads
+        that share one key/value head under grouped-query attention."""
+        return self.unit_block * self.reps.get(producer, 1)
 
     @property
     def unit_features(self) -> int:
-        """The target's output features per unit: a head's size, times the pieces of a fused output."""
-        return self.unit_block * self.parts
+        """The target's output features per unit: a head's size (times the query heads of a group), times the
+        pieces of a fused output."""
+        return self.block(self.target) * self.parts
 
     def width_rule(self) -> str:
         """What the target's new width must be a multiple of, in words ("" for single units)."""
+        if self.reps:
+            return (f" and a multiple of {self.unit_features} (whole key/value heads of {self.unit_block} with "
+                    f"their query heads: grouped-query attention, {max(self.reps.values())} query heads per "
+                    "key/value head)")
         if self.parts > 1:
             heads = f" of whole heads of {self.unit_block}" if self.unit_block > 1 else ""
             return f" and a multiple of {self.unit_features} ({self.parts} equal parts{heads})"
@@ -96,10 +110,14 @@ def couple(model: nn.Module, target: str, width: int | None = None, *, graph: fx
         AutogrowError: naming the node that cannot follow the widening exactly.
     """
     graph = graph if graph is not None else trace(model)
-    block, parts = 1, 1
-    while True:  # restarts: the units turn out to be heads, or the output a fused projection's pieces
+    block, parts, rep = 1, 1, 1
+    while True:  # restarts: the units turn out to be heads, groups of query heads, or a fused projection's pieces
         try:
-            return _Walk(model, target, graph, shapes, width, block, parts).run()
+            return _Walk(model, target, graph, shapes, width, block, parts, rep).run()
+        except NeedsRep as nr:  # grouped-query attention: a unit is a key/value head's group of query heads
+            rep *= nr.rep
+            if rep > getattr(model.get_submodule(target), "out_features", rep):
+                raise AssertionError(f"{target}: groups of {rep} heads") from None
         except NeedsBlock as nb:  # the units are heads of nb.block features: count whole heads
             if block > 1:
                 raise AssertionError(f"{target}: heads of {nb.block} found after heads of {block}") from None
@@ -118,6 +136,11 @@ def _is_expand(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target == "expand"
 
 
+def _same_units(a: Layout, b: Layout) -> bool:
+    """Whether two tensors hold the units alike: on the same axis, mapped, flattened and repeated the same way."""
+    return (a.dim, a.key, a.flat, a.rep) == (b.dim, b.key, b.flat, b.rep)
+
+
 def _tensor_args(node: fx.Node, w: _Walk) -> list[fx.Node]:
     args = list(node.args) + list(node.kwargs.values())
     flat = [a for x in args for a in (x if isinstance(x, (list, tuple)) else [x])]
@@ -128,10 +151,12 @@ class _Walk:
     """The walk's state: the layout of every tensor reached so far, and what it found."""
 
     def __init__(self, model: nn.Module, target: str, graph: fx.Graph, shapes: dict[fx.Node, Any] | None,
-                 new_width: int | None, unit_block: int = 1, parts: int = 1) -> None:
+                 new_width: int | None, unit_block: int = 1, parts: int = 1, rep: int = 1) -> None:
         self.model, self.target, self.graph, self.shapes = model, target, graph, shapes
-        self.unit_block, self.n_parts = unit_block, parts
-        self.new_width = new_width // (unit_block * parts) if new_width is not None else None
+        self.unit_block, self.n_parts, self.rep = unit_block, parts, rep
+        self.new_width = new_width // (unit_block * parts * rep) if new_width is not None else None
+        self.reps: dict[str, int] = {}
+        self.final = False  # set for the last pass, once every layout is known (autogrow.layout.Context)
         self.fused: fx.Node | None = None  # the mapping key of a fused target's output (parts > 1)
         self.sizes = SizeReader(shapes, self.layouts_get, self.widths)
         self.sites = call_sites(graph)
@@ -156,7 +181,7 @@ class _Walk:
                      "channel): it grows with the layer that produces its input; widen that layer")
             fail(f"target: {self.target!r} is a {type(module).__name__}, which has no registered LayerSpec; "
                  "widen a Linear/ConvNd/Embedding or register the type with autogrow.register_layer")
-        self._add_producer(self.target, self.sites[self.target][0])
+        self._add_producer(self.target, self.sites[self.target][0], self.rep)
         while self._queue:
             node = self._queue.popleft()
             for user in list(node.users):
@@ -166,7 +191,7 @@ class _Walk:
         assert self.old_width is not None
         return Coupling(self.target, self.old_width, dict(self.producers), dict(self.channelwise),
                         dict(self.consumers), dict(self.cats), tuple(self.uniform_only), self.unit_block,
-                        dict(self.grouped), dict(self.tensors), _mix_refusal(self), self.n_parts)
+                        dict(self.grouped), dict(self.tensors), _mix_refusal(self), self.n_parts, dict(self.reps))
 
     def fail(self, node: fx.Node, why: str, fix: str = "", needs_shapes: bool = False) -> NoReturn:
         msg = f"target: cannot widen {self.target!r} exactly: {describe(node, self.model)} {why}." + (
@@ -229,6 +254,8 @@ class _Walk:
         if user.op == "call_module" and (not user.args or user.args[0] is not node
                                          or any(a is node for a in user.args[1:])):
             self.fail(user, "takes the widened tensor in an argument other than its first")
+        if rule is None and user.target is F.multi_head_attention_forward:  # nn.MultiheadAttention, traced by running
+            self.fail(user, "is nn.MultiheadAttention's fused forward", _UNFUSE)
         if rule is None:
             self.fail(user, "is an operation that autogrow cannot keep exact on a widened tensor",
                       "Supported: registered modules, element-wise ops, add/sub/mul, cat, flatten, "
@@ -238,7 +265,7 @@ class _Walk:
         except Refusal as r:
             self.fail(user, r.why, r.fix, r.needs_shapes)
 
-    def _add_producer(self, name: str, node: fx.Node) -> None:
+    def _add_producer(self, name: str, node: fx.Node, rep: int = 1) -> None:
         m = self.model.get_submodule(name)
         spec = layer_spec(m)
         assert spec is not None
@@ -246,10 +273,10 @@ class _Walk:
         if reason:
             self.fail(node, f"is a producer with {reason}")
         features = getattr(m, spec.out_attr)
-        per = self.unit_block * (self.n_parts if name == self.target else 1)
+        per = self.unit_block * rep * (self.n_parts if name == self.target else 1)
         if features % per:
             what = f"{self.n_parts} equal parts of whole" if self.n_parts > 1 else "a whole number of"
-            self.fail(node, f"has {features} units, not {what} heads of {self.unit_block}")
+            self.fail(node, f"has {features} units, not {what} heads of {self.unit_block * rep}")
         width = features // per
         if self.old_width is None:
             self.old_width = width
@@ -260,9 +287,11 @@ class _Walk:
             key = self.fused = self.sites[name][0]
             self.cats[key] = CatParts(((None, width),) * self.n_parts)
         self.producers[name] = key
+        if rep > 1:
+            self.reps[name] = rep
         ndim = -spec.out_dim + 1 if spec.out_dim < -1 else None
         for site in self.sites[name]:  # a module called twice shares its parameters: both outputs grow
-            self.mark(site, Layout(spec.out_dim, ndim, key, flat=self.unit_block > 1))
+            self.mark(site, Layout(spec.out_dim, ndim, key, flat=self.unit_block > 1, rep=rep))
 
     def add_consumer(self, user: fx.Node, lay: Layout, spec: LayerSpec, m: nn.Module) -> None:
         if spec.in_attr is None:
@@ -277,9 +306,9 @@ class _Walk:
                               "not a multiple")
         elif lay.dim != spec.in_dim:
             raise Refusal(f"expects features on axis {spec.in_dim}, but the widened units are on axis {lay.dim}")
-        elif in_width != width:
-            raise Refusal(f"has {spec.in_attr}={in_width}, but the widened tensor has {width} features")
-        entry = (lay.key, lay.flat)
+        elif in_width != width * lay.rep:
+            raise Refusal(f"has {spec.in_attr}={in_width}, but the widened tensor has {width * lay.rep} features")
+        entry = (lay.key, lay.flat or lay.rep > 1)  # several features per unit: a block, as after a flatten
         if self.consumers.setdefault(user.target, entry) != entry:
             raise Refusal("is reached with two different feature layouts")
         for site in self.sites[user.target]:  # shared weights: every call's input must grow the same way
@@ -291,6 +320,9 @@ class _Walk:
         if reason:
             self.fail(node, f"has {reason}")
         n = channel_width(m)
+        if lay.rep > 1:
+            self.fail(node, f"acts on units that hold {lay.rep} entries each (groups of query heads)",
+                      "Grow grouped-query attention through its Linear projections only.")
         if n is not None and n != self.width(lay.key):
             self.fail(node, f"has {n} features, but the widened tensor has {self.width(lay.key)}")
         if lay.flat or not any(self._is_axis(lay, d, node) for d in spec.dims):
@@ -326,7 +358,7 @@ class _Walk:
                 if self._broadcasts(a, lay):
                     continue
                 self.backward(a, lay, user)
-            if self.layouts[a].key != lay.key or self.layouts[a].dim != lay.dim or self.layouts[a].flat != lay.flat:
+            if not _same_units(self.layouts[a], lay):
                 self.fail(user, f"combines tensors whose units are mapped differently ({a.name})")
 
     def _add_tensor(self, node: fx.Node, lay: Layout, via: fx.Node) -> None:
@@ -335,22 +367,14 @@ class _Walk:
         mod, _, name = str(node.target).rpartition(".")
         t = getattr(self.model.get_submodule(mod), name, None)
         axis = t.dim() + lay.dim if isinstance(t, torch.Tensor) else -1
-        if axis < 0 or not t.is_floating_point() or lay.key is not None or lay.flat or self.unit_block > 1:
+        if (axis < 0 or not t.is_floating_point() or lay.key is not None or lay.flat or self.unit_block > 1
+                or lay.rep > 1):
             self.fail(via, f"combines the widened tensor with {_origin(node, self.model)}, whose width is fixed")
         if t.shape[axis] != self.width(lay.key):
             self.fail(via, f"combines the widened tensor with {node.target!r}, whose {t.shape[axis]} entries on the "
                       f"units' axis are not the {self.width(lay.key)} units")
         self.tensors[(mod, name)] = (lay.key, axis)
         self.mark(node, lay)
-
-    def _expand_back(self, node: fx.Node, lay: Layout, via: fx.Node) -> None:
-        """``t.expand(..., -1)``: the units' axis kept (-1), only others broadcast; ``t`` grows with it."""
-        sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
-        if len(sizes) < -lay.dim or sizes[len(sizes) + lay.dim] != -1:
-            self.fail(via, f"combines the widened tensor with {describe(node, self.model)}, which expands to a fixed "
-                      "size on the units' axis", "Expand with -1 there.")
-        self.mark(node, lay)
-        self.backward(node.args[0], lay, node)
 
     def _broadcasts(self, a: fx.Node, lay: Layout) -> bool:
         """``a`` has no units' axis, or size 1 there while the widened tensor has more (with a width of 1
@@ -361,22 +385,19 @@ class _Walk:
     # -- backward: a tensor combined with a widened one must itself become widened ----------------------
     def backward(self, node: object, lay: Layout, via: fx.Node) -> None:
         if node in self.layouts:  # reached before: it must be laid out as ``via`` needs it
-            have = self.layouts[node]
-            if (have.dim, have.key, have.flat) != (lay.dim, lay.key, lay.flat):
+            if not _same_units(self.layouts[node], lay):
                 self.fail(via, f"combines tensors whose units are mapped differently ({node.name})")
             return
         if not isinstance(node, fx.Node):
             self.fail(via, "combines the widened tensor with a constant of fixed width")
         if node.op == "get_attr":
             return self._add_tensor(node, lay, via)
-        if _is_expand(node):
-            return self._expand_back(node, lay, via)
         op = self.classify(node)
         if op.kind is OpKind.WEIGHTED:
             assert isinstance(op.spec, LayerSpec)
             if lay.key is not None or op.spec.out_dim != lay.dim or lay.flat != (self.unit_block > 1):
                 self.fail(via, f"joins {node.target!r} to a tensor it cannot be mapped onto")
-            return self._add_producer(node.target, node)
+            return self._add_producer(node.target, node, lay.rep)
         if op.kind is OpKind.CHANNELWISE:
             return self.add_channelwise(node, lay, op.spec, op.module)  # type: ignore[arg-type]
         if op.kind is OpKind.ELEMENTWISE:
@@ -393,15 +414,18 @@ class _Walk:
                 self.fail(node, r.why, r.fix, r.needs_shapes)
         if op.kind is OpKind.LAYOUT and isinstance(node.args[0], fx.Node) and node.args[0] in self.layouts:
             return self._forward_early(node, op, lay, via)
-        if op.kind is OpKind.LAYOUT and op.inverse is not None and isinstance(node.args[0], fx.Node):
+        picks = node.target is operator.getitem and self.shape(node.args[0]) is None  # an item of a tuple output
+        if op.kind is OpKind.LAYOUT and op.inverse is not None and isinstance(node.args[0], fx.Node) and not picks:
             try:
                 before = op.inverse(lay, node, op.module, self)
             except Refusal as r:
                 self.fail(node, r.why, r.fix, r.needs_shapes)
             self.mark(node, lay)
             return self.backward(node.args[0], before, node)
+        fused = _source(node).target is F.multi_head_attention_forward  # nn.MultiheadAttention, traced by running
         self.fail(via, f"combines the widened tensor with {_origin(node, self.model)}, whose width is fixed",
-                  "Residual paths can be widened when every operand comes from a registered layer.")
+                  _UNFUSE if fused else "Residual paths can be widened when every operand comes from a registered "
+                  "layer.")
 
     def _forward_early(self, node: fx.Node, op: Op, lay: Layout, via: fx.Node) -> None:
         """A view of a tensor the walk has already reached, met first from the op it flows into (rotary
@@ -411,7 +435,7 @@ class _Walk:
             fwd = op.layout(self.layouts[node.args[0]], node, op.module, self)  # type: ignore[misc]
         except Refusal as r:
             self.fail(node, r.why, r.fix, r.needs_shapes)
-        if (fwd.dim, fwd.key, fwd.flat) != (lay.dim, lay.key, lay.flat):
+        if not _same_units(fwd, lay):
             self.fail(via, f"combines tensors whose units are mapped differently ({node.name})")
         self.mark(node, fwd)
 
@@ -422,11 +446,13 @@ class _Walk:
             raise Refusal("concatenates a flattened widened tensor")
         if cat_axis(lay, dim) != lay.dim:
             return self.merge(user, lay)  # along another axis: an element-wise merge
+        if lay.rep > 1:
+            raise Refusal("concatenates units that hold several entries each (groups of query heads)")
         parts: list[tuple[MapKey | bool, int]] = []
         for t in tensors:
             if t in self.layouts:
                 tl = self.layouts[t]
-                if tl.flat or tl.dim != lay.dim:
+                if tl.flat or tl.dim != lay.dim or tl.rep > 1:
                     self.fail(user, f"concatenates {t.name}, whose units sit on another axis")
                 parts.append((tl.key, self.width(tl.key)))
             else:
@@ -506,8 +532,15 @@ def _mix_refusal(w: _Walk) -> str | None:
     return None
 
 
+def _reads_sizes(args: list[Any], w: _Walk) -> bool:
+    """Whether ``args`` hold a size read from some tensor (``x.size(0)``, ``b, t, c = x.shape``)."""
+    return any(_reads_sizes(list(a), w) if isinstance(a, (tuple, list)) else
+               isinstance(a, fx.Node) and w.sizes.is_size(a) for a in args)
+
+
 def _check_size_uses(w: _Walk) -> None:
     """Every use of a size read from a widened axis must still be right after widening."""
+    w.final = True
     for node in w.graph.nodes:
         if w.sizes.is_size(node):
             continue  # arithmetic on sizes: its uses are checked where they land
@@ -517,14 +550,14 @@ def _check_size_uses(w: _Walk) -> None:
             dependent = [a for a in args if w.sizes.reads_width(a)]
         except Refusal as r:
             w.fail(node, r.why, r.fix, r.needs_shapes)
-        if not dependent:
-            continue
-        if op.kind is OpKind.LAYOUT and node.args[0] in w.layouts:
-            try:  # a reshape of a widened tensor: re-check with every layout final
+        if op.kind is OpKind.LAYOUT and node.args[0] in w.layouts and _reads_sizes(args, w):
+            try:  # a reshape or expand of a widened tensor: re-check with every layout final
                 op.layout(w.layouts[node.args[0]], node, op.module, w)  # type: ignore[misc]
                 continue
             except Refusal as r:
                 w.fail(node, r.why, r.fix, r.needs_shapes)
+        if not dependent:
+            continue
         names = ", ".join(a.name if isinstance(a, fx.Node) else str(a) for a in dependent)
         w.fail(node, f"uses a size read from the widened units' axis ({names}), which changes with the width",
                "Reshapes of the widened tensor itself (view/reshape) can follow it; compute other sizes "
@@ -545,9 +578,14 @@ def _fwd_weighted(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout) -
     w.add_consumer(user, lay, op.spec, op.module)  # type: ignore[arg-type]
 
 
+_UNFUSE = ("Call autogrow.unfuse_attention(model) before building the optimizer: it rebuilds every "
+           "nn.MultiheadAttention from Linears (the same function), whose heads and widths grow.")
+
+
 def _unknown_module_fix(m: nn.Module | None) -> str:
+    if isinstance(m, nn.MultiheadAttention):  # one fused call over a packed in_proj_weight
+        return _UNFUSE
     if m is not None and type(m).__module__.startswith("torch.nn") and any(True for _ in m.children()):
-        # nn.MultiheadAttention, nn.TransformerEncoderLayer: fx does not trace into torch.nn's own layers
         return ("torch.fx records torch.nn's own composite layers as one opaque call. Write the block from "
                 "Linear/LayerNorm and F.scaled_dot_product_attention (as autogrow.experiments.transformers does).")
     return "Register it with autogrow.register_layer, register_channelwise or register_elementwise."
@@ -577,18 +615,39 @@ def _fwd_batched(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout) ->
     mask = arg(user, 3, "attn_mask", None)
     if isinstance(mask, fx.Node) and mask not in w.layouts and not w._broadcasts(mask, lay):
         raise Refusal("uses an attention mask with a size along the widened heads", SHAPES_HINT, w.shapes is None)
-    operands = [a for a in (user.args[:3] if user.target is F.scaled_dot_product_attention else user.args[:2])]
-    for a in operands:
+    sdpa = user.target is F.scaled_dot_product_attention
+    operands = list(user.args[:3] if sdpa else user.args[:2])
+    reps = _gqa_reps(w, user, node, operands, lay) if sdpa and user.kwargs.get("enable_gqa") else [lay.rep] * 3
+    for a, rep in zip(operands, reps):
         if isinstance(a, fx.Node) and a not in w.layouts and not w._broadcasts(a, lay):
-            w.backward(a, lay, user)
-    w.mark(user, lay)
+            w.backward(a, replace(lay, rep=rep), user)
+    w.mark(user, replace(lay, rep=reps[0]))  # the output has the query's heads
+
+
+def _gqa_reps(w: _Walk, user: fx.Node, node: fx.Node, operands: list[Any], lay: Layout) -> list[int]:
+    """``scaled_dot_product_attention(q, k, v, enable_gqa=True)``: each of k's and v's heads serves a group of
+    q's; the ``rep`` of q, k and v given the widened operand ``node``'s layout."""
+    heads = [w.shape(a)[lay.dim] if isinstance(a, fx.Node) and w.shape(a) else None for a in operands]
+    if None in heads:
+        raise Refusal("is a grouped-query attention whose numbers of heads are unknown", SHAPES_HINT, True)
+    group = heads[0] // heads[1]
+    q = lay.rep if node is operands[0] else lay.rep * group
+    if q % group:  # the widened layer's units are single query heads: they grow as whole groups
+        raise NeedsRep(group // math.gcd(q, group)) if lay.key is None else Refusal(
+            "is a grouped-query attention reached through a concatenation of query heads")
+    return [q, q // group, q // group]
+
+
+def _source(node: fx.Node) -> fx.Node:
+    """The node whose tuple output ``node`` picks an item of (``getitem`` of a module's outputs), else ``node``."""
+    while node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
 
 
 def _origin(node: fx.Node, model: nn.Module) -> str:
     """Describe a fixed-width tensor by where it comes from (``getitem`` of a module's tuple output)."""
-    while node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return describe(node, model)
+    return describe(_source(node), model)
 
 
 _FORWARD: dict[OpKind, Callable[[_Walk, fx.Node, fx.Node, Op, Layout], None]] = {

@@ -2,7 +2,9 @@
 
 A :class:`Layout` says which axis of a tensor holds the widened units (counted from the end, so
 that the batch and other leading axes do not matter), the tensor's rank when it is known, which
-unit mapping applies, and whether the units have been flattened into channel-major blocks.
+unit mapping applies, whether the units have been flattened into channel-major blocks, and how many
+entries of that axis each unit holds (``rep``: grouped-query attention repeats a key/value head for
+each query head of its group, so there a unit is a group of query heads).
 
 Each rule here is a pure function ``(layout of the input, node, module or None, context) -> layout
 of the output`` that raises :class:`Refusal` when the op cannot follow a widening exactly, and
@@ -12,9 +14,9 @@ Adding an op that moves the units' axis is one decorated function here (plus its
 
     >>> lay = Layout(dim=-3, ndim=4, key=None)          # conv output (N, C, H, W), C widened
     >>> flatten_axes(lay, 1, -1)                         # x.flatten(1): C-major blocks of H*W
-    Layout(dim=-1, ndim=2, key=None, flat=True)
+    Layout(dim=-1, ndim=2, key=None, flat=True, rep=1)
     >>> reduce_axes(lay, (2, 3), keepdim=False)          # x.mean((2, 3)): global pooling
-    Layout(dim=-1, ndim=2, key=None, flat=False)
+    Layout(dim=-1, ndim=2, key=None, flat=False, rep=1)
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from autogrow.errors import SHAPES_HINT
 from autogrow.ops import LayoutRule, Linearity, OpKind, register_function, register_layout_module
 
-__all__ = ["Context", "Layout", "NeedsBlock", "NeedsParts", "Refusal", "arg", "cat_axis", "flatten_axes",
+__all__ = ["Context", "Layout", "NeedsBlock", "NeedsParts", "NeedsRep", "Refusal", "arg", "cat_axis", "flatten_axes",
            "reduce_axes"]
 
 
@@ -64,6 +66,15 @@ class NeedsParts(Exception):
         self.parts = parts
 
 
+class NeedsRep(Exception):
+    """The widened layer's units meet tensors whose units serve ``rep`` of them each (grouped-query attention:
+    one key/value head for a group of query heads): the walk restarts, a unit being such a group."""
+
+    def __init__(self, rep: int) -> None:
+        super().__init__(rep)
+        self.rep = rep
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where the widened units sit in one tensor."""
@@ -72,10 +83,13 @@ class Layout:
     ndim: int | None  # rank of the tensor when known (convolutions), else None
     key: fx.Node | None  # which unit mapping: None for the widened layer's own, else a concatenation node
     flat: bool = False  # features are channel-major blocks after a flatten (block size from the consumer)
+    rep: int = 1  # entries per unit along its axis: > 1 where each unit is a group of query heads (GQA)
 
 
 class Context(Protocol):
     """What a rule may ask about the graph beyond the node itself (the coupling walk provides it)."""
+
+    final: bool  # every layout is known (the walk's last pass): a check of sizes read from other tensors is due
 
     def shape(self, node: object) -> tuple[int, ...] | None:
         """The recorded shape of a tensor node (``None`` without example inputs)."""
@@ -137,11 +151,11 @@ def flatten_axes(lay: Layout, start: int, end: int) -> Layout:
         return lay
     new_nd = nd - (e - s)
     if p < s:
-        return Layout(p - new_nd, new_nd, lay.key, lay.flat)
+        return replace(lay, dim=p - new_nd, ndim=new_nd)
     if p > e:
-        return Layout(p - (e - s) - new_nd, new_nd, lay.key, lay.flat)
+        return replace(lay, dim=p - (e - s) - new_nd, ndim=new_nd)
     if p == s and e == nd - 1 and not lay.flat:
-        return Layout(-1, new_nd, lay.key, flat=True)
+        return replace(lay, dim=-1, ndim=new_nd, flat=True)
     raise Refusal(f"flattens axes {s}..{e} so that the units (axis {p}) are not the outer index")
 
 
@@ -209,7 +223,7 @@ def _inverse_flatten(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: 
     p = nd - (e - s) + lay.dim
     if lay.flat or (p == s and e > s):
         raise Refusal("flattens the units into a block of a tensor that must grow with the widened one")
-    return Layout((p if p < s else p + (e - s)) - nd, nd, lay.key)
+    return replace(lay, dim=(p if p < s else p + (e - s)) - nd, ndim=nd)
 
 
 @layout_rule(torch.flatten, "flatten", nn.Flatten, inverse=_inverse_flatten)
@@ -239,11 +253,27 @@ def _inverse_reshape(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: 
         acc *= old_in[p]
         p += 1
     if acc == pre and p < len(old_in):
+        at = {"dim": p - len(old_in), "ndim": len(old_in)}
         if old_in[p] == old_out[q] and not lay.flat:
-            return Layout(p - len(old_in), len(old_in), lay.key)
+            return replace(lay, **at)
         if not lay.flat and q + 1 < len(old_out) and old_in[p] == old_out[q] * old_out[q + 1]:
-            return Layout(p - len(old_in), len(old_in), lay.key, flat=True)  # heads merged into features
+            return replace(lay, **at, flat=True)  # heads merged into features
+        if (not lay.flat and p + 1 < len(old_in) and old_out[q] == old_in[p] * old_in[p + 1]
+                and old_in[p + 2:] == old_out[q + 1:]):  # repeat_kv: (B, kv, n_rep, T, d) -> (B, kv * n_rep, T, d)
+            return replace(lay, **at, rep=_fewer(lay, old_in[p + 1]))
     raise Refusal(f"reshapes {old_in} to {old_out} in a way autogrow cannot follow backwards")
+
+
+def _fewer(lay: Layout, r: int) -> int:
+    """The ``rep`` of a tensor each of whose entries on the units' axis serves ``r`` entries of a tensor laid out
+    as ``lay`` (a key/value head repeated for ``r`` query heads). The widened layer's own units (``lay.key`` is
+    ``None``) that are single query heads restart as groups (:class:`NeedsRep`)."""
+    if lay.rep % r == 0:
+        return lay.rep // r
+    if lay.key is None:
+        raise NeedsRep(r // math.gcd(lay.rep, r))
+    raise Refusal(f"repeats each entry of a tensor {r} times along the units' axis, which splits the units of a "
+                  "concatenation")
 
 
 @layout_rule(torch.reshape, "view", "reshape", inverse=_inverse_reshape)
@@ -277,6 +307,8 @@ def reshape(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) 
     if target.count(-1) == 1:
         rest = math.prod(v for v in target if v != -1)
         target[target.index(-1)] = math.prod(expected) // rest if rest else -1
+    if target != expected and not ctx.final and any(isinstance(v, fx.Node) for v in shape):
+        return out  # sizes read from a tensor the walk may widen later: checked again in its last pass
     if target != expected:
         raise Refusal(f"reshapes the widened tensor to a fixed shape {tuple(map(str, shape))} (after widening "
                       f"it would need {tuple(expected)}, gets {tuple(target)})", _FIXED)
@@ -312,13 +344,17 @@ def _units_after_reshape(lay: Layout, old_in: tuple[int, ...], old_out: tuple[in
         acc *= old_out[q]
         q += 1
     if acc == pre and q < len(old_out):
-        n_units = ctx.widths(lay)[0]
+        n_units, at = ctx.widths(lay)[0], {"dim": q - len(old_out), "ndim": len(old_out)}
         if old_out[q] == units and (not lay.flat or q == len(old_out) - 1):
-            return Layout(q - len(old_out), len(old_out), lay.key, lay.flat), q
+            return replace(lay, **at), q
         if old_out[q] == units * post and q == len(old_out) - 1 and not lay.flat:
-            return Layout(-1, len(old_out), lay.key, flat=True), q
-        if lay.flat and old_out[q] == n_units and q + 1 < len(old_out) and old_out[q] * old_out[q + 1] == units:
-            return Layout(q - len(old_out), len(old_out), lay.key), q  # blocks (heads) back to their own axis
+            return replace(lay, **at, flat=True), q
+        if (lay.flat and old_out[q] == n_units * lay.rep and q + 1 < len(old_out)
+                and old_out[q] * old_out[q + 1] == units):
+            return replace(lay, **at, flat=False), q  # blocks (heads) back to their own axis
+        if (not lay.flat and p + 1 < len(old_in) and old_out[q] == units * old_in[p + 1]
+                and old_out[q + 1:] == old_in[p + 2:]):  # repeat_kv: (B, kv, n_rep, T, d) -> (B, kv * n_rep, T, d)
+            return replace(lay, **at, rep=lay.rep * old_in[p + 1]), q
         if not lay.flat and q + 1 < len(old_out) and old_out[q] * old_out[q + 1] == units:
             _split_units(node, q, old_out, ctx, lay)
         if not lay.flat and ctx.parts(lay.key) == 1 and _fixed_parts(node, q, old_out, units, ctx):
@@ -509,7 +545,24 @@ def _index_items(node: fx.Node) -> list[object]:
     return list(idx) if isinstance(idx, tuple) else [idx]
 
 
-@layout_rule(operator.getitem)
+def _inverse_getitem(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
+    """Where the units sat before ``t[:, :, None]``: full slices and new axes only (repeat_kv's)."""
+    items, shape = _index_items(node), ctx.shape(node)
+    if any(i is not None and i is not Ellipsis and i != slice(None) for i in items) or items.count(Ellipsis) > 1:
+        raise Refusal("indexes a tensor that must grow with the widened one")
+    if shape is None:
+        raise Refusal("indexes a tensor of unknown rank that must grow with the widened one", SHAPES_HINT, True)
+    in_nd = len(shape) - items.count(None)
+    fill = [slice(None)] * (in_nd - sum(1 for i in items if i == slice(None)))
+    at = items.index(Ellipsis) if Ellipsis in items else len(items)
+    new_axes = [i is None for i in items[:at] + fill + items[at + 1:]]
+    p = len(shape) + lay.dim
+    if new_axes[p]:
+        raise Refusal("indexes a tensor that must grow with the widened one so that the units land on a new axis")
+    return replace(lay, dim=p - sum(new_axes[:p]) - in_nd, ndim=in_nd)
+
+
+@layout_rule(operator.getitem, inverse=_inverse_getitem)
 def getitem(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
     """Indexing: picking a piece of a split keeps the layout; on a tensor, ints, full slices, ``None``
     and ``...`` are followed; anything but a full slice on the units' axis is refused."""
@@ -543,3 +596,63 @@ def getitem(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) 
             out_nd += 1
         axis += 1
     return replace(lay, dim=out_axis - out_nd, ndim=out_nd)  # type: ignore[operator]
+
+
+
+
+def _expand_sizes(node: fx.Node) -> Sequence[object]:
+    return node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+
+
+def _expand_keeps_units(lay: Layout, node: fx.Node, ctx: Context) -> Layout:
+    """``t.expand(sizes)`` broadcasts other axes and may add leading ones; on the units' axis it must keep the
+    size: -1, or a size read from a widened tensor (repeat_kv's ``expand(b, kv_heads, n_rep, t, d)``). Which
+    tensors are widened is known once the walk is done: a size node passes until then, and is checked in its
+    last pass."""
+    sizes = _expand_sizes(node)
+    size = sizes[len(sizes) + lay.dim] if len(sizes) >= -lay.dim else None
+    if size != -1 and (ctx.final or not isinstance(size, fx.Node)):
+        shape = ctx.shape(node)
+        try:
+            old, new = ctx.widths(lay)
+            kept = shape is not None and [ctx.value(size, new=n) for n in (False, True)] == [
+                shape[lay.dim], shape[lay.dim] // old * new]
+        except Exception:
+            kept = False
+        if not kept:
+            raise Refusal("expands to a fixed size on the units' axis", "Expand with -1 there.")
+    return replace(lay, ndim=len(sizes))
+
+
+def _inverse_expand(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
+    out = _expand_keeps_units(lay, node, ctx)
+    shape = ctx.shape(node.args[0])
+    return replace(out, ndim=len(shape) if shape is not None else None)
+
+
+@layout_rule("expand", inverse=_inverse_expand)
+def expand(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
+    return _expand_keeps_units(lay, node, ctx)
+
+
+def _repeats(node: fx.Node, lay: Layout) -> int | None:
+    """How many times ``repeat_interleave`` repeats each entry of the units' axis (``None``: another axis)."""
+    n, dim = arg(node, 1, "repeats", None), arg(node, 2, "dim", None)
+    if dim is None or not isinstance(n, int):
+        raise Refusal("repeats the widened tensor's entries by a tensor or over the flattened tensor",
+                      "Repeat by an int along one axis (k.repeat_interleave(n_rep, dim=1)).")
+    return n if _axis(dim, lay.ndim) == lay.dim else None
+
+
+def _inverse_repeat_interleave(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
+    n = _repeats(node, lay)
+    return lay if n is None else replace(lay, rep=_fewer(lay, n))
+
+
+@layout_rule(torch.repeat_interleave, "repeat_interleave", inverse=_inverse_repeat_interleave)
+def repeat_interleave(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
+    """``k.repeat_interleave(n_rep, dim=1)``: each key/value head serves ``n_rep`` query heads (GQA)."""
+    if lay.flat:
+        raise Refusal("repeats the entries of a flattened widened tensor")
+    n = _repeats(node, lay)
+    return lay if n is None else replace(lay, rep=lay.rep * n)

@@ -507,10 +507,10 @@ def _shrink_changes(model: nn.Module, c: Coupling, maps: dict[str, UnitMap]
         shape[tr.dim] = shrunk_width(maps[tr.map]) * tr.block
         ch.new_shape = tuple(shape)
 
-    for mod, key in c.producers.items():  # unit_block > 1: the units are attention heads of that many rows
+    for mod, key in c.producers.items():  # whole heads (with their group's query heads) of that many rows
         for tname, d in layer_spec(modules[mod]).out_params.items():  # type: ignore[union-attr]
-            add(mod, tname, Transform(d, map_name(key), "merge", c.unit_block))
-        resizes.append((mod, "out", shrunk_width(maps[map_name(key)]) * c.unit_block))
+            add(mod, tname, Transform(d, map_name(key), "merge", c.block(mod)))
+        resizes.append((mod, "out", shrunk_width(maps[map_name(key)]) * c.block(mod)))
     for mod, key in c.channelwise.items():
         for tname in channel_spec(modules[mod]).tensors:  # type: ignore[union-attr]
             add(mod, tname, Transform(0, map_name(key), "merge"))

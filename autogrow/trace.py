@@ -36,10 +36,17 @@ class _Tracer(fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        # Registered layers are atoms; everything else (Sequential, user blocks) is traced through.
+        # Registered layers are atoms; everything else (Sequential, user blocks) is traced through, torch's
+        # transformer layers too (their Linears and norms grow; their attention once unfused, autogrow.attention).
         if classify_module(m).kind is not OpKind.OTHER:
             return True
+        if isinstance(m, _TRANSFORMER_LAYERS):
+            return False
         return super().is_leaf_module(m, qualname)
+
+
+_TRANSFORMER_LAYERS = (nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder, nn.TransformerEncoderLayer,
+                       nn.TransformerDecoderLayer)
 
 
 def unwrap(model: nn.Module, name: str) -> tuple[nn.Module, str]:

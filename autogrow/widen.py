@@ -292,9 +292,9 @@ def _changes(model: nn.Module, c: Coupling, maps: dict[str, UnitMap], exact: boo
 
     for mod, key in c.producers.items():
         spec = layer_spec(modules[mod])
-        for tname, d in spec.out_params.items():  # unit_block > 1: whole heads of that many rows
-            add(mod, tname, Transform(d, map_name(key), "out", c.unit_block))
-        resizes.append((mod, "out", len(maps[map_name(key)].idx) * c.unit_block))
+        for tname, d in spec.out_params.items():  # whole heads (with their group's query heads) of that many rows
+            add(mod, tname, Transform(d, map_name(key), "out", c.block(mod)))
+        resizes.append((mod, "out", len(maps[map_name(key)].idx) * c.block(mod)))
     for mod, key in c.channelwise.items():
         cspec = channel_spec(modules[mod])
         for tname, fill in cspec.tensors.items():

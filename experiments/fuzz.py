@@ -5,7 +5,9 @@ a tied output layer, in half of them GPT-2's shape: residual blocks and a final 
 include the constructs that once grew wrongly: sizes read from tensors (``x / x.size(-1)``,
 ``b, t, c = x.shape`` and reshapes with them, splitting the units into heads), ``BatchNorm1d`` on 3-D input,
 concatenations in keyword form and along other axes, tied weights, residual streams, fused projections split
-into equal parts (chunk, split by a size read or fixed, a reshape into (parts, heads, size) unbound), flatten,
+into equal parts (chunk, split by a size read or fixed, a reshape into (parts, heads, size) unbound),
+grouped-query attention (key/value heads repeated for their query heads as Hugging Face's ``repeat_kv`` does, by
+``repeat_interleave``, or by SDPA's ``enable_gqa``), flatten,
 pooling over tokens, LayerNorm, RMSNorm (torch's, and one written by hand as Llama's is, registered as
 ``nn.RMSNorm``) and every activation; one network in five branches on its input's value, which
 torch.fx cannot trace (autogrow then traces what the forward runs). Then it widens or deepens random layers,
@@ -125,6 +127,10 @@ class Block(nn.Module):
             self.b.weight = self.a.weight
         if kind == "fused":  # one layer, two equal parts (a gate and a value; q and k), split in one of four ways
             self.fc, self.how = nn.Linear(w, 2 * out), draw.choice(["chunk", "split_size", "split_const", "heads"])
+        if kind == "gqa":  # attention, heads of 2: 1-2 key/value heads, each serving 1-3 query heads
+            kv, self.n_rep = 2 * draw.integer(1, 2), draw.integer(1, 3)
+            self.q, self.k, self.v = nn.Linear(w, kv * self.n_rep), nn.Linear(w, kv), nn.Linear(w, kv)
+            self.o, self.how = nn.Linear(kv * self.n_rep, out), draw.choice(["expand", "interleave", "sdpa"])
 
     def nonlin(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(x) if self.act is not None else activate(x, self._fn)
@@ -165,7 +171,21 @@ class Block(nn.Module):
             return self.nonlin(self.a(x) + self.b(2 * x))
         if k == "fused":
             return self.fused(self.fc(x))
+        if k == "gqa":
+            return self.nonlin(self.attend(x))
         raise AssertionError(k)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (f(x).view(b, t, -1, 2).transpose(1, 2) for f in (self.q, self.k, self.v))
+        if self.how == "expand":  # Hugging Face's repeat_kv
+            bb, kv, tt, d = k.shape
+            k, v = (y[:, :, None, :, :].expand(bb, kv, self.n_rep, tt, d).reshape(bb, kv * self.n_rep, tt, d)
+                    for y in (k, v))
+        elif self.how == "interleave":
+            k, v = k.repeat_interleave(self.n_rep, dim=1), v.repeat_interleave(self.n_rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.how == "sdpa")
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
 
     def fused(self, h: torch.Tensor) -> torch.Tensor:
         if self.how == "heads":  # timm's qkv: (B, T, parts, heads, size), the parts unbound
@@ -230,7 +250,7 @@ def build(draw: Draw) -> tuple[nn.Module, torch.Tensor]:
     tokens = 4 if mode in ("tokens", "ids") else 0
     kinds = ["dense", "bn", *NORMS, "residual", "cat", "cat_kw", "tied", "scale", "bare"]
     if mode in ("tokens", "ids"):
-        kinds += ["roundtrip", "heads", "cat_other", "fused"]
+        kinds += ["roundtrip", "heads", "cat_other", "fused", "gqa"]
     pool = draw.choice(["mean", "none"]) if mode != "flat" else "none"
     w_in = draw.integer(2, 6)
     classes, w = 5, w_in

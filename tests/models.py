@@ -167,13 +167,21 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryAttention(nn.Module):
-    """Llama's attention: bias-free q/k/v/o, rotary position embeddings on q and k (per head), causal SDPA."""
+    """Llama's attention: bias-free q/k/v/o, rotary position embeddings on q and k (per head), causal SDPA.
 
-    def __init__(self, d: int, heads: int, head_size: int) -> None:
+    ``kv_heads`` < ``heads``: grouped-query attention, each key/value head serving ``heads // kv_heads`` query
+    heads, repeated the way the code people use does: ``"expand"`` (Hugging Face's ``repeat_kv``: a new axis,
+    expanded, merged into the heads), ``"interleave"`` (``repeat_interleave``) or ``"sdpa"`` (``enable_gqa=True``).
+    """
+
+    def __init__(self, d: int, heads: int, head_size: int, kv_heads: int | None = None, repeat: str = "expand"
+                 ) -> None:
         super().__init__()
-        self.q, self.k, self.v = (nn.Linear(d, heads * head_size, bias=False) for _ in range(3))
+        kv_heads = kv_heads or heads
+        self.q = nn.Linear(d, heads * head_size, bias=False)
+        self.k, self.v = (nn.Linear(d, kv_heads * head_size, bias=False) for _ in range(2))
         self.o = nn.Linear(heads * head_size, d, bias=False)
-        self.head_size = head_size
+        self.head_size, self.n_rep, self.repeat = head_size, heads // kv_heads, repeat
         freqs = torch.outer(torch.arange(16.0), 1.0 / 10000 ** (torch.arange(0, head_size, 2.0) / head_size))
         self.register_buffer("cos", torch.cat((freqs, freqs), -1).cos())
         self.register_buffer("sin", torch.cat((freqs, freqs), -1).sin())
@@ -183,18 +191,29 @@ class RotaryAttention(nn.Module):
         q, k, v = (f(x).view(B, T, -1, self.head_size).transpose(1, 2) for f in (self.q, self.k, self.v))
         cos, sin = self.cos[:T], self.sin[:T]
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        gqa = self.n_rep > 1 and self.repeat == "sdpa"
+        if self.n_rep > 1 and self.repeat == "expand":
+            k, v = (repeat_kv(t, self.n_rep) for t in (k, v))
+        elif self.n_rep > 1 and self.repeat == "interleave":
+            k, v = (t.repeat_interleave(self.n_rep, dim=1) for t in (k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Hugging Face's: (B, kv_heads, T, d) -> (B, kv_heads * n_rep, T, d), each key/value head n_rep times."""
+    b, kv, t, d = x.shape
+    return x[:, :, None, :, :].expand(b, kv, n_rep, t, d).reshape(b, kv * n_rep, t, d)
 
 
 class TinyLlama(nn.Module):
     """Llama-style: RMSNorm (hand-written), rotary attention, SwiGLU MLP, no position embedding."""
 
     def __init__(self, vocab: int = 11, d: int = 8, heads: int = 2, head_size: int = 4, hidden: int = 12,
-                 layers: int = 2) -> None:
+                 layers: int = 2, kv_heads: int | None = None, repeat: str = "expand") -> None:
         super().__init__()
         self.tok = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(LlamaBlock(d, heads, head_size, hidden) for _ in range(layers))
+        self.blocks = nn.ModuleList(LlamaBlock(d, heads, head_size, hidden, kv_heads, repeat) for _ in range(layers))
         self.norm, self.head = RMSNorm(d), nn.Linear(d, vocab, bias=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -205,9 +224,11 @@ class TinyLlama(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-    def __init__(self, d: int, heads: int, head_size: int, hidden: int) -> None:
+    def __init__(self, d: int, heads: int, head_size: int, hidden: int, kv_heads: int | None = None,
+                 repeat: str = "expand") -> None:
         super().__init__()
-        self.norm1, self.attn, self.norm2 = RMSNorm(d), RotaryAttention(d, heads, head_size), RMSNorm(d)
+        self.norm1, self.norm2 = RMSNorm(d), RMSNorm(d)
+        self.attn = RotaryAttention(d, heads, head_size, kv_heads, repeat)
         self.gate, self.up, self.down = (nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False),
                                          nn.Linear(hidden, d, bias=False))
 

@@ -177,26 +177,6 @@ def test_squeeze_excitation_gate_grows_with_its_channels():
     assert max_rel_error(ref, model(x)) <= 1e-9
 
 
-def test_library_attention_blocks_are_named_in_refusals():
-    class WithMHA(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb, self.mha, self.head = nn.Linear(4, 8), nn.MultiheadAttention(8, 2, batch_first=True), \
-                nn.Linear(8, 2)
-
-        def forward(self, x):
-            h = self.emb(x)
-            return self.head(h + self.mha(h, h, h)[0])
-
-    x = torch.randn(2, 5, 4)
-    with pytest.raises(autogrow.AutogrowError, match=r"node 'mha' \(call_module mha: MultiheadAttention\).*"
-                                                     r"one opaque call.*scaled_dot_product_attention"):
-        autogrow.widen(WithMHA(), "emb", 16, example_inputs=x)
-    layer = nn.Sequential(nn.Linear(4, 8), nn.TransformerEncoderLayer(8, 2, 16, batch_first=True))
-    with pytest.raises(autogrow.AutogrowError, match=r"'1.linear1' is inside '1' \(TransformerEncoderLayer\)"):
-        autogrow.widen(layer, "1.linear1", 32, example_inputs=x)
-
-
 def test_stacking_a_post_norm_block_is_refused_and_undone():
     class PostNorm(nn.Module):
         def __init__(self) -> None:

@@ -98,9 +98,8 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
     # transformers (v5): torch.fx cannot trace them (test_transformers_do_not_trace); autogrow traces what their
     # forward runs on the batch (autogrow.capture). GPT-2's MLP grows and every layer deepens; its d_model, tied
     # to lm_head, grows with mixtures (not copies); its c_attn is split by a size fixed in the code. BERT grows
-    # d_model, heads and FFN; Llama (its RMSNorm registered by the zoo, as a user would) d_model (also ramped in) and
-    # MLP, not the
-    # grouped-query k/v (fewer heads).
+    # d_model, heads and FFN; Llama (its RMSNorm registered by the zoo, as a user would) d_model (also ramped in), MLP
+    # and its grouped-query heads (a key/value head with its 2 query heads; tests/test_gqa.py).
     "gpt2": [
         ("transformer.h.0.mlp.c_fc", "widen x2", EXACT),
         ("transformer.h.0.mlp.c_fc", "deepen", EXACT),
@@ -120,7 +119,9 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
         ("model.embed_tokens", "widen x2", EXACT),
         ("model.embed_tokens", "widen x2 ramp", EXACT),  # LlamaRMSNorm, registered as nn.RMSNorm, ramps by scaling
         ("model.layers.0.mlp.up_proj", "widen x2", EXACT),
-        ("model.layers.0.self_attn.k_proj", "widen x2", r"must grow with .* but has \d+ units"),
+        ("model.layers.0.self_attn.k_proj", "widen x2", EXACT),
+        ("model.layers.0.self_attn.q_proj", "widen x2", EXACT),
+        ("model.layers.0.self_attn.q_proj", "widen +1", r"not a whole number of heads"),
         ("model.layers.0.mlp.gate_proj", "deepen", EXACT),
     ],
     # Their MLP blocks on their own grow: BERT's, Llama's (gate and up projections together: their outputs are
