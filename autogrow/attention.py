@@ -162,7 +162,7 @@ def _check_same(name: str, old: nn.MultiheadAttention, new: SplitAttention) -> N
             b = new(q, k, v, key_padding_mask=pad, attn_mask=causal)
     finally:
         old.train(was[0]), new.train(was[1])
-    tol = 1e-9 if p.dtype == torch.float64 else 1e-4
+    tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(p.dtype, 1e-2)  # half precision: a coarser check
     for x, y, what in ((a[0], b[0], "output"), (a[1], b[1], "attention weights")):
         err = float((x - y).abs().max() / x.abs().max().clamp_min(1e-30))
         if not err <= tol:

@@ -115,9 +115,7 @@ def couple(model: nn.Module, target: str, width: int | None = None, *, graph: fx
         try:
             return _Walk(model, target, graph, shapes, width, block, parts, rep).run()
         except NeedsRep as nr:  # grouped-query attention: a unit is a key/value head's group of query heads
-            rep *= nr.rep
-            if rep > getattr(model.get_submodule(target), "out_features", rep):
-                raise AssertionError(f"{target}: groups of {rep} heads") from None
+            rep *= nr.rep  # (more than the target's rows: refused by name when the walk restarts)
         except NeedsBlock as nb:  # the units are heads of nb.block features: count whole heads
             if block > 1:
                 raise AssertionError(f"{target}: heads of {nb.block} found after heads of {block}") from None
@@ -321,8 +319,8 @@ class _Walk:
             self.fail(node, f"has {reason}")
         n = channel_width(m)
         if lay.rep > 1:
-            self.fail(node, f"acts on units that hold {lay.rep} entries each (groups of query heads)",
-                      "Grow grouped-query attention through its Linear projections only.")
+            self.fail(node, f"acts on units that hold {lay.rep} entries each (a repeat, as of key/value heads for "
+                      "their query heads)", "Normalise or scale the tensor before it is repeated.")
         if n is not None and n != self.width(lay.key):
             self.fail(node, f"has {n} features, but the widened tensor has {self.width(lay.key)}")
         if lay.flat or not any(self._is_axis(lay, d, node) for d in spec.dims):

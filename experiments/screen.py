@@ -130,6 +130,12 @@ RECIPES = {  # names without commas: --recipes takes a comma-separated list
     "half width then one jump at 70%": Recipe(start=-2, deadline=0.7),
     "half width then one jump at 70% + shrink-perturb 0.5/0.01": Recipe(start=-2, deadline=0.7,
                                                                        shrink_perturb=(0.5, 0.01)),
+    # New units with random outgoing weights too (the random-padding baseline: not exact): what an exact masked
+    # ramp of the hidden units (MSG) could buy at most, if their zero outgoing weights slow the fresh units down.
+    "even 0.6 random": Recipe(init="random"),
+    "geometric 0.7 random": Recipe(schedule="geometric", deadline=0.7, init="random"),
+    "one jump at 1% random": Recipe(schedule="at", deadline=0.01, init="random"),
+    "one jump at 10% random": Recipe(schedule="at", deadline=0.1, init="random"),
 }
 
 

@@ -69,6 +69,16 @@ def test_fresh_groups_are_exact_and_shrink_undoes_copies(repeat):
 
 
 @pytest.mark.parametrize("repeat", REPEATS)
+def test_pruning_removes_whole_groups(repeat):
+    model, opt, x = trained(repeat)
+    autogrow.shrink(model, "blocks.0.attn.q", 8, mode="prune", optimizer=opt, example_inputs=x)
+    attn = model.blocks[0].attn
+    assert (attn.q.out_features, attn.k.out_features, attn.v.out_features, attn.o.in_features) == (8, 4, 4, 8)
+    lm_steps(model, opt, x)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("repeat", REPEATS)
 def test_part_of_a_group_is_refused_untouched(repeat):
     model, opt, x = trained(repeat)
     before = snapshot(model, opt)
@@ -164,3 +174,29 @@ def test_the_callback_grows_the_groups_once_per_event(rmsnorm_registered, repeat
     attn = model.net.blocks[0].attn
     assert (attn.q.out_features, attn.k.out_features, attn.v.out_features, attn.o.in_features) == (16, 8, 8, 16)
     assert len(grow.events) == 1 and grow.events[0].preservation_error < 1e-5
+
+
+class Repeated(nn.Module):
+    """Features repeated (``repeat_interleave`` on the units' axis) before a Linear, optionally a LayerNorm."""
+
+    def __init__(self, norm: bool) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(8, 2)
+        self.norm = nn.LayerNorm(8) if norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.norm(torch.relu(self.a(x)).repeat_interleave(2, dim=-1)))
+
+
+def test_repeated_features_grow_their_reader_by_blocks_and_a_norm_over_them_is_refused():
+    torch.manual_seed(0)
+    model, x = Repeated(norm=False), torch.randn(5, 3)
+    ref = model(x)
+    autogrow.widen(model, "a", 6, generator=0, example_inputs=x)
+    assert model.b.in_features == 12 and max_rel_error(ref, model(x)) <= 1e-9
+    model = Repeated(norm=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = snapshot(model, opt)
+    with pytest.raises(autogrow.AutogrowError, match=r"'norm' .*acts on units that hold 2 entries each"):
+        autogrow.widen(model, "a", 6, optimizer=opt, generator=0, example_inputs=x)
+    assert_unchanged(before, model, opt)
