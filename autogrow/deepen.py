@@ -230,6 +230,12 @@ def _check_deepen_args(model: nn.Module, after: str, init: str, residual: bool |
     check("kernel_size", kernel_size, kernel_size is None or kernel_size % 2 == 1, "an odd int >= 1 or None")
     if after not in sites:
         fail("after: " + not_called(model, after, sites, "growable layers"))
+    parent = after.rpartition(".")[0]
+    holder = model.get_submodule(parent) if parent else model
+    if isinstance(holder, nn.TransformerEncoderLayer) and isinstance(holder.self_attn, nn.MultiheadAttention):
+        fail(f"after: {after!r} is in {parent!r}, an nn.TransformerEncoderLayer whose fused fast path (eval mode, "
+             "no gradients) reads its weight directly, so a layer after it would break that path; call "
+             "autogrow.unfuse_attention(model) first (the unfused layer skips that path)")
     module = model.get_submodule(after)
     spec = identity_spec(module)
     if spec is None or spec.identity is None:

@@ -96,8 +96,10 @@ def _undecorated_forward(cls: type) -> Iterator[None]:
 
 
 def _user_frame(e: BaseException) -> str:
-    """`` at file:line `code` ``: the last frame of the failing trace outside torch (the call to change)."""
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/" not in f.filename]
+    """`` at file:line `code` ``: the last frame of the failing trace outside torch and this tracer (the call to
+    change)."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if "/torch/" not in f.filename and f.filename != __file__]
     if not frames:
         return ""
     f = frames[-1]
@@ -135,6 +137,10 @@ def not_called(model: nn.Module, name: str, sites: dict[str, list[fx.Node]], wha
     parts = name.split(".")
     for i in range(len(parts) - 1, 0, -1):
         outer = ".".join(parts[:i])
+        if isinstance(model.get_submodule(outer), nn.MultiheadAttention):
+            return (f"{name!r} is inside {outer!r} (MultiheadAttention), whose fused forward uses its weights without "
+                    "calling it; call autogrow.unfuse_attention(model) before building the optimizer (it rebuilds "
+                    f"the attention from Linears that grow), or grow one of: {callable_}")
         if outer in sites:
             kind = type(model.get_submodule(outer)).__name__
             return (f"{name!r} is inside {outer!r} ({kind}), which torch.fx records as one opaque call (it does not "

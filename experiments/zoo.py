@@ -1,10 +1,10 @@
 """The model zoo: every weighted layer of the models people actually train, widened and deepened.
 
-Model definitions from torchvision (ResNet-18, MobileNetV3 small), timm (ViT tiny, ConvNeXt atto) and
-Hugging Face transformers (GPT-2, BERT, Llama), each built from a small config with random weights (no
-download), in float64 on a small batch. For every weighted layer (every module holding a ``weight`` of
-rank >= 2: Linear, ConvNd, Embedding, transformers' Conv1D...) and every operation (``widen x2``,
-``widen +1``, ``deepen``), on a fresh copy with an Adam optimizer that has taken one step:
+Model definitions from torchvision (ResNet-18, MobileNetV3 small), timm (ViT tiny, ConvNeXt atto),
+Hugging Face transformers (GPT-2, BERT, Llama) and torch's own ``nn.TransformerEncoder``, each built from a
+small config with random weights (no download), in float64 on a small batch. For every weighted layer (every
+module holding a ``weight`` of rank >= 2: Linear, ConvNd, Embedding, transformers' Conv1D...) and every operation
+(``widen x2``, ``widen +1``, ``deepen``), on a fresh copy with an Adam optimizer that has taken one step:
 
 * ``exact``: no error, the output is unchanged (<= 1e-9 relative) on the batch it was planned on and on another
   one, every parameter is in the optimizer and a training step with Adam runs;
@@ -53,8 +53,8 @@ from autogrow.registry import LayerSpec, channel_spec, layer_spec, register_chan
 from autogrow.shapes import as_args, eval_mode
 from autogrow.trace import trace
 
-__all__ = ["BAD", "MODELS", "OPS", "FeedForward", "Logits", "ModelSpec", "Outcome", "assert_unchanged", "build",
-           "import_torchvision", "report", "run_op", "snapshot", "sweep", "tracing", "weighted_layers"]
+__all__ = ["BAD", "MODELS", "OPS", "FeedForward", "Logits", "ModelSpec", "Outcome", "TokenEncoder", "assert_unchanged",
+           "build", "import_torchvision", "report", "run_op", "snapshot", "sweep", "tracing", "weighted_layers"]
 
 OPS = ("widen x2", "widen +1", "deepen")
 BAD = ("silently wrong", "broken", "foreign exception", "dirty refusal")
@@ -227,6 +227,23 @@ def _llama_mlp() -> nn.Module:
     return _llama().model.layers[0].mlp
 
 
+class TokenEncoder(nn.Module):
+    """torch's own layers: token ids -> ``nn.Embedding`` -> ``nn.TransformerEncoder`` (2 pre-norm layers of 4 heads,
+    a final LayerNorm) -> ``nn.Linear``; with ``unfuse``, its ``nn.MultiheadAttention``s rebuilt from Linears by
+    ``autogrow.unfuse_attention`` (as a user would, before the optimizer)."""
+
+    def __init__(self, unfuse: bool) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=True)
+        self.emb, self.head = nn.Embedding(VOCAB, 32), nn.Linear(32, VOCAB)
+        self.enc = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(32), enable_nested_tensor=False)
+        if unfuse:
+            autogrow.unfuse_attention(self)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.emb(ids)))
+
+
 MODELS: dict[str, ModelSpec] = {s.name: s for s in (
     ModelSpec("resnet18", "torchvision", _resnet18, _images, "resnet18(num_classes=10), 32x32 input"),
     ModelSpec("resnext", "torchvision", _resnext, _images,
@@ -245,6 +262,11 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in (
               "BertForSequenceClassification(hidden_size=32, 2 layers, 2 heads, intermediate_size=64)"),
     ModelSpec("llama", "transformers", _llama, _tokens,
               "LlamaForCausalLM(hidden_size=32, 2 layers, 4 heads, 2 kv heads): RMSNorm, rotary, SwiGLU"),
+    ModelSpec("torch_encoder", "torch", lambda: TokenEncoder(unfuse=True), _tokens,
+              "nn.Embedding, nn.TransformerEncoder (2 pre-norm layers, 4 heads, d_model 32, FFN 64, final LayerNorm), "
+              "nn.Linear; attention unfused by autogrow.unfuse_attention"),
+    ModelSpec("torch_encoder_fused", "torch", lambda: TokenEncoder(unfuse=False), _tokens,
+              "the same model with its nn.MultiheadAttention left as it is"),
     # The whole transformers models do not trace; their MLP blocks do, on hidden states (B, T, 32):
     ModelSpec("gpt2_mlp", "transformers", _gpt2_mlp, _hidden,
               "GPT-2's first block's MLP (GPT2MLP: Conv1D c_fc, gelu_new, Conv1D c_proj), on its own", part=True),

@@ -124,6 +124,21 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
         ("model.layers.0.self_attn.q_proj", "widen +1", r"not a whole number of heads"),
         ("model.layers.0.mlp.gate_proj", "deepen", EXACT),
     ],
+    # torch's own nn.TransformerEncoder: traced through; after autogrow.unfuse_attention every dimension grows
+    # (heads by whole heads), left fused only its feed-forward width, the refusals naming unfuse_attention.
+    "torch_encoder": [
+        ("emb", "widen x2", EXACT),
+        ("enc.layers.0.self_attn.k", "widen x2", EXACT),
+        ("enc.layers.0.self_attn.q", "widen +1", r"not a whole number of heads"),
+        ("enc.layers.1.linear1", "widen +1", EXACT),
+        ("enc.layers.1.linear1", "deepen", EXACT),
+    ],
+    "torch_encoder_fused": [
+        ("enc.layers.0.linear1", "widen x2", EXACT),
+        ("emb", "widen x2", r"multi_head_attention_forward.*unfuse_attention"),
+        ("enc.layers.0.self_attn.out_proj", "widen x2", r"inside .*MultiheadAttention.*unfuse_attention"),
+        ("enc.layers.0.linear1", "deepen", r"fused fast path .*unfuse_attention"),
+    ],
     # Their MLP blocks on their own grow: BERT's, Llama's (gate and up projections together: their outputs are
     # multiplied) and GPT-2's (transformers' Conv1D, a Linear with its weight stored (in, out), registered by the
     # zoo as a user would; its gelu_new computes x ** 3).
