@@ -210,8 +210,8 @@ class EncoderLM(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=3e-3)
 
 
-def test_the_callback_grows_an_unfused_encoder():
-    from autogrow.callbacks import AutoGrow
+def test_the_callback_grows_an_unfused_encoder(tmp_path):
+    from autogrow.callbacks import AutoGrow, load_grown
     from torch.utils.data import DataLoader, TensorDataset
 
     from autogrow.plateau import EveryN
@@ -229,3 +229,8 @@ def test_the_callback_grows_an_unfused_encoder():
     layer = model.net.enc.layers[0]
     assert model.net.emb.out_features == 16 and layer.self_attn.num_heads == 4 and layer.linear1.out_features == 32
     assert len(grow.events) == 1 and grow.events[0].preservation_error < 1e-5
+    path = tmp_path / "last.ckpt"  # the module unfuses in __init__: load_grown replays the growth on that
+    trainer.save_checkpoint(path)
+    loaded = load_grown(EncoderLM, path)
+    x = data.tensors[0][:4]
+    assert torch.equal(loaded.eval()(x), model.eval()(x))
