@@ -147,6 +147,10 @@ def test_fused_attention_is_refused_naming_the_way_out():
     with pytest.raises(autogrow.AutogrowError, match=r"node 'mha' \(call_module mha: MultiheadAttention\).*"
                                                      r"autogrow.unfuse_attention\(model\)"):
         autogrow.widen(model, "emb", 16, example_inputs=x)
+    ref = model(x)
+    assert autogrow.unfuse_attention(model) == ["mha"]  # the way out: then d_model grows through it
+    autogrow.widen(model, "emb", 16, generator=0, example_inputs=x)
+    assert max_rel_error(ref, model(x)) <= 1e-9 and (model.mha.embed_dim, model.mha.num_heads) == (16, 2)
     torch.manual_seed(0)
     enc, xb = Encoder(True, True), batch()  # traced by running it: the fused call is a function there
     opt = torch.optim.Adam(enc.parameters())
