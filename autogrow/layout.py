@@ -598,9 +598,8 @@ def getitem(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) 
     return replace(lay, dim=out_axis - out_nd, ndim=out_nd)  # type: ignore[operator]
 
 
-
-
 def _expand_sizes(node: fx.Node) -> Sequence[object]:
+    """The sizes of ``t.expand(*sizes)`` or ``t.expand(sizes)``."""
     return node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
 
 
@@ -617,7 +616,7 @@ def _expand_keeps_units(lay: Layout, node: fx.Node, ctx: Context) -> Layout:
             old, new = ctx.widths(lay)
             kept = shape is not None and [ctx.value(size, new=n) for n in (False, True)] == [
                 shape[lay.dim], shape[lay.dim] // old * new]
-        except Exception:
+        except Exception:  # a size autogrow cannot evaluate (no recorded shapes, not an integer program)
             kept = False
         if not kept:
             raise Refusal("expands to a fixed size on the units' axis", "Expand with -1 there.")
