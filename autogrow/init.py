@@ -12,7 +12,7 @@ An initialiser decides two things:
 Adding an initialiser is one class here plus its test::
 
     >>> sorted(INITS)
-    ['mix', 'net2wider', 'ramp', 'random', 'vt', 'zero_out']
+    ['fade', 'mix', 'net2wider', 'ramp', 'random', 'vt', 'zero_out']
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from autogrow.errors import check_choice, fail
 from autogrow.growth import UnitMap
 
-__all__ = ["INITS", "Mix", "Net2Wider", "Ramp", "RandomPad", "VTPairs", "WidenInit", "ZeroOut", "get_init",
+__all__ = ["INITS", "Fade", "Mix", "Net2Wider", "Ramp", "RandomPad", "VTPairs", "WidenInit", "ZeroOut", "get_init",
            "mix_matrix", "register_init"]
 
 
@@ -120,6 +120,16 @@ class Ramp(ZeroOut):
     are new features from the start. Where no norm normalises over the units it is ``zero_out``."""
 
     name = "ramp"
+
+
+class Fade(RandomPad):
+    """Fresh units with random incoming *and* outgoing weights, whose readers fade them in: every consumer weighs
+    the new units' columns by 0 at first and by 1 after ``ramp_steps`` optimizer steps (MSG's masked ramp,
+    Yao et al. 2024, on hidden units; :mod:`autogrow.ramp`). Exact at the growth, and the new units start as
+    features of their own with outgoing weights to learn from, not zeros. For units that no norm normalises
+    (an MLP's hidden width); where norms do, ``"ramp"``."""
+
+    name, exact = "fade", True
 
 
 class VTPairs(WidenInit):
@@ -218,6 +228,6 @@ def get_init(name: str) -> WidenInit:
     return _INITS[name]
 
 
-for _init in (Net2Wider(), RandomPad(), ZeroOut(), VTPairs(), Mix(), Ramp()):
+for _init in (Net2Wider(), RandomPad(), ZeroOut(), VTPairs(), Mix(), Ramp(), Fade()):
     register_init(_init)
 INITS = _INITS  # name -> initialiser (read-only view by convention)

@@ -11,6 +11,10 @@ new units hold, so fresh units are exact (``init="ramp"``); once every weight re
 over their last axis, their subclasses registered as such (timm's ``LayerNorm``), and classes of their own
 registered as ``nn.RMSNorm`` (Llama's ``LlamaRMSNorm``: ramped by scaling what its own forward sees and returns).
 
+Units that no norm normalises (an MLP's hidden width) are faded in by their readers instead (``init="fade"``):
+a *faded* layer (``Linear``, ``ConvNd``, any registered weighted layer) weights its input features, through its
+weight's columns, the same way, so the new units' outgoing weights can start random and the growth stays exact.
+
 The ramp lives on the module (its class is swapped for :class:`RampedLayerNorm`/:class:`RampedRMSNorm`, a
 subclass, as ``torch.nn.utils.parametrize`` does; parameters and ``state_dict`` keys stay the same). Deep copies
 (a stacked block) carry it. :func:`ramp_state` / :func:`set_ramps` save and restore it by module name.
@@ -35,10 +39,10 @@ import torch
 import torch.nn as nn
 
 from autogrow.errors import check_int, fail
-from autogrow.registry import channel_spec, channel_width, register_channelwise
+from autogrow.registry import channel_spec, channel_width, layer_spec, register_channelwise, register_layer
 
-__all__ = ["RampState", "RampedLayerNorm", "RampedRMSNorm", "advance_ramps", "is_ramped", "rampable", "ramp_state",
-           "set_ramps", "start_ramp", "unramp"]
+__all__ = ["RampState", "RampedLayerNorm", "RampedRMSNorm", "advance_ramps", "fadeable", "is_ramped", "ramp_state",
+           "ramp_width", "rampable", "set_ramps", "start_ramp", "unramp"]
 
 _ATTR = "_autogrow_ramp"  # the RampState
 _WEIGHTS = "_autogrow_ramp_weights"  # its per-unit weights: a plain tensor attribute, not a buffer (DDP would sync
@@ -132,6 +136,18 @@ class _Scaled(_Ramp):
         return y * torch.sqrt(weights * share)
 
 
+class _Faded(_Ramp):
+    """The forward of a layer that fades new input features in: its own forward, with the weight's input columns
+    weighted per feature (old ones by 1: bit for bit the plain layer's weight)."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        weight = self.weight  # type: ignore[attr-defined]
+        shape = [1] * weight.dim()
+        shape[layer_spec(self).in_params["weight"]] = -1  # type: ignore[union-attr]
+        scaled = weight * getattr(self, _WEIGHTS).to(weight.device, weight.dtype).view(shape)
+        return _plain(type(self)).forward(_Cut(self, {"weight": scaled}), x, *args, **kwargs)
+
+
 class _Cut:
     """``module`` with some tensors replaced (its per-unit tensors cut to the live units), for its own forward."""
 
@@ -175,21 +191,44 @@ def _registered_as_rms(m: nn.Module) -> bool:
 
 
 def _ramped_class(m: nn.Module) -> type[nn.Module]:
-    """The ramped twin of ``m``'s class: made once for a registered subclass of ``nn.LayerNorm``/``nn.RMSNorm``
-    (timm's ``LayerNorm``) or a class of its own registered as ``nn.RMSNorm``, and registered as that class is."""
+    """The ramped twin of ``m``'s class: made once for a weighted layer (faded), a registered subclass of
+    ``nn.LayerNorm``/``nn.RMSNorm`` (timm's ``LayerNorm``) or a class of its own registered as ``nn.RMSNorm``, and
+    registered as that class is."""
     cls = type(m)
     if cls not in _BASES:
-        mixin = _Ramped if isinstance(m, _NORMS) else _Scaled
-        name = f"Ramped{cls.__name__}Of{cls.__module__.split('.')[0].title()}"  # unique: timm's LayerNorm
+        layer = layer_spec(m) is not None
+        mixin = _Faded if layer else _Ramped if isinstance(m, _NORMS) else _Scaled
+        name = f"{'Faded' if layer else 'Ramped'}{cls.__name__}Of{cls.__module__.split('.')[0].title()}"
         _BASES[cls] = type(name, (mixin, cls), {"__module__": __name__, "__doc__": f"A {cls.__name__} during a ramp."})
-        register_channelwise(_BASES[cls], channel_spec(m))  # type: ignore[arg-type]
+        if layer:  # a forward of its own: registered itself, as what it computes
+            register_layer(_BASES[cls], layer_spec(m))  # type: ignore[arg-type]
+        else:
+            register_channelwise(_BASES[cls], channel_spec(m))  # type: ignore[arg-type]
     return _BASES[cls]
 
 
-def _width(m: nn.Module) -> int:
-    """The units of a norm that rampable() accepted (a class of its own has no ``normalized_shape``: its weight's)."""
+def ramp_width(m: nn.Module) -> int:
+    """The units of a norm that rampable() accepted (a class of its own has no ``normalized_shape``: its weight's),
+    or the input features of a layer that fadeable() accepted."""
+    spec = layer_spec(m)
+    if spec is not None:
+        return int(getattr(m, spec.in_attr))  # type: ignore[arg-type]
     shape = getattr(m, "normalized_shape", None)
     return int(shape[0]) if shape else int(channel_width(m))  # type: ignore[arg-type]
+
+
+def fadeable(m: nn.Module) -> str | None:
+    """Why weighted layer ``m`` cannot fade new input features in (``None``: it can): it needs input features
+    and a ``weight`` indexed by them, which its forward reads as ``self.weight``."""
+    spec = layer_spec(m)
+    if spec is None or spec.in_attr is None or "weight" not in spec.in_params:
+        return f"a {type(m).__name__}, which has no weight over input features to fade new ones in through"
+    return None
+
+
+def _why_not(m: nn.Module) -> str | None:
+    """Why ``m`` cannot ramp: as a weighted layer (fading its inputs in) or as a norm."""
+    return fadeable(m) if layer_spec(m) is not None else rampable(m)
 
 
 def rampable(m: nn.Module) -> str | None:
@@ -218,10 +257,10 @@ def start_ramp(m: nn.Module, old: int, length: int) -> None:
     """Ramp ``m``'s units from index ``old`` on (a growth just appended them) in over ``length`` steps, from the
     next :func:`advance_ramps`. A norm already in a ramp adds them as a new segment (its ``length`` stays)."""
     check_int("length", length, 1)
-    why = rampable(m)
+    why = _why_not(m)
     if why is not None:
-        fail(f"ramp: the norm is {why}")
-    width = _width(m)
+        fail(f"ramp: {'the layer' if layer_spec(m) is not None else 'the norm'} is {why}")
+    width = ramp_width(m)
     if is_ramped(m):
         state = getattr(m, _ATTR)
         _set(m, replace(state, segments=(*state.segments, (old, width, None))))
@@ -233,7 +272,7 @@ def start_ramp(m: nn.Module, old: int, length: int) -> None:
 def _set(m: nn.Module, state: RampState) -> None:
     """Give ramped norm ``m`` its state and the weights that follow from it."""
     setattr(m, _ATTR, state)
-    w = state.weights(_width(m))
+    w = state.weights(ramp_width(m))
     setattr(m, _LIVE, int((w > 0).sum()))
     held = getattr(m, _WEIGHTS, None)
     if held is not None and held.shape == w.shape:
@@ -291,9 +330,12 @@ def set_ramps(model: nn.Module, states: Mapping[str, Mapping[str, Any]]) -> None
         False
     """
     modules = dict(model.named_modules())
-    for name in states:
-        if name not in modules or rampable(modules[name]) is not None:
-            fail(f"ramps: {name!r} is not a norm of this model that can ramp")
+    for name, st in states.items():
+        if name not in modules or _why_not(modules[name]) is not None:
+            fail(f"ramps: {name!r} is not a norm or layer of this model that can ramp")
+        first, end = st["segments"][0][0], st["segments"][-1][1]
+        if end > ramp_width(modules[name]):
+            fail(f"ramps: {name!r}'s ramp over units {first}..{end} does not fit its {ramp_width(modules[name])}")
     for name, m in modules.items():
         if name in states:
             if not is_ramped(m):

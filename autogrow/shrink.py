@@ -677,9 +677,9 @@ def plan_shrink(model: nn.Module, target: str, width: int | None = None, *, mode
     c = _couple(model, target, width if width is not None else _current_width(model, target), graph, shapes)
     unit = c.unit_features  # > 1: the units are attention heads of that size, or a fused output's parts
     old = c.old_width * unit
-    ramped = [n for n in c.channelwise if is_ramped(model.get_submodule(n))]
-    check("target", target, not ramped, f"a layer whose units no norm is ramping in ({ramped} still weigh the units "
-          "of a growth); shrink once the ramp has ended")
+    ramped = [n for n in (*c.channelwise, *c.consumers) if is_ramped(model.get_submodule(n))]
+    check("target", target, not ramped, f"a layer whose units no norm or reader is ramping in ({ramped} still weigh "
+          "the units of a growth); shrink once the ramp has ended")
     check("width", width, width is None or (width < old and width % unit == 0), f"fewer than {target!r}'s current "
           f"{old} units" + c.width_rule())
     tol = _tolerance(model.get_submodule(target), tol)

@@ -24,10 +24,10 @@ from autogrow.capture import traced
 from autogrow.coupling import Coupling, MapKey, couple, not_single_units
 from autogrow.errors import AutogrowError, check, check_choice, check_float, check_int, fail
 from autogrow.growth import Growth, Transform, UnitMap, make_seed
-from autogrow.init import Mix, Net2Wider, Ramp, RandomPad, WidenInit, ZeroOut, get_init
+from autogrow.init import Fade, Mix, Net2Wider, Ramp, RandomPad, WidenInit, ZeroOut, get_init
 from autogrow.optim import NEW_STATES
 from autogrow.plan import Plan, Undo, register_plan
-from autogrow.ramp import is_ramped, rampable, start_ramp
+from autogrow.ramp import fadeable, is_ramped, ramp_width, rampable, start_ramp
 from autogrow.registry import channel_spec, layer_spec
 from autogrow.tied import free_tied_readers
 from autogrow.trace import unwrap
@@ -97,7 +97,7 @@ class WidenPlan(Plan):
     resizes: list[tuple[str, str, int]] = field(repr=False)  # (module, "out" | "in" | "channel", new size)
     example_inputs: Any = field(default=None, repr=False)
     new_state: str = "zero"
-    ramps: list[str] = field(default_factory=list)  # norms that ramp the new units in (autogrow.ramp)
+    ramps: list[str] = field(default_factory=list)  # norms, or readers, that ramp the new units in (autogrow.ramp)
     ramp_steps: int = 0
 
     @property
@@ -120,7 +120,8 @@ class WidenPlan(Plan):
                          f"{' ...' if self.width - self.old_width > 16 else ''}; "
                          f"replication counts {counts.min().item()}..{counts.max().item()}")
         if self.ramps:
-            lines.append(f"  ramped in over {self.ramp_steps} steps by the norms {self.ramps}")
+            by = "the readers" if isinstance(get_init(self.init), Fade) else "the norms"
+            lines.append(f"  ramped in over {self.ramp_steps} steps by {by} {self.ramps}")
         lines.append(f"  producers (output grows): {self.producers}")
         if self.channelwise:
             lines.append(f"  channel-wise (entries copied): {self.channelwise}")
@@ -138,8 +139,9 @@ class WidenPlan(Plan):
         with torch.no_grad():
             new = {c.name: self._transform(current[c.name].detach(), c, init, gen) for c in self.changes}
         replaced = swap_tensors(modules, self.changes, current, new, self.resizes, undo)
-        for name in self.ramps:  # saved in undo by swap_tensors: their weights grew
-            start_ramp(modules[name], self.old_width, self.ramp_steps)
+        for name in self.ramps:  # saved in undo by swap_tensors: their weights grew; a reader's inputs by blocks
+            m = modules[name]
+            start_ramp(m, ramp_width(m) * self.old_width // self.width, self.ramp_steps)
         ramp = {"ramps": list(self.ramps), "ramp_steps": self.ramp_steps} if self.ramps else {}
         return Growth(
             kind=self.kind, target=self.target, seed=self.seed,
@@ -431,7 +433,9 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
             exact), ``"mix"`` (random orthogonal mixtures of the old units, exact where the tensor is linear up
             to a LayerNorm/RMSNorm, e.g. a transformer's residual stream), ``"random"`` (random padding
             baseline, inexact), ``"ramp"`` (``"zero_out"`` units that every LayerNorm/RMSNorm over them ramps in
-            over ``ramp_steps`` steps: :mod:`autogrow.ramp`, exact), or ``"auto"``: ``"zero_out"``, or where a
+            over ``ramp_steps`` steps: :mod:`autogrow.ramp`, exact), ``"fade"`` (random incoming and outgoing
+            weights, faded in by every reader over ``ramp_steps`` steps, for units no norm normalises: exact), or
+            ``"auto"``: ``"zero_out"``, or where a
             LayerNorm normalises over the units (fresh units would change its statistics) ``"ramp"`` when
             ``ramp_steps`` is given and the norms can ramp, else ``"mix"``, else ``"net2wider"`` copies.
         noise: keras-style noise on the copies' outgoing weights, relative to their std (inexact).
@@ -446,7 +450,7 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
             ``"mean"`` (second moments at the old units' mean: no oversized first Adam steps).
         traced_graph: the ``(graph, shapes)`` :func:`autogrow.capture.traced` returned for this model (unwrapped)
             and ``example_inputs``, to skip tracing it again.
-        ramp_steps: the length of a ramp in optimizer steps (``init="ramp"``: default 100); the ramp advances
+        ramp_steps: the length of a ramp in optimizer steps (``init="ramp"``/``"fade"``: default 100); it advances
             with :func:`autogrow.ramp.advance_ramps` (``AutoGrow`` calls it every step).
 
     Raises:
@@ -476,7 +480,7 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
           + c.width_rule())
     if init == "auto":
         init = _auto_init(model, c, width // block, ramp_steps)
-    ramps = _ramp_norms(model, c, init)
+    ramps = _ramp_norms(model, c, init) + _fade_readers(model, c, init)
     exact = get_init(init).exact
     mapping = _choose_mapping(c, init, mapping, width // block)
     maps = _draw_maps(c, width // block, init, mapping, float(split), seed)
@@ -504,6 +508,24 @@ def _ramp_problem(model: nn.Module, c: Coupling) -> str | None:
         return why
     modules = dict(model.named_modules())
     return next((f"{n!r} is {why}" for n in c.uniform_only if (why := rampable(modules[n])) is not None), None)
+
+
+def _fade_readers(model: nn.Module, c: Coupling, init: str) -> list[str]:
+    """The readers that fade the new units in: every consumer for ``init="fade"``. While a reader fades in the
+    units of an earlier growth, other initialisers are refused (their columns would weigh 0 there)."""
+    modules = dict(model.named_modules())
+    if not isinstance(get_init(init), Fade):
+        fading = [n for n in c.consumers if is_ramped(modules[n])]
+        if fading:
+            fail(f"init: {init!r} is not allowed for {c.target!r} while {fading} fade in the units of an earlier "
+                 "growth (its new columns would weigh 0 there); use init='fade', or widen once the fade has ended")
+        return []
+    why = not_single_units(c) or (f"{list(c.uniform_only)} normalise over its units (use init='ramp')"
+                                  if c.uniform_only else None)
+    why = why or next((f"{n!r} is {w}" for n in c.consumers if (w := fadeable(modules[n])) is not None), None)
+    if why is not None:
+        fail(f"init: 'fade' is not allowed for {c.target!r}: {why}")
+    return list(c.consumers)
 
 
 def _ramp_norms(model: nn.Module, c: Coupling, init: str) -> list[str]:

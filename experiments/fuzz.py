@@ -48,7 +48,7 @@ ACTS: dict[str, Any] = {
     "f.gelu": F.gelu, "torch.tanh": torch.tanh, "method.relu": "relu",
 }
 BAD = ("silently wrong", "broken", "foreign exception", "dirty refusal")
-WIDEN_INITS = ("net2wider", "mix", "ramp", "auto")  # the initialisers a widening draws
+WIDEN_INITS = ("net2wider", "mix", "ramp", "fade", "auto")  # the initialisers a widening draws
 
 
 class OwnRMSNorm(nn.Module):
@@ -318,7 +318,7 @@ def _operation(model: nn.Module, draw: Draw, x: torch.Tensor) -> tuple[str, dict
         n = width_of(m)
         kw.update(width=n * draw.choice([2, 3]) if draw.integer(0, 1) else n + draw.integer(1, 4),
                   split=draw.choice([0.0, 0.3]), init=draw.choice(WIDEN_INITS))
-        if kw["init"] == "ramp" or (kw["init"] == "auto" and draw.integer(0, 1)):
+        if kw["init"] in ("ramp", "fade") or (kw["init"] == "auto" and draw.integer(0, 1)):
             kw["ramp_steps"] = draw.integer(1, 3)  # short: the case's later operations meet ramps midway and ended
         return f"widen {target} init={kw['init']}", {"target": target, **kw}
     kw.update(residual=draw.choice([None, True, False]), batch_norm=bool(draw.integer(0, 3) == 0))
@@ -359,7 +359,7 @@ def run_op(model: nn.Module, opt: torch.optim.Optimizer, draw: Draw, x: torch.Te
 
 def run_case(draw: Draw, ops: int = 4) -> list[Outcome]:
     """Build a network, take one optimizer step, then ``ops`` random growths (a failure ends the case), the norms'
-    ramps advanced by 0-2 steps after each."""
+    ramps (and readers' fades) advanced by 0-2 steps after each."""
     model, x = build(draw)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     _step(model, opt, x)

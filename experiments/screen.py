@@ -31,6 +31,7 @@ from autogrow.experiments.transformers import forward_flops
 
 import autogrow
 from autogrow.lr import shrink_perturb
+from autogrow.ramp import advance_ramps
 from autogrow.shapes import eval_mode
 
 
@@ -136,6 +137,10 @@ RECIPES = {  # names without commas: --recipes takes a comma-separated list
     "geometric 0.7 random": Recipe(schedule="geometric", deadline=0.7, init="random"),
     "one jump at 1% random": Recipe(schedule="at", deadline=0.01, init="random"),
     "one jump at 10% random": Recipe(schedule="at", deadline=0.1, init="random"),
+    # The exact version: random outgoing weights that the readers fade in over 5% of the run (init="fade").
+    "even 0.6 fade": Recipe(init="fade"),
+    "geometric 0.7 fade": Recipe(schedule="geometric", deadline=0.7, init="fade"),
+    "one jump at 10% fade": Recipe(schedule="at", deadline=0.1, init="fade"),
 }
 
 
@@ -151,11 +156,12 @@ def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def grow(net: nn.Module, m: Model, r: Recipe, opt: torch.optim.Optimizer, x: torch.Tensor, seed: int, step: int,
-         last: bool) -> list[autogrow.Growth]:
+         last: bool, ramp_steps: int | None = None) -> list[autogrow.Growth]:
     """Double every target layer as the callback does (``init="auto"``: fresh units here); then the recipe's
     shrink-and-perturb."""
     growths = [autogrow.widen(net, t, 2 * getattr(net, t).weight.shape[0], init=r.init, split=0.5, optimizer=opt,
-                              example_inputs=x[:8], generator=seed * 7919 + step) for t in m.targets]
+                              example_inputs=x[:8], generator=seed * 7919 + step, ramp_steps=ramp_steps)
+               for t in m.targets]
     if r.shrink_perturb is not None and (last or not r.last_only):
         shrink_perturb(net, *r.shrink_perturb, torch.Generator().manual_seed(seed * 104729 + step))
     return growths
@@ -182,10 +188,11 @@ def train(m: Model, r: Recipe, data: Sequence[torch.Tensor], epochs: int, seed: 
                 break
             while events and step == events[0]:
                 events.pop(0)
-                grow(net, m, r, opt, x, seed, step, last=not events)
+                grow(net, m, r, opt, x, seed, step, last=not events, ramp_steps=max(1, round(0.05 * total)))
                 if r.reset:
                     opt = torch.optim.Adam(net.parameters(), lr=m.lr)
                 step_flops = 3 * forward_flops(net, x[:1]) * bs
+            advance_ramps(net, step)  # init="fade": the readers fade the new units in (as AutoGrow does)
             for group in opt.param_groups:
                 group["lr"] = m.lr * multiplier(r, step, total, points)
             loss = F.cross_entropy(net(x[idx]), y[idx])

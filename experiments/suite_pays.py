@@ -110,6 +110,8 @@ VARIANTS: dict[str, dict[str, Any]] = {  # other recipes, measured against a fin
     "geometric+shrink-perturb": {"deadline": Deadline(0.7, ratio=0.125), "shrink_perturb": (0.5, 0.01)},  # 30 ep best
     "rewarm-0.05": {"lr": GrowthLR(rewarm=0.05)},  # re-warm over 5% of the run after each growth
     "rewarm-0.1": {"lr": GrowthLR(rewarm=0.1)},
+    "fade": {"grow": Widen(init="fade")},  # random outgoing weights that the readers fade in over 5% of the run
+    "fade+geometric": {"grow": Widen(init="fade"), "deadline": Deadline(0.7, ratio=0.125)},
 }
 # every ablation too, by a short name: its rows paired with a finished run, one process per ablation
 VARIANTS.update({"ablation-" + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-"): kw

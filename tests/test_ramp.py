@@ -167,7 +167,7 @@ def test_copies_and_shrinking_are_refused_while_a_ramp_runs_and_an_undo_puts_the
         autogrow.widen(net, "tok", 32, init="net2wider", example_inputs=ids, optimizer=opt)
     assert_unchanged(ramped, net, opt)
     with pytest.raises(autogrow.AutogrowError, match=r"target: 'tok' is not allowed; expected a layer whose units no "
-                                                     r"norm is ramping in .*shrink once the ramp has ended"):
+                                                     r"norm or reader is ramping in .*shrink once the ramp has ended"):
         autogrow.shrink(net, "tok", mode="prune", width=12, example_inputs=ids, optimizer=opt)
     assert_unchanged(ramped, net, opt)
     undo.restore()  # the model only (a caller's Undo does not hold the optimizer)
@@ -186,8 +186,12 @@ def test_set_ramps_restores_by_name_and_refuses_what_cannot_ramp():
     assert not any(is_ramped(m) for m in net.modules())
     set_ramps(net, saved)
     assert ramp_state(net) == saved
-    with pytest.raises(autogrow.AutogrowError, match=r"ramps: 'head' is not a norm of this model that can ramp"):
-        set_ramps(net, {"head": saved["ln_f"]})
+    with pytest.raises(autogrow.AutogrowError, match=r"ramps: 'tok' is not a norm or layer of this model that can "
+                                                     r"ramp"):
+        set_ramps(net, {"tok": saved["ln_f"]})
+    with pytest.raises(autogrow.AutogrowError, match=r"ramps: 'head''s ramp over units 8..32 does not fit its 16"):
+        set_ramps(net, {"head": {**saved["ln_f"], "segments": [[8, 32, 7]]}})
+    assert ramp_state(net) == saved
 
 
 @pytest.mark.parametrize("ramp", [0, -3, 1.5, 1.0, True, "5"])
