@@ -199,7 +199,8 @@ def _ramped_class(m: nn.Module) -> type[nn.Module]:
         layer = layer_spec(m) is not None
         mixin = _Faded if layer else _Ramped if isinstance(m, _NORMS) else _Scaled
         name = f"{'Faded' if layer else 'Ramped'}{cls.__name__}Of{cls.__module__.split('.')[0].title()}"
-        _BASES[cls] = type(name, (mixin, cls), {"__module__": __name__, "__doc__": f"A {cls.__name__} during a ramp."})
+        _BASES[cls] = type(name, (mixin, cls), {"__module__": __name__, "__doc__": f"A {cls.__name__} during a ramp.",
+                                                "_autogrow_plain": cls})  # what a new layer like it is (deepening)
         if layer:  # a forward of its own: registered itself, as what it computes
             register_layer(_BASES[cls], layer_spec(m))  # type: ignore[arg-type]
         else:

@@ -199,8 +199,9 @@ def identity_kernel_size(m: nn.Module, kernel_size: int | None) -> int:
 def _conv_identity(m: nn.Module, kernel_size: int | None, conv: type[nn.Module] | None = None) -> nn.Module:
     k = identity_kernel_size(m, kernel_size)
     n, nd = m.out_channels, len(m.kernel_size)
-    new = (conv or type(m))(n, n, k, padding=k // 2, bias=m.bias is not None, padding_mode=m.padding_mode,
-                            device="meta", dtype=m.weight.dtype).to_empty(device=m.weight.device)
+    cls = conv or getattr(type(m), "_autogrow_plain", type(m))  # a layer fading inputs in (autogrow.ramp): its class
+    new = cls(n, n, k, padding=k // 2, bias=m.bias is not None, padding_mode=m.padding_mode, device="meta",
+              dtype=m.weight.dtype).to_empty(device=m.weight.device)
     with torch.no_grad():
         new.weight.zero_()
         centre = (k // 2,) * nd  # integer index: (k - 1) / 2 as a float would be a bug

@@ -77,9 +77,11 @@ def test_conv_readers_and_a_flattened_reader_fade_by_their_blocks():
     autogrow.widen(net, "b", 8, init="fade", ramp_steps=2, generator=1, example_inputs=x)  # read through flatten
     assert max_rel_error(ref, net(x)) <= 1e-12 and is_ramped(net.b) and is_ramped(net.fc)
     assert net.fc._autogrow_ramp.segments == ((64, 128, None),)  # the new channels' 16 pixels each
+    autogrow.deepen(net, "b", generator=2, example_inputs=x)  # after a fading conv: a plain identity conv
+    assert max_rel_error(ref, net(x)) <= 1e-12 and type(net.b[-1]) is nn.Conv2d and is_ramped(net.b[0])
     advance_ramps(net, 0)
     advance_ramps(net, 2)
-    assert not is_ramped(net.b) and not is_ramped(net.fc) and net.fc.in_features == 128
+    assert not is_ramped(net.b[0]) and not is_ramped(net.fc) and net.fc.in_features == 128
 
 
 def test_fade_is_refused_where_it_cannot_hold_and_other_inits_wait_for_it():
