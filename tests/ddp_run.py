@@ -1,8 +1,9 @@
 """Run by tests/test_ddp.py as a script: Lightning's 'ddp' launcher re-executes it for rank 1.
 
-Usage: python tests/ddp_run.py OUT_DIR [gradmax|ramp]  -> OUT_DIR/rank{0,1}.pt with each rank's final parameters
-(``gradmax``: ``Widen(gradmax=True)``, whose fresh rows come from the gradients all-reduced over the ranks; ``ramp``:
-a LayerNorm over the widened units, which ramps the new ones in, its weights a buffer that DDP broadcasts).
+Usage: python tests/ddp_run.py OUT_DIR [gradmax|ramp|fade]  -> OUT_DIR/rank{0,1}.pt with each rank's final
+parameters (``gradmax``: ``Widen(gradmax=True)``, whose fresh rows come from the gradients all-reduced over the
+ranks; ``ramp``: a LayerNorm over the widened units, which ramps the new ones in; ``fade``: ``Widen(init="fade")``,
+the readers fading the new units in, on both ranks alike).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def main(out: str, mode: str) -> None:
     net = nn.Sequential(nn.Linear(64, 3), nn.LayerNorm(3), nn.GELU(), nn.Linear(3, 10)) if mode == "ramp" \
         else MLP(64, [3, 3])
     model = Classifier(net, lr=0.1)
-    widen = Widen(gradmax=True) if mode == "gradmax" else Widen(ramp=30) if mode == "ramp" else Widen()
+    widen = {"gradmax": Widen(gradmax=True), "ramp": Widen(ramp=30), "fade": Widen(init="fade", ramp=30)}.get(
+        mode, Widen())
     grow = AutoGrow(trigger=EveryN(every=1), max_events=2, policy="round_robin", grow=widen)
     rec = Record()
     trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=4, callbacks=[grow, rec],

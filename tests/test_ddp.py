@@ -10,11 +10,11 @@ import pytest
 import torch
 
 
-@pytest.mark.parametrize("mode", ["default", "gradmax", "ramp"])
+@pytest.mark.parametrize("mode", ["default", "gradmax", "ramp", "fade"])
 def test_ddp_two_ranks_grow_together(tmp_path, subprocess_env, mode):
     """Both ranks grow the same way and end with identical parameters; with GradMax, whose fresh rows come from
     each rank's own batch, only because its matrix is summed over the ranks; with a LayerNorm over the widened
-    units, through a ramp that both ranks advance alike."""
+    units, through a ramp that both ranks advance alike; with readers fading the new units in, alike too."""
     script = Path(__file__).with_name("ddp_run.py")
     proc = subprocess.run([sys.executable, str(script), str(tmp_path), mode],
                           env=subprocess_env, capture_output=True, text=True, timeout=300)
@@ -29,6 +29,9 @@ def test_ddp_two_ranks_grow_together(tmp_path, subprocess_env, mode):
     if mode == "ramp":  # both growths ramped in by the LayerNorm, the ramps over by the end (30 steps each)
         assert r0["inits"] == ["ramp", "ramp"] and r0["ramped_steps"] == r1["ramped_steps"] >= 30
         assert a["model.0.weight"].shape == (12, 64) and a["model.1.weight"].shape == (12,)
+    elif mode == "fade":  # every growth faded in by its readers over 30 steps, over by the end
+        assert r0["inits"] == ["fade", "fade"] and r0["ramped_steps"] == r1["ramped_steps"] >= 30
+        assert a["model.fc1.weight"].shape == (6, 64) and a["model.fc2.weight"].shape == (6, 6)
     else:
         assert a["model.fc1.weight"].shape == (6, 64) and a["model.fc2.weight"].shape == (6, 6)
     assert all(torch.equal(a[k], b[k]) for k in a)
