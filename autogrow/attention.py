@@ -62,6 +62,9 @@ class SplitAttention(nn.Module):
         """The width of the query's features, which the output has too."""
         return self.q.in_features
 
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, batch_first={self.batch_first}"
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
                 attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True, is_causal: bool = False
