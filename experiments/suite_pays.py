@@ -112,6 +112,8 @@ VARIANTS: dict[str, dict[str, Any]] = {  # other recipes, measured against a fin
     "rewarm-0.1": {"lr": GrowthLR(rewarm=0.1)},
     "fade": {"grow": Widen(init="fade")},  # random outgoing weights that the readers fade in over 5% of the run
     "fade+geometric": {"grow": Widen(init="fade"), "deadline": Deadline(0.7, ratio=0.125)},
+    # the geometric deadline with the re-warm spelt out (a default since, after geometric-deadline-0.7 was measured)
+    "geometric-deadline-0.7+rewarm-0.05": {"deadline": Deadline(0.7, ratio=0.125), "lr": GrowthLR(rewarm=0.05)},
 }
 # every ablation too, by a short name: its rows paired with a finished run, one process per ablation
 VARIANTS.update({"ablation-" + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-"): kw
