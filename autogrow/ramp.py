@@ -255,8 +255,9 @@ def rampable(m: nn.Module) -> str | None:
 
 
 def start_ramp(m: nn.Module, old: int, length: int) -> None:
-    """Ramp ``m``'s units from index ``old`` on (a growth just appended them) in over ``length`` steps, from the
-    next :func:`advance_ramps`. A norm already in a ramp adds them as a new segment (its ``length`` stays)."""
+    """Ramp ``m``'s units (a norm's, or a layer's input features) from index ``old`` on (a growth just appended
+    them) in over ``length`` steps, from the next :func:`advance_ramps`. A module already in a ramp adds them as a
+    new segment (its ``length`` stays)."""
     check_int("length", length, 1)
     why = _why_not(m)
     if why is not None:
@@ -271,7 +272,7 @@ def start_ramp(m: nn.Module, old: int, length: int) -> None:
 
 
 def _set(m: nn.Module, state: RampState) -> None:
-    """Give ramped norm ``m`` its state and the weights that follow from it."""
+    """Give ramped norm (or fading layer) ``m`` its state and the weights that follow from it."""
     setattr(m, _ATTR, state)
     w = state.weights(ramp_width(m))
     setattr(m, _LIVE, int((w > 0).sum()))
