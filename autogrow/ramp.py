@@ -85,7 +85,7 @@ class RampState:
 
 
 class _Ramp:
-    """What every ramped norm is (``is_ramped``)."""
+    """What every ramped norm and fading layer is (``is_ramped``)."""
 
 
 class _Ramped(_Ramp):
@@ -285,7 +285,7 @@ def _set(m: nn.Module, state: RampState) -> None:
 
 
 def unramp(m: nn.Module) -> None:
-    """Make a ramped norm plain again (every weight 1: what it computes does not change)."""
+    """Make a ramped norm (or fading layer) plain again (every weight 1: what it computes does not change)."""
     if is_ramped(m):
         m.__class__ = _plain(type(m))
         for attr in (_ATTR, _WEIGHTS, _LIVE):
@@ -293,9 +293,9 @@ def unramp(m: nn.Module) -> None:
 
 
 def advance_ramps(model: nn.Module, step: int) -> int:
-    """Tell every ramped norm of ``model`` that the next forward is at optimizer step ``step`` (a ramp started by
-    a growth begins at the first step passed after it); norms whose ramp is complete become plain. Calling it
-    again with the same step changes nothing. Returns how many norms still ramp."""
+    """Tell every ramped norm and fading layer of ``model`` that the next forward is at optimizer step ``step`` (a
+    ramp started by a growth begins at the first step passed after it); those whose ramp is complete become plain.
+    Calling it again with the same step changes nothing. Returns how many still ramp."""
     left = 0
     for m in model.modules():
         if not is_ramped(m):
@@ -311,7 +311,7 @@ def advance_ramps(model: nn.Module, step: int) -> int:
 
 
 def ramp_state(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Every ramped norm's state by module name (plain data, for a checkpoint).
+    """Every ramped norm's and fading layer's state by module name (plain data, for a checkpoint).
 
         >>> net = nn.Sequential(nn.Linear(2, 6), nn.LayerNorm(6)); start_ramp(net[1], old=4, length=10)
         >>> advance_ramps(net, 3); ramp_state(net)
