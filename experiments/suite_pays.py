@@ -119,6 +119,9 @@ VARIANTS: dict[str, dict[str, Any]] = {  # other recipes, measured against a fin
                                       "lr": GrowthLR(rewarm=0.05)},
     "fresh-steps+rewarm-0.05": {"lr": GrowthLR(fresh_steps=True, rewarm=0.05)},
     "shrink-perturb+rewarm-0.05": {"shrink_perturb": (0.6, 0.01), "lr": GrowthLR(rewarm=0.05)},
+    "gradmax+geometric+shrink-perturb+rewarm-0.05": {
+        "grow": Widen(gradmax=True), "deadline": Deadline(0.7, ratio=0.125), "shrink_perturb": (0.6, 0.01),
+        "lr": GrowthLR(rewarm=0.05)},
 }
 # every ablation too, by a short name: its rows paired with a finished run, one process per ablation
 VARIANTS.update({"ablation-" + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-"): kw
