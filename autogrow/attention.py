@@ -176,8 +176,9 @@ def unfuse_attention(model: nn.Module) -> list[str]:
     """Replace every ``nn.MultiheadAttention`` in ``model`` by an equivalent :class:`SplitAttention`; returns
     their names. Each is checked on random inputs first (outputs and attention weights, with a padding and a
     causal mask); if any would differ, or uses ``add_bias_kv``/``add_zero_attn``, nothing is replaced. Call it
-    before building the optimizer. ``nn.TransformerEncoder``s holding them stop using nested tensors (torch's
-    fast path, which needs the packed weights).
+    after loading pretrained weights (the ``state_dict`` keys change: ``in_proj_weight`` becomes ``q``/``k``/``v``)
+    and before building the optimizer (the parameters are new ones). ``nn.TransformerEncoder``s holding them stop
+    using nested tensors (torch's fast path, which needs the packed weights).
 
         >>> import torch.nn as nn
         >>> enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), num_layers=2)
