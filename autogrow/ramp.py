@@ -143,7 +143,7 @@ class _Faded(_Ramp):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         weight = self.weight  # type: ignore[attr-defined]
         shape = [1] * weight.dim()
-        shape[layer_spec(self).in_params["weight"]] = -1  # type: ignore[union-attr]
+        shape[self._autogrow_in_dim] = -1  # type: ignore[attr-defined]  # the weight's input axis, read once
         scaled = weight * getattr(self, _WEIGHTS).to(weight.device, weight.dtype).view(shape)
         return _plain(type(self)).forward(_Cut(self, {"weight": scaled}), x, *args, **kwargs)
 
@@ -161,11 +161,15 @@ class _Cut:
 class RampedLayerNorm(_Ramped, nn.LayerNorm):
     """An ``nn.LayerNorm`` during a ramp (made by :func:`start_ramp`, undone by :func:`unramp`)."""
 
+    _autogrow_plain = nn.LayerNorm
+
 
 _BASES: dict[type[nn.Module], type[nn.Module]] = {nn.LayerNorm: RampedLayerNorm}
 if _RMSNorm is not None:
     class RampedRMSNorm(_Ramped, _RMSNorm):  # type: ignore[misc,valid-type]
         """An ``nn.RMSNorm`` during a ramp."""
+
+        _autogrow_plain = _RMSNorm
 
     _BASES[_RMSNorm] = RampedRMSNorm
 else:  # pragma: no cover - torch < 2.4
@@ -175,8 +179,9 @@ for _base, _ramped in _BASES.items():  # to the tracer and the coupling, a rampe
 
 
 def _plain(ramped: type[nn.Module]) -> type[nn.Module]:
-    """The norm class a ramped class was made from: its last base (every ramped class is ``(mixin, norm class)``)."""
-    return ramped.__bases__[-1]
+    """The class a ramped class was made from (``_autogrow_plain``, which deepening reads too: a new layer after a
+    fading one is plain)."""
+    return ramped._autogrow_plain  # type: ignore[attr-defined]
 
 
 def is_ramped(m: nn.Module) -> bool:
@@ -199,8 +204,9 @@ def _ramped_class(m: nn.Module) -> type[nn.Module]:
         layer = layer_spec(m) is not None
         mixin = _Faded if layer else _Ramped if isinstance(m, _NORMS) else _Scaled
         name = f"{'Faded' if layer else 'Ramped'}{cls.__name__}Of{cls.__module__.split('.')[0].title()}"
+        extra = {"_autogrow_in_dim": layer_spec(m).in_params["weight"]} if layer else {}  # type: ignore[union-attr]
         _BASES[cls] = type(name, (mixin, cls), {"__module__": __name__, "__doc__": f"A {cls.__name__} during a ramp.",
-                                                "_autogrow_plain": cls})  # what a new layer like it is (deepening)
+                                                "_autogrow_plain": cls, **extra})
         if layer:  # a forward of its own: registered itself, as what it computes
             register_layer(_BASES[cls], layer_spec(m))  # type: ignore[arg-type]
         else:

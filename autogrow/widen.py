@@ -513,16 +513,16 @@ def _ramp_problem(model: nn.Module, c: Coupling) -> str | None:
 def _fade_readers(model: nn.Module, c: Coupling, init: str) -> list[str]:
     """The readers that fade the new units in: every consumer for ``init="fade"``. While a reader fades in the
     units of an earlier growth, other initialisers are refused (their columns would weigh 0 there)."""
-    modules = dict(model.named_modules())
+    readers = {n: model.get_submodule(n) for n in c.consumers}
     if not isinstance(get_init(init), Fade):
-        fading = [n for n in c.consumers if is_ramped(modules[n])]
+        fading = [n for n, m in readers.items() if is_ramped(m)]
         if fading:
             fail(f"init: {init!r} is not allowed for {c.target!r} while {fading} fade in the units of an earlier "
                  "growth (its new columns would weigh 0 there); use init='fade', or widen once the fade has ended")
         return []
     why = not_single_units(c) or (f"{list(c.uniform_only)} normalise over its units (use init='ramp')"
                                   if c.uniform_only else None)
-    why = why or next((f"{n!r} is {w}" for n in c.consumers if (w := fadeable(modules[n])) is not None), None)
+    why = why or next((f"{n!r} is {w}" for n, m in readers.items() if (w := fadeable(m)) is not None), None)
     if why is not None:
         fail(f"init: 'fade' is not allowed for {c.target!r}: {why}")
     return list(c.consumers)
