@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import autogrow
 
 
 class Block(nn.Module):
@@ -87,12 +91,44 @@ def conv_nd(nd: int, bias: bool = True) -> nn.Module:
                          nn.Linear(4 * 4**nd, 3, bias=bias))
 
 
+def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, the tokens as their own targets."""
+    return F.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
+
+
 def lm_steps(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, steps: int = 1) -> None:
-    """``steps`` optimizer steps of next-token cross-entropy (the tokens as their own targets)."""
+    """``steps`` optimizer steps of :func:`lm_loss`."""
     for _ in range(steps):
         opt.zero_grad()
-        F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+        lm_loss(model, ids).backward()
         opt.step()
+
+
+def lm_snapshots(model: nn.Module, opt: torch.optim.Optimizer, batches: list[torch.Tensor]) -> list[nn.Module]:
+    """One :func:`lm_steps` step per batch; the model as it was before each (for :func:`assert_adam_state_replays`)."""
+    snaps = []
+    for ids in batches:
+        snaps.append(copy.deepcopy(model))
+        lm_steps(model, opt, ids)
+    return snaps
+
+
+def assert_adam_state_replays(model: nn.Module, opt: torch.optim.Optimizer, snaps: list[nn.Module],
+                              batches: list[torch.Tensor], growths: list[autogrow.Growth], lr: float) -> None:
+    """Adam's moments carried through ``growths`` equal those a fresh Adam (``lr``) builds from the grown model's own
+    gradient history: each snapshot, replayed through the growths, gives its batch's gradient (tests/test_optim.py's
+    check, on a language model)."""
+    replayed = [nn.Parameter(torch.zeros_like(p)) for p in model.parameters()]
+    ref = torch.optim.Adam(replayed, lr=lr)
+    for snap, ids in zip(snaps, batches):
+        autogrow.replay(snap, growths)
+        for p, grad in zip(replayed, torch.autograd.grad(lm_loss(snap, ids), list(snap.parameters()))):
+            p.grad = grad
+        ref.step()
+    for (name, p), q in zip(model.named_parameters(), replayed):
+        for k in ("exp_avg", "exp_avg_sq"):
+            a, b = opt.state[p][k], ref.state[q][k]
+            assert float((a - b).abs().max() / b.abs().max().clamp_min(1e-300)) <= 1e-6, f"{name}.{k}"
 
 
 def max_rel_error(a: torch.Tensor, b: torch.Tensor) -> float:

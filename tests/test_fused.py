@@ -3,7 +3,6 @@ every part alike, by whole heads; a split into parts of fixed size is refused, n
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -12,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import autogrow
-from tests.models import lm_steps, max_rel_error
+from tests.models import assert_adam_state_replays, lm_snapshots, lm_steps, max_rel_error
 from tests.test_refusals import assert_unchanged, snapshot
 
 pytestmark = pytest.mark.usefixtures("float64")  # exactness is checked to 1e-9: models and data in float64
@@ -110,26 +109,10 @@ def test_fused_state_equals_the_grown_models_own_gradient_history():
     torch.manual_seed(0)
     net, x = FusedLM(), ids()
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    snaps = []
-    for _ in range(3):
-        snaps.append(copy.deepcopy(net))
-        opt.zero_grad()
-        F.cross_entropy(net(x).flatten(0, 1), x.flatten()).backward()
-        opt.step()
+    snaps = lm_snapshots(net, opt, [x] * 3)
     growths = [autogrow.widen(net, "block.qkv", 36, init="net2wider", split=0.4, generator=5, optimizer=opt,
                               example_inputs=x)]
-    params = [nn.Parameter(torch.zeros_like(p)) for p in net.parameters()]
-    ref = torch.optim.Adam(params, lr=1e-2)
-    for snap in snaps:
-        autogrow.replay(snap, growths)
-        grads = torch.autograd.grad(F.cross_entropy(snap(x).flatten(0, 1), x.flatten()), list(snap.parameters()))
-        for p, grad in zip(params, grads):
-            p.grad = grad
-        ref.step()
-    for (name, p), q in zip(net.named_parameters(), params):
-        for k in ("exp_avg", "exp_avg_sq"):
-            a, b = opt.state[p][k], ref.state[q][k]
-            assert float((a - b).abs().max() / b.abs().max().clamp_min(1e-300)) <= 1e-6, f"{name}.{k}"
+    assert_adam_state_replays(net, opt, snaps, [x] * 3, growths, lr=1e-2)
 
 
 class ConstantSplit(nn.Module):

@@ -6,8 +6,6 @@ shrink. The key/value heads reach the query heads' count the ways code does it: 
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn as nn
@@ -15,7 +13,7 @@ import torch.nn.functional as F
 
 import autogrow
 from autogrow.widen import unit_features
-from tests.models import TinyLlama, lm_steps, max_rel_error
+from tests.models import TinyLlama, assert_adam_state_replays, lm_snapshots, lm_steps, max_rel_error
 from tests.test_refusals import assert_unchanged, snapshot
 
 pytestmark = pytest.mark.usefixtures("float64")  # exactness is checked to 1e-9: models and data in float64
@@ -119,29 +117,10 @@ def test_gradient_replay_through_the_groups():
     model, _, x = trained("expand")
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     batches = [torch.randint(0, 11, (3, 7), generator=torch.Generator().manual_seed(i)) for i in range(4)]
-
-    def loss(net: nn.Module, b: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(net(b).flatten(0, 1), b.flatten())
-
-    snaps = []
-    for b in batches:
-        snaps.append(copy.deepcopy(model))
-        opt.zero_grad()
-        loss(model, b).backward()
-        opt.step()
+    snaps = lm_snapshots(model, opt, batches)
     growths = [autogrow.widen(model, "blocks.0.attn.k", 12, split=0.3, generator=5, optimizer=opt, example_inputs=x),
                autogrow.widen(model, "blocks.1.attn.q", 32, split=0.4, generator=6, optimizer=opt, example_inputs=x)]
-    replayed = [nn.Parameter(torch.zeros_like(p)) for p in model.parameters()]
-    ref = torch.optim.Adam(replayed, lr=1e-2)
-    for snap, b in zip(snaps, batches):
-        autogrow.replay(snap, growths)
-        for p, grad in zip(replayed, torch.autograd.grad(loss(snap, b), list(snap.parameters()))):
-            p.grad = grad
-        ref.step()
-    for (name, p), q in zip(model.named_parameters(), replayed):
-        for k in ("exp_avg", "exp_avg_sq"):
-            a, b = opt.state[p][k], ref.state[q][k]
-            assert float((a - b).abs().max() / b.abs().max().clamp_min(1e-300)) <= 1e-6, f"{name}.{k}"
+    assert_adam_state_replays(model, opt, snaps, batches, growths, lr=1e-2)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
