@@ -8,12 +8,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import autogrow
 from autogrow.attention import SplitAttention
 from tests.models import max_rel_error
 from tests.test_refusals import assert_unchanged, snapshot
+from tests.test_transformers import TinyLM
 
 pytestmark = pytest.mark.usefixtures("float64")  # exactness is checked to 1e-9: models and data in float64
 
@@ -75,16 +75,19 @@ def test_unfuse_refuses_extra_key_value_positions_and_replaces_nothing():
 
 
 class Encoder(nn.Module):
-    """Features -> Linear -> nn.TransformerEncoder (2 layers, padding mask) -> Linear."""
+    """Features -> Linear -> nn.TransformerEncoder (2 layers, an optional padding mask) -> Linear; ``unfuse``: its
+    attention unfused at construction (as a LightningModule would, before its optimizer)."""
 
-    def __init__(self, norm_first: bool, batch_first: bool) -> None:
+    def __init__(self, norm_first: bool, batch_first: bool, unfuse: bool = False) -> None:
         super().__init__()
         layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first, norm_first=norm_first)
         self.emb, self.head, self.batch_first = nn.Linear(4, 8), nn.Linear(8, 3), batch_first
         self.enc = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(8) if norm_first else None,
                                          enable_nested_tensor=False)
+        if unfuse:
+            autogrow.unfuse_attention(self)
 
-    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
         h = self.emb(x if self.batch_first else x.transpose(0, 1))
         h = self.enc(h, src_key_padding_mask=pad)
         return self.head(h if self.batch_first else h.transpose(0, 1))
@@ -193,25 +196,7 @@ def test_nn_transformer_grows_its_cross_attention_and_refuses_its_d_model_untouc
     assert_unchanged(before, model, opt)
 
 
-class EncoderLM(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = Encoder(True, True)
-        autogrow.unfuse_attention(self.net)  # before configure_optimizers
-
-    def forward(self, x):
-        return self.net(x, torch.zeros(x.shape[:2], dtype=torch.bool))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x).flatten(0, 1), y.flatten())
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", F.cross_entropy(self(x).flatten(0, 1), y.flatten()))
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=3e-3)
+ENCODER = {"norm_first": True, "batch_first": True, "unfuse": True}
 
 
 def test_the_callback_grows_an_unfused_encoder(tmp_path):
@@ -225,7 +210,7 @@ def test_the_callback_grows_an_unfused_encoder(tmp_path):
     data = TensorDataset(torch.randn(64, 5, 4, generator=g), torch.randint(0, 3, (64, 5), generator=g))
     loader = DataLoader(data, batch_size=16)
     pl.seed_everything(0, verbose=False)
-    model = EncoderLM()
+    model = TinyLM(arch=Encoder, **ENCODER)
     grow = AutoGrow(trigger=EveryN(every=1), max_events=1, policy="all")
     trainer = pl.Trainer(max_epochs=2, callbacks=[grow], logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, accelerator="cpu")
@@ -233,8 +218,8 @@ def test_the_callback_grows_an_unfused_encoder(tmp_path):
     layer = model.net.enc.layers[0]
     assert model.net.emb.out_features == 16 and layer.self_attn.num_heads == 4 and layer.linear1.out_features == 32
     assert len(grow.events) == 1 and grow.events[0].preservation_error < 1e-5
-    path = tmp_path / "last.ckpt"  # the module unfuses in __init__: load_grown replays the growth on that
+    path = tmp_path / "last.ckpt"  # the encoder unfuses when built: load_grown replays the growth on that
     trainer.save_checkpoint(path)
-    loaded = load_grown(EncoderLM, path)
+    loaded = load_grown(TinyLM, path, arch=Encoder, **ENCODER)
     x = data.tensors[0][:4]
     assert torch.equal(loaded.eval()(x), model.eval()(x))
