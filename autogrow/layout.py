@@ -545,6 +545,16 @@ def _index_items(node: fx.Node) -> list[object]:
     return list(idx) if isinstance(idx, tuple) else [idx]
 
 
+def _full_index(items: list[object], nd: int) -> list[object]:
+    """An index into a tensor of rank ``nd`` with its ``...`` and its missing trailing axes written out as full
+    slices (a ``None``, a new axis, kept where it is)."""
+    used = sum(1 for i in items if i is not None and i is not Ellipsis)
+    out: list[object] = []
+    for i in items:
+        out += [slice(None)] * (nd - used) if i is Ellipsis else [i]
+    return out + [slice(None)] * (nd - sum(1 for i in out if i is not None))
+
+
 def _inverse_getitem(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
     """Where the units sat before ``t[:, :, None]``: full slices and new axes only (repeat_kv's)."""
     items, shape = _index_items(node), ctx.shape(node)
@@ -553,9 +563,7 @@ def _inverse_getitem(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: 
     if shape is None:
         raise Refusal("indexes a tensor of unknown rank that must grow with the widened one", SHAPES_HINT, True)
     in_nd = len(shape) - items.count(None)
-    fill = [slice(None)] * (in_nd - sum(1 for i in items if i == slice(None)))
-    at = items.index(Ellipsis) if Ellipsis in items else len(items)
-    new_axes = [i is None for i in items[:at] + fill + items[at + 1:]]
+    new_axes = [i is None for i in _full_index(items, in_nd)]
     p = len(shape) + lay.dim
     if new_axes[p]:
         raise Refusal("indexes a tensor that must grow with the widened one so that the units land on a new axis")
@@ -578,13 +586,8 @@ def getitem(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) 
         raise Refusal("indexes a widened tensor of unknown rank", SHAPES_HINT, needs_shapes=True)
     if sum(1 for i in items if i is Ellipsis) > 1 or any(isinstance(i, fx.Node) for i in items):
         raise Refusal("indexes the widened tensor with tensors or several ellipses")
-    used = sum(1 for i in items if i is not None and i is not Ellipsis)
-    expanded: list[object] = []
-    for i in items:
-        expanded += [slice(None)] * (nd - used) if i is Ellipsis else [i]
-    expanded += [slice(None)] * (nd - sum(1 for i in expanded if i is not None))
     p, axis, out_axis, out_nd = nd + lay.dim, 0, None, 0
-    for i in expanded:
+    for i in _full_index(items, nd):
         if i is None:
             out_nd += 1
             continue
