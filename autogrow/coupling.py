@@ -31,7 +31,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autogrow.errors import SHAPES_HINT, AutogrowError, NeedsShapes, check, fail
+from autogrow.errors import SHAPES_HINT, UNFUSE_HINT, AutogrowError, NeedsShapes, check, fail
 from autogrow.layout import Layout, NeedsBlock, NeedsParts, NeedsRep, Refusal, arg, cat_axis
 from autogrow.ops import Linearity, Op, OpKind, classify
 from autogrow.registry import ChannelSpec, LayerSpec, channel_spec, channel_width, layer_spec
@@ -253,7 +253,7 @@ class _Walk:
                                          or any(a is node for a in user.args[1:])):
             self.fail(user, "takes the widened tensor in an argument other than its first")
         if rule is None and user.target is F.multi_head_attention_forward:  # nn.MultiheadAttention, traced by running
-            self.fail(user, "is nn.MultiheadAttention's fused forward", _UNFUSE)
+            self.fail(user, "is nn.MultiheadAttention's fused forward", UNFUSE_HINT)
         if rule is None:
             self.fail(user, "is an operation that autogrow cannot keep exact on a widened tensor",
                       "Supported: registered modules, element-wise ops, add/sub/mul, cat, flatten, "
@@ -422,7 +422,7 @@ class _Walk:
             return self.backward(node.args[0], before, node)
         fused = _source(node).target is F.multi_head_attention_forward  # nn.MultiheadAttention, traced by running
         self.fail(via, f"combines the widened tensor with {_origin(node, self.model)}, whose width is fixed",
-                  _UNFUSE if fused else "Residual paths can be widened when every operand comes from a registered "
+                  UNFUSE_HINT if fused else "Residual paths can be widened when every operand comes from a registered "
                   "layer.")
 
     def _forward_early(self, node: fx.Node, op: Op, lay: Layout, via: fx.Node) -> None:
@@ -576,13 +576,9 @@ def _fwd_weighted(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout) -
     w.add_consumer(user, lay, op.spec, op.module)  # type: ignore[arg-type]
 
 
-_UNFUSE = ("Call autogrow.unfuse_attention(model) before building the optimizer: it rebuilds every "
-           "nn.MultiheadAttention from Linears (the same function), whose heads and widths grow.")
-
-
 def _unknown_module_fix(m: nn.Module | None) -> str:
     if isinstance(m, nn.MultiheadAttention):  # one fused call over a packed in_proj_weight
-        return _UNFUSE
+        return UNFUSE_HINT
     if m is not None and type(m).__module__.startswith("torch.nn") and any(True for _ in m.children()):
         return ("torch.fx records torch.nn's own composite layers as one opaque call. Write the block from "
                 "Linear/LayerNorm and F.scaled_dot_product_attention (as autogrow.experiments.transformers does).")

@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch.optim import Optimizer
 
 from autogrow.capture import traced
-from autogrow.errors import SHAPES_HINT, NeedsShapes, check, check_bool, check_choice, check_int, fail
+from autogrow.errors import SHAPES_HINT, UNFUSE_HINT, NeedsShapes, check, check_bool, check_choice, check_int, fail
 from autogrow.growth import Growth, make_seed
 from autogrow.ops import Op, OpKind, classify
 from autogrow.plan import Plan, Undo, register_plan
@@ -234,8 +234,8 @@ def _check_deepen_args(model: nn.Module, after: str, init: str, residual: bool |
     holder = model.get_submodule(parent) if parent else model
     if isinstance(holder, nn.TransformerEncoderLayer) and isinstance(holder.self_attn, nn.MultiheadAttention):
         fail(f"after: {after!r} is in {parent!r}, an nn.TransformerEncoderLayer whose fused fast path (eval mode, "
-             "no gradients) reads its weight directly, so a layer after it would break that path; call "
-             "autogrow.unfuse_attention(model) first (the unfused layer skips that path)")
+             "no gradients) reads its weight directly, so a layer after it would break that path (an unfused layer "
+             f"skips it). {UNFUSE_HINT}")
     module = model.get_submodule(after)
     spec = identity_spec(module)
     if spec is None or spec.identity is None:

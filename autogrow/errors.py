@@ -33,6 +33,8 @@ class NeedsShapes(AutogrowError):
 
 
 SHAPES_HINT = "Pass example_inputs=<a batch> so that autogrow sees every tensor's shape."
+UNFUSE_HINT = ("Call autogrow.unfuse_attention(model) before building the optimizer: it rebuilds every "
+               "nn.MultiheadAttention from Linears (the same function), whose heads and widths grow.")
 
 
 def fail(message: str) -> NoReturn:

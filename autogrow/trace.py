@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch.fx as fx
 import torch.nn as nn
 
-from autogrow.errors import fail
+from autogrow.errors import UNFUSE_HINT, fail
 from autogrow.ops import OpKind, classify_module
 
 __all__ = ["call_sites", "describe", "not_called", "trace", "unwrap"]
@@ -139,8 +139,7 @@ def not_called(model: nn.Module, name: str, sites: dict[str, list[fx.Node]], wha
         outer = ".".join(parts[:i])
         if isinstance(model.get_submodule(outer), nn.MultiheadAttention):
             return (f"{name!r} is inside {outer!r} (MultiheadAttention), whose fused forward uses its weights without "
-                    "calling it; call autogrow.unfuse_attention(model) before building the optimizer (it rebuilds "
-                    f"the attention from Linears that grow), or grow one of: {callable_}")
+                    f"calling it. {UNFUSE_HINT} Or grow one of: {callable_}")
         if outer in sites:
             kind = type(model.get_submodule(outer)).__name__
             return (f"{name!r} is inside {outer!r} ({kind}), which torch.fx records as one opaque call (it does not "
