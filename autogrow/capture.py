@@ -32,6 +32,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
+from autogrow.bound import bound_sizes
 from autogrow.errors import AutogrowError, NeedsShapes, fail
 from autogrow.ops import OpKind, classify_module
 from autogrow.shapes import as_args, eval_mode, propagate
@@ -182,7 +183,7 @@ def capture(model: nn.Module, example_inputs: Any) -> tuple[fx.Graph, dict[fx.No
     handles = [h for m in leaves for h in (m.register_forward_pre_hook(enter, with_kwargs=True),
                                            m.register_forward_hook(leave, with_kwargs=True))]
     try:
-        with torch.no_grad(), eval_mode(model), rec:
+        with torch.no_grad(), eval_mode(model), bound_sizes(model), rec:
             out = model(*args)
     finally:
         for h in handles:

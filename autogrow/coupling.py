@@ -31,6 +31,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from autogrow.bound import BoundSize
 from autogrow.errors import SHAPES_HINT, UNFUSE_HINT, AutogrowError, NeedsShapes, check, fail
 from autogrow.layout import Layout, NeedsBlock, NeedsParts, NeedsRep, Refusal, arg, cat_axis
 from autogrow.ops import Linearity, Op, OpKind, classify
@@ -70,6 +71,8 @@ class Coupling:
     parts: int = 1  # > 1: the target's output is that many equal pieces (a fused q/k/v), each grown alike
     # producers with several heads per unit: a grouped-query attention's query projection -> query heads per unit
     reps: Mapping[str, int] = field(default_factory=dict)
+    # module attributes holding a size the widened units change (autogrow.bound): (module, attribute) -> new value
+    rebinds: Mapping[tuple[str, str], int] = field(default_factory=dict)
 
     def block(self, producer: str) -> int:
         """Rows of ``producer`` per unit (per piece of a fused output): a head's size, times the query heads
@@ -167,6 +170,7 @@ class _Walk:
         self.uniform_only: list[str] = []
         self.grouped: dict[str, int] = {}
         self.tensors: dict[tuple[str, str], tuple[MapKey, int]] = {}
+        self.rebinds: dict[tuple[str, str], int] = {}
         self._queue: deque[fx.Node] = deque()
 
     def run(self) -> Coupling:
@@ -189,7 +193,8 @@ class _Walk:
         assert self.old_width is not None
         return Coupling(self.target, self.old_width, dict(self.producers), dict(self.channelwise),
                         dict(self.consumers), dict(self.cats), tuple(self.uniform_only), self.unit_block,
-                        dict(self.grouped), dict(self.tensors), _mix_refusal(self), self.n_parts, dict(self.reps))
+                        dict(self.grouped), dict(self.tensors), _mix_refusal(self), self.n_parts, dict(self.reps),
+                        dict(self.rebinds))
 
     def fail(self, node: fx.Node, why: str, fix: str = "", needs_shapes: bool = False) -> NoReturn:
         msg = f"target: cannot widen {self.target!r} exactly: {describe(node, self.model)} {why}." + (
@@ -225,6 +230,12 @@ class _Walk:
 
     def parts(self, key: object) -> int:
         return self.n_parts if key is not None and key is self.fused else 1
+
+    def rebind(self, size: BoundSize, value: int) -> None:
+        key, value = (size.owner, size.attr), int(value)  # a plain int (recorded shapes may hold capture's)
+        if self.rebinds.setdefault(key, value) != value:
+            raise Refusal(f"needs {size.owner or 'the model'}.{size.attr} (now {int(size)}) to become both "
+                          f"{self.rebinds[key]} and {value}", "Compute these sizes from the tensors instead.")
 
     def layouts_get(self, node: fx.Node) -> Layout | None:
         return self.layouts.get(node)
@@ -607,6 +618,8 @@ def _fwd_batched(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout) ->
         raise Refusal("contracts or mixes the widened units (matmul over features)",
                       "Units on a leading (batch-like) axis, such as attention heads, can grow.")
     mask = arg(user, 3, "attn_mask", None)
+    if w.shapes is not None and w.shapes.get(mask, ()) is None:
+        mask = None  # not a tensor on the example inputs: an optional mask argument left at None (timm's)
     if isinstance(mask, fx.Node) and mask not in w.layouts and not w._broadcasts(mask, lay):
         raise Refusal("uses an attention mask with a size along the widened heads", SHAPES_HINT, w.shapes is None)
     sdpa = user.target is F.scaled_dot_product_attention

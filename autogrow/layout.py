@@ -32,6 +32,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from autogrow.bound import BoundSize
 from autogrow.errors import SHAPES_HINT
 from autogrow.ops import LayoutRule, Linearity, OpKind, register_function, register_layout_module
 
@@ -103,6 +104,10 @@ class Context(Protocol):
     def parts(self, key: object) -> int:
         """Into how many equal pieces, each mapped as the widened layer's own units, a mapping's units fall:
         more than 1 for a fused projection's output, else 1."""
+
+    def rebind(self, size: BoundSize, value: int) -> None:
+        """Have the growth write ``value`` into the module attribute that held ``size`` (:mod:`autogrow.bound`);
+        raises :class:`Refusal` if the walk needs another value for it elsewhere."""
 
 
 def arg(node: fx.Node, pos: int, name: str, default: object) -> object:
@@ -304,6 +309,9 @@ def reshape(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) 
     except Exception:
         raise Refusal(f"reshapes the widened tensor to a shape computed in a way autogrow cannot follow "
                       f"{tuple(map(str, shape))}", _FIXED) from None
+    if isinstance(shape[q], BoundSize) and target[q] == old_out[q] != expected[q]:
+        ctx.rebind(shape[q], expected[q])  # the number of heads held in a module attribute: autogrow.bound
+        target[q] = expected[q]
     if target.count(-1) == 1:
         rest = math.prod(v for v in target if v != -1)
         target[target.index(-1)] = math.prod(expected) // rest if rest else -1
@@ -373,14 +381,16 @@ def _split_units(node: fx.Node, q: int, old_out: tuple[int, ...], ctx: Context, 
         raise Refusal(f"splits the widened units into {old_out[q:q + 2]} with sizes autogrow cannot follow",
                       SHAPES_HINT, needs_shapes=True) from None
     heads, size = target[q], target[q + 1]
+    if isinstance(reshape_target(node)[q], BoundSize):  # timm's self.num_heads: rebound by the reshape rule
+        heads = -1
     if size == old_out[q + 1] and new % size:
         raise Refusal(f"splits the widened units into heads of {size}: the new width {new} is not a whole number "
                       "of heads", f"Widen to a multiple of {size}.")
     if size == old_out[q + 1] and heads in (-1, new // size):
         raise NeedsBlock(size)
-    if size == old_out[q + 1]:  # timm's reshape(B, N, 3, self.num_heads, self.head_dim)
+    if size == old_out[q + 1]:  # reshape(B, N, 3, 4, head_size): a literal (attributes are BoundSizes, above)
         raise Refusal(f"splits the widened units into {heads} heads of {size}, a number of heads fixed in the code (a "
-                      "constant or a module attribute), so the new units fit no head",
+                      "constant, not an attribute of the module that reshapes), so the new units fit no head",
                       "Compute the number of heads from the tensor: view(B, T, -1, head_size) or x.size(-1) // "
                       "head_size.")
     raise Refusal(f"splits the widened units into {old_out[q]} x {old_out[q + 1]} (heads x head size?) and the head "
@@ -496,6 +506,14 @@ def _pieces(node: fx.Node, lay: Layout, ctx: Context) -> int:
         sizes = [ctx.value(given, new=w) for w in (False, True)]
     except Exception:
         raise Refusal("splits the widened units into parts of sizes autogrow cannot follow", _FUSED_FIX) from None
+    if isinstance(given, BoundSize) and given > 0 and features[0] % given == 0:  # GPT-2's split(self.split_size)
+        n = features[0] // given
+        if features[1] % n:
+            raise Refusal(f"splits the widened units into {n} equal parts of {given} "
+                          f"({given.owner or 'the model'}.{given.attr}); {features[1]} features make no {n} equal "
+                          "parts", f"Widen to a multiple of {n}.")
+        sizes[1] = features[1] // n  # the part size follows the width: the attribute is rewritten with it
+        ctx.rebind(given, sizes[1])
     counts = []
     for f, sz in zip(features, sizes):
         if not isinstance(sz, (int, list, tuple)):

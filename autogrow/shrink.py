@@ -52,7 +52,7 @@ from autogrow.ramp import is_ramped
 from autogrow.registry import channel_spec, layer_spec
 from autogrow.shapes import as_args, eval_mode
 from autogrow.trace import unwrap
-from autogrow.widen import BASE, TensorChange, map_name, planned_tensors, swap_tensors, tie_changes
+from autogrow.widen import BASE, TensorChange, map_name, planned_tensors, rebinds, swap_tensors, tie_changes
 
 __all__ = ["MODES", "ShrinkChange", "ShrinkPlan", "default_tol", "plan_shrink", "shrink"]
 
@@ -524,7 +524,7 @@ def _shrink_changes(model: nn.Module, c: Coupling, maps: dict[str, UnitMap]
         for tname, d in spec.in_params.items():
             add(mod, tname, Transform(d, map_name(key), "sum", block))
         resizes.append((mod, "in", shrunk_width(maps[map_name(key)]) * block))
-    return list(by_name.values()), resizes
+    return list(by_name.values()), resizes + rebinds(c)
 
 
 _REWORDED = (("cannot widen", "cannot shrink"), ("Widen a hidden layer", "Shrink a hidden layer"),

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import torch.fx as fx
 import torch.nn as nn
 
+from autogrow.bound import bound_sizes
 from autogrow.errors import UNFUSE_HINT, fail
 from autogrow.ops import OpKind, classify_module
 
@@ -65,7 +66,7 @@ def trace(model: nn.Module) -> fx.Graph:
         AutogrowError: torch.fx could not trace the forward (data-dependent control flow).
     """
     try:
-        with _undecorated_forward(type(model)):
+        with _undecorated_forward(type(model)), bound_sizes(model):  # sizes in attributes: autogrow.bound
             return _Tracer().trace(model)
     except Exception as e:  # fx raises many types for data-dependent control flow
         where = _user_frame(e)

@@ -126,6 +126,8 @@ class WidenPlan(Plan):
         if self.channelwise:
             lines.append(f"  channel-wise (entries copied): {self.channelwise}")
         lines.append(f"  consumers (input grows): {self.consumers}")
+        lines += [f"  attribute {m}.{kind.removeprefix('attr:')} = {v}"  # a size the forward reads from it
+                  for m, kind, v in self.resizes if kind.startswith("attr:")]
         for c in self.changes:
             how = ", ".join(f"dim {t.dim} {t.role}" + (f" x{t.block} block" if t.block > 1 else "")
                             for t in c.transforms)
@@ -318,7 +320,13 @@ def _changes(model: nn.Module, c: Coupling, maps: dict[str, UnitMap], exact: boo
         resizes.append((mod, "in", len(maps[map_name(key)].idx) * block))
     if isinstance(init, (Mix, ZeroOut)):  # every new unit fresh: a norm's fill is what its new entries get
         free_tied_readers(model, c, graph, by_name)
-    return tie_changes(model, list(by_name.values())), resizes
+    return tie_changes(model, list(by_name.values())), resizes + rebinds(c)
+
+
+def rebinds(c: Coupling) -> list[tuple[str, str, int]]:
+    """The size attributes the widened units change (:mod:`autogrow.bound`), as resizes: (module, "attr:name",
+    value)."""
+    return [(mod, f"attr:{attr}", value) for (mod, attr), value in c.rebinds.items()]
 
 
 def tie_changes(model: nn.Module, changes: list[TensorChange]) -> list[TensorChange]:
@@ -398,8 +406,10 @@ def swap_tensors(modules: dict[str, nn.Module], changes: list[TensorChange], cur
 
 def resize(module: nn.Module, kind: str, value: int) -> None:
     """Write a new size into a layer's attributes: ``"out"``/``"in"`` units of a weighted layer, or the
-    features of a channel-wise one."""
-    if kind == "channel":
+    features of a channel-wise one, or ``"attr:<name>"``: a size the forward reads from that attribute."""
+    if kind.startswith("attr:"):
+        setattr(module, kind.removeprefix("attr:"), value)
+    elif kind == "channel":
         channel_spec(module).attr_update(module, value)  # type: ignore[union-attr]
     else:
         spec = layer_spec(module)

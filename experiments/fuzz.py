@@ -5,7 +5,8 @@ a tied output layer, in half of them GPT-2's shape: residual blocks and a final 
 include the constructs that once grew wrongly: sizes read from tensors (``x / x.size(-1)``,
 ``b, t, c = x.shape`` and reshapes with them, splitting the units into heads), ``BatchNorm1d`` on 3-D input,
 concatenations in keyword form and along other axes, tied weights, residual streams, fused projections split
-into equal parts (chunk, split by a size read or fixed, a reshape into (parts, heads, size) unbound),
+into equal parts (chunk, split by a size read or kept in an attribute, a reshape into (parts, heads, size)
+unbound, the heads counted with -1 or kept in an attribute: autogrow rewrites such attributes),
 grouped-query attention (key/value heads repeated for their query heads as Hugging Face's ``repeat_kv`` does, by
 ``repeat_interleave``, or by SDPA's ``enable_gqa``), flatten,
 pooling over tokens, LayerNorm, RMSNorm (torch's, and one written by hand as Llama's is, registered as
@@ -14,7 +15,7 @@ torch.fx cannot trace (autogrow then traces what the forward runs). Then it wide
 with and without example inputs, and classifies every operation:
 
 * ``exact``: no error, the output is unchanged (<= 1e-9 relative in float64) and a training step runs;
-* ``refused``: an ``AutogrowError``, with the model and optimizer byte-identical;
+* ``refused``: an ``AutogrowError``, with the model (its int attributes too) and optimizer byte-identical;
 * ``silently wrong`` / ``broken`` / ``foreign exception`` / ``dirty refusal``: failures.
 
     python -m autogrow.experiments.fuzz --cases 5000
@@ -125,8 +126,10 @@ class Block(nn.Module):
         if kind == "tied":
             self.a, self.b = nn.Linear(w, out), nn.Linear(w, out)
             self.b.weight = self.a.weight
-        if kind == "fused":  # one layer, two equal parts (a gate and a value; q and k), split in one of four ways
-            self.fc, self.how = nn.Linear(w, 2 * out), draw.choice(["chunk", "split_size", "split_const", "heads"])
+        if kind == "fused":  # one layer, two equal parts (a gate and a value; q and k), split in one of five ways
+            self.fc = nn.Linear(w, 2 * out)
+            self.how = draw.choice(["chunk", "split_size", "split_const", "heads", "heads_attr"])
+            self.n_heads = out // 2  # heads_attr: timm's self.num_heads (autogrow.bound rewrites it)
         if kind == "gqa":  # attention, heads of 2: 1-2 key/value heads, each serving 1-3 query heads
             kv, self.n_rep = 2 * draw.integer(1, 2), draw.integer(1, 3)
             self.q, self.k, self.v = nn.Linear(w, kv * self.n_rep), nn.Linear(w, kv), nn.Linear(w, kv)
@@ -188,13 +191,13 @@ class Block(nn.Module):
         return self.o(y.transpose(1, 2).reshape(b, t, -1))
 
     def fused(self, h: torch.Tensor) -> torch.Tensor:
-        if self.how == "heads":  # timm's qkv: (B, T, parts, heads, size), the parts unbound
+        if self.how in ("heads", "heads_attr"):  # timm's qkv: (B, T, parts, heads, size), the parts unbound
             b, t, _ = h.shape
-            gate, value = h.reshape(b, t, 2, -1, 2).unbind(2)
+            gate, value = h.reshape(b, t, 2, self.n_heads if self.how == "heads_attr" else -1, 2).unbind(2)
             return (self.nonlin(gate) * value).flatten(2)
         if self.how == "chunk":
             gate, value = h.chunk(2, dim=-1)
-        else:  # by a size read from the tensor, or fixed in the code (GPT-2's split_size: refused when it must grow)
+        else:  # by a size read from the tensor, or held in an attribute (GPT-2's self.split_size: rewritten)
             gate, value = h.split(h.size(-1) // 2 if self.how == "split_size" else self.width_out, dim=-1)
         return self.nonlin(gate) * value
 
@@ -284,12 +287,14 @@ def build(draw: Draw) -> tuple[nn.Module, torch.Tensor]:
 
 
 def _state(model: nn.Module, opt: torch.optim.Optimizer) -> tuple:
+    ints = [(n, k, type(v).__name__, int(v)) for n, m in model.named_modules() for k, v in vars(m).items()
+            if isinstance(v, int)]  # sizes in attributes (autogrow.bound): a refusal leaves them as they were
     return (repr(model), [(k, v.clone()) for k, v in model.state_dict(keep_vars=True).items()],
-            [id(p) for p in model.parameters()], repr(opt.state_dict()))
+            [id(p) for p in model.parameters()], repr(opt.state_dict()), ints)
 
 
 def _same(a: tuple, b: tuple) -> bool:
-    return a[0] == b[0] and a[2] == b[2] and a[3] == b[3] and len(a[1]) == len(b[1]) and all(
+    return a[0] == b[0] and a[2] == b[2] and a[3] == b[3] and a[4] == b[4] and len(a[1]) == len(b[1]) and all(
         ka == kb and va.shape == vb.shape and torch.equal(va, vb) for (ka, va), (kb, vb) in zip(a[1], b[1]))
 
 

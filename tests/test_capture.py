@@ -73,8 +73,9 @@ class BranchOnWidened(nn.Module):
 
 def test_the_callback_grows_a_hugging_face_gpt2_it_cannot_trace_with_fx(tmp_path):
     """A real fit of transformers' GPT-2 (its Conv1D registered, as the zoo does): the callback's default Widen()
-    finds what grows from the probe batch's run, both MLPs and d_model (its embedding tied to ``lm_head``) widen
-    exactly, and the checkpoint loads."""
+    finds what grows from the probe batch's run, both MLPs, the heads (GPT-2 splits its fused q/k/v by
+    ``self.split_size``, which the growth rewrites: autogrow.bound) and d_model (its embedding tied to ``lm_head``)
+    widen exactly, and the checkpoint loads."""
     pytest.importorskip("transformers")
     from autogrow.callbacks import load_grown
     from autogrow.experiments import zoo
@@ -89,9 +90,13 @@ def test_the_callback_grows_a_hugging_face_gpt2_it_cannot_trace_with_fx(tmp_path
         model, grow, trainer, seq = fit_one_growth(lambda: TinyLM(arch=gpt2), vocab=zoo.VOCAB)
     (event,) = grow.events
     gpt = model.net.model
-    assert sorted(c.target for c in event.changes) == [*(f"net.model.transformer.h.{i}.mlp.c_fc" for i in (0, 1)),
-                                                       "net.model.transformer.wte"]
+    assert sorted(c.target for c in event.changes) == [
+        *(f"net.model.transformer.h.{i}.{layer}" for i in (0, 1) for layer in ("attn.c_attn", "mlp.c_fc")),
+        "net.model.transformer.wte"]
     assert event.preservation_error < 1e-5 and gpt.transformer.h[0].mlp.c_fc.nf == 256
+    # 2 -> 4 heads of 16: the q/k/v split and the attribute it reads grew together
+    assert gpt.transformer.h[1].attn.c_attn.nf == 192 and gpt.transformer.h[1].attn.split_size == 64
+    assert type(gpt.transformer.h[1].attn.split_size) is int
     # d_model 32 -> 64 through the tied embedding (autogrow.tied): still one Parameter, held once by the optimizer
     assert gpt.transformer.wte.weight.shape[1] == 64 and gpt.lm_head.weight is gpt.transformer.wte.weight
     # by fresh units that GPT-2's LayerNorms ramp in (the callback's default: 5% of the run, here one step)
@@ -100,6 +105,7 @@ def test_the_callback_grows_a_hugging_face_gpt2_it_cannot_trace_with_fx(tmp_path
     assert sorted(map(id, held)) == sorted(id(p) for p in model.parameters())
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     loaded = load_grown(TinyLM, tmp_path / "last.ckpt", arch=gpt2)
+    assert loaded.net.model.transformer.h[1].attn.split_size == 64  # replayed from the growth record
     assert torch.equal(loaded(seq[:2, :-1]), model.eval()(seq[:2, :-1]))
 
 

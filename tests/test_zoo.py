@@ -71,12 +71,14 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
         ("classifier.0", "deepen", EXACT),
     ],
     # ViT: d_model grows (patch embedding, attention and MLP outputs, the cls token and position embedding as
-    # bare Parameters, timm's LayerNorm registered by the zoo as a user would); the fused qkv is refused
-    # (reshaped to a fixed number of heads). Deepening works after every layer (a residual block after GELU).
+    # bare Parameters, timm's LayerNorm registered by the zoo as a user would); the fused qkv grows by whole heads
+    # (reshaped to self.num_heads heads, an attribute the growth rewrites: autogrow.bound). Deepening works after
+    # every layer (a residual block after GELU).
     "vit_tiny": [
         ("patch_embed.proj", "widen x2", EXACT),
         ("patch_embed.proj", "widen x2 ramp", EXACT),  # timm's LayerNorm, registered as nn.LayerNorm: it ramps
-        ("blocks.0.attn.qkv", "widen x2", r"heads of 64, a number of heads fixed in the code"),
+        ("blocks.0.attn.qkv", "widen x2", EXACT),
+        ("blocks.1.attn.qkv", "widen +1", r"expected a multiple of 3"),
         ("blocks.0.mlp.fc1", "widen +1", EXACT),
         ("blocks.1.mlp.fc1", "widen x2", EXACT),
         ("blocks.1.mlp.fc2", "widen x2", EXACT),
@@ -97,7 +99,8 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
     ],
     # transformers (v5): torch.fx cannot trace them (test_transformers_do_not_trace); autogrow traces what their
     # forward runs on the batch (autogrow.capture). GPT-2's MLP grows and every layer deepens; its d_model, tied
-    # to lm_head, grows with mixtures (not copies); its c_attn is split by a size fixed in the code. BERT grows
+    # to lm_head, grows with mixtures (not copies); its c_attn by whole heads (split by self.split_size, which the
+    # growth rewrites: autogrow.bound). BERT grows
     # d_model, heads and FFN; Llama (its RMSNorm registered by the zoo, as a user would) d_model (also ramped in), MLP
     # and its grouped-query heads (a key/value head with its 2 query heads; tests/test_gqa.py).
     "gpt2": [
@@ -106,7 +109,9 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
         ("transformer.wte", "widen x2", r"lm_head.weight and transformer.wte.weight are one tied Parameter"),
         ("transformer.wte", "widen x2 auto", EXACT),  # mixtures: ln_f's new entries start at 0 (autogrow.tied)
         ("transformer.wte", "widen x2 ramp", EXACT),  # fresh units the LayerNorms ramp in, the tie kept
-        ("transformer.h.0.attn.c_attn", "widen x2", r"'split'.*parts of fixed size \d+"),
+        ("transformer.h.0.attn.c_attn", "widen x2", EXACT),
+        ("transformer.h.1.attn.c_attn", "widen +1",
+         r"'split_1'.*3 equal parts of 32 \(transformer.h.1.attn.split_size\).*Widen to a multiple of 3"),
     ],
     "bert": [
         ("bert.embeddings.word_embeddings", "widen x2", EXACT),

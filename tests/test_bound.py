@@ -1,0 +1,182 @@
+"""Sizes kept in module attributes (autogrow.bound): timm reshapes its fused q/k/v to ``self.num_heads`` heads,
+GPT-2 splits it by ``self.split_size``. Widening the heads rewrites the attribute with the tensors, exactly; a
+shrink writes it back; replaying the growth record rewrites it on another copy; a growth the attribute makes
+inexact is undone, the attribute included; a head size is never rewritten; tracing leaves plain ints behind."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import autogrow
+from autogrow.bound import BoundSize, bound_sizes
+from autogrow.errors import AutogrowError
+from tests.models import assert_adam_state_replays, lm_snapshots, lm_steps, max_rel_error
+from tests.test_refusals import assert_unchanged, snapshot
+
+pytestmark = pytest.mark.usefixtures("float64")  # exactness is checked to 1e-9: models and data in float64
+
+
+class TimmAttention(nn.Module):
+    """timm's ``Attention``: the fused q/k/v reshaped to ``(B, N, 3, self.num_heads, self.head_dim)``.
+    ``scale_by_heads`` multiplies the output by ``2 / self.num_heads`` as well (a second use of the attribute,
+    which a rewrite would change)."""
+
+    def __init__(self, dim: int, heads: int, scale_by_heads: bool = False) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.scale_by_heads = heads, dim // heads, scale_by_heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, N, -1)
+        return self.proj(o * (2 / self.num_heads) if self.scale_by_heads else o)
+
+
+class GPT2Attention(nn.Module):
+    """transformers' ``GPT2Attention``: the fused q/k/v split by ``self.split_size``, heads of ``self.head_dim``
+    counted with -1."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.split_size, self.head_dim = dim, dim // heads
+        self.c_attn, self.c_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.c_attn(x).split(self.split_size, dim=2)
+        shape = (*q.shape[:-1], -1, self.head_dim)
+        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(o.transpose(1, 2).reshape(*x.shape[:-1], -1))
+
+
+class HeadsFirst(TimmAttention):
+    """``view(B, N, 3, self.num_heads, -1)``: the head size computed, the number of heads fixed: widening would
+    grow the head size (and change the softmax scale), so it is refused, the attribute untouched."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, -1))
+
+
+class LM(nn.Module):
+    """Embedding, one attention block with a residual, output layer."""
+
+    def __init__(self, attention: type[nn.Module], **kw: object) -> None:
+        super().__init__()
+        self.emb, self.attn, self.head = nn.Embedding(11, 8), attention(8, 2, **kw), nn.Linear(8, 11)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        return self.head(h + self.attn(h))
+
+
+FUSED = {TimmAttention: "attn.qkv", GPT2Attention: "attn.c_attn"}
+ATTRIBUTE = {TimmAttention: ("num_heads", 2, 4), GPT2Attention: ("split_size", 8, 16)}  # name, before, after x2
+
+
+def trained(attention: type[nn.Module], **kw: object) -> tuple[nn.Module, torch.optim.Optimizer, torch.Tensor]:
+    torch.manual_seed(0)
+    model, ids = LM(attention, **kw), torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    lm_steps(model, opt, ids, 2)
+    return model, opt, ids
+
+
+@pytest.mark.parametrize("attention", [TimmAttention, GPT2Attention])
+def test_the_heads_grow_and_the_attribute_follows(attention):
+    model, opt, ids = trained(attention)
+    name, before, after = ATTRIBUTE[attention]
+    ref = model(ids)
+    plan = autogrow.plan_widen(model, FUSED[attention], 48, split=0.3, generator=1, example_inputs=ids)
+    assert f"attribute attn.{name} = {after}" in str(plan)  # the plan says what it will write
+    assert getattr(model.attn, name) == before  # nothing written before apply
+    g = plan.apply(opt)
+    assert max_rel_error(ref, model(ids)) <= 1e-9
+    value = getattr(model.attn, name)
+    assert value == after and type(value) is int  # a plain int, not the tracer's BoundSize
+    assert g.params[f"{FUSED[attention]}.weight"][0].block == 4  # whole heads of 4, in each of q, k and v
+    grown = copy.deepcopy(model)
+    autogrow.shrink(model, FUSED[attention], 24, mode="merge", optimizer=opt, example_inputs=ids)
+    assert getattr(model.attn, name) == before and max_rel_error(ref, model(ids)) <= 1e-9  # copies merged back
+    lm_steps(grown, torch.optim.Adam(grown.parameters()), ids)
+    assert all(torch.isfinite(p).all() for p in grown.parameters())
+
+
+@pytest.mark.parametrize("attention", [TimmAttention, GPT2Attention])
+def test_adam_state_carried_through_copied_heads_and_replay_rewrites_the_attribute(attention):
+    model, _, ids = trained(attention)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    batches = [torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    snaps = lm_snapshots(model, opt, batches)
+    g = autogrow.widen(model, FUSED[attention], 48, split=0.3, generator=3, optimizer=opt, example_inputs=ids)
+    name, before, after = ATTRIBUTE[attention]
+    assert getattr(snaps[0].attn, name) == before
+    assert_adam_state_replays(model, opt, snaps, batches, [g], lr=1e-2)  # the snapshots replay the growth
+    assert getattr(snaps[0].attn, name) == after and type(getattr(snaps[0].attn, name)) is int
+
+
+@pytest.mark.parametrize("attention", [TimmAttention, GPT2Attention])
+def test_part_of_a_head_is_refused_untouched(attention):
+    model, opt, ids = trained(attention)
+    before = snapshot(model, opt)
+    with pytest.raises(AutogrowError, match=r"multiple of (3|12)"):
+        autogrow.widen(model, FUSED[attention], 25, optimizer=opt, example_inputs=ids)
+    assert_unchanged(before, model, opt)
+    assert type(getattr(model.attn, ATTRIBUTE[attention][0])) is int
+
+
+def test_a_rewrite_that_changes_the_function_is_undone():
+    """The attribute also scales the output (2 / self.num_heads): rewriting it changes the function, so the
+    growth is undone after the check on the example inputs, the attribute with it."""
+    model, opt, ids = trained(TimmAttention, scale_by_heads=True)
+    before = snapshot(model, opt)
+    with pytest.raises(AutogrowError, match="changed the model's output"):
+        autogrow.widen(model, "attn.qkv", 48, init="zero_out", optimizer=opt, example_inputs=ids)
+    assert_unchanged(before, model, opt)
+    assert model.attn.num_heads == 2 and type(model.attn.num_heads) is int
+
+
+def test_a_head_size_is_not_rewritten():
+    model, opt, ids = trained(HeadsFirst)
+    before = snapshot(model, opt)
+    with pytest.raises(AutogrowError, match="head size would change"):
+        autogrow.widen(model, "attn.qkv", 48, optimizer=opt, example_inputs=ids)
+    assert_unchanged(before, model, opt)
+
+
+def test_tracing_leaves_plain_ints_even_when_it_fails():
+    class Fails(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.n = nn.Linear(4, 4), 3
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            assert isinstance(self.n, BoundSize) and self.n.owner == "" and self.n.attr == "n"
+            raise RuntimeError("boom")
+
+    model = Fails()
+    with pytest.raises(AutogrowError, match="boom"):
+        autogrow.widen(model, "fc", 8, example_inputs=torch.zeros(2, 4))
+    assert type(model.n) is int and model.n == 3
+
+    class Counts(nn.Sequential):
+        calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1  # a value the forward writes while traced is kept (a plain int)
+            return super().forward(x)
+
+    counts = Counts(nn.Linear(4, 4), nn.Linear(4, 2))
+    counts.calls = 5
+    autogrow.widen(counts, "0", 8, example_inputs=torch.zeros(2, 4))
+    assert type(counts.calls) is int and counts.calls > 5
+    leaf = nn.Linear(4, 4)  # a layer's own sizes are not bound: it has no children
+    with bound_sizes(nn.Sequential(leaf)):
+        assert type(leaf.in_features) is int
