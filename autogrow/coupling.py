@@ -128,8 +128,18 @@ def couple(model: nn.Module, target: str, width: int | None = None, *, graph: fx
                 fail(f"target: cannot widen {target!r} exactly: its output is split into {parts} parts, and a part "
                      f"again into {np.parts}; split it once, into equal parts")
             parts = np.parts
-            check("width", width, width is None or width % parts == 0,
-                  f"a multiple of {parts}: {target!r}'s output is split into {parts} equal parts, which grow alike")
+            if width is not None and width % parts:
+                check("width", width, False, _parts_rule(model, target, graph, shapes, parts))
+
+
+def _parts_rule(model: nn.Module, target: str, graph: fx.Graph, shapes: dict[fx.Node, Any] | None, parts: int
+                ) -> str:
+    """What a width must be a multiple of for a fused output in ``parts`` equal parts: found by a probe walk at
+    double the width, which also counts whole heads (timm's qkv: 3 parts of whole heads)."""
+    try:
+        return couple(model, target, None, graph=graph, shapes=shapes).width_rule().removeprefix(" and ")
+    except AutogrowError:
+        return f"a multiple of {parts}: {target!r}'s output is split into {parts} equal parts, which grow alike"
 
 
 def _is_expand(node: fx.Node) -> bool:

@@ -508,6 +508,8 @@ def _pieces(node: fx.Node, lay: Layout, ctx: Context) -> int:
         raise Refusal("splits the widened units into parts of sizes autogrow cannot follow", _FUSED_FIX) from None
     if isinstance(given, BoundSize) and given > 0 and features[0] % given == 0:  # GPT-2's split(self.split_size)
         n = features[0] // given
+        if features[1] % n and lay.key is None and ctx.parts(lay.key) == 1:
+            raise NeedsParts(n)  # the layer's own units: couple() refuses the width, naming the whole rule
         if features[1] % n:
             raise Refusal(f"splits the widened units into {n} equal parts of {given} "
                           f"({given.owner or 'the model'}.{given.attr}); {features[1]} features make no {n} equal "

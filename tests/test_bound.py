@@ -126,7 +126,7 @@ def test_adam_state_carried_through_copied_heads_and_replay_rewrites_the_attribu
 def test_part_of_a_head_is_refused_untouched(attention):
     model, opt, ids = trained(attention)
     before = snapshot(model, opt)
-    with pytest.raises(AutogrowError, match=r"multiple of (3|12)"):
+    with pytest.raises(AutogrowError, match=r"width: 25 .*a multiple of 12 \(3 equal parts of whole heads of 4\)"):
         autogrow.widen(model, FUSED[attention], 25, optimizer=opt, example_inputs=ids)
     assert_unchanged(before, model, opt)
     assert type(getattr(model.attn, ATTRIBUTE[attention][0])) is int
@@ -180,3 +180,19 @@ def test_tracing_leaves_plain_ints_even_when_it_fails():
     leaf = nn.Linear(4, 4)  # a layer's own sizes are not bound: it has no children
     with bound_sizes(nn.Sequential(leaf)):
         assert type(leaf.in_features) is int
+
+
+def test_the_callback_grows_timm_style_heads_and_the_checkpoint_loads(tmp_path):
+    """A real fit: the ``all`` policy widens d_model and the fused q/k/v (2 -> 4 heads, ``self.num_heads``
+    rewritten), exactly; the checkpoint loads into a fresh model, the attribute rewritten by the replay."""
+    from autogrow.callbacks import load_grown
+    from tests.test_transformers import TinyLM, fit_one_growth
+
+    model, grow, trainer, seq = fit_one_growth(lambda: TinyLM(arch=LM, attention=TimmAttention))
+    (event,) = grow.events
+    assert "net.attn.qkv" in [c.target for c in event.changes] and event.preservation_error < 1e-5
+    assert model.net.attn.num_heads == 4 and type(model.net.attn.num_heads) is int
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    loaded = load_grown(TinyLM, tmp_path / "last.ckpt", arch=LM, attention=TimmAttention)
+    assert loaded.net.attn.num_heads == 4
+    assert torch.equal(loaded(seq[:2, :-1]), model.eval()(seq[:2, :-1]))

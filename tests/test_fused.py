@@ -142,7 +142,8 @@ def test_parts_of_fixed_size_and_partial_heads_are_refused_untouched():
         autogrow.widen(model, "c_attn", 28, optimizer=opt, example_inputs=x)  # found by the fuzzer
     assert_unchanged(before, model, opt)
     fused, _, ids_ = trained()
-    with pytest.raises(autogrow.AutogrowError, match=r"width.*a multiple of 3: 'block.qkv'.* 3 equal parts"):
+    with pytest.raises(autogrow.AutogrowError, match=r"width: 31 .*a multiple of 12 \(3 equal parts of whole heads "
+                       r"of 4\)"):  # the whole rule at once, not only the parts
         autogrow.widen(fused, "block.qkv", 31, example_inputs=ids_)
     with pytest.raises(autogrow.AutogrowError, match=r"heads of 4: the new width 10 .*one of the 3 equal parts"):
         autogrow.widen(fused, "block.qkv", 30, example_inputs=ids_)

@@ -78,7 +78,7 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
         ("patch_embed.proj", "widen x2", EXACT),
         ("patch_embed.proj", "widen x2 ramp", EXACT),  # timm's LayerNorm, registered as nn.LayerNorm: it ramps
         ("blocks.0.attn.qkv", "widen x2", EXACT),
-        ("blocks.1.attn.qkv", "widen +1", r"expected a multiple of 3"),
+        ("blocks.1.attn.qkv", "widen +1", r"577 .*a multiple of 192 \(3 equal parts of whole heads of 64\)"),
         ("blocks.0.mlp.fc1", "widen +1", EXACT),
         ("blocks.1.mlp.fc1", "widen x2", EXACT),
         ("blocks.1.mlp.fc2", "widen x2", EXACT),
@@ -110,8 +110,7 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
         ("transformer.wte", "widen x2 auto", EXACT),  # mixtures: ln_f's new entries start at 0 (autogrow.tied)
         ("transformer.wte", "widen x2 ramp", EXACT),  # fresh units the LayerNorms ramp in, the tie kept
         ("transformer.h.0.attn.c_attn", "widen x2", EXACT),
-        ("transformer.h.1.attn.c_attn", "widen +1",
-         r"'split_1'.*3 equal parts of 32 \(transformer.h.1.attn.split_size\).*Widen to a multiple of 3"),
+        ("transformer.h.1.attn.c_attn", "widen +1", r"97 .*a multiple of 48 \(3 equal parts of whole heads of 16\)"),
     ],
     "bert": [
         ("bert.embeddings.word_embeddings", "widen x2", EXACT),
