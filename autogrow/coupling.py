@@ -169,7 +169,8 @@ class _Walk:
         self.reps: dict[str, int] = {}
         self.final = False  # set for the last pass, once every layout is known (autogrow.layout.Context)
         self.fused: fx.Node | None = None  # the mapping key of a fused target's output (parts > 1)
-        self.sizes = SizeReader(shapes, self.layouts_get, self.widths)
+        self.rebinds: dict[tuple[str, str], int] = {}
+        self.sizes = SizeReader(shapes, self.layouts_get, self.widths, self.rebinds)
         self.sites = call_sites(graph)
         self.layouts: dict[fx.Node, Layout] = {}
         self.old_width: int | None = None
@@ -180,7 +181,6 @@ class _Walk:
         self.uniform_only: list[str] = []
         self.grouped: dict[str, int] = {}
         self.tensors: dict[tuple[str, str], tuple[MapKey, int]] = {}
-        self.rebinds: dict[tuple[str, str], int] = {}
         self._queue: deque[fx.Node] = deque()
 
     def run(self) -> Coupling:

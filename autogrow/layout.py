@@ -304,14 +304,13 @@ def reshape(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) 
     old, new = ctx.widths(lay)
     expected = list(old_out)
     expected[q] = old_out[q] // old * new
+    if isinstance(shape[q], BoundSize) and shape[q] == old_out[q] != expected[q]:
+        ctx.rebind(shape[q], expected[q])  # the number of heads held in a module attribute: autogrow.bound
     try:
         target = [int(v) for v in ctx.value(list(shape), new=True)]
     except Exception:
         raise Refusal(f"reshapes the widened tensor to a shape computed in a way autogrow cannot follow "
                       f"{tuple(map(str, shape))}", _FIXED) from None
-    if isinstance(shape[q], BoundSize) and target[q] == old_out[q] != expected[q]:
-        ctx.rebind(shape[q], expected[q])  # the number of heads held in a module attribute: autogrow.bound
-        target[q] = expected[q]
     if target.count(-1) == 1:
         rest = math.prod(v for v in target if v != -1)
         target[target.index(-1)] = math.prod(expected) // rest if rest else -1
@@ -375,14 +374,17 @@ def _split_units(node: fx.Node, q: int, old_out: tuple[int, ...], ctx: Context, 
     """The units' axis is split in two (``view(b, t, heads, head_size)``): if the target makes the number
     of heads follow the width, units are whole heads (restart counting heads); head size growing: refused."""
     old, new = ctx.widths(lay)
+    written = reshape_target(node)[q]
+    if isinstance(written, BoundSize) and written == old_out[q] and new % old_out[q + 1] == 0:
+        ctx.rebind(written, new // old_out[q + 1])  # heads in an attribute (timm's self.num_heads): rewritten
     try:
         target = [int(v) for v in ctx.value(list(reshape_target(node)), new=True)]
     except Exception:
         raise Refusal(f"splits the widened units into {old_out[q:q + 2]} with sizes autogrow cannot follow",
                       SHAPES_HINT, needs_shapes=True) from None
     heads, size = target[q], target[q + 1]
-    if isinstance(reshape_target(node)[q], BoundSize):  # timm's self.num_heads: rebound by the reshape rule
-        heads = -1
+    if size == -1 and heads > 0 and new % heads == 0:
+        size = new // heads  # view(B, T, self.n_head, -1): the head size the rewritten heads leave
     if size == old_out[q + 1] and new % size:
         raise Refusal(f"splits the widened units into heads of {size}: the new width {new} is not a whole number "
                       "of heads", f"Widen to a multiple of {size}.")

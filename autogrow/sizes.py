@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch.fx as fx
 
+from autogrow.bound import BoundSize
 from autogrow.errors import SHAPES_HINT
 from autogrow.layout import Layout, Refusal, arg
 
@@ -44,8 +45,10 @@ class SizeReader:
     """
 
     def __init__(self, shapes: dict[fx.Node, Any] | None, layout_of: Callable[[fx.Node], Layout | None],
-                 widths: Callable[[Layout], tuple[int, int]]) -> None:
+                 widths: Callable[[Layout], tuple[int, int]], rebinds: Mapping[tuple[str, str], int] | None = None
+                 ) -> None:
         self.shapes, self.layout_of, self.widths = shapes, layout_of, widths
+        self.rebinds = rebinds if rebinds is not None else {}  # attributes the growth rewrites (autogrow.bound)
 
     # -- which axis a size query reads ---------------------------------------------------------------
     def _axis_of(self, lay: Layout, axis: int) -> bool:
@@ -107,6 +110,8 @@ class SizeReader:
         """
         if isinstance(x, (tuple, list)):
             return type(x)(self.value(a, new) for a in x)
+        if isinstance(x, BoundSize) and new:
+            return self.rebinds.get((x.owner, x.attr), x)  # an attribute's value after the growth rewrites it
         if not isinstance(x, fx.Node):
             return x
         if self.shapes is None:

@@ -3,7 +3,8 @@
 Each case builds a random network (an MLP, a token model on ``(B, T, C)``, a CNN, or a token model on ids with
 a tied output layer, in half of them GPT-2's shape: residual blocks and a final LayerNorm) from blocks that
 include the constructs that once grew wrongly: sizes read from tensors (``x / x.size(-1)``,
-``b, t, c = x.shape`` and reshapes with them, splitting the units into heads), ``BatchNorm1d`` on 3-D input,
+``b, t, c = x.shape`` and reshapes with them, splitting the units into heads, counted in the code or in an
+attribute), ``BatchNorm1d`` on 3-D input,
 concatenations in keyword form and along other axes, tied weights, residual streams, fused projections split
 into equal parts (chunk, split by a size read or kept in an attribute, a reshape into (parts, heads, size)
 unbound, the heads counted with -1 or kept in an attribute: autogrow rewrites such attributes),
@@ -105,6 +106,8 @@ class Block(nn.Module):
         self._fn = None if self.act is not None else act_obj
         if kind in ("dense", "scale", "roundtrip", "heads", "bare"):
             self.fc = nn.Linear(w, out, bias=bool(draw.integer(0, 1)))
+        if kind == "heads":  # 2 heads: written in the code, or kept in an attribute (rewritten by a growth)
+            self.n_split, self.split_how = 2, draw.choice(["literal", "attr"])
         if kind == "bare":  # bare Parameters on the widened tensor: LayerScale; on tokens a class token and positions
             self.gamma = nn.Parameter(torch.randn(out))
             self.cls = nn.Parameter(torch.randn(1, 1, out)) if tokens else None
@@ -161,7 +164,8 @@ class Block(nn.Module):
         if k == "heads":
             h = self.fc(x)
             b, t, d = h.shape
-            return self.nonlin(h.view(b, t, 2, d // 2).flip(2).reshape(b, t, d))
+            n = self.n_split if self.split_how == "attr" else 2
+            return self.nonlin(h.view(b, t, n, d // n).flip(2).reshape(b, t, d))
         if k == "residual":
             return x + self.fc2(self.nonlin(self.fc1(x)))
         if k == "cat":

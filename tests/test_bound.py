@@ -1,11 +1,13 @@
 """Sizes kept in module attributes (autogrow.bound): timm reshapes its fused q/k/v to ``self.num_heads`` heads,
-GPT-2 splits it by ``self.split_size``. Widening the heads rewrites the attribute with the tensors, exactly; a
-shrink writes it back; replaying the growth record rewrites it on another copy; a growth the attribute makes
-inexact is undone, the attribute included; a head size is never rewritten; tracing leaves plain ints behind."""
+GPT-2 splits it by ``self.split_size``, other code views it as ``(B, T, self.n_head, -1)``. Widening the heads
+rewrites the attribute with the tensors, exactly; a shrink writes it back; replaying the growth record rewrites it
+on another copy; a growth the attribute makes inexact is undone, the attribute included; a head size is never
+rewritten (heads written in the code are refused); tracing leaves plain ints behind."""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -56,12 +58,39 @@ class GPT2Attention(nn.Module):
 
 
 class HeadsFirst(TimmAttention):
-    """``view(B, N, 3, self.num_heads, -1)``: the head size computed, the number of heads fixed: widening would
-    grow the head size (and change the softmax scale), so it is refused, the attribute untouched."""
+    """``view(B, N, 3, self.num_heads, -1)``: the number of heads in an attribute, the head size computed from it:
+    the heads grow (the attribute rewritten), the head size stays."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, -1))
+
+
+class ComputedHeadSize(nn.Module):
+    """minGPT's way: ``view(B, T, self.n_head, C // self.n_head)`` with ``C`` read from the tensor: after the
+    growth rewrites ``n_head`` the head size computed from it is the old one again."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.n_head = heads  # no biases on q, k, v: a key bias gets no gradient (softmax ignores it), only noise
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim, bias=i == 3) for i in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        C = q.size(-1)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        return self.o(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C))
+
+
+class LiteralHeads(TimmAttention):
+    """``view(B, N, 3, 2, -1)``: 2 heads written in the code: widening would grow the head size (and change the
+    softmax scale), so it is refused."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, 2, -1).permute(2, 0, 3, 1, 4).unbind(0)
         return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, -1))
 
 
@@ -77,8 +106,23 @@ class LM(nn.Module):
         return self.head(h + self.attn(h))
 
 
-FUSED = {TimmAttention: "attn.qkv", GPT2Attention: "attn.c_attn"}
-ATTRIBUTE = {TimmAttention: ("num_heads", 2, 4), GPT2Attention: ("split_size", 8, 16)}  # name, before, after x2
+@dataclass(frozen=True)
+class Case:
+    layer: str  # the layer widened: the fused q/k/v, or q (k and v grow with it)
+    attr: str  # the attribute the growth rewrites, its value before and after doubling
+    before: int
+    after: int
+    width: int  # doubling the layer
+    bad: int  # a width that cuts a head, and the refusal it gets
+    why: str
+
+
+_PARTS = r"a multiple of 12 \(3 equal parts of whole heads of 4\)"
+CASES = {TimmAttention: Case("attn.qkv", "num_heads", 2, 4, 48, 25, _PARTS),
+         GPT2Attention: Case("attn.c_attn", "split_size", 8, 16, 48, 25, _PARTS),
+         HeadsFirst: Case("attn.qkv", "num_heads", 2, 4, 48, 25, _PARTS),
+         ComputedHeadSize: Case("attn.q", "n_head", 2, 4, 16, 9, r"is not a whole number of heads\. Widen to a "
+                                r"multiple of 4")}
 
 
 def trained(attention: type[nn.Module], **kw: object) -> tuple[nn.Module, torch.optim.Optimizer, torch.Tensor]:
@@ -89,47 +133,48 @@ def trained(attention: type[nn.Module], **kw: object) -> tuple[nn.Module, torch.
     return model, opt, ids
 
 
-@pytest.mark.parametrize("attention", [TimmAttention, GPT2Attention])
+@pytest.mark.parametrize("attention", list(CASES))
 def test_the_heads_grow_and_the_attribute_follows(attention):
     model, opt, ids = trained(attention)
-    name, before, after = ATTRIBUTE[attention]
+    case = CASES[attention]
     ref = model(ids)
-    plan = autogrow.plan_widen(model, FUSED[attention], 48, split=0.3, generator=1, example_inputs=ids)
-    assert f"attribute attn.{name} = {after}" in str(plan)  # the plan says what it will write
-    assert getattr(model.attn, name) == before  # nothing written before apply
+    plan = autogrow.plan_widen(model, case.layer, case.width, split=0.3, generator=1, example_inputs=ids)
+    assert f"attribute attn.{case.attr} = {case.after}" in str(plan)  # the plan says what it will write
+    assert getattr(model.attn, case.attr) == case.before  # nothing written before apply
     g = plan.apply(opt)
     assert max_rel_error(ref, model(ids)) <= 1e-9
-    value = getattr(model.attn, name)
-    assert value == after and type(value) is int  # a plain int, not the tracer's BoundSize
-    assert g.params[f"{FUSED[attention]}.weight"][0].block == 4  # whole heads of 4, in each of q, k and v
+    value = getattr(model.attn, case.attr)
+    assert value == case.after and type(value) is int  # a plain int, not the tracer's BoundSize
+    assert g.params[f"{case.layer}.weight"][0].block == 4  # whole heads of 4
     grown = copy.deepcopy(model)
-    autogrow.shrink(model, FUSED[attention], 24, mode="merge", optimizer=opt, example_inputs=ids)
-    assert getattr(model.attn, name) == before and max_rel_error(ref, model(ids)) <= 1e-9  # copies merged back
+    autogrow.shrink(model, case.layer, case.width // 2, mode="merge", optimizer=opt, example_inputs=ids)
+    assert getattr(model.attn, case.attr) == case.before and max_rel_error(ref, model(ids)) <= 1e-9  # merged back
     lm_steps(grown, torch.optim.Adam(grown.parameters()), ids)
     assert all(torch.isfinite(p).all() for p in grown.parameters())
 
 
-@pytest.mark.parametrize("attention", [TimmAttention, GPT2Attention])
+@pytest.mark.parametrize("attention", list(CASES))
 def test_adam_state_carried_through_copied_heads_and_replay_rewrites_the_attribute(attention):
     model, _, ids = trained(attention)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     batches = [torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(s)) for s in range(3)]
     snaps = lm_snapshots(model, opt, batches)
-    g = autogrow.widen(model, FUSED[attention], 48, split=0.3, generator=3, optimizer=opt, example_inputs=ids)
-    name, before, after = ATTRIBUTE[attention]
-    assert getattr(snaps[0].attn, name) == before
+    case = CASES[attention]
+    g = autogrow.widen(model, case.layer, case.width, split=0.3, generator=3, optimizer=opt, example_inputs=ids)
+    assert getattr(snaps[0].attn, case.attr) == case.before
     assert_adam_state_replays(model, opt, snaps, batches, [g], lr=1e-2)  # the snapshots replay the growth
-    assert getattr(snaps[0].attn, name) == after and type(getattr(snaps[0].attn, name)) is int
+    assert getattr(snaps[0].attn, case.attr) == case.after and type(getattr(snaps[0].attn, case.attr)) is int
 
 
-@pytest.mark.parametrize("attention", [TimmAttention, GPT2Attention])
+@pytest.mark.parametrize("attention", list(CASES))
 def test_part_of_a_head_is_refused_untouched(attention):
     model, opt, ids = trained(attention)
     before = snapshot(model, opt)
-    with pytest.raises(AutogrowError, match=r"width: 25 .*a multiple of 12 \(3 equal parts of whole heads of 4\)"):
-        autogrow.widen(model, FUSED[attention], 25, optimizer=opt, example_inputs=ids)
+    case = CASES[attention]
+    with pytest.raises(AutogrowError, match=rf"{case.bad} .*{case.why}"):
+        autogrow.widen(model, case.layer, case.bad, optimizer=opt, example_inputs=ids)
     assert_unchanged(before, model, opt)
-    assert type(getattr(model.attn, ATTRIBUTE[attention][0])) is int
+    assert type(getattr(model.attn, case.attr)) is int
 
 
 def test_a_rewrite_that_changes_the_function_is_undone():
@@ -143,8 +188,8 @@ def test_a_rewrite_that_changes_the_function_is_undone():
     assert model.attn.num_heads == 2 and type(model.attn.num_heads) is int
 
 
-def test_a_head_size_is_not_rewritten():
-    model, opt, ids = trained(HeadsFirst)
+def test_a_number_of_heads_written_in_the_code_is_refused():
+    model, opt, ids = trained(LiteralHeads)
     before = snapshot(model, opt)
     with pytest.raises(AutogrowError, match="head size would change"):
         autogrow.widen(model, "attn.qkv", 48, optimizer=opt, example_inputs=ids)
@@ -186,6 +231,7 @@ def test_the_callback_grows_timm_style_heads_and_the_checkpoint_loads(tmp_path):
     """A real fit: the ``all`` policy widens d_model and the fused q/k/v (2 -> 4 heads, ``self.num_heads``
     rewritten), exactly; the checkpoint loads into a fresh model, the attribute rewritten by the replay."""
     from autogrow.callbacks import load_grown
+
     from tests.test_transformers import TinyLM, fit_one_growth
 
     model, grow, trainer, seq = fit_one_growth(lambda: TinyLM(arch=LM, attention=TimmAttention))
