@@ -1,9 +1,10 @@
 """Run by tests/test_ddp.py as a script: Lightning's 'ddp' launcher re-executes it for rank 1.
 
-Usage: python tests/ddp_run.py OUT_DIR [gradmax|ramp|fade]  -> OUT_DIR/rank{0,1}.pt with each rank's final
+Usage: python tests/ddp_run.py OUT_DIR [gradmax|ramp|fade|heads]  -> OUT_DIR/rank{0,1}.pt with each rank's final
 parameters (``gradmax``: ``Widen(gradmax=True)``, whose fresh rows come from the gradients all-reduced over the
 ranks; ``ramp``: a LayerNorm over the widened units, which ramps the new ones in; ``fade``: ``Widen(init="fade")``,
-the readers fading the new units in, on both ranks alike).
+the readers fading the new units in, on both ranks alike; ``heads``: timm-style attention whose heads are counted in
+``self.num_heads``, which each growth rewrites on both ranks).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from autogrow.callbacks import AutoGrow
 from autogrow.experiments.data import DigitsDataModule
 from autogrow.experiments.models import MLP, Classifier
@@ -33,10 +35,24 @@ class Record(pl.Callback):
         self.ramped_steps += any(is_ramped(m) for m in pl_module.modules())
 
 
+class DigitHeads(nn.Module):
+    """A digit's 64 pixels as 8 tokens of 8, one timm-style attention block (2 heads of 4 in ``self.num_heads``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.qkv, self.proj, self.out = 2, nn.Linear(8, 24), nn.Linear(8, 8), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.view(x.shape[0], 8, 8)
+        q, k, v = self.qkv(h).reshape(x.shape[0], 8, 3, self.num_heads, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(x.shape[0], 8, -1)
+        return self.out((h + self.proj(o)).flatten(1))
+
+
 def main(out: str, mode: str) -> None:
     pl.seed_everything(0, verbose=False)
-    net = nn.Sequential(nn.Linear(64, 3), nn.LayerNorm(3), nn.GELU(), nn.Linear(3, 10)) if mode == "ramp" \
-        else MLP(64, [3, 3])
+    net = {"ramp": lambda: nn.Sequential(nn.Linear(64, 3), nn.LayerNorm(3), nn.GELU(), nn.Linear(3, 10)),
+           "heads": DigitHeads}.get(mode, lambda: MLP(64, [3, 3]))()
     model = Classifier(net, lr=0.1)
     widen = {"gradmax": Widen(gradmax=True), "ramp": Widen(ramp=30), "fade": Widen(init="fade", ramp=30)}.get(
         mode, Widen())
@@ -49,6 +65,7 @@ def main(out: str, mode: str) -> None:
     torch.save({"state_dict": model.state_dict(), "events": [e.to_dict() for e in grow.events],
                 "steps_after_growth": rec.steps_after_growth, "gradmax_applied": grow._gradmax.applied,
                 "ramped_steps": rec.ramped_steps, "inits": [h["options"]["init"] for h in history_of(model)],
+                "num_heads": getattr(net, "num_heads", None),
                 "ddp_params": [id(p) for p in trainer.strategy.model.parameters()] ==
                 [id(p) for p in model.parameters()]},
                f"{out}/rank{trainer.global_rank}.pt")

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 
-@pytest.mark.parametrize("mode", ["default", "gradmax", "ramp", "fade"])
+@pytest.mark.parametrize("mode", ["default", "gradmax", "ramp", "fade", "heads"])
 def test_ddp_two_ranks_grow_together(tmp_path, subprocess_env, mode):
     """Both ranks grow the same way and end with identical parameters; with GradMax, whose fresh rows come from
     each rank's own batch, only because its matrix is summed over the ranks; with a LayerNorm over the widened
-    units, through a ramp that both ranks advance alike; with readers fading the new units in, alike too."""
+    units, through a ramp that both ranks advance alike; with readers fading the new units in, alike too; with heads
+    counted in an attribute, which both ranks rewrite alike (2 -> 4 -> 8 heads)."""
     script = Path(__file__).with_name("ddp_run.py")
     proc = subprocess.run([sys.executable, str(script), str(tmp_path), mode],
                           env=subprocess_env, capture_output=True, text=True, timeout=300)
@@ -32,6 +33,8 @@ def test_ddp_two_ranks_grow_together(tmp_path, subprocess_env, mode):
     elif mode == "fade":  # every growth faded in by its readers over 30 steps, over by the end
         assert r0["inits"] == ["fade", "fade"] and r0["ramped_steps"] == r1["ramped_steps"] >= 30
         assert a["model.fc1.weight"].shape == (6, 64) and a["model.fc2.weight"].shape == (6, 6)
+    elif mode == "heads":
+        assert a["model.qkv.weight"].shape == (96, 8) and r0["num_heads"] == r1["num_heads"] == 8
     else:
         assert a["model.fc1.weight"].shape == (6, 64) and a["model.fc2.weight"].shape == (6, 6)
     assert all(torch.equal(a[k], b[k]) for k in a)
