@@ -5,18 +5,12 @@ its fused q/k/v with ``reshape(B, N, 3, self.num_heads, self.head_dim)``, GPT-2'
 ``split(self.split_size, dim=2)``. To torch.fx and to the recorder these are plain ints, sizes fixed in the code,
 so widening the heads was refused. While autogrow traces a model, every int attribute of a module that has
 children (the code composing layers, not a layer itself) is swapped for a :class:`BoundSize`: the same int,
-remembering which attribute held it. A rule that meets one where the widened units need another value (the
-number of heads after adding heads, a fused output's part size) asks for it to be *rebound*: the plan writes the
-new value into the attribute with the new tensors (and an undo puts the old one back), and the grown model is
-checked on the example inputs like any growth. Nothing else is rebound: a head size stays what it is.
-
-    >>> import torch.nn as nn
-    >>> block = nn.Sequential(nn.Linear(4, 4)); block.heads = 2
-    >>> with bound_sizes(block):
-    ...     (type(block.heads).__name__, block.heads.owner, block.heads.attr, block.heads + 1)
-    ('BoundSize', '', 'heads', 3)
-    >>> type(block.heads).__name__
-    'int'
+remembering which attribute held it. A layout rule that meets one where the widened units need another value
+(the number of heads after adding heads, a fused output's part size) asks for it to be *rebound*
+(``Context.rebind``); size expressions computed from it (``C // self.n_head``) are then evaluated with the new
+value. The plan writes the new value into the attribute with the new tensors (an undo puts the old one back, a
+shrink and a replayed record write theirs), and the grown model is checked on the example inputs like any growth.
+Nothing else is rebound: a head size stays what it is.
 """
 
 from __future__ import annotations
@@ -62,7 +56,17 @@ for _name in ("add", "sub", "mul", "floordiv", "truediv", "mod", "pow"):
 @contextlib.contextmanager
 def bound_sizes(model: nn.Module) -> Iterator[None]:
     """Within the block, the int attributes (not bools) of ``model``'s modules that have children are
-    :class:`BoundSize`\\ s; afterwards they are the plain ints they were."""
+    :class:`BoundSize`\\ s; afterwards they are the plain ints they were (or what the forward wrote meanwhile).
+
+    Example:
+        >>> import torch.nn as nn
+        >>> block = nn.Sequential(nn.Linear(4, 4)); block.heads = 2
+        >>> with bound_sizes(block):
+        ...     (type(block.heads).__name__, block.heads.owner, block.heads.attr, block.heads + 1)
+        ('BoundSize', '', 'heads', 3)
+        >>> type(block.heads).__name__
+        'int'
+    """
     swapped: list[tuple[nn.Module, str, int, BoundSize]] = []
     for name, module in model.named_modules():
         if next(iter(module.children()), None) is None:
