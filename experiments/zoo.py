@@ -203,6 +203,45 @@ def _llama() -> nn.Module:
                                             bos_token_id=0, eos_token_id=0, pad_token_id=0))
 
 
+def _gpt_neox() -> nn.Module:
+    t = _transformers()
+    return t.GPTNeoXForCausalLM(t.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=4, rotary_pct=0.5,
+                                                max_position_embeddings=16, bos_token_id=0, eos_token_id=0))
+
+
+def _qwen2() -> nn.Module:
+    t = _transformers()
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    register_channelwise(Qwen2RMSNorm, channel_spec(nn.RMSNorm(1)))  # as for Llama's
+    return t.Qwen2ForCausalLM(t.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                                            bos_token_id=0, eos_token_id=0))
+
+
+def _phi3() -> nn.Module:
+    t = _transformers()
+    from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
+
+    register_channelwise(Phi3RMSNorm, channel_spec(nn.RMSNorm(1)))
+    return t.Phi3ForCausalLM(t.Phi3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                                          bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+
+def _opt() -> nn.Module:
+    t = _transformers()
+    from transformers.models.opt.modeling_opt import OPTLearnedPositionalEmbedding
+
+    # an nn.Embedding with a forward of its own (positions from the attention mask, offset by 2): registered as
+    # the Embedding it is, as an OPT user would, so that its width follows d_model
+    register_layer(OPTLearnedPositionalEmbedding, layer_spec(nn.Embedding(1, 1)))  # type: ignore[arg-type]
+    return t.OPTForCausalLM(t.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=16, word_embed_proj_dim=32,
+                                        bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+
 class FeedForward(nn.Module):
     """A BERT layer's feed-forward half, as its ``feed_forward_chunk`` runs it: ``output(intermediate(x), x)``."""
 
@@ -262,6 +301,16 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in (
               "BertForSequenceClassification(hidden_size=32, 2 layers, 2 heads, intermediate_size=64)"),
     ModelSpec("llama", "transformers", _llama, _tokens,
               "LlamaForCausalLM(hidden_size=32, 2 layers, 4 heads, 2 kv heads): RMSNorm, rotary, SwiGLU"),
+    ModelSpec("gpt_neox", "transformers", _gpt_neox, _tokens,
+              "GPTNeoXForCausalLM (Pythia's architecture; hidden_size=32, 2 layers, 4 heads, rotary_pct=0.5): fused "
+              "qkv viewed per head, parallel attention and MLP"),
+    ModelSpec("qwen2", "transformers", _qwen2, _tokens,
+              "Qwen2ForCausalLM(hidden_size=32, 2 layers, 4 heads, 2 kv heads): biases on q/k/v, RMSNorm, rotary"),
+    ModelSpec("phi3", "transformers", _phi3, _tokens,
+              "Phi3ForCausalLM(hidden_size=32, 2 layers, 4 heads, 2 kv heads): fused qkv_proj sliced at offsets, "
+              "fused gate_up_proj"),
+    ModelSpec("opt", "transformers", _opt, _tokens,
+              "OPTForCausalLM(hidden_size=32, 2 layers, 4 heads, ffn_dim=64): learned positions, tied lm_head"),
     ModelSpec("torch_encoder", "torch", lambda: TokenEncoder(unfuse=True), _tokens,
               "nn.Embedding, nn.TransformerEncoder (2 pre-norm layers, 4 heads, d_model 32, FFN 64, final LayerNorm), "
               "nn.Linear; attention unfused by autogrow.unfuse_attention"),

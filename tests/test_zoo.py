@@ -128,6 +128,34 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
         ("model.layers.0.self_attn.q_proj", "widen +1", r"not a whole number of heads"),
         ("model.layers.0.mlp.gate_proj", "deepen", EXACT),
     ],
+    # More decoder LMs as transformers defines them. GPT-NeoX (Pythia): the fused qkv viewed as (heads, 3 * head
+    # size) grows by whole heads, d_model through attention and MLP in parallel. Qwen2: Llama's shape with biases
+    # on q/k/v. Phi-3: its fused gate_up_proj grows in two equal parts; its qkv_proj is sliced at offsets computed
+    # from the config (unequal parts under grouped-query attention), refused by name. OPT: its learned position
+    # embedding (an nn.Embedding with a forward of its own) registered by the zoo as a user would; d_model tied to
+    # lm_head grows by fresh units the LayerNorms ramp in (copies refused, as on GPT-2).
+    "gpt_neox": [
+        ("gpt_neox.embed_in", "widen x2", EXACT),
+        ("gpt_neox.layers.0.attention.query_key_value", "widen x2", EXACT),
+        ("gpt_neox.layers.1.attention.query_key_value", "widen +1", r"not a whole number of heads"),
+        ("gpt_neox.layers.0.mlp.dense_h_to_4h", "widen +1", EXACT),
+    ],
+    "qwen2": [
+        ("model.embed_tokens", "widen x2 ramp", EXACT),
+        ("model.layers.0.self_attn.k_proj", "widen x2", EXACT),
+        ("model.layers.1.mlp.up_proj", "widen +1", EXACT),
+    ],
+    "phi3": [
+        ("model.embed_tokens", "widen x2", EXACT),
+        ("model.layers.0.mlp.gate_up_proj", "widen x2", EXACT),
+        ("model.layers.0.self_attn.qkv_proj", "widen x2", r"indexes the widened units' axis with slice"),
+    ],
+    "opt": [
+        ("model.decoder.embed_tokens", "widen x2 ramp", EXACT),
+        ("model.decoder.embed_tokens", "widen x2", r"one tied Parameter"),
+        ("model.decoder.layers.0.self_attn.q_proj", "widen x2", EXACT),
+        ("model.decoder.layers.1.fc1", "deepen", EXACT),
+    ],
     # torch's own nn.TransformerEncoder: traced through; after autogrow.unfuse_attention every dimension grows
     # (heads by whole heads), left fused only its feed-forward width, the refusals naming unfuse_attention.
     "torch_encoder": [
