@@ -7,20 +7,25 @@ so widening the heads was refused. While autogrow traces a model, every int attr
 children (the code composing layers, not a layer itself) is swapped for a :class:`BoundSize`: the same int,
 remembering which attribute held it. A layout rule that meets one where the widened units need another value
 (the number of heads after adding heads, a fused output's part size) asks for it to be *rebound*
-(``Context.rebind``); size expressions computed from it (``C // self.n_head``) are then evaluated with the new
-value. The plan writes the new value into the attribute with the new tensors (an undo puts the old one back, a
-shrink and a replayed record write theirs), and the grown model is checked on the example inputs like any growth.
-Nothing else is rebound: a head size stays what it is.
+(``Context.rebind``); size expressions computed from it are then evaluated with the new value, whether they are
+graph nodes (``C // self.n_head`` with ``C`` read from a tensor) or arithmetic on attributes alone
+(``self.num_heads * self.head_dim``: a :class:`BoundExpr`, which remembers how it was computed). Where such a size
+would change an axis that must keep its size (Falcon's group size ``self.num_heads // self.num_kv_heads + 2``), an
+attribute in it that equals the number of units counts them too (``num_kv_heads``, the key/value groups) and is
+rewritten with them. The plan writes the new values into the attributes with the new tensors (an undo puts the old
+ones back, a shrink and a replayed record write theirs), and the grown model is checked on the example inputs like
+any growth. Nothing else is rewritten: a head size stays what it is.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import operator
+from collections.abc import Callable, Iterator, Mapping
 
 import torch.nn as nn
 
-__all__ = ["BoundSize", "bound_sizes"]
+__all__ = ["BoundExpr", "BoundSize", "bound_sizes", "leaves", "resolve"]
 
 
 class BoundSize(int):
@@ -38,19 +43,69 @@ class BoundSize(int):
         return BoundSize, (int(self), self.owner, self.attr)
 
 
+class BoundExpr(int):
+    """An int computed from :class:`BoundSize`\\ s (``self.num_heads * self.head_dim``): it remembers how, so
+    that :func:`resolve` recomputes it with the rewritten values."""
+
+    fn: Callable[..., int]
+    args: tuple[object, ...]
+
+    def __new__(cls, value: int, fn: Callable[..., int], args: tuple[object, ...]) -> BoundExpr:
+        out = int.__new__(cls, value)
+        out.fn, out.args = fn, args
+        return out
+
+    def __reduce__(self) -> tuple:
+        return BoundExpr, (int(self), self.fn, self.args)
+
+
+def resolve(x: object, rebinds: Mapping[tuple[str, str], int]) -> object:
+    """``x`` with the attributes in ``rebinds`` (``(module, attribute) -> value``) rewritten.
+
+        >>> h = BoundSize(2, "attn", "heads")
+        >>> resolve(h * 8, {("attn", "heads"): 4}), resolve(h * 8, {})
+        (32, 16)
+    """
+    if isinstance(x, BoundSize):
+        return rebinds.get((x.owner, x.attr), int(x))
+    if isinstance(x, BoundExpr):
+        return x.fn(*(resolve(a, rebinds) for a in x.args))
+    return x
+
+
+def leaves(x: object) -> list[BoundSize]:
+    """The attributes ``x`` is computed from.
+
+        >>> h, k = BoundSize(4, "attn", "heads"), BoundSize(2, "attn", "kv")
+        >>> [b.attr for b in leaves(h // k + 2)]
+        ['heads', 'kv']
+    """
+    if isinstance(x, BoundSize):
+        return [x]
+    return [b for a in x.args for b in leaves(a)] if isinstance(x, BoundExpr) else []
+
+
 def _defer(name: str) -> object:
     base = getattr(int, name)
+    reflected = name.startswith("__r")
 
-    def op(self: BoundSize, other: object) -> object:
-        if type(other) not in (int, bool, BoundSize) and isinstance(other, int):
+    def op(self: int, other: object) -> object:
+        if type(other) not in (int, bool, BoundSize, BoundExpr) and isinstance(other, int):
             return NotImplemented  # another int that tracks its origin (a size read from a tensor): it computes
-        return base(self, other)
+        value = base(self, other)
+        if value is NotImplemented or not isinstance(value, int):
+            return value
+        fn = getattr(operator, name.replace("__r", "__", 1).strip("_"))
+        return BoundExpr(value, fn, (other, self) if reflected else (self, other))
     return op
 
 
-for _name in ("add", "sub", "mul", "floordiv", "truediv", "mod", "pow"):
+for _name in ("add", "sub", "mul", "floordiv", "mod", "pow"):
     for _n in (f"__{_name}__", f"__r{_name}__"):
         setattr(BoundSize, _n, _defer(_n))
+        setattr(BoundExpr, _n, _defer(_n))
+for _n in ("__truediv__", "__rtruediv__"):  # a float: not a size
+    setattr(BoundSize, _n, getattr(int, _n))
 
 
 @contextlib.contextmanager
@@ -80,5 +135,9 @@ def bound_sizes(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         for module, attr, value, bound in swapped:
-            if vars(module).get(attr) is bound:  # a value the forward wrote meanwhile (a counter) stays
+            if vars(module).get(attr) is bound:
                 vars(module)[attr] = value
+        for module in model.modules():  # a value the forward wrote meanwhile (a counter) stays, as a plain int
+            for attr, value in list(vars(module).items()):
+                if isinstance(value, (BoundSize, BoundExpr)):
+                    vars(module)[attr] = int(value)

@@ -31,7 +31,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autogrow.bound import BoundSize
+from autogrow.bound import BoundExpr, BoundSize
 from autogrow.errors import SHAPES_HINT, UNFUSE_HINT, AutogrowError, NeedsShapes, check, fail
 from autogrow.layout import Layout, NeedsBlock, NeedsParts, NeedsRep, Refusal, arg, cat_axis
 from autogrow.ops import Linearity, Op, OpKind, classify
@@ -554,7 +554,7 @@ def _mix_refusal(w: _Walk) -> str | None:
 def _reads_sizes(args: list[Any], w: _Walk) -> bool:
     """Whether ``args`` hold a size read from some tensor (``x.size(0)``, ``b, t, c = x.shape``)."""
     return any(_reads_sizes(list(a), w) if isinstance(a, (tuple, list)) else
-               isinstance(a, fx.Node) and w.sizes.is_size(a) for a in args)
+               isinstance(a, BoundExpr) or isinstance(a, fx.Node) and w.sizes.is_size(a) for a in args)
 
 
 def _check_size_uses(w: _Walk) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -32,7 +32,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autogrow.bound import BoundSize
+from autogrow.bound import BoundExpr, BoundSize, leaves, resolve
 from autogrow.errors import SHAPES_HINT
 from autogrow.ops import LayoutRule, Linearity, OpKind, register_function, register_layout_module
 
@@ -54,8 +54,8 @@ class NeedsBlock(Exception):
     restarts, counting whole blocks as units."""
 
     def __init__(self, block: int) -> None:
-        super().__init__(block)
-        self.block = block
+        super().__init__(int(block))
+        self.block = int(block)  # a plain int: sizes read from tensors or attributes carry where they came from
 
 
 class NeedsParts(Exception):
@@ -63,8 +63,8 @@ class NeedsParts(Exception):
     gate/up projection): the walk restarts, its units being one piece's, every piece growing alike."""
 
     def __init__(self, parts: int) -> None:
-        super().__init__(parts)
-        self.parts = parts
+        super().__init__(int(parts))
+        self.parts = int(parts)  # a plain int: sizes read from tensors or attributes carry where they came from
 
 
 class NeedsRep(Exception):
@@ -72,8 +72,8 @@ class NeedsRep(Exception):
     one key/value head for a group of query heads): the walk restarts, a unit being such a group."""
 
     def __init__(self, rep: int) -> None:
-        super().__init__(rep)
-        self.rep = rep
+        super().__init__(int(rep))
+        self.rep = int(rep)  # a plain int: sizes read from tensors or attributes carry where they came from
 
 
 @dataclass(frozen=True)
@@ -86,11 +86,15 @@ class Layout:
     flat: bool = False  # features are channel-major blocks after a flatten (block size from the consumer)
     rep: int = 1  # entries per unit along its axis: > 1 where each unit is a group of query heads (GQA)
 
+    def __post_init__(self) -> None:  # a plain int, not a size that remembers a tensor or an attribute
+        object.__setattr__(self, "rep", int(self.rep))
+
 
 class Context(Protocol):
     """What a rule may ask about the graph beyond the node itself (the coupling walk provides it)."""
 
     final: bool  # every layout is known (the walk's last pass): a check of sizes read from other tensors is due
+    rebinds: Mapping[tuple[str, str], int]  # the attributes rewritten so far (autogrow.bound)
 
     def shape(self, node: object) -> tuple[int, ...] | None:
         """The recorded shape of a tensor node (``None`` without example inputs)."""
@@ -233,7 +237,16 @@ def _inverse_flatten(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: 
 
 @layout_rule(torch.flatten, "flatten", nn.Flatten, inverse=_inverse_flatten)
 def flatten(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
-    return flatten_axes(lay, *_flatten_args(node, module))
+    """Also ``flatten(2, 3)`` of (B, T, kv heads, group, d): the units, outermost, merged with axes before the last
+    (Falcon's query heads of a key/value group): each unit then holds ``group`` entries of the merged axis."""
+    start, end = _flatten_args(node, module)
+    shape = ctx.shape(node.args[0])
+    if shape is not None and not lay.flat:
+        nd = len(shape)
+        s, e, p = start % nd, end % nd, nd + lay.dim
+        if p == s and s < e < nd - 1:
+            return replace(lay, dim=s - (nd - (e - s)), ndim=nd - (e - s), rep=lay.rep * math.prod(shape[s + 1:e + 1]))
+    return flatten_axes(lay, start, end)
 
 
 def reshape_target(node: fx.Node) -> Sequence[object]:
@@ -306,6 +319,7 @@ def reshape(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) 
     expected[q] = old_out[q] // old * new
     if isinstance(shape[q], BoundSize) and shape[q] == old_out[q] != expected[q]:
         ctx.rebind(shape[q], expected[q])  # the number of heads held in a module attribute: autogrow.bound
+    _rebind_unit_counts(shape, expected, q, ctx.widths(lay), ctx)
     try:
         target = [int(v) for v in ctx.value(list(shape), new=True)]
     except Exception:
@@ -314,12 +328,28 @@ def reshape(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) 
     if target.count(-1) == 1:
         rest = math.prod(v for v in target if v != -1)
         target[target.index(-1)] = math.prod(expected) // rest if rest else -1
-    if target != expected and not ctx.final and any(isinstance(v, fx.Node) for v in shape):
-        return out  # sizes read from a tensor the walk may widen later: checked again in its last pass
+    if target != expected and not ctx.final and any(isinstance(v, (fx.Node, BoundExpr)) for v in shape):
+        return out  # sizes read from a tensor the walk may widen later, or from attributes it may rewrite later:
+        # checked again in its last pass
     if target != expected:
         raise Refusal(f"reshapes the widened tensor to a fixed shape {tuple(map(str, shape))} (after widening "
                       f"it would need {tuple(expected)}, gets {tuple(target)})", _FIXED)
     return out
+
+
+def _rebind_unit_counts(shape: Sequence[object], expected: list[int], q: int, widths: tuple[int, int],
+                        ctx: Context) -> None:
+    """An axis other than the units' written from attributes, one of them rewritten, that would change
+    (Falcon's ``num_heads // num_kv_heads + 2``, ``num_heads`` rewritten): the attributes in it that equal the number
+    of units count them too, and are rewritten with it where that keeps the axis as it must be."""
+    old, new = widths
+    for i, x in enumerate(shape):
+        if i == q or not isinstance(x, BoundExpr) or resolve(x, ctx.rebinds) == expected[i]:
+            continue
+        counts = {(b.owner, b.attr): b for b in leaves(x) if b == old and (b.owner, b.attr) not in ctx.rebinds}
+        if counts and resolve(x, {**ctx.rebinds, **dict.fromkeys(counts, new)}) == expected[i]:
+            for b in counts.values():
+                ctx.rebind(b, new)
 
 
 def _as_parts(lay: Layout, old_in: tuple[int, ...], parts: int) -> tuple[Layout, tuple[int, ...]]:
@@ -357,8 +387,8 @@ def _units_after_reshape(lay: Layout, old_in: tuple[int, ...], old_out: tuple[in
         if old_out[q] == units * post and q == len(old_out) - 1 and not lay.flat:
             return replace(lay, **at, flat=True), q
         if (lay.flat and old_out[q] == n_units * lay.rep and q + 1 < len(old_out)
-                and old_out[q] * old_out[q + 1] == units):
-            return replace(lay, **at, flat=False), q  # blocks (heads) back to their own axis
+                and units in [math.prod(old_out[q:k]) for k in range(q + 2, len(old_out) + 1)]):
+            return replace(lay, **at, flat=False), q  # blocks (heads) back to their own axis, or axes
         if (not lay.flat and p + 1 < len(old_in) and old_out[q] == units * old_in[p + 1]
                 and old_out[q + 1:] == old_in[p + 2:]):  # repeat_kv: (B, kv, n_rep, T, d) -> (B, kv * n_rep, T, d)
             return replace(lay, **at, rep=lay.rep * old_in[p + 1]), q
@@ -366,8 +396,35 @@ def _units_after_reshape(lay: Layout, old_in: tuple[int, ...], old_out: tuple[in
             _split_units(node, q, old_out, ctx, lay)
         if not lay.flat and ctx.parts(lay.key) == 1 and _fixed_parts(node, q, old_out, units, ctx):
             raise NeedsParts(old_out[q])  # a fused q/k/v: (B, N, 3 * heads * size) -> (B, N, 3, heads, size)
+        if not lay.flat and q + 2 < len(old_out) and units in [math.prod(old_out[q:k]) for k in range(q + 3,
+                                                                                               len(old_out) + 1)]:
+            _split_block(node, q, old_out, units, ctx, lay)
     raise Refusal(f"reshapes {old_in} to {old_out}, splitting the widened units (axis {p}) across several axes "
                   "or behind others", "Reshapes that keep the units one axis, or flatten them outermost, work.")
+
+
+def _split_block(node: fx.Node, q: int, old_out: tuple[int, ...], units: int, ctx: Context, lay: Layout) -> None:
+    """The units' axis split in three or more (Falcon's ``view(B, T, -1, group + 2, head_size)``: key/value heads,
+    each a block of its query heads, its key and its value): if the first axis follows the width and the block's
+    axes do not, units are whole blocks (restart counting them); else refused."""
+    end = next(k for k in range(q + 3, len(old_out) + 1) if math.prod(old_out[q:k]) == units)
+    block = math.prod(old_out[q + 1:end])
+    old, new = ctx.widths(lay)
+    written = reshape_target(node)[q]
+    if new % block:
+        raise Refusal(f"splits the widened units into blocks of {old_out[q + 1:end]}: the new width {new} is not a "
+                      "whole number of them", f"Widen to a multiple of {block}.")
+    if isinstance(written, BoundSize) and written == old_out[q]:
+        ctx.rebind(written, new // block)
+    try:
+        target = [int(v) for v in ctx.value(list(reshape_target(node)), new=True)]
+    except Exception:
+        raise Refusal(f"splits the widened units into {old_out[q:end]} with sizes autogrow cannot follow",
+                      SHAPES_HINT, needs_shapes=True) from None
+    if target[q + 1:end] != list(old_out[q + 1:end]) or target[q] not in (-1, new // block):
+        raise Refusal(f"splits the widened units into {old_out[q:end]} and the block {old_out[q + 1:end]} or their "
+                      "number would not follow the width", "Compute the number of blocks from the tensor (-1).")
+    raise NeedsBlock(block)
 
 
 def _split_units(node: fx.Node, q: int, old_out: tuple[int, ...], ctx: Context, lay: Layout) -> None:
@@ -633,19 +690,22 @@ def _expand_keeps_units(lay: Layout, node: fx.Node, ctx: Context) -> Layout:
     size: -1, or a size read from a widened tensor (repeat_kv's ``expand(b, kv_heads, n_rep, t, d)``). Which
     tensors are widened is known once the walk is done: a size node passes until then, and is checked in its
     last pass."""
-    sizes = _expand_sizes(node)
-    size = sizes[len(sizes) + lay.dim] if len(sizes) >= -lay.dim else None
-    if size != -1 and (ctx.final or not isinstance(size, fx.Node)):
-        shape = ctx.shape(node)
+    sizes, shape = _expand_sizes(node), ctx.shape(node)
+    if len(sizes) == 1 and isinstance(sizes[0], fx.Node) and shape is not None and len(shape) > 1:
+        whole, ndim, size = sizes[0], len(shape), None  # torch.broadcast_to(t, other.shape): a shape read whole
+    else:
+        whole, ndim = None, len(sizes)
+        size = sizes[len(sizes) + lay.dim] if len(sizes) >= -lay.dim else None
+    if whole is not None or (size != -1 and (ctx.final or not isinstance(size, fx.Node))):
         try:
             old, new = ctx.widths(lay)
-            kept = shape is not None and [ctx.value(size, new=n) for n in (False, True)] == [
-                shape[lay.dim], shape[lay.dim] // old * new]
+            got = [ctx.value(size, new=n) if whole is None else ctx.value(whole, new=n)[lay.dim] for n in (False, True)]
+            kept = shape is not None and got == [shape[lay.dim], shape[lay.dim] // old * new]
         except Exception:  # a size autogrow cannot evaluate (no recorded shapes, not an integer program)
             kept = False
-        if not kept:
+        if not kept and (ctx.final or whole is None):  # a shape read whole from a tensor widened later: last pass
             raise Refusal("expands to a fixed size on the units' axis", "Expand with -1 there.")
-    return replace(lay, ndim=len(sizes))
+    return replace(lay, ndim=ndim)
 
 
 def _inverse_expand(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
@@ -654,7 +714,7 @@ def _inverse_expand(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: C
     return replace(out, ndim=len(shape) if shape is not None else None)
 
 
-@layout_rule("expand", inverse=_inverse_expand)
+@layout_rule("expand", torch.broadcast_to, inverse=_inverse_expand)
 def expand(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
     return _expand_keeps_units(lay, node, ctx)
 

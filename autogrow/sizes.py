@@ -18,7 +18,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from autogrow.bound import BoundSize
+from autogrow.bound import BoundExpr, BoundSize, resolve
 from autogrow.errors import SHAPES_HINT
 from autogrow.layout import Layout, Refusal, arg
 
@@ -110,8 +110,8 @@ class SizeReader:
         """
         if isinstance(x, (tuple, list)):
             return type(x)(self.value(a, new) for a in x)
-        if isinstance(x, BoundSize) and new:
-            return self.rebinds.get((x.owner, x.attr), x)  # an attribute's value after the growth rewrites it
+        if isinstance(x, (BoundSize, BoundExpr)) and new:
+            return resolve(x, self.rebinds)  # computed from attributes: their values after the growth rewrites them
         if not isinstance(x, fx.Node):
             return x
         if self.shapes is None:

@@ -407,6 +407,7 @@ def swap_tensors(modules: dict[str, nn.Module], changes: list[TensorChange], cur
 def resize(module: nn.Module, kind: str, value: int) -> None:
     """Write a new size into a layer's attributes: ``"out"``/``"in"`` units of a weighted layer, or the
     features of a channel-wise one, or ``"attr:<name>"``: a size the forward reads from that attribute."""
+    value = int(value)  # a plain int: sizes read from tensors or attributes carry where they came from
     if kind.startswith("attr:"):
         setattr(module, kind.removeprefix("attr:"), value)
     elif kind == "channel":

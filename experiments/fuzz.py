@@ -9,7 +9,8 @@ concatenations in keyword form and along other axes, tied weights, residual stre
 into equal parts (chunk, split by a size read or kept in an attribute, a reshape into (parts, heads, size)
 unbound, the heads counted with -1 or kept in an attribute: autogrow rewrites such attributes),
 grouped-query attention (key/value heads repeated for their query heads as Hugging Face's ``repeat_kv`` does, by
-``repeat_interleave``, or by SDPA's ``enable_gqa``), flatten,
+``repeat_interleave``, or by SDPA's ``enable_gqa``; Falcon's fused groups of query heads, key and value, broadcast
+and flattened), flatten,
 pooling over tokens, LayerNorm, RMSNorm (torch's, and one written by hand as Llama's is, registered as
 ``nn.RMSNorm``) and every activation; one network in five branches on its input's value, which
 torch.fx cannot trace (autogrow then traces what the forward runs). Then it widens or deepens random layers,
@@ -133,6 +134,11 @@ class Block(nn.Module):
             self.fc = nn.Linear(w, 2 * out)
             self.how = draw.choice(["chunk", "split_size", "split_const", "heads", "heads_attr"])
             self.n_heads = out // 2  # heads_attr: timm's self.num_heads (autogrow.bound rewrites it)
+        if kind == "falcon":  # Falcon's fused qkv: 1-2 key/value groups of 1-2 query heads, a key, a value (of 2)
+            self.n_kv, group = draw.integer(1, 2), draw.integer(1, 2)
+            self.n_heads, self.group_from = self.n_kv * group, draw.choice(["heads", "attr"])
+            self.group = group
+            self.qkv, self.o = nn.Linear(w, self.n_kv * (group + 2) * 2), nn.Linear(self.n_heads * 2, out)
         if kind == "gqa":  # attention, heads of 2: 1-2 key/value heads, each serving 1-3 query heads
             kv, self.n_rep = 2 * draw.integer(1, 2), draw.integer(1, 3)
             self.q, self.k, self.v = nn.Linear(w, kv * self.n_rep), nn.Linear(w, kv), nn.Linear(w, kv)
@@ -180,6 +186,8 @@ class Block(nn.Module):
             return self.fused(self.fc(x))
         if k == "gqa":
             return self.nonlin(self.attend(x))
+        if k == "falcon":
+            return self.nonlin(self.falcon(x))
         raise AssertionError(k)
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,6 +201,17 @@ class Block(nn.Module):
             k, v = k.repeat_interleave(self.n_rep, dim=1), v.repeat_interleave(self.n_rep, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.how == "sdpa")
         return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+    def falcon(self, x: torch.Tensor) -> torch.Tensor:
+        """Grouped heads as Falcon writes them: sizes from attributes (``n_heads // n_kv``, or one of its own)."""
+        b, t, _ = x.shape
+        group = self.n_heads // self.n_kv if self.group_from == "heads" else self.group
+        qkv = self.qkv(x).view(b, t, -1, group + 2, 2)
+        q = qkv[:, :, :, :-2]
+        k, v = (torch.broadcast_to(qkv[:, :, :, [i]], q.shape) for i in (-2, -1))
+        q, k, v = (y.flatten(2, 3).transpose(1, 2).reshape(b, self.n_heads, t, 2) for y in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v).permute(0, 2, 1, 3)
+        return self.o(y.reshape(b, t, self.n_heads * 2))
 
     def fused(self, h: torch.Tensor) -> torch.Tensor:
         if self.how in ("heads", "heads_attr"):  # timm's qkv: (B, T, parts, heads, size), the parts unbound
@@ -257,7 +276,7 @@ def build(draw: Draw) -> tuple[nn.Module, torch.Tensor]:
     tokens = 4 if mode in ("tokens", "ids") else 0
     kinds = ["dense", "bn", *NORMS, "residual", "cat", "cat_kw", "tied", "scale", "bare"]
     if mode in ("tokens", "ids"):
-        kinds += ["roundtrip", "heads", "cat_other", "fused", "gqa"]
+        kinds += ["roundtrip", "heads", "cat_other", "fused", "gqa", "falcon"]
     pool = draw.choice(["mean", "none"]) if mode != "flat" else "none"
     w_in = draw.integer(2, 6)
     classes, w = 5, w_in

@@ -242,6 +242,17 @@ def _opt() -> nn.Module:
                                         bos_token_id=0, eos_token_id=0, pad_token_id=0))
 
 
+def _falcon() -> nn.Module:
+    t = _transformers()
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+
+    # a Linear whose forward is its own (weight.T in a matmul): registered as the Linear it is, as a Falcon user would
+    register_layer(FalconLinear, layer_spec(nn.Linear(1, 1)))  # type: ignore[arg-type]
+    return t.FalconForCausalLM(t.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                              num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True,
+                                              max_position_embeddings=16, bos_token_id=0, eos_token_id=0))
+
+
 class FeedForward(nn.Module):
     """A BERT layer's feed-forward half, as its ``feed_forward_chunk`` runs it: ``output(intermediate(x), x)``."""
 
@@ -311,6 +322,9 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in (
               "fused gate_up_proj"),
     ModelSpec("opt", "transformers", _opt, _tokens,
               "OPTForCausalLM(hidden_size=32, 2 layers, 4 heads, ffn_dim=64): learned positions, tied lm_head"),
+    ModelSpec("falcon", "transformers", _falcon, _tokens,
+              "FalconForCausalLM(hidden_size=32, 2 layers, 4 heads, 2 kv heads, new_decoder_architecture): fused qkv "
+              "viewed as (kv heads, group + 2, head size), parallel attention and MLP, tied lm_head"),
     ModelSpec("torch_encoder", "torch", lambda: TokenEncoder(unfuse=True), _tokens,
               "nn.Embedding, nn.TransformerEncoder (2 pre-norm layers, 4 heads, d_model 32, FFN 64, final LayerNorm), "
               "nn.Linear; attention unfused by autogrow.unfuse_attention"),

@@ -84,6 +84,30 @@ class ComputedHeadSize(nn.Module):
         return self.o(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C))
 
 
+class FalconAttention(nn.Module):
+    """transformers' Falcon (new decoder architecture): the fused output viewed as (key/value groups, group + 2,
+    head size): each group's query heads, then its key and its value, broadcast to the query heads and flattened
+    with them; the heads merged back by ``reshape(B, T, self.num_heads * self.head_dim)``. The group size is
+    ``self.num_heads // self.num_kv_heads`` as in Falcon (``kv_from_heads``), or an attribute of its own."""
+
+    def __init__(self, dim: int, heads: int, kv_from_heads: bool = True) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = heads, heads // 2, dim // heads
+        self.group, self.kv_from_heads = 2, kv_from_heads
+        self.qkv = nn.Linear(dim, self.num_kv_heads * (self.group + 2) * self.head_dim)
+        self.dense = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        group = self.num_heads // self.num_kv_heads if self.kv_from_heads else self.group
+        qkv = self.qkv(x).view(B, T, -1, group + 2, self.head_dim)
+        q = qkv[:, :, :, :-2]
+        k, v = (torch.broadcast_to(qkv[:, :, :, [i]], q.shape) for i in (-2, -1))
+        q, k, v = (t.flatten(2, 3).transpose(1, 2).reshape(B, self.num_heads, T, self.head_dim) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True).permute(0, 2, 1, 3)
+        return self.dense(o.reshape(B, T, self.num_heads * self.head_dim))
+
+
 class LiteralHeads(TimmAttention):
     """``view(B, N, 3, 2, -1)``: 2 heads written in the code: widening would grow the head size (and change the
     softmax scale), so it is refused."""
@@ -115,6 +139,7 @@ class Case:
     width: int  # doubling the layer
     bad: int  # a width that cuts a head, and the refusal it gets
     why: str
+    block: int = 4  # rows per unit: a head of 4, or Falcon's group of 2 query heads, a key and a value
 
 
 _PARTS = r"a multiple of 12 \(3 equal parts of whole heads of 4\)"
@@ -122,7 +147,10 @@ CASES = {TimmAttention: Case("attn.qkv", "num_heads", 2, 4, 48, 25, _PARTS),
          GPT2Attention: Case("attn.c_attn", "split_size", 8, 16, 48, 25, _PARTS),
          HeadsFirst: Case("attn.qkv", "num_heads", 2, 4, 48, 25, _PARTS),
          ComputedHeadSize: Case("attn.q", "n_head", 2, 4, 16, 9, r"is not a whole number of heads\. Widen to a "
-                                r"multiple of 4")}
+                                r"multiple of 4"),
+         # a unit: one key/value group (2 query heads, a key and a value, of 4 each)
+         FalconAttention: Case("attn.qkv", "num_heads", 2, 4, 32, 20, r"not a whole number of them\. Widen to a "
+                               r"multiple of 16", block=16)}
 
 
 def trained(attention: type[nn.Module], **kw: object) -> tuple[nn.Module, torch.optim.Optimizer, torch.Tensor]:
@@ -145,7 +173,7 @@ def test_the_heads_grow_and_the_attribute_follows(attention):
     assert max_rel_error(ref, model(ids)) <= 1e-9
     value = getattr(model.attn, case.attr)
     assert value == case.after and type(value) is int  # a plain int, not the tracer's BoundSize
-    assert g.params[f"{case.layer}.weight"][0].block == 4  # whole heads of 4
+    assert g.params[f"{case.layer}.weight"][0].block == case.block  # whole heads (groups)
     grown = copy.deepcopy(model)
     autogrow.shrink(model, case.layer, case.width // 2, mode="merge", optimizer=opt, example_inputs=ids)
     assert getattr(model.attn, case.attr) == case.before and max_rel_error(ref, model(ids)) <= 1e-9  # merged back
@@ -175,6 +203,21 @@ def test_part_of_a_head_is_refused_untouched(attention):
         autogrow.widen(model, case.layer, case.bad, optimizer=opt, example_inputs=ids)
     assert_unchanged(before, model, opt)
     assert type(getattr(model.attn, case.attr)) is int
+
+
+@pytest.mark.parametrize("kv_from_heads", [True, False])
+def test_falcon_groups_grow_and_the_attributes_that_count_them_follow(kv_from_heads):
+    """Falcon computes its group size as ``num_heads // num_kv_heads``: ``num_heads`` is rewritten where the heads
+    are reshaped, and ``num_kv_heads``, which counts the units (key/value groups), with it, so that the group size
+    stays 2. With the group size an attribute of its own, ``num_kv_heads`` is not read and stays."""
+    model, opt, ids = trained(FalconAttention, kv_from_heads=kv_from_heads)
+    ref = model(ids)
+    plan = autogrow.plan_widen(model, "attn.qkv", 48, init="zero_out", generator=2, example_inputs=ids)
+    assert ("attribute attn.num_kv_heads = 3" in str(plan)) == kv_from_heads
+    plan.apply(opt)
+    assert max_rel_error(ref, model(ids)) <= 1e-9
+    assert (model.attn.num_heads, model.attn.num_kv_heads) == (6, 3 if kv_from_heads else 1)
+    assert model.attn.dense.in_features == 24  # 3 groups of 2 query heads of 4
 
 
 def test_a_rewrite_that_changes_the_function_is_undone():
@@ -216,12 +259,13 @@ def test_tracing_leaves_plain_ints_even_when_it_fails():
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             self.calls += 1  # a value the forward writes while traced is kept (a plain int)
+            self.twice = self.calls * 2  # one computed from a traced attribute too
             return super().forward(x)
 
     counts = Counts(nn.Linear(4, 4), nn.Linear(4, 2))
     counts.calls = 5
     autogrow.widen(counts, "0", 8, example_inputs=torch.zeros(2, 4))
-    assert type(counts.calls) is int and counts.calls > 5
+    assert type(counts.calls) is int and counts.calls > 5 and type(counts.twice) is int
     leaf = nn.Linear(4, 4)  # a layer's own sizes are not bound: it has no children
     with bound_sizes(nn.Sequential(leaf)):
         assert type(leaf.in_features) is int

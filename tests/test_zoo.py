@@ -156,6 +156,14 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
         ("model.decoder.layers.0.self_attn.q_proj", "widen x2", EXACT),
         ("model.decoder.layers.1.fc1", "deepen", EXACT),
     ],
+    # Falcon (its FalconLinear registered as the Linear it is): the fused qkv viewed as (key/value groups, group + 2,
+    # head size) grows by whole groups, num_heads and num_kv_heads rewritten (autogrow.bound).
+    "falcon": [
+        ("transformer.h.0.self_attention.query_key_value", "widen x2", EXACT),
+        ("transformer.h.1.self_attention.query_key_value", "widen +1", r"not a whole number of them"),
+        ("transformer.word_embeddings", "widen x2 ramp", EXACT),
+        ("transformer.h.0.mlp.dense_h_to_4h", "widen +1", EXACT),
+    ],
     # torch's own nn.TransformerEncoder: traced through; after autogrow.unfuse_attention every dimension grows
     # (heads by whole heads), left fused only its feed-forward width, the refusals naming unfuse_attention.
     "torch_encoder": [
