@@ -245,7 +245,8 @@ def flatten(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) 
         nd = len(shape)
         s, e, p = start % nd, end % nd, nd + lay.dim
         if p == s and s < e < nd - 1:
-            return replace(lay, dim=s - (nd - (e - s)), ndim=nd - (e - s), rep=lay.rep * math.prod(shape[s + 1:e + 1]))
+            merged = math.prod(int(v) for v in shape[s + 1:e + 1])  # plain ints: no arithmetic on recorded sizes
+            return replace(lay, dim=s - (nd - (e - s)), ndim=nd - (e - s), rep=lay.rep * merged)
     return flatten_axes(lay, start, end)
 
 
