@@ -193,14 +193,21 @@ def _bert() -> nn.Module:
                                                         max_position_embeddings=16, num_labels=3))
 
 
+def _gqa_lm(model: type, config: type, rms_norm: type) -> nn.Module:
+    """A Llama-shaped causal LM (4 query heads over 2 key/value heads, RMSNorm, rotary, SwiGLU) of one transformers
+    family, its RMSNorm class registered as the ``nn.RMSNorm`` it computes (its forward is its own), as a user
+    would."""
+    register_channelwise(rms_norm, channel_spec(nn.RMSNorm(1)))
+    return model(config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16, bos_token_id=0,
+                        eos_token_id=0, pad_token_id=0))
+
+
 def _llama() -> nn.Module:
     t = _transformers()
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    register_channelwise(LlamaRMSNorm, channel_spec(nn.RMSNorm(1)))  # its forward is its own: say what it computes
-    return t.LlamaForCausalLM(t.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
-                                            bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    return _gqa_lm(t.LlamaForCausalLM, t.LlamaConfig, LlamaRMSNorm)
 
 
 def _gpt_neox() -> nn.Module:
@@ -214,20 +221,14 @@ def _qwen2() -> nn.Module:
     t = _transformers()
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-    register_channelwise(Qwen2RMSNorm, channel_spec(nn.RMSNorm(1)))  # as for Llama's
-    return t.Qwen2ForCausalLM(t.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
-                                            bos_token_id=0, eos_token_id=0))
+    return _gqa_lm(t.Qwen2ForCausalLM, t.Qwen2Config, Qwen2RMSNorm)
 
 
 def _phi3() -> nn.Module:
     t = _transformers()
     from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
 
-    register_channelwise(Phi3RMSNorm, channel_spec(nn.RMSNorm(1)))
-    return t.Phi3ForCausalLM(t.Phi3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
-                                          bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    return _gqa_lm(t.Phi3ForCausalLM, t.Phi3Config, Phi3RMSNorm)
 
 
 def _opt() -> nn.Module:
