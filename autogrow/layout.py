@@ -410,36 +410,36 @@ def _split_block(node: fx.Node, q: int, old_out: tuple[int, ...], units: int, ct
     axes do not, units are whole blocks (restart counting them); else refused."""
     end = next(k for k in range(q + 3, len(old_out) + 1) if math.prod(old_out[q:k]) == units)
     block = math.prod(old_out[q + 1:end])
-    old, new = ctx.widths(lay)
-    written = reshape_target(node)[q]
+    new = ctx.widths(lay)[1]
     if new % block:
         raise Refusal(f"splits the widened units into blocks of {old_out[q + 1:end]}: the new width {new} is not a "
                       "whole number of them", f"Widen to a multiple of {block}.")
-    if isinstance(written, BoundSize) and written == old_out[q]:
-        ctx.rebind(written, new // block)
-    try:
-        target = [int(v) for v in ctx.value(list(reshape_target(node)), new=True)]
-    except Exception:
-        raise Refusal(f"splits the widened units into {old_out[q:end]} with sizes autogrow cannot follow",
-                      SHAPES_HINT, needs_shapes=True) from None
+    target = _split_target(node, q, end, old_out, new, ctx)
     if target[q + 1:end] != list(old_out[q + 1:end]) or target[q] not in (-1, new // block):
         raise Refusal(f"splits the widened units into {old_out[q:end]} and the block {old_out[q + 1:end]} or their "
                       "number would not follow the width", "Compute the number of blocks from the tensor (-1).")
     raise NeedsBlock(block)
 
 
+def _split_target(node: fx.Node, q: int, end: int, old_out: tuple[int, ...], new: int, ctx: Context) -> list[int]:
+    """The target of a reshape splitting the units' axis into ``old_out[q:end]`` (heads, then a head's axes), at the
+    new width ``new``; a number of heads held in an attribute (timm's ``self.num_heads``) is rewritten first to fit
+    whole heads, so that sizes computed from it are evaluated with its new value."""
+    written, block = reshape_target(node)[q], math.prod(old_out[q + 1:end])
+    if isinstance(written, BoundSize) and written == old_out[q] and new % block == 0:
+        ctx.rebind(written, new // block)
+    try:
+        return [int(v) for v in ctx.value(list(reshape_target(node)), new=True)]
+    except Exception:
+        raise Refusal(f"splits the widened units into {old_out[q:end]} with sizes autogrow cannot follow",
+                      SHAPES_HINT, needs_shapes=True) from None
+
+
 def _split_units(node: fx.Node, q: int, old_out: tuple[int, ...], ctx: Context, lay: Layout) -> None:
     """The units' axis is split in two (``view(b, t, heads, head_size)``): if the target makes the number
     of heads follow the width, units are whole heads (restart counting heads); head size growing: refused."""
-    old, new = ctx.widths(lay)
-    written = reshape_target(node)[q]
-    if isinstance(written, BoundSize) and written == old_out[q] and new % old_out[q + 1] == 0:
-        ctx.rebind(written, new // old_out[q + 1])  # heads in an attribute (timm's self.num_heads): rewritten
-    try:
-        target = [int(v) for v in ctx.value(list(reshape_target(node)), new=True)]
-    except Exception:
-        raise Refusal(f"splits the widened units into {old_out[q:q + 2]} with sizes autogrow cannot follow",
-                      SHAPES_HINT, needs_shapes=True) from None
+    new = ctx.widths(lay)[1]
+    target = _split_target(node, q, q + 2, old_out, new, ctx)
     heads, size = target[q], target[q + 1]
     if size == -1 and heads > 0 and new % heads == 0:
         size = new // heads  # view(B, T, self.n_head, -1): the head size the rewritten heads leave
