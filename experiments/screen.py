@@ -45,6 +45,7 @@ class Model:
     lr: float
     flatten: bool
     train_subset: int | None = None
+    head: str = "out"  # the output layer (a logits-cooling recipe scales it)
 
 
 MODELS = {
@@ -67,7 +68,9 @@ class Recipe:
     peak until the last growth, or, with ``cycle``, the same hold-then-decay within every phase between growths
     (each size annealed, then grown at the peak LR); ``init``: the new units (``widen``'s; ``"net2wider"``: copies,
     split 0.5 as the callback's ``Widen``); ``shrink_perturb``: (shrink, noise) after each growth, or only the last
-    (``last_only``).
+    (``last_only``); ``new_state``: the fresh units' Adam state (``widen``'s: ``"zero"``, or ``"mean"``: second
+    moments at the old units' mean, no oversized first steps); ``cool``: after each growth the output layer's weights
+    and bias are multiplied by this: the logits cooled, the predictions (their argmax) kept, not function-preserving.
     """
 
     width: int | None = None
@@ -82,6 +85,8 @@ class Recipe:
     init: str = "auto"
     shrink_perturb: tuple[float, float] | None = None
     last_only: bool = False
+    new_state: str = "zero"
+    cool: float | None = None
 
     def growth_points(self, n: int) -> list[float]:
         """Fractions of the run at which the ``n`` growths happen.
@@ -141,6 +146,15 @@ RECIPES = {  # names without commas: --recipes takes a comma-separated list
     "even 0.6 fade": Recipe(init="fade"),
     "geometric 0.7 fade": Recipe(schedule="geometric", deadline=0.7, init="fade"),
     "one jump at 10% fade": Recipe(schedule="at", deadline=0.1, init="fade"),
+    # Why the small phase costs the MLP: units that die after a growth (fresh ones, whose zero Adam moments under a
+    # carried step count take oversized first steps), or logits made confident by the small phase, which leave the
+    # grown net little to learn from the examples it already gets right? Cooling them keeps the predictions.
+    "scratch on 0.9x steps": Recipe(width=-1, steps=0.9),
+    "one jump at 10% + Adam state at the old units' mean": Recipe(schedule="at", deadline=0.1, new_state="mean"),
+    "one jump at 10% + logits cooled x0.1": Recipe(schedule="at", deadline=0.1, cool=0.1),
+    "one jump at 10% + logits cooled x0.3": Recipe(schedule="at", deadline=0.1, cool=0.3),
+    "even 0.6 + logits cooled x0.1": Recipe(cool=0.1),
+    "geometric 0.7 + logits cooled x0.1": Recipe(schedule="geometric", deadline=0.7, cool=0.1),
 }
 
 
@@ -160,8 +174,13 @@ def grow(net: nn.Module, m: Model, r: Recipe, opt: torch.optim.Optimizer, x: tor
     """Double every target layer as the callback does (``init="auto"``: fresh units here); then the recipe's
     shrink-and-perturb."""
     growths = [autogrow.widen(net, t, 2 * getattr(net, t).weight.shape[0], init=r.init, split=0.5, optimizer=opt,
-                              example_inputs=x[:8], generator=seed * 7919 + step, ramp_steps=ramp_steps)
+                              example_inputs=x[:8], generator=seed * 7919 + step, ramp_steps=ramp_steps,
+                              new_state=r.new_state)
                for t in m.targets]
+    if r.cool is not None:
+        with torch.no_grad():
+            for p in getattr(net, m.head).parameters():
+                p.mul_(r.cool)
     if r.shrink_perturb is not None and (last or not r.last_only):
         shrink_perturb(net, *r.shrink_perturb, torch.Generator().manual_seed(seed * 104729 + step))
     return growths
@@ -202,7 +221,31 @@ def train(m: Model, r: Recipe, data: Sequence[torch.Tensor], epochs: int, seed: 
             flops += step_flops * len(idx) / bs
             step += 1
     return {"test": accuracy(net, xt, yt), "val": accuracy(net, xv, yv), "train": accuracy(net, x[:20000], y[:20000]),
-            "flops": flops}
+            "flops": flops, "dead": dead_units(net, x[:4096])}
+
+
+def dead_units(net: nn.Module, x: torch.Tensor) -> float:
+    """The fraction of units (channels) after the ``nn.ReLU`` modules that are never positive on ``x``.
+
+        >>> net = nn.Sequential(nn.Linear(1, 2), nn.ReLU())
+        >>> with torch.no_grad(): _ = net[0].weight.copy_(torch.tensor([[1.0], [-1.0]])), net[0].bias.zero_()
+        >>> dead_units(net, torch.ones(3, 1))
+        0.5
+    """
+    alive: dict[nn.Module, torch.Tensor] = {}
+
+    def record(mod: nn.Module, _inputs: object, out: torch.Tensor) -> None:
+        now = (out > 0).transpose(0, 1).flatten(1).any(1)  # per unit (channel): positive anywhere in the chunk
+        alive[mod] = alive[mod] | now if mod in alive else now
+
+    hooks = [mod.register_forward_hook(record) for mod in net.modules() if isinstance(mod, nn.ReLU)]
+    try:
+        accuracy(net, x, torch.zeros(len(x), dtype=torch.long))  # the forward passes, in chunks
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(int((~a).sum()) for a in alive.values()) / max(1, sum(a.numel() for a in alive.values()))
+
 
 
 def multiplier(r: Recipe, step: int, total: int, points: Sequence[int]) -> float:
@@ -258,6 +301,7 @@ def _report(m: Model, args: argparse.Namespace, names: Sequence[str], rows: Sequ
         return mean_std([100 * r[key] for r in rows if r["recipe"] == name], ".2f")
 
     summary = [{"recipe": n, "test": ms(n, "test"), "val": ms(n, "val"), "train": ms(n, "train"),
+                "dead": ms(n, "dead") if all("dead" in r for r in rows) else "-",
                 "flops": statistics.mean(r["flops"] for r in rows if r["recipe"] == n)} for n in names]
     chosen = f" --recipes '{','.join(names)}'" if list(names) != list(RECIPES) else ""
     named = f" --name {args.name}" if args.name else ""
@@ -265,10 +309,11 @@ def _report(m: Model, args: argparse.Namespace, names: Sequence[str], rows: Sequ
     head = (f"### Screen: {m.name} {m.start} -> {m.final}, Fashion-MNIST{subset}, {args.epochs} epochs, "
             f"{args.seeds} seeds, peak LR {m.lr:g}, plain PyTorch\n\n`python -m autogrow.experiments.screen "
             f"--model {args.model} --epochs {args.epochs} --seeds {args.seeds}{chosen}{named}`. Train accuracy on "
-            f"(up to) 20k training images; FLOPs over the {m.final}-wide net's for {args.epochs} epochs.\n")
+            f"(up to) 20k training images, dead units (never active) on 4096; FLOPs over the {m.final}-wide net's for "
+            f"{args.epochs} epochs.\n")
     return head + "\n" + table(summary, [("recipe", "recipe", "s"), ("test acc %", "test", "s"),
                                          ("val acc %", "val", "s"), ("train acc %", "train", "s"),
-                                         ("FLOPs / scratch", "flops", ".3f")])
+                                         ("dead ReLU units %", "dead", "s"), ("FLOPs / scratch", "flops", ".3f")])
 
 
 if __name__ == "__main__":

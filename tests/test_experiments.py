@@ -179,6 +179,30 @@ def test_screen_shrink_perturb_only_at_the_last_growth():
     assert net.fc1.out_features == 128 and (net(x) - before).abs().max() > 0.1
 
 
+def test_screen_cooling_and_adam_state_probes():
+    """The small phase's probes: cooling scales the logits exactly (the predictions kept) after the exact growth;
+    ``new_state="mean"`` starts the fresh units' second moments at the old units' mean instead of 0."""
+    import torch.nn.functional as F
+    from autogrow.experiments import screen
+
+    m, x, y = screen.MODELS["mlp"], torch.randn(16, 784), torch.randint(0, 10, (16,))
+    for name, state in (("even 0.6 + logits cooled x0.1", "zero"),
+                        ("one jump at 10% + Adam state at the old units' mean", "mean")):
+        torch.manual_seed(0)
+        net = m.build(32)
+        opt = torch.optim.Adam(net.parameters())
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+        before = net(x)
+        screen.grow(net, m, screen.RECIPES[name], opt, x, seed=0, step=1, last=True)
+        after = net(x)
+        cool = screen.RECIPES[name].cool or 1.0
+        assert net.fc1.out_features == 64 and (after - cool * before).abs().max() < 1e-5
+        assert torch.equal(after.argmax(1), before.argmax(1))
+        fresh_v = opt.state[net.fc2.weight]["exp_avg_sq"][32:]
+        assert (fresh_v.abs().max() > 0) == (state == "mean")
+
+
 def test_screen_lr_rule_is_growth_lrs():
     """The screen's default and held LR multipliers are GrowthLR's rule without its re-warm (the decay starts no
     earlier than the latest growth so far; held: than the last one), step by step."""
