@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from autogrow.bound import BoundExpr, BoundSize
 from autogrow.errors import SHAPES_HINT, UNFUSE_HINT, AutogrowError, NeedsShapes, check, fail
-from autogrow.layout import Layout, NeedsBlock, NeedsParts, NeedsRep, Refusal, arg, cat_axis
+from autogrow.layout import Layout, NeedsBlock, NeedsParts, NeedsRep, Refusal, arg, cat_axis, stacked, unstacked
 from autogrow.ops import Linearity, Op, OpKind, classify
 from autogrow.registry import ChannelSpec, LayerSpec, channel_spec, channel_width, layer_spec
 from autogrow.sizes import SizeReader
@@ -180,6 +180,7 @@ class _Walk:
         self.cats: dict[fx.Node, CatParts] = {}
         self.uniform_only: list[str] = []
         self.grouped: dict[str, int] = {}
+        self.per_row: set[fx.Node] = set()  # norms over another axis than the units' (per-head norms): pass-through
         self.tensors: dict[tuple[str, str], tuple[MapKey, int]] = {}
         self._queue: deque[fx.Node] = deque()
 
@@ -338,12 +339,21 @@ class _Walk:
         reason = spec.check(m)
         if reason:
             self.fail(node, f"has {reason}")
-        n = channel_width(m)
+        if spec.rows and not lay.flat and not any(self._is_axis(lay, d, node) for d in spec.dims):
+            self.per_row.add(node)  # the units on another axis, each treated on its own: they pass, nothing grows
+            self.mark(node, lay)
+            if node.args[0] not in self.layouts:
+                self.backward(node.args[0], lay, node)
+            return
         if lay.rep > 1:
             self.fail(node, f"acts on units that hold {lay.rep} entries each (a repeat, as of key/value heads for "
                       "their query heads)", "Normalise or scale the tensor before it is repeated.")
-        if n is not None and n != self.width(lay.key):
-            self.fail(node, f"has {n} features, but the widened tensor has {self.width(lay.key)}")
+        n, w = channel_width(m), self.width(lay.key)
+        if n is not None and lay.flat and self.unit_block > 1 and n == w * self.unit_block:  # OLMo-2's q_norm
+            self.fail(node, f"normalises the {n} features of {w} heads of {self.unit_block} together: new heads "
+                      "would change its statistics", "Normalise each head on its own (over the head size).")
+        if n is not None and n != w:
+            self.fail(node, f"has {n} features, but the widened tensor has {w}")
         if lay.flat or not any(self._is_axis(lay, d, node) for d in spec.dims):
             where = f"axis {lay.dim} of {lay.ndim}" if lay.ndim is not None else f"axis {lay.dim}"
             self.fail(node, f"normalises axis {' or '.join(map(str, spec.dims))} (counted from the front if >= 0), "
@@ -424,6 +434,11 @@ class _Walk:
             return self.backward(node.args[0], lay, node)
         if op.kind is OpKind.BINARY:
             return self.merge(node, lay)
+        if op.kind is OpKind.CAT and node.target is torch.stack:
+            try:
+                return self.stack(node, unstacked(lay, node), lay)
+            except Refusal as r:
+                self.fail(node, r.why, r.fix, r.needs_shapes)
         if op.kind is OpKind.CAT and cat_axis(lay, arg(node, 1, "dim", 0)) != lay.dim:
             return self.merge(node, lay)  # along another axis (a class token before the patches): all grow alike
         if op.kind is OpKind.BATCHED:
@@ -459,7 +474,23 @@ class _Walk:
         self.mark(node, fwd)
 
     # -- concatenations -------------------------------------------------------------------------------
+    def stack(self, node: fx.Node, inner: Layout, out: Layout) -> None:
+        """``torch.stack``: every tensor it joins holds the units as ``inner`` (an element-wise join along a new
+        axis); the output holds them as ``out``."""
+        if inner.flat:
+            self.fail(node, "stacks a flattened widened tensor")
+        self.mark(node, out)
+        for t in arg(node, 0, "tensors", None):
+            if not isinstance(t, fx.Node):
+                self.fail(node, "stacks the widened tensor with a constant of fixed width")
+            if t not in self.layouts:
+                self.backward(t, inner, node)
+            elif not _same_units(self.layouts[t], inner):
+                self.fail(node, f"stacks tensors whose units are mapped differently ({t.name})")
+
     def cat(self, user: fx.Node, lay: Layout) -> None:
+        if user.target is torch.stack:
+            return self.stack(user, lay, stacked(lay, user))
         tensors, dim = arg(user, 0, "tensors", None), arg(user, 1, "dim", 0)
         if any(isinstance(t, fx.Node) and t in self.layouts and self.layouts[t].flat for t in tensors):
             raise Refusal("concatenates a flattened widened tensor")
@@ -532,6 +563,8 @@ def _mix_refusal(w: _Walk) -> str | None:
         op = w.classify(node)
         if op.kind is OpKind.WEIGHTED:
             continue  # a producer: its rows are mixed
+        if node in w.per_row:  # a norm of each unit's own entries (a per-head norm): not linear in the units
+            return f"{describe(node, w.model)} normalises or scales each unit on its own"
         ins = [a for a in _tensor_args(node, w) if a in w.layouts]
         after = [a in post for a in ins]
         if (op.kind is OpKind.CHANNELWISE and op.spec.uniform_only) or (after and all(after)):  # type: ignore[union-attr]

@@ -37,7 +37,7 @@ from autogrow.errors import SHAPES_HINT
 from autogrow.ops import LayoutRule, Linearity, OpKind, register_function, register_layout_module
 
 __all__ = ["Context", "Layout", "NeedsBlock", "NeedsParts", "NeedsRep", "Refusal", "arg", "cat_axis", "flatten_axes",
-           "reduce_axes"]
+           "reduce_axes", "stacked", "unstacked"]
 
 
 class Refusal(Exception):
@@ -511,6 +511,21 @@ def _unsqueeze_at(lay: Layout, node: fx.Node) -> Layout:
     return replace(lay, dim=lay.dim - (1 if d >= lay.dim else 0), ndim=nd)
 
 
+def stacked(lay: Layout, node: fx.Node) -> Layout:
+    """The layout of ``torch.stack(tensors, dim)`` whose tensors are laid out as ``lay``: a new axis at ``dim``
+    (GPT-J's interleaved rotary stacks the two halves of each head, ``stack((-x2, x1), -1)``)."""
+    return _unsqueeze_at(lay, node)
+
+
+def unstacked(lay: Layout, node: fx.Node) -> Layout:
+    """The layout of each tensor ``torch.stack(tensors, dim)`` joins, its output laid out as ``lay``: the new axis
+    gone (refused where it holds the units: their number would be the number of tensors)."""
+    d = _axis(arg(node, 1, "dim", 0), lay.ndim)
+    if d == lay.dim:
+        raise Refusal("stacks tensors along the widened units' axis (their number is the number of tensors)")
+    return _squeeze_at(lay, d)
+
+
 def _inverse_unsqueeze(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
     d = _axis(arg(node, 1, "dim", 0), lay.ndim)
     return _squeeze_at(lay, d)
@@ -636,18 +651,27 @@ def _full_index(items: list[object], nd: int) -> list[object]:
 
 
 def _inverse_getitem(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
-    """Where the units sat before ``t[:, :, None]``: full slices and new axes only (repeat_kv's)."""
+    """Where the units sat before ``t[:, :, None]`` (repeat_kv's new axis) or ``t[..., :d]`` (a partial rotary's
+    slice of the head size): ints, slices and new axes elsewhere; on the units' axis, a full slice only."""
     items, shape = _index_items(node), ctx.shape(node)
-    if any(i is not None and i is not Ellipsis and i != slice(None) for i in items) or items.count(Ellipsis) > 1:
-        raise Refusal("indexes a tensor that must grow with the widened one")
+    if items.count(Ellipsis) > 1 or any(not (i is None or i is Ellipsis or isinstance(i, slice)
+                                            or type(i) is int) for i in items):
+        raise Refusal("indexes a tensor that must grow with the widened one by tensors or several ellipses")
     if shape is None:
         raise Refusal("indexes a tensor of unknown rank that must grow with the widened one", SHAPES_HINT, True)
-    in_nd = len(shape) - items.count(None)
-    new_axes = [i is None for i in _full_index(items, in_nd)]
-    p = len(shape) + lay.dim
-    if new_axes[p]:
-        raise Refusal("indexes a tensor that must grow with the widened one so that the units land on a new axis")
-    return replace(lay, dim=p - sum(new_axes[:p]) - in_nd, ndim=in_nd)
+    in_nd = len(shape) - items.count(None) + sum(type(i) is int for i in items)
+    p, in_axis, out_axis = len(shape) + lay.dim, 0, 0  # p: the units' axis in the output
+    for i in _full_index(items, in_nd):
+        if out_axis == p and not isinstance(i, int):
+            if i is None:
+                raise Refusal("indexes a tensor that must grow with the widened one so that the units land on a "
+                              "new axis")
+            if i != slice(None):
+                raise Refusal(f"indexes a tensor that must grow with the widened one with {i!r} on the units' axis")
+            return replace(lay, dim=in_axis - in_nd, ndim=in_nd)
+        in_axis += i is not None
+        out_axis += not isinstance(i, int)
+    raise AssertionError(f"{node.name}: the units' axis {p} is not an axis of the output")
 
 
 @layout_rule(operator.getitem, inverse=_inverse_getitem)

@@ -203,7 +203,7 @@ for _ts, _lin in (((operator.add, operator.sub, operator.iadd, operator.isub, to
                   ((operator.pow, torch.pow, "pow"), Linearity.NONE)):  # x ** 3 (GPT-2's gelu_new): the scalar
     for _t in _ts:                                                         # broadcasts like x * 0.5
         register_function(_t, OpKind.BINARY, linear=_lin)
-for _t in (torch.cat, torch.concat, torch.concatenate):
+for _t in (torch.cat, torch.concat, torch.concatenate, torch.stack):  # stack: a cat along a new axis
     register_function(_t, OpKind.CAT, linear=Linearity.JOINT)
 for _t in (operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", F.scaled_dot_product_attention):
     register_function(_t, OpKind.BATCHED)

@@ -80,6 +80,11 @@ class ChannelSpec:
         group_size: for a layer acting on contiguous groups of features (``GroupNorm``, a grouped conv), the
             features per group: exact only when whole new groups of fresh units (zero outgoing weights) are
             appended (a size of 1 constrains nothing).
+        rows: the layer treats every position of its input's other axes on its own (``LayerNorm``/``RMSNorm``
+            normalise one vector of features at a time, ``PReLU`` acts entry by entry): widened units on another
+            axis pass through it as through an element-wise op (a per-head norm over the head size, Qwen3's
+            ``q_norm``). Not so for ``BatchNorm``, ``InstanceNorm``, ``GroupNorm`` or a depthwise conv, whose
+            statistics or filters span the other axes.
     """
 
     tensors: Mapping[str, float | None]
@@ -89,6 +94,7 @@ class ChannelSpec:
     check: Callable[[nn.Module], str | None] = lambda m: None
     applies: Callable[[nn.Module], bool] = lambda m: True
     group_size: Callable[[nn.Module], int] | None = None
+    rows: bool = False
 
 
 @dataclass(frozen=True)
@@ -266,7 +272,7 @@ _BN = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
 for _bn in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
     register_channelwise(_bn, ChannelSpec(_BN, _bn_update, dims=(1,)))  # (N, C, ...): axis 1
 register_channelwise(nn.LayerNorm, ChannelSpec({"weight": 1.0, "bias": 0.0}, _ln_update, dims=(-1,),
-                                               uniform_only=True, check=_ln_check))
+                                               uniform_only=True, check=_ln_check, rows=True))
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     # depthwise: a new channel copies (or draws) its own filter; wider groups: new channels form new groups, each
     # with drawn filters over its own (new) inputs, exact when their outgoing weights are zero (as for GroupNorm)
@@ -294,10 +300,10 @@ def _prelu_update(m: nn.Module, n: int) -> None:
 
 # one slope per channel (axis 1, as PReLU applies it), or one shared slope: then an ordinary activation
 register_channelwise(nn.PReLU, ChannelSpec({"weight": 0.25}, _prelu_update, dims=(1,),
-                                           applies=lambda m: m.num_parameters > 1))
+                                           applies=lambda m: m.num_parameters > 1, rows=True))
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
     register_channelwise(nn.RMSNorm, ChannelSpec({"weight": 1.0}, _ln_update, dims=(-1,),
-                                                 uniform_only=True, check=_ln_check))
+                                                 uniform_only=True, check=_ln_check, rows=True))
 
 for _cls in (nn.ReLU, nn.ReLU6, nn.Hardtanh):
     register_elementwise(_cls, idempotent=True)

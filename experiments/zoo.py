@@ -193,14 +193,14 @@ def _bert() -> nn.Module:
                                                         max_position_embeddings=16, num_labels=3))
 
 
-def _gqa_lm(model: type, config: type, rms_norm: type) -> nn.Module:
+def _gqa_lm(model: type, config: type, rms_norm: type, **extra: Any) -> nn.Module:
     """A Llama-shaped causal LM (4 query heads over 2 key/value heads, RMSNorm, rotary, SwiGLU) of one transformers
     family, its RMSNorm class registered as the ``nn.RMSNorm`` it computes (its forward is its own), as a user
-    would."""
+    would; ``extra``: more config values."""
     register_channelwise(rms_norm, channel_spec(nn.RMSNorm(1)))
     return model(config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16, bos_token_id=0,
-                        eos_token_id=0, pad_token_id=0))
+                        eos_token_id=0, pad_token_id=0, **extra))
 
 
 def _llama() -> nn.Module:
@@ -222,6 +222,13 @@ def _qwen2() -> nn.Module:
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
     return _gqa_lm(t.Qwen2ForCausalLM, t.Qwen2Config, Qwen2RMSNorm)
+
+
+def _qwen3() -> nn.Module:
+    t = _transformers()
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    return _gqa_lm(t.Qwen3ForCausalLM, t.Qwen3Config, Qwen3RMSNorm, head_dim=8)  # its default head size is 128
 
 
 def _phi3() -> nn.Module:
@@ -252,6 +259,48 @@ def _falcon() -> nn.Module:
     return t.FalconForCausalLM(t.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                                               num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True,
                                               max_position_embeddings=16, bos_token_id=0, eos_token_id=0))
+
+
+def _gpt_bigcode() -> nn.Module:
+    t = _transformers()
+    return t.GPTBigCodeForCausalLM(t.GPTBigCodeConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=16,
+                                                      multi_query=True, bos_token_id=0, eos_token_id=0))
+
+
+def _gptj() -> nn.Module:
+    t = _transformers()
+    return t.GPTJForCausalLM(t.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
+                                          n_positions=16, bos_token_id=0, eos_token_id=0))
+
+
+def _phi() -> nn.Module:
+    t = _transformers()
+    return t.PhiForCausalLM(t.PhiConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=16, bos_token_id=0,
+                                        eos_token_id=0, pad_token_id=0))
+
+
+def _olmo2() -> nn.Module:
+    t = _transformers()
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    return _gqa_lm(t.Olmo2ForCausalLM, t.Olmo2Config, Olmo2RMSNorm)
+
+
+def _gemma() -> nn.Module:
+    t = _transformers()
+    # GemmaRMSNorm computes x * (1 + weight), not nn.RMSNorm: left unregistered, as a user cannot register it as one
+    return t.GemmaForCausalLM(t.GemmaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                            max_position_embeddings=16, bos_token_id=0, eos_token_id=0,
+                                            pad_token_id=0))
+
+
+def _distilbert() -> nn.Module:
+    t = _transformers()
+    return t.DistilBertForSequenceClassification(t.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4,
+                                                                    hidden_dim=64, max_position_embeddings=16,
+                                                                    num_labels=3, pad_token_id=0))
 
 
 class FeedForward(nn.Module):
@@ -318,6 +367,9 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in (
               "qkv viewed per head, parallel attention and MLP"),
     ModelSpec("qwen2", "transformers", _qwen2, _tokens,
               "Qwen2ForCausalLM(hidden_size=32, 2 layers, 4 heads, 2 kv heads): biases on q/k/v, RMSNorm, rotary"),
+    ModelSpec("qwen3", "transformers", _qwen3, _tokens,
+              "Qwen3ForCausalLM(hidden_size=32, 2 layers, 4 heads, 2 kv heads, head_dim=8): q and k normalised per "
+              "head (q_norm, k_norm), RMSNorm, rotary"),
     ModelSpec("phi3", "transformers", _phi3, _tokens,
               "Phi3ForCausalLM(hidden_size=32, 2 layers, 4 heads, 2 kv heads): fused qkv_proj sliced at offsets, "
               "fused gate_up_proj"),
@@ -326,6 +378,23 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in (
     ModelSpec("falcon", "transformers", _falcon, _tokens,
               "FalconForCausalLM(hidden_size=32, 2 layers, 4 heads, 2 kv heads, new_decoder_architecture): fused qkv "
               "viewed as (kv heads, group + 2, head size), parallel attention and MLP, tied lm_head"),
+    ModelSpec("olmo2", "transformers", _olmo2, _tokens,
+              "Olmo2ForCausalLM(hidden_size=32, 2 layers, 4 heads, 2 kv heads): q and k normalised over the whole "
+              "projection, norms after attention and MLP (no pre-norm)"),
+    ModelSpec("gemma", "transformers", _gemma, _tokens,
+              "GemmaForCausalLM(hidden_size=32, 2 layers, 4 heads, 2 kv heads, head_dim=8): its RMSNorm computes "
+              "x * (1 + weight), unregistered; embeddings scaled by sqrt(hidden_size)"),
+    ModelSpec("gpt_bigcode", "transformers", _gpt_bigcode, _tokens,
+              "GPTBigCodeForCausalLM (StarCoder's architecture; n_embd=32, 2 layers, 4 heads, multi_query=True): "
+              "fused c_attn split into query, one key head, one value head; tied lm_head"),
+    ModelSpec("gptj", "transformers", _gptj, _tokens,
+              "GPTJForCausalLM(n_embd=32, 2 layers, 4 heads, rotary_dim=4): interleaved rotary on part of each head, "
+              "parallel attention and MLP"),
+    ModelSpec("phi", "transformers", _phi, _tokens,
+              "PhiForCausalLM (Phi-1/2; hidden_size=32, 2 layers, 4 heads): partial rotary, parallel attention and "
+              "MLP, biases"),
+    ModelSpec("distilbert", "transformers", _distilbert, _tokens,
+              "DistilBertForSequenceClassification(dim=32, 2 layers, 4 heads, hidden_dim=64)"),
     ModelSpec("torch_encoder", "torch", lambda: TokenEncoder(unfuse=True), _tokens,
               "nn.Embedding, nn.TransformerEncoder (2 pre-norm layers, 4 heads, d_model 32, FFN 64, final LayerNorm), "
               "nn.Linear; attention unfused by autogrow.unfuse_attention"),

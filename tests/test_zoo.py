@@ -145,6 +145,32 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
         ("model.layers.0.self_attn.k_proj", "widen x2", EXACT),
         ("model.layers.1.mlp.up_proj", "widen +1", EXACT),
     ],
+    # Qwen3 normalises q and k per head over the head size (q_norm, k_norm: a norm over another axis than the heads
+    # passes them through, each head on its own): its grouped-query heads grow from q, k or v.
+    "qwen3": [
+        ("model.layers.0.self_attn.q_proj", "widen x2", EXACT),
+        ("model.layers.1.self_attn.v_proj", "widen x2", EXACT),
+        ("model.layers.0.self_attn.k_proj", "widen +1", r"not a whole number of heads"),
+    ],
+    # OLMo-2 normalises q and k over all heads together (refused by name); Gemma's RMSNorm computes x * (1 + w),
+    # left unregistered, and its embedding scales its output (a class of its own: refused, naming it); GPT-J rotates
+    # interleaved pairs of part of each head (stack((-x2, x1), -1).flatten(-2)), Phi the first part of each head:
+    # their heads grow; StarCoder's multi-query c_attn splits into unequal parts (refused).
+    "olmo2": [
+        ("model.embed_tokens", "widen x2", EXACT),
+        ("model.layers.0.self_attn.q_proj", "widen x2", r"normalises the 32 features of 4 heads of 8 together"),
+    ],
+    "gemma": [
+        ("model.layers.0.self_attn.q_proj", "widen x2", EXACT),
+        ("model.embed_tokens", "widen x2", r"GemmaTextScaledWordEmbedding with its own parameters.*register"),
+    ],
+    "gptj": [("transformer.h.0.attn.q_proj", "widen x2", EXACT)],
+    "phi": [("model.layers.1.self_attn.k_proj", "widen x2", EXACT)],
+    "gpt_bigcode": [
+        ("transformer.h.0.mlp.c_fc", "widen x2", EXACT),
+        ("transformer.h.0.attn.c_attn", "widen x2", r"parts of \(32, 8, 8\)"),
+    ],
+    "distilbert": [("distilbert.transformer.layer.0.attention.q_lin", "widen x2", EXACT)],
     "phi3": [
         ("model.embed_tokens", "widen x2", EXACT),
         ("model.layers.0.mlp.gate_up_proj", "widen x2", EXACT),

@@ -1,0 +1,133 @@
+"""Norms and scales over another axis than the widened units' pass the units through, each unit on its own: a per-head
+norm over the head size (Qwen3, Gemma 3, OLMoE's ``q_norm``/``k_norm``), a LayerNorm over a conv's length, a PReLU
+per channel on a tensor whose units are its last axis. Those whose statistics or filters span the units' axis
+(BatchNorm, InstanceNorm, GroupNorm, depthwise convs) stay refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import autogrow
+from autogrow.errors import AutogrowError
+from tests.models import assert_adam_state_replays, lm_snapshots, lm_steps, max_rel_error, repeat_kv
+from tests.test_refusals import assert_unchanged, snapshot
+
+pytestmark = pytest.mark.usefixtures("float64")  # exactness is checked to 1e-9: models and data in float64
+
+
+class QKNormLM(nn.Module):
+    """Qwen3's attention: 4 query heads over 2 key/value heads of 4, q and k normalised per head over the head size
+    (``q_norm(q_proj(x).view(B, T, -1, head_dim))``), repeated by ``repeat_kv``; a residual stream and a head."""
+
+    def __init__(self, norm: type[nn.Module] = nn.RMSNorm, d: int = 8, head_size: int = 4) -> None:
+        super().__init__()
+        self.tok, self.head = nn.Embedding(11, d), nn.Linear(d, 11)
+        self.q, self.k, self.v = nn.Linear(d, 4 * head_size), nn.Linear(d, 2 * head_size), nn.Linear(d, 2 * head_size)
+        self.o = nn.Linear(4 * head_size, d)
+        self.q_norm, self.k_norm = norm(head_size), norm(head_size)
+        self.head_size, self.n_rep = head_size, 2
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx)
+        B, T, _ = x.shape
+        q = self.q_norm(self.q(x).view(B, T, -1, self.head_size)).transpose(1, 2)
+        k = self.k_norm(self.k(x).view(B, T, -1, self.head_size)).transpose(1, 2)
+        v = self.v(x).view(B, T, -1, self.head_size).transpose(1, 2)
+        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(x + self.o(y.transpose(1, 2).reshape(B, T, -1)))
+
+
+def trained(norm: type[nn.Module]) -> tuple[QKNormLM, torch.Tensor]:
+    torch.manual_seed(0)
+    model, ids = QKNormLM(norm), torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(0))
+    lm_steps(model, torch.optim.Adam(model.parameters(), lr=1e-2), ids, 2)  # norms no longer at their init
+    return model, ids
+
+
+@pytest.mark.parametrize("norm", [nn.RMSNorm, nn.LayerNorm])
+@pytest.mark.parametrize("target, width", [("q", 32), ("k", 16), ("v", 16)])
+def test_per_head_norms_pass_the_heads_through(norm, target, width):
+    """Widening q, k or v grows whole key/value groups through the per-head norms, exactly; the norms keep their
+    head-size entries (nothing of theirs grows)."""
+    model, ids = trained(norm)
+    ref, norm_weights = model(ids), [m.weight.detach().clone() for m in (model.q_norm, model.k_norm)]
+    plan = autogrow.plan_widen(model, target, width, split=0.3, generator=1, example_inputs=ids)
+    assert plan.channelwise == []  # the per-head norms do not grow
+    plan.apply()
+    assert max_rel_error(ref, model(ids)) <= 1e-9
+    assert (model.q.out_features, model.k.out_features, model.v.out_features, model.o.in_features) == (32, 16, 16, 32)
+    assert all(torch.equal(m.weight, w) for m, w in zip((model.q_norm, model.k_norm), norm_weights))
+
+
+def test_adam_state_is_carried_through_per_head_norms():
+    model, ids = trained(nn.RMSNorm)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    batches = [torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    snaps = lm_snapshots(model, opt, batches)
+    g = autogrow.widen(model, "k", 16, split=0.3, generator=2, optimizer=opt, example_inputs=ids)
+    assert_adam_state_replays(model, opt, snaps, batches, [g], lr=1e-2)
+
+
+class ChannelsBy(nn.Module):
+    """A conv's channels (the units) on axis 1 of (B, C, L), then a layer over another axis: ``after``."""
+
+    def __init__(self, after: nn.Module) -> None:
+        super().__init__()
+        self.conv, self.after, self.out = nn.Conv1d(2, 4, 3, padding=1), after, nn.Conv1d(4, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.after(self.conv(x))))
+
+
+def test_a_norm_over_the_length_passes_conv_channels_and_refuses_mixtures():
+    """LayerNorm over L treats each channel on its own: copies and fresh channels are exact. Mixtures of the old
+    channels would be normalised as a whole row, not mixed after the norm: refused, naming the norm."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 2, 6)
+    for init in ("net2wider", "zero_out"):
+        net = ChannelsBy(nn.LayerNorm(6))
+        ref = net(x)
+        autogrow.widen(net, "conv", 7, init=init, split=0.3, generator=0, example_inputs=x)
+        assert max_rel_error(ref, net(x)) <= 1e-9 and net.after.normalized_shape == (6,)
+    net = ChannelsBy(nn.LayerNorm(6))
+    before = snapshot(net)
+    with pytest.raises(AutogrowError, match=r"init.*'after'.*normalises or scales each unit on its own"):
+        autogrow.widen(net, "conv", 8, init="mix", generator=0, example_inputs=x)
+    assert_unchanged(before, net)
+
+
+class LengthBy(nn.Module):
+    """A Linear over the last axis of (B, C, L) (its L outputs are the units), then a layer acting on axis 1."""
+
+    def __init__(self, after: nn.Module) -> None:
+        super().__init__()
+        self.fc, self.after, self.out = nn.Linear(6, 5), after, nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.after(self.fc(x)))
+
+
+def test_prelu_per_channel_passes_units_on_another_axis():
+    torch.manual_seed(0)
+    x, net = torch.randn(4, 3, 6), LengthBy(nn.PReLU(3, init=0.1))
+    ref = net(x)
+    autogrow.widen(net, "fc", 9, split=0.3, generator=0, example_inputs=x)
+    assert max_rel_error(ref, net(x)) <= 1e-9 and net.after.num_parameters == 3
+
+
+def test_batchnorm_over_channels_still_refuses_units_on_its_statistics_axes():
+    """BatchNorm1d's statistics span the length axis, where the widened units sit: refused, nothing changed (also
+    when it has as many channels as there are units)."""
+    torch.manual_seed(0)
+    for channels, match in ((3, r"'after'.*has 3 features, but the widened tensor has 5"),
+                            (5, r"'after'.*normalises axis 1 .*but the widened units are on axis -1 of 3")):
+        x, net = torch.randn(4, channels, 6), LengthBy(nn.BatchNorm1d(channels))
+        net(x)  # running statistics of its own
+        before = snapshot(net)
+        with pytest.raises(AutogrowError, match=match):
+            autogrow.widen(net, "fc", 9, generator=0, example_inputs=x)
+        assert_unchanged(before, net)
