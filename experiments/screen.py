@@ -172,7 +172,7 @@ def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 def grow(net: nn.Module, m: Model, r: Recipe, opt: torch.optim.Optimizer, x: torch.Tensor, seed: int, step: int,
          last: bool, ramp_steps: int | None = None) -> list[autogrow.Growth]:
     """Double every target layer as the callback does (``init="auto"``: fresh units here); then the recipe's
-    shrink-and-perturb."""
+    cooling and shrink-and-perturb."""
     growths = [autogrow.widen(net, t, 2 * getattr(net, t).weight.shape[0], init=r.init, split=0.5, optimizer=opt,
                               example_inputs=x[:8], generator=seed * 7919 + step, ramp_steps=ramp_steps,
                               new_state=r.new_state)
@@ -247,7 +247,6 @@ def dead_units(net: nn.Module, x: torch.Tensor) -> float:
     return sum(int((~a).sum()) for a in alive.values()) / max(1, sum(a.numel() for a in alive.values()))
 
 
-
 def multiplier(r: Recipe, step: int, total: int, points: Sequence[int]) -> float:
     """The LR multiplier at ``step`` of ``total``, the growths at ``points``.
 
@@ -301,7 +300,7 @@ def _report(m: Model, args: argparse.Namespace, names: Sequence[str], rows: Sequ
         return mean_std([100 * r[key] for r in rows if r["recipe"] == name], ".2f")
 
     summary = [{"recipe": n, "test": ms(n, "test"), "val": ms(n, "val"), "train": ms(n, "train"),
-                "dead": ms(n, "dead") if all("dead" in r for r in rows) else "-",
+                "dead": ms(n, "dead"),
                 "flops": statistics.mean(r["flops"] for r in rows if r["recipe"] == n)} for n in names]
     chosen = f" --recipes '{','.join(names)}'" if list(names) != list(RECIPES) else ""
     named = f" --name {args.name}" if args.name else ""
