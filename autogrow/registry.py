@@ -21,7 +21,7 @@ Users extend the same tables for their own layers::
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
@@ -85,6 +85,9 @@ class ChannelSpec:
             axis pass through it as through an element-wise op (a per-head norm over the head size, Qwen3's
             ``q_norm``). Not so for ``BatchNorm``, ``InstanceNorm``, ``GroupNorm`` or a depthwise conv, whose
             statistics or filters span the other axes.
+        dark: the value of each of ``tensors`` at which a feature's output is 0, where it is not 0 (Gemma's
+            RMSNorm computes ``x * (1 + weight)``: its weight is dark at -1, neutral at 0); a tied output layer
+            that reads the widened units through the layer needs its new features dark (:mod:`autogrow.tied`).
     """
 
     tensors: Mapping[str, float | None]
@@ -95,6 +98,7 @@ class ChannelSpec:
     applies: Callable[[nn.Module], bool] = lambda m: True
     group_size: Callable[[nn.Module], int] | None = None
     rows: bool = False
+    dark: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from autogrow.coupling import Coupling
 from autogrow.ops import Linearity, OpKind, classify
+from autogrow.registry import channel_spec
 
 if TYPE_CHECKING:
     from autogrow.widen import TensorChange
@@ -61,10 +62,11 @@ def free_tied_readers(model: nn.Module, c: Coupling, graph: fx.Graph, changes: d
             continue  # a reader fed otherwise, or a norm without a scale: tie_changes refuses
         for ch in readers:
             ch.transforms = list(writers[0].transforms)
-        for f in fills:
+        for n, f in zip(norms, fills):
+            dark = channel_spec(model.get_submodule(n)).dark  # type: ignore[arg-type, union-attr]
             for ch in f:
                 if ch is not None:
-                    ch.fill = 0.0
+                    ch.fill = dark.get(ch.tensor, 0.0)
 
 
 def _passes_zeros(node: fx.Node, model: nn.Module) -> bool:

@@ -235,6 +235,63 @@ def test_a_tied_embedding_and_output_layer_widen_through_the_final_norm():
     opt.step()
 
 
+class OnePlusRMSNorm(nn.Module):
+    """Gemma's RMSNorm: ``x / rms(x) * (1 + weight)``, the weight starting at 0; an entry is dark at weight -1."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+
+class UndeclaredOnePlusRMSNorm(OnePlusRMSNorm):
+    """The same norm, registered without saying where it is dark."""
+
+
+class TiedGemmaLM(nn.Module):
+    def __init__(self, norm: type[nn.Module]) -> None:
+        super().__init__()
+        self.emb, self.norm1, self.fc, self.norm_f = nn.Embedding(11, 6), norm(6), nn.Linear(6, 6), norm(6)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.emb.weight
+        for n in (self.norm1, self.norm_f):
+            nn.init.uniform_(n.weight, -0.5, 0.5)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.emb(idx)
+        h = h + self.fc(torch.tanh(self.norm1(h)))
+        return self.head(self.norm_f(h))
+
+
+def test_a_norm_dark_at_another_value_darkens_the_tied_reader():
+    """Gemma's ``x * (1 + weight)`` norm, registered with its neutral (0) and dark (-1) weights: d_model grows by
+    mixtures through the tied embedding and output layer, the final norm's new entries at -1. Registered without its
+    dark value, the new entries would start at 0 (not dark): the check catches the change and undoes it."""
+    from dataclasses import replace
+
+    from autogrow.registry import _CHANNELWISE, channel_spec, register_channelwise
+
+    rms = channel_spec(nn.RMSNorm(1))
+    register_channelwise(OnePlusRMSNorm, replace(rms, tensors={"weight": 0.0}, dark={"weight": -1.0}))
+    register_channelwise(UndeclaredOnePlusRMSNorm, replace(rms, tensors={"weight": 0.0}))
+    try:
+        torch.manual_seed(0)
+        idx = torch.randint(0, 11, (4, 5))
+        model = TiedGemmaLM(OnePlusRMSNorm).double()
+        ref = model(idx)
+        autogrow.widen(model, "emb", 12, init="mix", generator=0, example_inputs=idx)
+        assert max_rel_error(ref, model(idx)) <= 1e-9 and model.head.weight is model.emb.weight
+        assert torch.equal(model.norm_f.weight[6:], -torch.ones(6, dtype=torch.float64))
+        assert torch.equal(model.norm1.weight[6:], torch.zeros(6, dtype=torch.float64))  # elsewhere: neutral
+        refused(TiedGemmaLM(UndeclaredOnePlusRMSNorm).double(),
+                lambda m: autogrow.widen(m, "emb", 12, init="mix", generator=0, example_inputs=idx),
+                r"changed the model's output")
+    finally:
+        _CHANNELWISE.pop(OnePlusRMSNorm), _CHANNELWISE.pop(UndeclaredOnePlusRMSNorm)
+
+
 def test_a_tie_the_final_norm_cannot_darken_is_refused():
     """Refused, model and optimizer untouched: copies (the output layer's columns would be split), and an output
     layer that reads the final norm through an activation (only views, indexing and dropout are followed)."""

@@ -369,3 +369,38 @@ def test_layer_norm_subclass_on_channels():
         pytest.xfail(f"an nn.LayerNorm subclass over another axis was widened as a LayerNorm over the units; "
                      f"the grown model's forward raises: {e}")
     assert max_rel_error(before, after) < 1e-9
+
+
+def test_gemma_d_model_grows_in_float32_once_its_norm_says_where_it_is_dark():
+    """Gemma's RMSNorm computes ``x * (1 + weight)`` (in float32): registered with its neutral weight (0) and its
+    dark one (-1), and its scaled embedding as the ``nn.Embedding`` it is, d_model grows by mixtures through the
+    tied embedding and output layer, the final norm's new entries dark. In float32, within its tolerance (the zoo's
+    float64 check sees the norm's float32 arithmetic, so the zoo leaves Gemma unregistered)."""
+    from dataclasses import replace
+
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm, GemmaTextScaledWordEmbedding
+
+    from autogrow import registry
+
+    registry.register_channelwise(GemmaRMSNorm, replace(registry.channel_spec(nn.RMSNorm(1)), tensors={"weight": 0.0},
+                                                        dark={"weight": -1.0}))
+    registry.register_layer(GemmaTextScaledWordEmbedding, registry.layer_spec(nn.Embedding(1, 1)))
+    try:
+        torch.manual_seed(0)
+        model = zoo.Logits(zoo.MODELS["gemma"].build()).float().eval()
+        for m in model.modules():
+            if isinstance(m, GemmaRMSNorm):
+                nn.init.uniform_(m.weight, -0.5, 0.5)  # not the neutral 0: the new entries' values are what is tested
+        x = zoo._tokens(torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ref = model(x)
+        plan = autogrow.plan_widen(model, "model.model.embed_tokens", 64, init="auto", generator=0, example_inputs=x)
+        assert plan.init == "mix"
+        plan.apply()
+        lm = model.model
+        assert lm.lm_head.weight is lm.model.embed_tokens.weight and lm.lm_head.in_features == 64
+        assert torch.equal(lm.model.norm.weight[32:], -torch.ones(32))
+        with torch.no_grad():
+            assert max_rel_error(ref, model(x)) <= 1e-5
+    finally:
+        registry._CHANNELWISE.pop(GemmaRMSNorm), registry._WEIGHTED.pop(GemmaTextScaledWordEmbedding)
