@@ -4,10 +4,11 @@ its output layer (``lm_head.weight = wte.weight``).
 Widening the residual stream draws the embedding's new columns (the new units' values) and would give the output
 layer zero new columns (its new inputs must not change the logits): two transforms of one tensor. Where the output
 layer reads the stream only through a norm (the final LayerNorm or RMSNorm) whose output goes nowhere else, the
-norm's new scale and shift entries start at zero instead of neutral: its new outputs are zero whatever the stream
-holds, so the output layer's new columns may be anything, and the one tensor takes the embedding's transform.
-The norm's old outputs are unchanged (its statistics are kept by the initialiser, as for any norm), so the model
-computes the same function; the new columns of the logits start dark and learn through the norm's scale.
+norm's new scale and shift entries start dark instead of neutral (at zero, or at the value its ``ChannelSpec.dark``
+names: -1 for Gemma's ``x * (1 + weight)``): its new outputs are zero whatever the stream holds, so the output
+layer's new columns may be anything, and the one tensor takes the embedding's transform. The norm's old outputs are
+unchanged (its statistics are kept by the initialiser, as for any norm), so the model computes the same function;
+the new columns of the logits start dark and learn through the norm's scale.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ __all__ = ["free_tied_readers"]
 
 def free_tied_readers(model: nn.Module, c: Coupling, graph: fx.Graph, changes: dict[str, TensorChange]) -> None:
     """Give a tied tensor's reader the writer's transform where a norm can darken the reader's new inputs (the
-    norm's new entries are filled with 0). Call only for initialisers whose new units are all fresh (mixtures,
-    zero_out), where the fill is what the norm's new entries get. Changes ``changes`` in place; a tie it cannot
-    resolve is left as it is, for :func:`autogrow.widen.tie_changes` to refuse by name.
+    norm's new entries are filled with their dark value). Call only for initialisers whose new units are all fresh
+    (mixtures, zero_out), where the fill is what the norm's new entries get. Changes ``changes`` in place; a tie it
+    cannot resolve is left as it is, for :func:`autogrow.widen.tie_changes` to refuse by name.
 
     Example:
         >>> import torch, torch.nn as nn, autogrow
