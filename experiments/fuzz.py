@@ -139,6 +139,14 @@ class Block(nn.Module):
             self.n_heads, self.group_from = self.n_kv * group, draw.choice(["heads", "attr"])
             self.group = group
             self.qkv, self.o = nn.Linear(w, self.n_kv * (group + 2) * 2), nn.Linear(self.n_heads * 2, out)
+        if kind == "rope":  # attention, heads of 4: q and k normalised per head, rotary on their first 2 entries
+            self.n_heads, self.rot = draw.integer(1, 2), draw.choice(["none", "half", "interleaved"])
+            self.q, self.k, self.v = (nn.Linear(w, 4 * self.n_heads) for _ in range(3))
+            self.o, norm = nn.Linear(4 * self.n_heads, out), draw.choice(["none", *NORMS])
+            self.q_norm, self.k_norm = (NORMS[norm](4), NORMS[norm](4)) if norm != "none" else (None, None)
+            angles = torch.outer(torch.arange(16.0), torch.tensor([1.0, 0.5]))
+            self.register_buffer("cos", angles.cos())
+            self.register_buffer("sin", angles.sin())
         if kind == "gqa":  # attention, heads of 2: 1-2 key/value heads, each serving 1-3 query heads
             kv, self.n_rep = 2 * draw.integer(1, 2), draw.integer(1, 3)
             self.q, self.k, self.v = nn.Linear(w, kv * self.n_rep), nn.Linear(w, kv), nn.Linear(w, kv)
@@ -186,6 +194,8 @@ class Block(nn.Module):
             return self.fused(self.fc(x))
         if k == "gqa":
             return self.nonlin(self.attend(x))
+        if k == "rope":
+            return self.nonlin(self.rotary(x))
         if k == "falcon":
             return self.nonlin(self.falcon(x))
         raise AssertionError(k)
@@ -201,6 +211,27 @@ class Block(nn.Module):
             k, v = k.repeat_interleave(self.n_rep, dim=1), v.repeat_interleave(self.n_rep, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.how == "sdpa")
         return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+    def rotary(self, x: torch.Tensor) -> torch.Tensor:
+        """Qwen3's per-head norms and Phi's or GPT-J's rotary on part of each head (half-split or interleaved)."""
+        b, t, _ = x.shape
+        q, k, v = (f(x).view(b, t, -1, 4) for f in (self.q, self.k, self.v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        if self.rot != "none":
+            q, k = self.rope(q), self.rope(k)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+    def rope(self, y: torch.Tensor) -> torch.Tensor:
+        rot, keep = y[..., :2], y[..., 2:]
+        if self.rot == "half":
+            turn = torch.cat((-rot[..., 1:], rot[..., :1]), dim=-1)
+        else:
+            turn = torch.stack((-rot[..., 1::2], rot[..., ::2]), dim=-1).flatten(-2)
+        t = y.shape[-2]
+        return torch.cat((rot * self.cos[:t] + turn * self.sin[:t], keep), dim=-1)
 
     def falcon(self, x: torch.Tensor) -> torch.Tensor:
         """Grouped heads as Falcon writes them: sizes from attributes (``n_heads // n_kv``, or one of its own)."""
@@ -276,7 +307,7 @@ def build(draw: Draw) -> tuple[nn.Module, torch.Tensor]:
     tokens = 4 if mode in ("tokens", "ids") else 0
     kinds = ["dense", "bn", *NORMS, "residual", "cat", "cat_kw", "tied", "scale", "bare"]
     if mode in ("tokens", "ids"):
-        kinds += ["roundtrip", "heads", "cat_other", "fused", "gqa", "falcon"]
+        kinds += ["roundtrip", "heads", "cat_other", "fused", "gqa", "falcon", "rope"]
     pool = draw.choice(["mean", "none"]) if mode != "flat" else "none"
     w_in = draw.integer(2, 6)
     classes, w = 5, w_in
