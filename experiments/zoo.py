@@ -193,11 +193,12 @@ def _bert() -> nn.Module:
                                                         max_position_embeddings=16, num_labels=3))
 
 
-def _gqa_lm(model: type, config: type, rms_norm: type, **extra: Any) -> nn.Module:
+def _gqa_lm(model: type, config: type, rms_norm: type | None, **extra: Any) -> nn.Module:
     """A Llama-shaped causal LM (4 query heads over 2 key/value heads, RMSNorm, rotary, SwiGLU) of one transformers
     family, its RMSNorm class registered as the ``nn.RMSNorm`` it computes (its forward is its own), as a user
-    would; ``extra``: more config values."""
-    register_channelwise(rms_norm, channel_spec(nn.RMSNorm(1)))
+    would (``None``: a norm that is not one, left unregistered); ``extra``: more config values."""
+    if rms_norm is not None:
+        register_channelwise(rms_norm, channel_spec(nn.RMSNorm(1)))
     return model(config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16, bos_token_id=0,
                         eos_token_id=0, pad_token_id=0, **extra))
@@ -290,10 +291,7 @@ def _olmo2() -> nn.Module:
 def _gemma() -> nn.Module:
     t = _transformers()
     # GemmaRMSNorm computes x * (1 + weight), not nn.RMSNorm: left unregistered, as a user cannot register it as one
-    return t.GemmaForCausalLM(t.GemmaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                            max_position_embeddings=16, bos_token_id=0, eos_token_id=0,
-                                            pad_token_id=0))
+    return _gqa_lm(t.GemmaForCausalLM, t.GemmaConfig, None, head_dim=8)
 
 
 def _distilbert() -> nn.Module:
