@@ -143,11 +143,13 @@ class Widen(GrowthAction):
     def plan(self, model: nn.Module, target: str, seed: int, *, max_width: int | None = None,
              example_inputs: Any = None) -> Plan:
         old = width_of(model.get_submodule(target))
-        width = max(self.new_width(old, max_width), old + 1)
         graph = traced(unwrap(model, target)[0], example_inputs)  # once: the rounding and the plan read it
-        unit = unit_features(model, target, example_inputs, traced_graph=graph)
-        if width % unit:  # whole heads (and parts of a fused layer): up, or down to stay within max_width
-            up = -(-width // unit) * unit
+        unit, fixed = unit_features(model, target, example_inputs, traced_graph=graph)
+        # the factor applies to what grows: a multi-query c_attn's query part, its key/value head (fixed) kept
+        width = fixed + max(self.new_width(old - fixed, None if max_width is None else max_width - fixed),
+                            old - fixed + 1)
+        if (width - fixed) % unit:  # whole heads (and parts of a fused layer): up, or down to stay within max_width
+            up = fixed + -(-(width - fixed) // unit) * unit
             width = up if max_width is None or up <= max_width else up - unit if up - unit > old else width
         ramp = self.ramp if isinstance(self.ramp, int) else None  # a fraction: unresolved (see for_run)
         return plan_widen(model, target, width, init=self.init, split=self.split, noise=self.noise, generator=seed,

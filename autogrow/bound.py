@@ -12,9 +12,12 @@ graph nodes (``C // self.n_head`` with ``C`` read from a tensor) or arithmetic o
 (``self.num_heads * self.head_dim``: a :class:`BoundExpr`, which remembers how it was computed). Where such a size
 would change an axis that must keep its size (Falcon's group size ``self.num_heads // self.num_kv_heads + 2``), an
 attribute in it that equals the number of units counts them too (``num_kv_heads``, the key/value groups) and is
-rewritten with them. The plan writes the new values into the attributes with the new tensors (an undo puts the old
-ones back, a shrink and a replayed record write theirs), and the grown model is checked on the example inputs like
-any growth. Nothing else is rewritten: a head size stays what it is.
+rewritten with them. A count of copies of one key/value head (multi-query ``repeat_kv(k,
+self.num_key_value_groups)``) becomes the new number of query heads; under SDPA's ``enable_gqa`` nothing reads that
+count, and an attribute that may hold it, unread, is refused by name rather than left stale. The plan writes the new
+values into the attributes with the new tensors (an undo puts the old ones back, a shrink and a replayed record write
+theirs), and the grown model is checked on the example inputs like any growth. Nothing else is rewritten: a head
+size stays what it is.
 """
 
 from __future__ import annotations

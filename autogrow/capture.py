@@ -32,7 +32,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from autogrow.bound import bound_sizes
+from autogrow.bound import BoundExpr, BoundSize, bound_sizes
 from autogrow.errors import AutogrowError, NeedsShapes, fail
 from autogrow.ops import OpKind, classify_module
 from autogrow.shapes import as_args, eval_mode, propagate
@@ -69,7 +69,8 @@ def _arith(fn: Any, reflected: bool) -> Any:
             return NotImplemented
         a, b = (other, self) if reflected else (self, other)
         value = fn(int(a), int(b))
-        node = self.node.graph.call_function(fn, tuple(x.node if isinstance(x, _Size) else int(x) for x in (a, b)))
+        node = self.node.graph.call_function(fn, tuple(x.node if isinstance(x, _Size) else x if isinstance(
+            x, (BoundSize, BoundExpr)) else int(x) for x in (a, b)))  # an attribute's size: rewritable
         return _Size(value, node) if isinstance(value, int) else value
     return op
 

@@ -5,7 +5,8 @@ follow: element-wise ops pass the new width on, BatchNorm/LayerNorm gain entries
 layers gain input features (a flattened conv output brings an H*W block per channel), a residual add
 forces its other operands (and their producers) to grow with the *same* unit mapping, a
 concatenation shifts the mapping by an offset, a layer whose output is split into equal parts (a
-fused q/k/v) grows every part alike, as if its output were the concatenation of the parts, and under
+fused q/k/v) grows every part alike, as if its output were the concatenation of the parts, one split into
+unequal pieces (a multi-query ``c_attn``: the query heads, one key and one value head) grows one piece, and under
 grouped-query attention a unit is a key/value head with the query heads it serves.
 :func:`couple` is a small driver: it classifies each node once (``autogrow.ops``), moves the layout
 with the per-op rules of ``autogrow.layout``, and returns a frozen :class:`Coupling`; whatever
@@ -31,9 +32,20 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autogrow.bound import BoundExpr, BoundSize
+from autogrow.bound import BoundExpr, BoundSize, leaves
 from autogrow.errors import SHAPES_HINT, UNFUSE_HINT, AutogrowError, NeedsShapes, check, fail
-from autogrow.layout import Layout, NeedsBlock, NeedsParts, NeedsRep, Refusal, arg, cat_axis, stacked, unstacked
+from autogrow.layout import (
+    Layout,
+    NeedsBlock,
+    NeedsParts,
+    NeedsPieces,
+    NeedsRep,
+    Refusal,
+    arg,
+    cat_axis,
+    stacked,
+    unstacked,
+)
 from autogrow.ops import Linearity, Op, OpKind, classify
 from autogrow.registry import ChannelSpec, LayerSpec, channel_spec, channel_width, layer_spec
 from autogrow.sizes import SizeReader
@@ -73,6 +85,7 @@ class Coupling:
     reps: Mapping[str, int] = field(default_factory=dict)
     # module attributes holding a size the widened units change (autogrow.bound): (module, attribute) -> new value
     rebinds: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    fixed: int = 0  # output features of the target that keep their size (unequal pieces: the ones not grown)
 
     def block(self, producer: str) -> int:
         """Rows of ``producer`` per unit (per piece of a fused output): a head's size, times the query heads
@@ -87,6 +100,10 @@ class Coupling:
 
     def width_rule(self) -> str:
         """What the target's new width must be a multiple of, in words ("" for single units)."""
+        if self.fixed:
+            return (f" and {self.fixed} plus a multiple of {self.unit_features} (of its output's unequal parts only "
+                    f"one grows, by whole units of {self.unit_features}; the other {self.fixed} features keep their "
+                    "size)")
         if self.reps:
             return (f" and a multiple of {self.unit_features} (whole key/value heads of {self.unit_block} with "
                     f"their query heads: grouped-query attention, {max(self.reps.values())} query heads per "
@@ -113,18 +130,41 @@ def couple(model: nn.Module, target: str, width: int | None = None, *, graph: fx
         AutogrowError: naming the node that cannot follow the widening exactly.
     """
     graph = graph if graph is not None else trace(model)
+    try:
+        return _couple(model, target, width, graph, shapes, None)
+    except NeedsPieces as np:  # q, k, v = c_attn(x).split((embed_dim, kv_dim, kv_dim)): the first piece that can grow
+        errors = []
+        for i in range(len(np.sizes)):
+            try:  # a probe at double the piece's width first: it finds the unit (whole heads) a width must fit
+                c = _couple(model, target, None, graph, shapes, (np.sizes, i))
+            except AutogrowError as e:
+                errors.append(e)
+                continue
+            if width is not None and (width - c.fixed) % c.unit_features:
+                check("width", width, False, c.width_rule().removeprefix(" and "))
+            return c if width is None else _couple(model, target, width, graph, shapes, (np.sizes, i))
+        raise errors[0] from None
+
+
+def _couple(model: nn.Module, target: str, width: int | None, graph: fx.Graph, shapes: dict[fx.Node, Any] | None,
+            pieces: tuple[tuple[int, ...], int] | None) -> Coupling:
     block, parts, rep = 1, 1, 1
     while True:  # restarts: the units turn out to be heads, groups of query heads, or a fused projection's pieces
         try:
-            return _Walk(model, target, graph, shapes, width, block, parts, rep).run()
+            return _Walk(model, target, graph, shapes, width, block, parts, rep, pieces).run()
         except NeedsRep as nr:  # grouped-query attention: a unit is a key/value head's group of query heads
             rep *= nr.rep  # (more than the target's rows: refused by name when the walk restarts)
         except NeedsBlock as nb:  # the units are heads of nb.block features: count whole heads
             if block > 1:
                 raise AssertionError(f"{target}: heads of {nb.block} found after heads of {block}") from None
             block = nb.block
+        except NeedsPieces as np:
+            if pieces is None and parts == 1:
+                raise
+            fail(f"target: cannot widen {target!r} exactly: its output is split into parts, and a part again into "
+                 f"unequal parts {np.sizes}; split it once")
         except NeedsParts as np:  # q, k, v = fused(x).chunk(3, -1): count one piece's units
-            if parts > 1:
+            if parts > 1 or pieces is not None:
                 fail(f"target: cannot widen {target!r} exactly: its output is split into {parts} parts, and a part "
                      f"again into {np.parts}; split it once, into equal parts")
             parts = np.parts
@@ -162,10 +202,12 @@ class _Walk:
     """The walk's state: the layout of every tensor reached so far, and what it found."""
 
     def __init__(self, model: nn.Module, target: str, graph: fx.Graph, shapes: dict[fx.Node, Any] | None,
-                 new_width: int | None, unit_block: int = 1, parts: int = 1, rep: int = 1) -> None:
+                 new_width: int | None, unit_block: int = 1, parts: int = 1, rep: int = 1,
+                 pieces: tuple[tuple[int, ...], int] | None = None) -> None:
         self.model, self.target, self.graph, self.shapes = model, target, graph, shapes
-        self.unit_block, self.n_parts, self.rep = unit_block, parts, rep
-        self.new_width = new_width // (unit_block * parts * rep) if new_width is not None else None
+        self.unit_block, self.n_parts, self.rep, self.piece = unit_block, parts, rep, pieces
+        self.fixed = sum(pieces[0]) - pieces[0][pieces[1]] if pieces else 0  # features of the pieces that keep size
+        self.new_width = (new_width - self.fixed) // (unit_block * parts * rep) if new_width is not None else None
         self.reps: dict[str, int] = {}
         self.final = False  # set for the last pass, once every layout is known (autogrow.layout.Context)
         self.fused: fx.Node | None = None  # the mapping key of a fused target's output (parts > 1)
@@ -205,7 +247,7 @@ class _Walk:
         return Coupling(self.target, self.old_width, dict(self.producers), dict(self.channelwise),
                         dict(self.consumers), dict(self.cats), tuple(self.uniform_only), self.unit_block,
                         dict(self.grouped), dict(self.tensors), _mix_refusal(self), self.n_parts, dict(self.reps),
-                        dict(self.rebinds))
+                        dict(self.rebinds), self.fixed)
 
     def fail(self, node: fx.Node, why: str, fix: str = "", needs_shapes: bool = False) -> NoReturn:
         msg = f"target: cannot widen {self.target!r} exactly: {describe(node, self.model)} {why}." + (
@@ -213,6 +255,9 @@ class _Walk:
         if self.n_parts > 1:
             msg += (f" (Widths here count one of the {self.n_parts} equal parts {self.target!r}'s output is split "
                     f"into; its own width is {self.n_parts} times that.)")
+        if self.piece is not None:
+            msg += (f" (Widths here count part {self.piece[1]} of the unequal parts {self.piece[0]} "
+                    f"{self.target!r}'s output is split into; the others keep their size.)")
         raise (NeedsShapes if needs_shapes else AutogrowError)(msg)
 
     def classify(self, node: fx.Node) -> Op:
@@ -241,6 +286,12 @@ class _Walk:
 
     def parts(self, key: object) -> int:
         return self.n_parts if key is not None and key is self.fused else 1
+
+    def pieces(self, key: object) -> tuple[tuple[int, ...], int] | None:
+        return self.piece if key is not None and key is self.fused else None
+
+    def one_piece(self) -> bool:
+        return self.piece is not None
 
     def rebind(self, size: BoundSize, value: int) -> None:
         key, value = (size.owner, size.attr), int(value)  # a plain int (recorded shapes may hold capture's)
@@ -294,10 +345,11 @@ class _Walk:
             self.fail(node, f"is a producer with {reason}")
         features = getattr(m, spec.out_attr)
         per = self.unit_block * rep * (self.n_parts if name == self.target else 1)
-        if features % per:
+        own = features - self.fixed if name == self.target else features  # a piece's: the others keep their size
+        if own % per or (name == self.target and self.piece and any(n % per for n in self.piece[0])):
             what = f"{self.n_parts} equal parts of whole" if self.n_parts > 1 else "a whole number of"
-            self.fail(node, f"has {features} units, not {what} heads of {self.unit_block * rep}")
-        width = features // per
+            self.fail(node, f"has {own} units, not {what} heads of {self.unit_block * rep}")
+        width = own // per
         if self.old_width is None:
             self.old_width = width
         elif width != self.old_width:
@@ -306,6 +358,11 @@ class _Walk:
         if self.n_parts > 1 and name == self.target:  # a fused output: its pieces, each the target's own units
             key = self.fused = self.sites[name][0]
             self.cats[key] = CatParts(((None, width),) * self.n_parts)
+        if self.piece is not None and name == self.target:  # unequal pieces: one grows, the others keep their rows
+            key = self.fused = self.sites[name][0]
+            sizes, grown = self.piece
+            self.cats[key] = CatParts(tuple((None, width) if i == grown else (False, n // per)
+                                            for i, n in enumerate(sizes)))
         self.producers[name] = key
         if rep > 1:
             self.reps[name] = rep
@@ -455,6 +512,8 @@ class _Walk:
             except Refusal as r:
                 self.fail(node, r.why, r.fix, r.needs_shapes)
             self.mark(node, lay)
+            if _is_expand(node) and self._broadcasts(node.args[0], before):
+                return  # copies of a tensor of size 1 there (multi-query repeat_kv): it keeps its size
             return self.backward(node.args[0], before, node)
         fused = _source(node).target is F.multi_head_attention_forward  # nn.MultiheadAttention, traced by running
         self.fail(via, f"combines the widened tensor with {_origin(node, self.model)}, whose width is fixed",
@@ -469,6 +528,8 @@ class _Walk:
             fwd = op.layout(self.layouts[node.args[0]], node, op.module, self)  # type: ignore[misc]
         except Refusal as r:
             self.fail(node, r.why, r.fix, r.needs_shapes)
+        if fwd is None:
+            self.fail(via, f"combines the widened tensor with {node.name}, a part of the output that keeps its size")
         if not _same_units(fwd, lay):
             self.fail(via, f"combines tensors whose units are mapped differently ({node.name})")
         self.mark(node, fwd)
@@ -652,7 +713,9 @@ def _fwd_elementwise(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout
 def _fwd_layout(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout) -> None:
     if user.args[0] is not node:
         raise Refusal("takes the widened tensor in an argument other than its first")
-    w.mark(user, op.layout(lay, user, op.module, w))  # type: ignore[misc]
+    out = op.layout(lay, user, op.module, w)  # type: ignore[misc]
+    if out is not None:  # None: a piece of the output that holds none of the units (a multi-query key)
+        w.mark(user, out)
 
 
 def _fwd_batched(w: _Walk, node: fx.Node, user: fx.Node, op: Op, lay: Layout) -> None:
@@ -680,12 +743,43 @@ def _gqa_reps(w: _Walk, user: fx.Node, node: fx.Node, operands: list[Any], lay: 
     heads = [w.shape(a)[lay.dim] if isinstance(a, fx.Node) and w.shape(a) else None for a in operands]
     if None in heads:
         raise Refusal("is a grouped-query attention whose numbers of heads are unknown", SHAPES_HINT, True)
+    if node is operands[0] and heads[1] == heads[2] == 1 and w.one_piece():  # the key/value head keeps its size:
+        _unread_group_size(w, heads[0], heads[0] // w.widths(lay)[0] * w.widths(lay)[1])
+        return [lay.rep, 1, 1]  # multi-query: it serves every query head, old and new alike
     group = heads[0] // heads[1]
     q = lay.rep if node is operands[0] else lay.rep * group
     if q % group:  # the widened layer's units are single query heads: they grow as whole groups
         raise NeedsRep(group // math.gcd(q, group)) if lay.key is None else Refusal(
             "is a grouped-query attention reached through a concatenation of query heads")
     return [q, q // group, q // group]
+
+
+def _unread_group_size(w: _Walk, old: int, new: int) -> None:
+    """Multi-query attention through SDPA's ``enable_gqa``: the query heads per key/value head grow from ``old`` to
+    ``new``, and this forward reads no attribute holding that number, so none is rewritten. One that the attention
+    module keeps would go stale (transformers' ``num_key_value_groups``, which ``repeat_kv`` reads when a mask is
+    passed): refused, naming it."""
+    owner = w.target.rpartition(".")[0]
+    read = {(b.owner, b.attr) for n in w.graph.nodes for b in _bound_leaves(list(n.args) + list(n.kwargs.values()))}
+    stale = [k for k, v in vars(w.model.get_submodule(owner)).items()
+             if isinstance(v, int) and not isinstance(v, bool) and v == old and (owner, k) not in read]
+    if stale:
+        raise Refusal(f"is a multi-query attention (enable_gqa, one key/value head) whose query heads grow from {old} "
+                      f"to {new}; {owner or 'the model'} keeps {old} in {', '.join(stale)}, which this forward did not "
+                      "read, so autogrow cannot tell whether it holds that number and would leave it stale",
+                      "Grow it on a forward that reads the number (transformers: attn_implementation='eager', where "
+                      "repeat_kv reads num_key_value_groups), or drop the attribute.")
+
+
+def _bound_leaves(args: list[Any]) -> list[BoundSize]:
+    """The module attributes (:class:`BoundSize`, also inside size expressions) that a node's arguments hold."""
+    out: list[BoundSize] = []
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            out += _bound_leaves(list(a))
+        elif isinstance(a, (BoundSize, BoundExpr)):
+            out += leaves(a)
+    return out
 
 
 def _source(node: fx.Node) -> fx.Node:

@@ -36,8 +36,8 @@ from autogrow.bound import BoundExpr, BoundSize, leaves, resolve
 from autogrow.errors import SHAPES_HINT
 from autogrow.ops import LayoutRule, Linearity, OpKind, register_function, register_layout_module
 
-__all__ = ["Context", "Layout", "NeedsBlock", "NeedsParts", "NeedsRep", "Refusal", "arg", "cat_axis", "flatten_axes",
-           "reduce_axes", "stacked", "unstacked"]
+__all__ = ["Context", "Layout", "NeedsBlock", "NeedsParts", "NeedsPieces", "NeedsRep", "Refusal", "arg", "cat_axis",
+           "flatten_axes", "reduce_axes", "stacked", "unstacked"]
 
 
 class Refusal(Exception):
@@ -65,6 +65,15 @@ class NeedsParts(Exception):
     def __init__(self, parts: int) -> None:
         super().__init__(int(parts))
         self.parts = int(parts)  # a plain int: sizes read from tensors or attributes carry where they came from
+
+
+class NeedsPieces(Exception):
+    """The widened layer's output is split into unequal pieces along its units (a multi-query ``c_attn``: all the
+    query heads, one key head, one value head): the walk restarts, its units being one piece's, the others kept."""
+
+    def __init__(self, sizes: Sequence[int]) -> None:
+        super().__init__(tuple(int(s) for s in sizes))
+        self.sizes = tuple(int(s) for s in sizes)  # plain ints, in features
 
 
 class NeedsRep(Exception):
@@ -108,6 +117,14 @@ class Context(Protocol):
     def parts(self, key: object) -> int:
         """Into how many equal pieces, each mapped as the widened layer's own units, a mapping's units fall:
         more than 1 for a fused projection's output, else 1."""
+
+    def pieces(self, key: object) -> tuple[tuple[int, ...], int] | None:
+        """For a mapping whose units are one piece of a split into unequal pieces: the pieces' old sizes in
+        features, and which piece grows (the others keep their size); else ``None``."""
+
+    def one_piece(self) -> bool:
+        """Whether the widened layer's output is split into unequal pieces of which one grows and the others keep
+        their size (a multi-query ``c_attn``: one key/value head, which then serves every query head)."""
 
     def rebind(self, size: BoundSize, value: int) -> None:
         """Have the growth write ``value`` into the module attribute that held ``size`` (:mod:`autogrow.bound`);
@@ -279,6 +296,9 @@ def _inverse_reshape(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: 
             return replace(lay, **at, flat=True)  # heads merged into features
         if (not lay.flat and p + 1 < len(old_in) and old_out[q] == old_in[p] * old_in[p + 1]
                 and old_in[p + 2:] == old_out[q + 1:]):  # repeat_kv: (B, kv, n_rep, T, d) -> (B, kv * n_rep, T, d)
+            if old_in[p] == 1 and ctx.one_piece():  # one key/value head that keeps its size (multi-query c_attn):
+                # the query heads are the n_rep axis, copies of it
+                return replace(lay, dim=p + 1 - len(old_in), ndim=len(old_in))
             return replace(lay, **at, rep=_fewer(lay, old_in[p + 1]))
     raise Refusal(f"reshapes {old_in} to {old_out} in a way autogrow cannot follow backwards")
 
@@ -616,6 +636,9 @@ def split(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) ->
     the walk restarts counting one piece's units (:class:`NeedsParts`)."""
     if _axis(arg(node, 2, "dim", 0), lay.ndim) != lay.dim:
         return lay
+    uneven = _uneven_sizes(node, ctx)
+    if uneven is not None:
+        return _split_uneven(lay, node, uneven, ctx)
     pieces = _pieces(node, lay, ctx)
     if ctx.parts(lay.key) == pieces:
         return lay
@@ -625,6 +648,47 @@ def split(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) ->
         raise Refusal("splits a concatenation that holds the widened units into parts",
                       "Split a layer's own output into equal parts.")
     raise Refusal(f"splits the widened units into {pieces} parts, not the {ctx.parts(lay.key)} parts they grow as")
+
+
+def _uneven_sizes(node: fx.Node, ctx: Context) -> tuple[int, ...] | None:
+    """The old sizes of ``t.split([a, b, ...])`` when they are not all equal, else ``None``."""
+    given = node.kwargs.get("split_size", arg(node, 1, "split_size_or_sections", None))
+    if node.target in (torch.chunk, "chunk") or not isinstance(given, (list, tuple)):
+        return None
+    try:
+        sizes = tuple(int(v) for v in ctx.value(list(given), new=False))
+    except Exception:
+        return None  # _pieces refuses it by name
+    return sizes if len(set(sizes)) > 1 else None
+
+
+def _split_uneven(lay: Layout, node: fx.Node, sizes: tuple[int, ...], ctx: Context) -> Layout:
+    """``q, k, v = c_attn(x).split((self.embed_dim, self.kv_dim, self.kv_dim), -1)`` (multi-query attention): the
+    layer's own units are one piece's, the others keep their size (the walk restarts: :class:`NeedsPieces`). The
+    grown piece's size must follow the width: a size attribute equal to it is rewritten."""
+    mode = ctx.pieces(lay.key)
+    if mode is None:
+        if lay.key is None and ctx.parts(lay.key) == 1 and lay.rep == 1:
+            raise NeedsPieces(sizes)
+        raise Refusal(f"splits the widened units into unequal parts {sizes} after they were concatenated, fused or "
+                      "grouped", "Split a layer's own output.")
+    pieces, i = mode
+    if sizes != pieces:
+        raise Refusal(f"splits the widened units into parts of {sizes}, not the pieces {pieces} they grow as")
+    shape, (old, new) = ctx.shape(node.args[0]), ctx.widths(lay)
+    if shape is None:
+        raise Refusal(f"splits the widened units into parts of {sizes}", SHAPES_HINT, needs_shapes=True)
+    want = list(sizes)
+    want[i] += (new - old) * (shape[lay.dim] // old)
+    given = list(node.kwargs.get("split_size", arg(node, 1, "split_size_or_sections", None)))  # type: ignore[arg-type]
+    if isinstance(given[i], BoundSize) and given[i] == sizes[i]:
+        ctx.rebind(given[i], want[i])  # multi-query c_attn: self.embed_dim holds the query part's size
+    got = [int(v) for v in ctx.value(given, new=True)]
+    if got != want:
+        raise Refusal(f"splits the widened units into parts of {sizes}: after widening part {i} they would need to "
+                      f"be {tuple(want)}, but are {tuple(got)}", "Split by sizes held in attributes of the module "
+                      "(self.embed_dim) or read from the tensor.")
+    return lay
 
 
 @layout_rule(torch.unbind, "unbind")
@@ -675,10 +739,14 @@ def _inverse_getitem(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: 
 
 
 @layout_rule(operator.getitem, inverse=_inverse_getitem)
-def getitem(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
-    """Indexing: picking a piece of a split keeps the layout; on a tensor, ints, full slices, ``None``
-    and ``...`` are followed; anything but a full slice on the units' axis is refused."""
+def getitem(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout | None:
+    """Indexing: picking a piece of a split keeps the layout (of unequal pieces, the one that grows holds the
+    layer's own units, the others none: ``None``); on a tensor, ints, full slices, ``None`` and ``...`` are
+    followed; anything but a full slice on the units' axis is refused."""
     src = node.args[0]
+    uneven = isinstance(src, fx.Node) and ctx.pieces(lay.key) is not None
+    if uneven and src.target in (torch.split, "split") and _axis(arg(src, 2, "dim", 0), lay.ndim) == lay.dim:
+        return replace(lay, key=None) if node.args[1] == ctx.pieces(lay.key)[1] else None  # type: ignore[index]
     if isinstance(src, fx.Node) and src.target in (torch.chunk, torch.split, "chunk", "split"):
         if ctx.parts(lay.key) > 1 and _axis(arg(src, 2, "dim", 0), lay.ndim) == lay.dim:
             return replace(lay, key=None)  # one piece of a fused output: the widened layer's own units
@@ -734,6 +802,12 @@ def _expand_keeps_units(lay: Layout, node: fx.Node, ctx: Context) -> Layout:
 
 
 def _inverse_expand(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
+    sizes, shape, src = _expand_sizes(node), ctx.shape(node), ctx.shape(node.args[0])
+    size = sizes[len(sizes) + lay.dim] if len(sizes) >= -lay.dim else None
+    if (ctx.one_piece() and isinstance(size, BoundSize) and shape is not None and src is not None
+            and len(src) >= -lay.dim and src[lay.dim] == 1 and size == shape[lay.dim]):
+        old, new = ctx.widths(lay)  # multi-query repeat_kv: n_rep copies of the one key/value head, one per query
+        ctx.rebind(size, size // old * new)  # head (num_key_value_groups): as many as the query heads become
     out = _expand_keeps_units(lay, node, ctx)
     shape = ctx.shape(node.args[0])
     return replace(out, ndim=len(shape) if shape is not None else None)

@@ -282,9 +282,13 @@ def _unit_features(model: nn.Module, c: Coupling, labels: dict[str, torch.Tensor
 
     for mod, key in c.producers.items():
         m, parts = model.get_submodule(mod), c.parts if key is not None else 1  # fused: rows (part, unit, ...)
+        rows = None if key is None or not c.fixed else torch.nonzero(  # unequal pieces: the grown one's rows
+            labels[map_name(key)].repeat_interleave(c.block(mod)) >= 0).flatten()
         for tname, d in layer_spec(m).out_params.items():  # type: ignore[union-attr]
             t = getattr(m, tname, None)
-            if t is not None:
+            if t is not None and rows is not None:
+                add(t.movedim(d, 0).index_select(0, rows.to(t.device)))
+            elif t is not None:
                 add(t.movedim(d, 0).unflatten(0, (parts, -1)).transpose(0, 1))
     for (mod, tname), (_, axis) in c.tensors.items():  # bare parameters (base mapping only)
         add(getattr(model.get_submodule(mod), tname).movedim(axis, 0))
@@ -348,9 +352,10 @@ def _plan_merge(model: nn.Module, c: Coupling, width: int | None, tol: float) ->
         fail(f"target: {c.target!r} has no duplicate units to merge: its {c.old_width} {what} differ pairwise by more "
              f"than tol={tol:.3g} (relative) in their incoming weights, bias or normalisation entries; "
              "mode='prune' removes units approximately")
-    check("width", width, width is None or width >= groups * unit,
-          f"at least {groups * unit}: {c.target!r} has {groups} distinct {what}, and exact merges reach no fewer")
-    return _merge_base(gid, width // unit if width is not None else None)
+    check("width", width, width is None or width >= groups * unit + c.fixed,
+          f"at least {groups * unit + c.fixed}: {c.target!r} has {groups} distinct {what}, and exact merges reach no "
+          "fewer")
+    return _merge_base(gid, (width - c.fixed) // unit if width is not None else None)
 
 
 def _recorder(store: list[torch.Tensor]) -> Any:
@@ -676,17 +681,17 @@ def plan_shrink(model: nn.Module, target: str, width: int | None = None, *, mode
     graph, shapes = traced(model, example_inputs)
     c = _couple(model, target, width if width is not None else _current_width(model, target), graph, shapes)
     unit = c.unit_features  # > 1: the units are attention heads of that size, or a fused output's parts
-    old = c.old_width * unit
+    old = c.old_width * unit + c.fixed  # c.fixed: features of unequal parts that keep their size
     ramped = [n for n in (*c.channelwise, *c.consumers) if is_ramped(model.get_submodule(n))]
     check("target", target, not ramped, f"a layer whose units no norm or reader is ramping in ({ramped} still weigh "
           "the units of a growth); shrink once the ramp has ended")
-    check("width", width, width is None or (width < old and width % unit == 0), f"fewer than {target!r}'s current "
-          f"{old} units" + c.width_rule())
+    check("width", width, width is None or (c.fixed < width < old and (width - c.fixed) % unit == 0),
+          f"fewer than {target!r}'s current {old} units" + c.width_rule())
     tol = _tolerance(model.get_submodule(target), tol)
     inputs = _consumer_inputs(model, c, example_inputs) if mode == "prune" else {}
     base = _plan_merge(model, c, width, tol) if mode == "merge" else \
-        _plan_prune(model, c, width // unit, inputs, select)
-    new = shrunk_width(base) * unit
+        _plan_prune(model, c, (width - c.fixed) // unit, inputs, select)
+    new = shrunk_width(base) * unit + c.fixed
     if new != width:  # re-check the size-dependent ops at the final width
         c = _couple(model, target, new, graph, shapes)
     maps = _cat_maps(c, base)

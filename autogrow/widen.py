@@ -438,7 +438,9 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
         target: name of a ``Linear``/``ConvNd``/``Embedding`` (or registered) module.
         width: the new number of units; larger than the current one. A layer whose output is split into equal
             parts (a fused q/k/v: ``qkv(x).chunk(3, -1)``) grows every part alike, so ``width`` is a multiple of the
-            number of parts (times the head size where the parts are reshaped into heads).
+            number of parts (times the head size where the parts are reshaped into heads). One split into unequal
+            parts (a multi-query ``c_attn``: ``split((embed_dim, head_dim, head_dim))``) grows the first part that
+            can stay exact (the query heads), the others keeping their size: ``width`` counts them too.
         init: a registered initialiser (``autogrow.init``): ``"net2wider"`` (copies, exact), ``"zero_out"``
             (random incoming, zero outgoing weights: new features, exact), ``"vt"`` (variance-transfer pairs,
             exact), ``"mix"`` (random orthogonal mixtures of the old units, exact where the tensor is linear up
@@ -486,15 +488,15 @@ def plan_widen(model: nn.Module, target: str, width: int, *, init: str = "net2wi
     graph, shapes = traced_graph if traced_graph is not None else traced(model, example_inputs)
     c = couple(model, target, width, graph=graph, shapes=shapes)
     block = c.unit_features  # > 1: the units are attention heads of that many features, or a fused output's pieces
-    old = c.old_width * block
-    check("width", width, width > old and width % block == 0, f"more than {target!r}'s current {old} units"
-          + c.width_rule())
+    old, units = c.old_width * block + c.fixed, (width - c.fixed) // block  # c.fixed: features of pieces not grown
+    check("width", width, width > old and (width - c.fixed) % block == 0, f"more than {target!r}'s current {old} "
+          "units" + c.width_rule())
     if init == "auto":
-        init = _auto_init(model, c, width // block, ramp_steps)
+        init = _auto_init(model, c, units, ramp_steps)
     ramps = _ramp_norms(model, c, init) + _fade_readers(model, c, init)
     exact = get_init(init).exact
-    mapping = _choose_mapping(c, init, mapping, width // block)
-    maps = _draw_maps(c, width // block, init, mapping, float(split), seed)
+    mapping = _choose_mapping(c, init, mapping, units)
+    maps = _draw_maps(c, units, init, mapping, float(split), seed)
     changes, resizes = _changes(model, c, maps, exact, graph, get_init(init))
     return WidenPlan(model=model, target=target, old_width=old, width=width, init=init, noise=float(noise),
                      split=float(split), mapping=mapping, seed=seed, maps=maps, producers=list(c.producers),
@@ -557,25 +559,27 @@ def _ramp_norms(model: nn.Module, c: Coupling, init: str) -> list[str]:
 
 
 def unit_features(model: nn.Module, target: str, example_inputs: Any = None, *,
-                  traced_graph: tuple[fx.Graph, Any] | None = None) -> int:
-    """How many of ``target``'s output features make one unit that grows whole: 1, an attention head's size, or
-    that times the parts of a fused output (1 where planning would refuse: :func:`plan_widen` then says why).
-    ``traced_graph``: as for :func:`plan_widen`.
+                  traced_graph: tuple[fx.Graph, Any] | None = None) -> tuple[int, int]:
+    """``(unit, fixed)``: ``target``'s widths are ``fixed`` plus a multiple of ``unit``, the output features of one
+    unit that grows whole (1, an attention head's size, or that times the parts of a fused output), ``fixed`` the
+    features of pieces of its output that keep their size (a multi-query ``c_attn``'s key and value head); ``(1, 0)``
+    where planning would refuse (:func:`plan_widen` then says why). ``traced_graph``: as for :func:`plan_widen`.
 
     Example:
         >>> import torch.nn as nn
         >>> from autogrow.widen import unit_features
         >>> unit_features(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), "0")
-        1
+        (1, 0)
     """
     model, target = unwrap(model, target)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # plan_widen warns about a captured graph
             graph, shapes = traced_graph if traced_graph is not None else traced(model, example_inputs)
-        return couple(model, target, graph=graph, shapes=shapes).unit_features
+        c = couple(model, target, graph=graph, shapes=shapes)
+        return c.unit_features, c.fixed
     except AutogrowError:
-        return 1
+        return 1, 0
 
 
 def widen(model: nn.Module, target: str, width: int, *, optimizer: Optimizer | None = None,

@@ -147,6 +147,14 @@ class Block(nn.Module):
             angles = torch.outer(torch.arange(16.0), torch.tensor([1.0, 0.5]))
             self.register_buffer("cos", angles.cos())
             self.register_buffer("sin", angles.sin())
+        if kind == "mqa":  # GPTBigCode's c_attn: 1-3 query heads of 2, one key and one value head, split unequally
+            n, self.how = draw.integer(1, 3), draw.choice(["expand", "sdpa", "sdpa_count", "literal"])
+            self.q_size, self.sizes = 2 * n, (2 * n, 2, 2)  # read from an attribute (rewritten), or a literal
+            self.c_attn, self.o = nn.Linear(w, 2 * n + 4), nn.Linear(2 * n, out)
+            if self.how == "expand":
+                self.n_rep = n  # repeat_kv's count, rewritten to the new number of query heads
+            if self.how == "sdpa_count":
+                self.num_key_value_groups = n  # kept, never read: refused by name
         if kind == "gqa":  # attention, heads of 2: 1-2 key/value heads, each serving 1-3 query heads
             kv, self.n_rep = 2 * draw.integer(1, 2), draw.integer(1, 3)
             self.q, self.k, self.v = nn.Linear(w, kv * self.n_rep), nn.Linear(w, kv), nn.Linear(w, kv)
@@ -198,6 +206,8 @@ class Block(nn.Module):
             return self.nonlin(self.rotary(x))
         if k == "falcon":
             return self.nonlin(self.falcon(x))
+        if k == "mqa":
+            return self.nonlin(self.multi_query(x))
         raise AssertionError(k)
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
@@ -210,6 +220,16 @@ class Block(nn.Module):
         elif self.how == "interleave":
             k, v = k.repeat_interleave(self.n_rep, dim=1), v.repeat_interleave(self.n_rep, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.how == "sdpa")
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+    def multi_query(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        sizes = self.sizes if self.how == "literal" else (self.q_size, 2, 2)
+        q, k, v = self.c_attn(x).unsqueeze(1).split(sizes, dim=3)
+        q = q.view(b, t, -1, 2).transpose(1, 2)
+        if self.how == "expand":
+            k, v = (y[:, :, None].expand(b, 1, self.n_rep, t, 2).reshape(b, self.n_rep, t, 2) for y in (k, v))
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.how != "expand")
         return self.o(y.transpose(1, 2).reshape(b, t, -1))
 
     def rotary(self, x: torch.Tensor) -> torch.Tensor:
@@ -307,7 +327,7 @@ def build(draw: Draw) -> tuple[nn.Module, torch.Tensor]:
     tokens = 4 if mode in ("tokens", "ids") else 0
     kinds = ["dense", "bn", *NORMS, "residual", "cat", "cat_kw", "tied", "scale", "bare"]
     if mode in ("tokens", "ids"):
-        kinds += ["roundtrip", "heads", "cat_other", "fused", "gqa", "falcon", "rope"]
+        kinds += ["roundtrip", "heads", "cat_other", "fused", "gqa", "falcon", "rope", "mqa"]
     pool = draw.choice(["mean", "none"]) if mode != "flat" else "none"
     w_in = draw.integer(2, 6)
     classes, w = 5, w_in

@@ -262,10 +262,11 @@ def _falcon() -> nn.Module:
                                               max_position_embeddings=16, bos_token_id=0, eos_token_id=0))
 
 
-def _gpt_bigcode() -> nn.Module:
+def _gpt_bigcode(attention: str = "sdpa") -> nn.Module:
     t = _transformers()
     return t.GPTBigCodeForCausalLM(t.GPTBigCodeConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=16,
-                                                      multi_query=True, bos_token_id=0, eos_token_id=0))
+                                                      multi_query=True, bos_token_id=0, eos_token_id=0,
+                                                      attn_implementation=attention))
 
 
 def _gptj() -> nn.Module:
@@ -385,6 +386,8 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in (
     ModelSpec("gpt_bigcode", "transformers", _gpt_bigcode, _tokens,
               "GPTBigCodeForCausalLM (StarCoder's architecture; n_embd=32, 2 layers, 4 heads, multi_query=True): "
               "fused c_attn split into query, one key head, one value head; tied lm_head"),
+    ModelSpec("gpt_bigcode_eager", "transformers", lambda: _gpt_bigcode("eager"), _tokens,
+              "the same model with attn_implementation='eager', whose repeat_kv reads num_key_value_groups"),
     ModelSpec("gptj", "transformers", _gptj, _tokens,
               "GPTJForCausalLM(n_embd=32, 2 layers, 4 heads, rotary_dim=4): interleaved rotary on part of each head, "
               "parallel attention and MLP"),

@@ -84,7 +84,7 @@ def test_part_of_a_group_is_refused_untouched(repeat):
                        r"heads: grouped-query attention"):
         autogrow.widen(model, "blocks.0.attn.q", 20, optimizer=opt, example_inputs=x)  # one query head more
     assert_unchanged(before, model, opt)
-    assert unit_features(model, "blocks.0.attn.q", x) == 8 and unit_features(model, "blocks.0.attn.k", x) == 4
+    assert unit_features(model, "blocks.0.attn.q", x) == (8, 0) and unit_features(model, "blocks.0.attn.k", x) == (4, 0)
 
 
 class SharedSizes(nn.Module):

@@ -168,7 +168,11 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
     "phi": [("model.layers.1.self_attn.k_proj", "widen x2", EXACT)],
     "gpt_bigcode": [
         ("transformer.h.0.mlp.c_fc", "widen x2", EXACT),
-        ("transformer.h.0.attn.c_attn", "widen x2", r"parts of \(32, 8, 8\)"),
+        ("transformer.h.0.attn.c_attn", "widen x2", r"multi-query .* keeps 4 in num_heads, num_key_value_groups"),
+    ],
+    "gpt_bigcode_eager": [
+        ("transformer.h.0.attn.c_attn", "widen x2", EXACT),
+        ("transformer.h.1.attn.c_attn", "widen +1", r"49 is not allowed; expected 16 plus a multiple of 8"),
     ],
     "distilbert": [("distilbert.transformer.layer.0.attention.q_lin", "widen x2", EXACT)],
     "phi3": [
