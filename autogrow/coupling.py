@@ -132,18 +132,33 @@ def couple(model: nn.Module, target: str, width: int | None = None, *, graph: fx
     graph = graph if graph is not None else trace(model)
     try:
         return _couple(model, target, width, graph, shapes, None)
-    except NeedsPieces as np:  # q, k, v = c_attn(x).split((embed_dim, kv_dim, kv_dim)): the first piece that can grow
-        errors = []
-        for i in range(len(np.sizes)):
-            try:  # a probe at double the piece's width first: it finds the unit (whole heads) a width must fit
-                c = _couple(model, target, None, graph, shapes, (np.sizes, i))
-            except AutogrowError as e:
-                errors.append(e)
-                continue
-            if width is not None and (width - c.fixed) % c.unit_features:
-                check("width", width, False, c.width_rule().removeprefix(" and "))
-            return c if width is None else _couple(model, target, width, graph, shapes, (np.sizes, i))
-        raise errors[0] from None
+    except NeedsPieces as np:  # q, k, v = c_attn(x).split((embed_dim, kv_dim, kv_dim))
+        return _couple_pieces(model, target, width, graph, shapes, np.sizes)
+
+
+def _couple_pieces(model: nn.Module, target: str, width: int | None, graph: fx.Graph,
+                   shapes: dict[fx.Node, Any] | None, sizes: tuple[int, ...]) -> Coupling:
+    """``target``'s output is split into unequal pieces: the first piece that can grow exactly, the others kept (the
+    first piece's refusal if none can)."""
+    errors: list[AutogrowError] = []
+    for piece in ((sizes, i) for i in range(len(sizes))):
+        probe, error = None, None
+        try:  # at double the piece's width: it finds the unit (whole heads) a width must fit
+            probe = _couple(model, target, None, graph, shapes, piece)
+        except AutogrowError as e:
+            error = e
+        if width is None:
+            if probe is not None:
+                return probe
+            errors.append(error)  # type: ignore[arg-type]
+            continue
+        if probe is not None and (width - probe.fixed) % probe.unit_features:
+            check("width", width, False, probe.width_rule().removeprefix(" and "))
+        try:
+            return _couple(model, target, width, graph, shapes, piece)
+        except AutogrowError as e:
+            errors.append(e)
+    raise errors[0] from None
 
 
 def _couple(model: nn.Module, target: str, width: int | None, graph: fx.Graph, shapes: dict[fx.Node, Any] | None,
@@ -344,6 +359,10 @@ class _Walk:
         if reason:
             self.fail(node, f"is a producer with {reason}")
         features = getattr(m, spec.out_attr)
+        if self.piece is not None and name == self.target and features != sum(self.piece[0]):
+            self.fail(node, f"has {features} output features, but the widened units are split into unequal parts "
+                      f"{self.piece[0]} elsewhere", "Split a layer's own output into unequal parts (a multi-query "
+                      "c_attn), or a tensor of the layer's width into equal ones.")
         per = self.unit_block * rep * (self.n_parts if name == self.target else 1)
         own = features - self.fixed if name == self.target else features  # a piece's: the others keep their size
         if own % per or (name == self.target and self.piece and any(n % per for n in self.piece[0])):

@@ -20,6 +20,7 @@ with each ingredient of the recipe switched off (or an opt-in one switched on) i
     python -m autogrow.experiments.suite_pays --model digits     # the README's main job, 8 -> 64 units
     python -m autogrow.experiments.suite_pays --model mlp --variant copies --lrs 3e-3   # another recipe, paired
     python -m autogrow.experiments.suite_pays --model mlp --variant ablation-lr-schedule-constant-lr --lrs 1e-3
+    python -m autogrow.experiments.suite_pays --model mlp --frontier 0.6 --lrs 1e-3   # fixed widths at 0.6x FLOPs
 """
 
 from __future__ import annotations
@@ -199,6 +200,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     help="only grown runs of this recipe at --lrs[0], paired with the saved pays_<model>.json")
     ap.add_argument("--deadline-sweep", action="store_true",
                     help="only the table of the saved 'defaults' and 'deadline-*' variants against the baselines")
+    ap.add_argument("--frontier", type=float, default=None, metavar="F",
+                    help="only every fixed width trained for F x scratch's FLOPs at --lrs[0], against the target")
     args = ap.parse_args(argv)
     s = SETTINGS[args.model]
     args.epochs = args.epochs or s.epochs
@@ -211,6 +214,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     torch.set_num_threads(args.threads)
     if args.variant is not None:
         return run_variant(s, args, out)
+    if args.frontier is not None:
+        return frontier(s, args, out)
     lrs = {"grown": tune("grown", lambda seed, lr: run_grown(s, args, seed, lr), args),
            "scratch": tune("scratch", lambda seed, lr: run_fixed(s, args, seed, lr, s.final, None), args)}
     rows, scratches = [], {}
@@ -264,6 +269,36 @@ def run_variant(s: Setting, args: argparse.Namespace, out: Path) -> list[dict[st
           f"{ms['d_scratch_pp'][1]:.2f} pp, "
           f"vs the default grown run {ms['d_default_pp'][0]:+.2f} ± {ms['d_default_pp'][1]:.2f} pp (± std over seeds)")
     write(out, f"pays_{args.model}_{args.variant}", rows, md)
+    return rows
+
+
+def frontier(s: Setting, args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
+    """The iso-FLOP frontier at the target's budget: every fixed width from scratch, trained for ``args.frontier`` x
+    scratch's training FLOPs (its own hold-then-decay schedule, at ``args.lrs[0]``), against the target (the saved
+    scratch run's test accuracy minus 0.1 pp). Where no width reaches it, a grown run that meets the target beats them
+    all at equal compute."""
+    full = scratch_flops(s, args)
+    saved = json.loads((out / f"pays_{args.model}.json").read_text())
+    target = statistics.mean(r["test_acc"] for r in saved if r["config"] == "scratch") - 1e-3
+    rows = []
+    for width in (*s.others, s.final):
+        for seed in range(args.seeds):
+            run = run_fixed(s, args, seed, args.lrs[0], width, args.frontier * full)
+            rows.append({"config": f"fixed {width}", "seed": seed, "lr": args.lrs[0], "test_acc": run.test_acc,
+                         "flops_ratio": run.flops / full, "wall_s": run.wall})
+    lines = ["| fixed width | test acc % | FLOPs / scratch | seeds at the target |", "|---|---|---|---|"]
+    for config in dict.fromkeys(r["config"] for r in rows):
+        rs = [r for r in rows if r["config"] == config]
+        (t, ts), (f, _) = _mean_sd([r["test_acc"] for r in rs]), _mean_sd([r["flops_ratio"] for r in rs])
+        lines.append(f"| {config} | {100 * t:.2f} ± {100 * ts:.2f} | {f:.3f} | "
+                     f"{sum(r['test_acc'] >= target for r in rs)}/{len(rs)} |")
+    md = (f"### The iso-FLOP frontier at {args.frontier:g}x scratch's FLOPs: {s.name}, {s.data}, {args.epochs} "
+          f"epochs' scratch\n\nEach fixed width from scratch for as many steps as {args.frontier:g}x the training "
+          f"FLOPs of the {s.final}-wide net's {args.epochs} epochs buy, hold-then-decay, peak LR {args.lrs[0]:g}; the "
+          f"target is pays_{args.model}.json's scratch test accuracy minus 0.1 pp: {100 * target:.2f} %. Mean ± std "
+          f"over {args.seeds} seeds. `python -m autogrow.experiments.suite_pays --model {args.model} --frontier "
+          f"{args.frontier:g} --lrs {args.lrs[0]:g} --seeds {args.seeds}`.\n\n" + "\n".join(lines))
+    write(out, f"pays_{args.model}_frontier_{args.frontier:g}", rows, md)
     return rows
 
 

@@ -84,6 +84,11 @@ def test_pays_and_dnc_suites(tiny_idx, tmp_path):
     assert list(sweep)[:2] == ["grown, deadline 0.3", "grown, deadline 0.6"]  # no defaults variant: the saved run
     assert sweep["grown, deadline 0.6"]["test_acc"] == sum(r["test_acc"] for r in grown) / len(grown)
     assert "| scratch @ budget |" in (tmp_path / "pays" / "pays_mlp_deadline_sweep.md").read_text()
+    front = suite_pays.main(["--quick", "--data-dir", tiny_idx, "--out", str(tmp_path / "pays"), "--seeds", "2",
+                             "--frontier", "0.5", "--lrs", "1e-3"])  # every fixed width on half scratch's FLOPs
+    assert [r["config"] for r in front] == ["fixed 4", "fixed 8"]  # --quick: one seed, widths 4 and 8
+    assert all(abs(r["flops_ratio"] - 0.5) < 0.1 for r in front)
+    assert "seeds at the target" in (tmp_path / "pays" / "pays_mlp_frontier_0.5.md").read_text()
     suite_dnc.main(["--quick", "--data-dir", tiny_idx, "--out", str(tmp_path / "dnc")])
     assert outputs(tmp_path / "dnc", "dnc")
 

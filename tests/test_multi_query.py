@@ -167,3 +167,33 @@ def test_the_callback_grows_starcoders_query_heads_in_a_real_fit(tmp_path):
     loaded = load_grown(TinyLM, tmp_path / "last.ckpt", arch=starcoder)
     assert loaded.net.model.transformer.h[1].attn.num_key_value_groups == 8  # replayed from the growth record
     assert torch.equal(loaded(seq[:2, :-1]), model.eval()(seq[:2, :-1]))
+
+
+class UnevenSplit(nn.Module):
+    """Any layer's output split into unequal parts by sizes held in attributes: the first part can grow, the second
+    keeps its size (``joined``: the split tensor is a residual sum of two layers, which such a growth cannot map)."""
+
+    def __init__(self, joined: bool = False) -> None:
+        super().__init__()
+        self.fc, self.other = nn.Linear(4, 8), nn.Linear(4, 8) if joined else None
+        self.first, self.second = 6, 2
+        self.b, self.c = nn.Linear(6, 3), nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc(x)) if self.other is None else self.fc(x) + self.other(x)
+        p, q = h.split((self.first, self.second), dim=-1)
+        return self.b(p) + self.c(q)
+
+
+def test_any_unequal_split_of_a_layers_output_grows_its_first_part_or_is_refused_untouched():
+    torch.manual_seed(0)
+    model, x = UnevenSplit(), torch.randn(5, 4)
+    ref = model(x)
+    autogrow.widen(model, "fc", 11, init="zero_out", generator=0, example_inputs=x)
+    assert max_rel_error(ref, model(x)) <= 1e-9
+    assert (model.first, model.second, model.b.in_features, model.c.in_features) == (9, 2, 9, 2)
+    model = UnevenSplit(joined=True)
+    before = snapshot(model)
+    with pytest.raises(autogrow.AutogrowError, match=r"joins 'other' to a tensor it cannot be mapped onto"):
+        autogrow.widen(model, "fc", 11, example_inputs=x)
+    assert_unchanged(before, model)
