@@ -143,7 +143,8 @@ def test_a_split_whose_query_size_is_fixed_in_the_code_is_refused():
 def test_the_callback_grows_starcoders_query_heads_in_a_real_fit(tmp_path):
     """transformers' GPTBigCode (multi-query, eager attention) in a real fit: the callback's default ``Widen()`` doubles
     each block's query heads from ``c_attn`` (4 -> 8 heads of 8, the key/value head kept), rewriting ``embed_dim`` and
-    ``num_key_value_groups``; exact, and a checkpoint replays the rewrites."""
+    ``num_key_value_groups``, the MLPs, and d_model through the tied embedding; exact, and a checkpoint replays the
+    rewrites."""
     pytest.importorskip("transformers")
     from autogrow.callbacks import load_grown
     from autogrow.experiments import zoo
@@ -157,8 +158,12 @@ def test_the_callback_grows_starcoders_query_heads_in_a_real_fit(tmp_path):
         model, grow, trainer, seq = fit_one_growth(lambda: TinyLM(arch=starcoder), vocab=zoo.VOCAB)
     (event,) = grow.events
     attn = model.net.model.transformer.h[1].attn
-    assert "net.model.transformer.h.1.attn.c_attn" in {c.target for c in event.changes}
+    assert sorted(c.target for c in event.changes) == [
+        *(f"net.model.transformer.h.{i}.{layer}" for i in (0, 1) for layer in ("attn.c_attn", "mlp.c_fc")),
+        "net.model.transformer.wte"]
     assert event.preservation_error < 1e-5
+    gpt = model.net.model
+    assert gpt.transformer.wte.weight.shape[1] == 64 and gpt.lm_head.weight is gpt.transformer.wte.weight
     assert (attn.c_attn.out_features, attn.c_proj.in_features, attn.embed_dim, attn.num_key_value_groups) == (
         80, 64, 64, 8)
     held = [p for g in trainer.optimizers[0].param_groups for p in g["params"]]
