@@ -86,6 +86,8 @@ class Coupling:
     # module attributes holding a size the widened units change (autogrow.bound): (module, attribute) -> new value
     rebinds: Mapping[tuple[str, str], int] = field(default_factory=dict)
     fixed: int = 0  # output features of the target that keep their size (unequal pieces: the ones not grown)
+    # channel-wise layers over the features of all heads together (OLMo-2's q_norm) -> their entries per unit
+    channel_blocks: Mapping[str, int] = field(default_factory=dict)
 
     def block(self, producer: str) -> int:
         """Rows of ``producer`` per unit (per piece of a fused output): a head's size, times the query heads
@@ -238,6 +240,7 @@ class _Walk:
         self.uniform_only: list[str] = []
         self.grouped: dict[str, int] = {}
         self.per_row: set[fx.Node] = set()  # norms over another axis than the units' (per-head norms): pass-through
+        self.channel_blocks: dict[str, int] = {}  # channel-wise layers over all heads' features -> entries per unit
         self.tensors: dict[tuple[str, str], tuple[MapKey, int]] = {}
         self._queue: deque[fx.Node] = deque()
 
@@ -262,7 +265,7 @@ class _Walk:
         return Coupling(self.target, self.old_width, dict(self.producers), dict(self.channelwise),
                         dict(self.consumers), dict(self.cats), tuple(self.uniform_only), self.unit_block,
                         dict(self.grouped), dict(self.tensors), _mix_refusal(self), self.n_parts, dict(self.reps),
-                        dict(self.rebinds), self.fixed)
+                        dict(self.rebinds), self.fixed, dict(self.channel_blocks))
 
     def fail(self, node: fx.Node, why: str, fix: str = "", needs_shapes: bool = False) -> NoReturn:
         msg = f"target: cannot widen {self.target!r} exactly: {describe(node, self.model)} {why}." + (
@@ -421,16 +424,19 @@ class _Walk:
             if node.args[0] not in self.layouts:
                 self.backward(node.args[0], lay, node)
             return
-        if lay.rep > 1:
+        n, w, per = channel_width(m), self.width(lay.key), self.unit_block * lay.rep
+        heads = n is not None and lay.flat and per > 1 and n == w * per  # OLMo-2's q_norm: all heads' features
+        if heads and spec.group_size is not None and spec.group_size(m) > 1:
+            self.fail(node, f"acts on groups of the {n} features of {w} heads of {per}: new heads would land inside "
+                      "its groups", "Normalise each head on its own, or the whole projection.")
+        if lay.rep > 1 and not heads:
             self.fail(node, f"acts on units that hold {lay.rep} entries each (a repeat, as of key/value heads for "
                       "their query heads)", "Normalise or scale the tensor before it is repeated.")
-        n, w = channel_width(m), self.width(lay.key)
-        if n is not None and lay.flat and self.unit_block > 1 and n == w * self.unit_block:  # OLMo-2's q_norm
-            self.fail(node, f"normalises the {n} features of {w} heads of {self.unit_block} together: new heads "
-                      "would change its statistics", "Normalise each head on its own (over the head size).")
-        if n is not None and n != w:
+        if n is not None and n != w * (per if heads else 1):
             self.fail(node, f"has {n} features, but the widened tensor has {w}")
-        if lay.flat or not any(self._is_axis(lay, d, node) for d in spec.dims):
+        if heads:  # its entries grow head by head (a norm over them: only under uniform copies, uniform_only)
+            self.channel_blocks[node.target] = per
+        if (lay.flat and not heads) or not any(self._is_axis(lay, d, node) for d in spec.dims):
             where = f"axis {lay.dim} of {lay.ndim}" if lay.ndim is not None else f"axis {lay.dim}"
             self.fail(node, f"normalises axis {' or '.join(map(str, spec.dims))} (counted from the front if >= 0), "
                       f"but the widened units are on {where} (from the end)" + (" (flattened)" if lay.flat else ""))

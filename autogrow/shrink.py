@@ -570,6 +570,9 @@ def _couple(model: nn.Module, target: str, width: int | None, graph: Any, shapes
     if c.grouped:
         fail(f"target: cannot shrink {target!r}: {list(c.grouped)} act on groups of channels, and removing "
              "channels splits their groups (only widening grows them, by whole groups)")
+    if c.channel_blocks:
+        fail(f"target: cannot shrink {target!r}: {list(c.channel_blocks)} act on the features of all its heads "
+             "together (a norm over the whole projection); only widening grows them, head by head")
     return c
 
 

@@ -300,10 +300,10 @@ def _changes(model: nn.Module, c: Coupling, maps: dict[str, UnitMap], exact: boo
             add(mod, tname, Transform(d, map_name(key), "out", c.block(mod)))
         resizes.append((mod, "out", len(maps[map_name(key)].idx) * c.block(mod)))
     for mod, key in c.channelwise.items():
-        cspec = channel_spec(modules[mod])
+        cspec, block = channel_spec(modules[mod]), c.channel_blocks.get(mod, 1)  # > 1: entries of whole heads
         for tname, fill in cspec.tensors.items():
-            add(mod, tname, Transform(0, map_name(key), "out"), fill)
-        resizes.append((mod, "channel", len(maps[map_name(key)].idx)))
+            add(mod, tname, Transform(0, map_name(key), "out", block), fill)
+        resizes.append((mod, "channel", len(maps[map_name(key)].idx) * block))
         counts = torch.bincount(maps[map_name(key)].idx)
         mixed = maps[map_name(key)].mix is not None  # mixtures keep the statistics; copies must be uniform
         ramped = isinstance(init, Ramp)  # the norm ramps the fresh units in

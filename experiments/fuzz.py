@@ -143,7 +143,9 @@ class Block(nn.Module):
             self.n_heads, self.rot = draw.integer(1, 2), draw.choice(["none", "half", "interleaved"])
             self.q, self.k, self.v = (nn.Linear(w, 4 * self.n_heads) for _ in range(3))
             self.o, norm = nn.Linear(4 * self.n_heads, out), draw.choice(["none", *NORMS])
-            self.q_norm, self.k_norm = (NORMS[norm](4), NORMS[norm](4)) if norm != "none" else (None, None)
+            self.whole = bool(draw.integer(0, 1))  # the norm over the whole projection (OLMo-2), not per head
+            size = 4 * self.n_heads if self.whole else 4
+            self.q_norm, self.k_norm = (NORMS[norm](size), NORMS[norm](size)) if norm != "none" else (None, None)
             angles = torch.outer(torch.arange(16.0), torch.tensor([1.0, 0.5]))
             self.register_buffer("cos", angles.cos())
             self.register_buffer("sin", angles.sin())
@@ -233,10 +235,14 @@ class Block(nn.Module):
         return self.o(y.transpose(1, 2).reshape(b, t, -1))
 
     def rotary(self, x: torch.Tensor) -> torch.Tensor:
-        """Qwen3's per-head norms and Phi's or GPT-J's rotary on part of each head (half-split or interleaved)."""
+        """Qwen3's per-head norms (or OLMo-2's over the whole projection) and Phi's or GPT-J's rotary on part of each
+        head (half-split or interleaved)."""
         b, t, _ = x.shape
-        q, k, v = (f(x).view(b, t, -1, 4) for f in (self.q, self.k, self.v))
-        if self.q_norm is not None:
+        q, k, v = (f(x) for f in (self.q, self.k, self.v))
+        if self.q_norm is not None and self.whole:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (y.view(b, t, -1, 4) for y in (q, k, v))
+        if self.q_norm is not None and not self.whole:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (y.transpose(1, 2) for y in (q, k, v))
         if self.rot != "none":

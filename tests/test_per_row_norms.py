@@ -1,7 +1,8 @@
 """Norms and scales over another axis than the widened units' pass the units through, each unit on its own: a per-head
 norm over the head size (Qwen3, Gemma 3, OLMoE's ``q_norm``/``k_norm``), a LayerNorm over a conv's length, a PReLU
 per channel on a tensor whose units are its last axis. Those whose statistics or filters span the units' axis
-(BatchNorm, InstanceNorm, GroupNorm, depthwise convs) stay refused."""
+(BatchNorm, InstanceNorm, GroupNorm, depthwise convs) stay refused. A norm over all heads' features together
+(OLMo-2's ``q_norm``/``k_norm`` over the whole projection) grows head by head, under uniform copies of the heads."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 import autogrow
 from autogrow.errors import AutogrowError
+from autogrow.registry import ChannelSpec
 from tests.models import assert_adam_state_replays, lm_snapshots, lm_steps, max_rel_error, repeat_kv
 from tests.test_refusals import assert_unchanged, snapshot
 
@@ -131,3 +133,100 @@ def test_batchnorm_over_channels_still_refuses_units_on_its_statistics_axes():
         with pytest.raises(AutogrowError, match=match):
             autogrow.widen(net, "fc", 9, generator=0, example_inputs=x)
         assert_unchanged(before, net)
+
+
+class WholeProjectionNormLM(QKNormLM):
+    """OLMo-2's attention: q and k normalised over the whole projection (all heads' features together) before the
+    heads are split off."""
+
+    def __init__(self, norm: type[nn.Module] = nn.RMSNorm, d: int = 8, head_size: int = 4) -> None:
+        super().__init__(norm, d, head_size)
+        self.q_norm, self.k_norm = norm(4 * head_size), norm(2 * head_size)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx)
+        B, T, _ = x.shape
+        q = self.q_norm(self.q(x)).view(B, T, -1, self.head_size).transpose(1, 2)
+        k = self.k_norm(self.k(x)).view(B, T, -1, self.head_size).transpose(1, 2)
+        v = self.v(x).view(B, T, -1, self.head_size).transpose(1, 2)
+        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(x + self.o(y.transpose(1, 2).reshape(B, T, -1)))
+
+
+def whole_norm_trained(norm: type[nn.Module]) -> tuple[WholeProjectionNormLM, torch.Tensor]:
+    torch.manual_seed(0)
+    model, ids = WholeProjectionNormLM(norm), torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(0))
+    lm_steps(model, torch.optim.Adam(model.parameters(), lr=1e-2), ids, 2)
+    return model, ids
+
+
+@pytest.mark.parametrize("norm", [nn.RMSNorm, nn.LayerNorm])
+@pytest.mark.parametrize("target, width", [("q", 32), ("k", 16), ("v", 16), ("q", 48)])
+def test_a_norm_over_all_heads_grows_by_uniform_copies_of_whole_heads(norm, target, width):
+    """Every key/value group copied equally often keeps each token's mean and mean square over the projection, so
+    the norm over all heads' features grows with its entries copied head by head; exact, the Adam state replayed."""
+    model, ids = whole_norm_trained(norm)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    batches = [torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    snaps = lm_snapshots(model, opt, batches)
+    ref, q_norm = model(ids), model.q_norm.weight.detach().clone()
+    g = autogrow.widen(model, target, width, generator=1, optimizer=opt, example_inputs=ids)
+    assert max_rel_error(ref, model(ids)) <= 1e-9
+    groups = width // {"q": 16, "k": 8, "v": 8}[target]  # key/value heads, each with its 2 query heads of 4
+    assert (model.q.out_features, model.k.out_features, model.q_norm.weight.numel()) == (16 * groups, 8 * groups,
+                                                                                       16 * groups)
+    assert torch.equal(model.q_norm.weight[:16], q_norm) and torch.equal(model.q_norm.weight[16:32], q_norm)
+    if norm is nn.RMSNorm:  # (k_norm's LayerNorm bias gets no gradient: a shift of every key changes no softmax)
+        assert_adam_state_replays(model, opt, snaps, batches, [g], lr=1e-2)
+
+
+def test_a_norm_over_all_heads_refuses_fresh_heads_uneven_copies_and_shrinking_untouched():
+    model, ids = whole_norm_trained(nn.RMSNorm)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    before = snapshot(model, opt)
+    with pytest.raises(AutogrowError, match=r"'zero_out' is not allowed .* \['q_norm', 'k_norm'\]|'zero_out' is not "
+                       r"allowed .* \['k_norm', 'q_norm'\]"):
+        autogrow.widen(model, "k", 16, init="zero_out", optimizer=opt, example_inputs=ids)
+    with pytest.raises(AutogrowError, match=r"copied equally often: use mapping='uniform' .* a multiple of 2"):
+        autogrow.widen(model, "k", 12, optimizer=opt, example_inputs=ids)  # 2 -> 3 groups: one copied, one not
+    with pytest.raises(AutogrowError, match=r"cannot shrink 'k': \[.*_norm.*\] act on the features of all its heads "
+                       r"together"):
+        autogrow.shrink(model, "k", 4, mode="prune", optimizer=opt, example_inputs=ids)
+    assert_unchanged(before, model, opt)
+
+
+class FeatureScale(nn.Module):
+    """``x * weight``, one weight per feature of the last axis: channel-wise, no statistics across the features."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(n) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+def _resize_scale(m: nn.Module, n: int) -> None:
+    pass  # the weight's new length is the whole of its size
+
+
+autogrow.register_channelwise(FeatureScale, ChannelSpec({"weight": 1.0}, _resize_scale, dims=(-1,)))
+
+
+class WholeProjectionScale(WholeProjectionNormLM):
+    """A per-feature scale over all of k's heads' features (no statistics across them), no norm on q."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_norm, self.k_norm = nn.Identity(), FeatureScale(8)
+
+
+def test_a_per_feature_scale_over_all_heads_grows_head_by_head_even_with_fresh_heads():
+    torch.manual_seed(0)
+    model, ids = WholeProjectionScale(), torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(0))
+    ref, scales = model(ids), model.k_norm.weight.detach().clone()
+    autogrow.widen(model, "k", 16, init="zero_out", generator=1, example_inputs=ids)
+    assert max_rel_error(ref, model(ids)) <= 1e-9
+    assert model.k_norm.weight.numel() == 16 and torch.equal(model.k_norm.weight[:8], scales)
+    assert torch.equal(model.k_norm.weight[8:], torch.ones(8))  # fresh heads' entries neutral

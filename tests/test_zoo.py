@@ -158,7 +158,8 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
     # their heads grow; StarCoder's multi-query c_attn splits into unequal parts (refused).
     "olmo2": [
         ("model.embed_tokens", "widen x2", EXACT),
-        ("model.layers.0.self_attn.q_proj", "widen x2", r"normalises the 32 features of 4 heads of 8 together"),
+        ("model.layers.0.self_attn.q_proj", "widen x2", EXACT),  # its q_norm/k_norm over all heads, copied
+        ("model.layers.1.self_attn.k_proj", "widen +1", r"not a whole number of heads"),
     ],
     "gemma": [
         ("model.layers.0.self_attn.q_proj", "widen x2", EXACT),
