@@ -516,8 +516,10 @@ def _auto_init(model: nn.Module, c: Coupling, width: int, ramp_steps: int | None
 
 
 def _ramp_problem(model: nn.Module, c: Coupling) -> str | None:
-    """Why the norms over ``c``'s units cannot ramp its new units in (``None``: they can)."""
-    if (why := not_single_units(c)) is not None:
+    """Why the norms over ``c``'s units cannot ramp its new units in (``None``: they can). Heads can, where every norm
+    over them sees their features whole (OLMo-2's q_norm over the projection: the new heads' features come last)."""
+    heads = c.unit_block > 1 and not c.cats and not c.grouped and set(c.uniform_only) <= set(c.channel_blocks)
+    if (why := not_single_units(c)) is not None and not heads:
         return why
     modules = dict(model.named_modules())
     return next((f"{n!r} is {why}" for n in c.uniform_only if (why := rampable(modules[n])) is not None), None)

@@ -181,7 +181,7 @@ def test_a_norm_over_all_heads_grows_by_uniform_copies_of_whole_heads(norm, targ
         assert_adam_state_replays(model, opt, snaps, batches, [g], lr=1e-2)
 
 
-def test_a_norm_over_all_heads_refuses_fresh_heads_uneven_copies_and_shrinking_untouched():
+def test_a_norm_over_all_heads_refuses_unramped_fresh_heads_uneven_copies_and_shrinking_untouched():
     model, ids = whole_norm_trained(nn.RMSNorm)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     before = snapshot(model, opt)
@@ -230,3 +230,22 @@ def test_a_per_feature_scale_over_all_heads_grows_head_by_head_even_with_fresh_h
     assert max_rel_error(ref, model(ids)) <= 1e-9
     assert model.k_norm.weight.numel() == 16 and torch.equal(model.k_norm.weight[:8], scales)
     assert torch.equal(model.k_norm.weight[8:], torch.ones(8))  # fresh heads' entries neutral
+
+
+@pytest.mark.parametrize("norm", [nn.RMSNorm, nn.LayerNorm])
+@pytest.mark.parametrize("target, width", [("q", 32), ("k", 16), ("v", 16)])
+def test_fresh_heads_ramp_in_through_a_norm_over_all_heads(norm, target, width):
+    """``init="auto"`` with a ramp: fresh heads whose features the norm over the whole projection weighs by 0 at
+    first (their features come last), exactly, rising to 1; then the norm is plain again."""
+    from autogrow.ramp import advance_ramps, is_ramped
+
+    model, ids = whole_norm_trained(norm)
+    ref = model(ids)
+    g = autogrow.widen(model, target, width, init="auto", ramp_steps=2, generator=1, example_inputs=ids)
+    assert g.options["init"] == "ramp" and max_rel_error(ref, model(ids)) <= 1e-9
+    assert is_ramped(model.q_norm) and is_ramped(model.k_norm) and model.q_norm.weight.numel() == 32
+    grown = model(ids)
+    advance_ramps(model, 0), advance_ramps(model, 1)
+    assert max_rel_error(grown, model(ids)) > 1e-6  # half-way: the fresh heads count
+    advance_ramps(model, 2)
+    assert type(model.q_norm) is norm and type(model.k_norm) is norm
