@@ -249,3 +249,32 @@ def test_fresh_heads_ramp_in_through_a_norm_over_all_heads(norm, target, width):
     assert max_rel_error(grown, model(ids)) > 1e-6  # half-way: the fresh heads count
     advance_ramps(model, 2)
     assert type(model.q_norm) is norm and type(model.k_norm) is norm
+
+
+def test_the_callback_ramps_fresh_heads_into_olmo2_in_a_real_fit(tmp_path):
+    """transformers' OLMo-2 (``Olmo2RMSNorm`` registered) in a real fit: the callback's defaults grow its heads from
+    ``q_proj`` by fresh heads that ``q_norm``/``k_norm`` ramp in, d_model likewise and the MLPs by fresh units; exact,
+    the norms plain again after the ramp, and a checkpoint replays it all."""
+    pytest.importorskip("transformers")
+    from autogrow.callbacks import load_grown
+    from autogrow.experiments import zoo
+
+    from autogrow.checkpoint import history_of
+    from tests.test_transformers import TinyLM, fit_one_growth
+
+    def olmo2() -> nn.Module:
+        return zoo.Logits(zoo._olmo2())
+
+    with pytest.warns(UserWarning, match="traced what its forward ran"):
+        model, grow, trainer, seq = fit_one_growth(lambda: TinyLM(arch=olmo2), vocab=zoo.VOCAB)
+    (event,) = grow.events
+    inits = {h["target"].removeprefix("net.model.model."): h["options"]["init"] for h in history_of(model)}
+    assert inits == {"embed_tokens": "ramp", "layers.0.self_attn.q_proj": "ramp", "layers.1.self_attn.q_proj": "ramp",
+                     "layers.0.mlp.gate_proj": "zero_out", "layers.1.mlp.gate_proj": "zero_out"}
+    assert event.preservation_error < 1e-5
+    attn = model.net.model.model.layers[1].self_attn
+    assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.q_norm.weight.numel()) == (64, 32, 64)
+    assert type(attn.q_norm).__name__ == "Olmo2RMSNorm"  # the ramp has ended
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    loaded = load_grown(TinyLM, tmp_path / "last.ckpt", arch=olmo2)
+    assert torch.equal(loaded(seq[:2, :-1]), model.eval()(seq[:2, :-1]))
