@@ -295,6 +295,38 @@ def _gemma() -> nn.Module:
     return _gqa_lm(t.GemmaForCausalLM, t.GemmaConfig, None, head_dim=8)
 
 
+def _mistral() -> nn.Module:
+    t = _transformers()
+    from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+
+    return _gqa_lm(t.MistralForCausalLM, t.MistralConfig, MistralRMSNorm)
+
+
+def _stablelm() -> nn.Module:
+    t = _transformers()
+    return _gqa_lm(t.StableLmForCausalLM, t.StableLmConfig, None)  # nn.LayerNorm: nothing to register
+
+
+def _roberta() -> nn.Module:
+    t = _transformers()
+    return t.RobertaForSequenceClassification(t.RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                              num_attention_heads=4, intermediate_size=64,
+                                                              max_position_embeddings=24, pad_token_id=1))
+
+
+def _bloom() -> nn.Module:
+    t = _transformers()
+    return t.BloomForCausalLM(t.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, bos_token_id=0,
+                                            eos_token_id=0, pad_token_id=0))
+
+
+def _gpt_neo() -> nn.Module:
+    t = _transformers()
+    return t.GPTNeoForCausalLM(t.GPTNeoConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4,
+                                              attention_types=[[["global", "local"], 1]], window_size=8,
+                                              max_position_embeddings=16, bos_token_id=0, eos_token_id=0))
+
+
 def _distilbert() -> nn.Module:
     t = _transformers()
     return t.DistilBertForSequenceClassification(t.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4,
@@ -394,6 +426,19 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in (
     ModelSpec("phi", "transformers", _phi, _tokens,
               "PhiForCausalLM (Phi-1/2; hidden_size=32, 2 layers, 4 heads): partial rotary, parallel attention and "
               "MLP, biases"),
+    ModelSpec("mistral", "transformers", _mistral, _tokens,
+              "MistralForCausalLM(hidden_size=32, 2 layers, 4 heads, 2 kv heads): as Llama, sliding-window attention"),
+    ModelSpec("stablelm", "transformers", _stablelm, _tokens,
+              "StableLmForCausalLM(hidden_size=32, 2 layers, 4 heads, 2 kv heads): nn.LayerNorm, rotary on a quarter "
+              "of each head"),
+    ModelSpec("roberta", "transformers", _roberta, _tokens,
+              "RobertaForSequenceClassification(hidden_size=32, 2 layers, 4 heads, intermediate_size=64)"),
+    ModelSpec("bloom", "transformers", _bloom, _tokens,
+              "BloomForCausalLM(hidden_size=32, 2 layers, 4 heads): ALiBi added by baddbmm, fused qkv per head, tied "
+              "lm_head"),
+    ModelSpec("gpt_neo", "transformers", _gpt_neo, _tokens,
+              "GPTNeoForCausalLM(hidden_size=32, 2 layers, 4 heads): a global and a local (windowed) attention layer, "
+              "masked with torch.where; tied lm_head"),
     ModelSpec("distilbert", "transformers", _distilbert, _tokens,
               "DistilBertForSequenceClassification(dim=32, 2 layers, 4 heads, hidden_dim=64)"),
     ModelSpec("torch_encoder", "torch", lambda: TokenEncoder(unfuse=True), _tokens,

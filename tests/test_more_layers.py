@@ -257,3 +257,44 @@ def test_the_callback_grows_a_grouped_convnet_exactly(tmp_path):
     assert all(e.preservation_error < 1e-5 for e in grow.events)
     conv = model.model[3]
     assert (conv.groups, conv.in_channels, conv.out_channels) == (8, 16, 16)
+
+
+class WhereMasked(nn.Module):
+    """Causal attention masked by ``torch.where(mask, scores, min)`` (GPT-Neo's), heads from the tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (f(x).view(b, t, -1, 2).transpose(1, 2) for f in (self.q, self.k, self.v))
+        scores = q @ k.transpose(-1, -2)
+        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()[None, None]
+        scores = torch.where(mask, scores, torch.tensor(torch.finfo(scores.dtype).min, dtype=scores.dtype))
+        return self.o((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1))
+
+
+class Floored(nn.Module):
+    """``where(h > 0, h, floor)``: a per-feature floor of the units' width, which grows with them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.floor = nn.Linear(6, 8), nn.Linear(8, 3), nn.Parameter(torch.randn(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(torch.where(h > 0, h, self.floor))
+
+
+@pytest.mark.parametrize("build, target, width", [(WhereMasked, "q", 16), (Floored, "fc1", 12)])
+def test_where_passes_the_units_entry_by_entry(build, target, width):
+    """``torch.where`` and comparisons act entry by entry: a mask over the tokens broadcasts over the heads, and an
+    operand of the units' width grows with them; exact with fresh units."""
+    torch.manual_seed(0)
+    model, x = build().double(), torch.randn(3, 5, 6, dtype=torch.float64)
+    ref = model(x)
+    autogrow.widen(model, target, width, init="zero_out", generator=0, example_inputs=x)
+    assert float((model(x) - ref).abs().max()) <= 1e-9 * float(ref.abs().max())
+    assert getattr(model, "o", getattr(model, "fc2", None)).in_features == width
+    assert build is WhereMasked or model.floor.numel() == 12

@@ -176,6 +176,12 @@ CASES: dict[str, list[tuple[str, str, str]]] = {
         ("transformer.h.1.attn.c_attn", "widen +1", r"49 is not allowed; expected 16 plus a multiple of 8"),
     ],
     "distilbert": [("distilbert.transformer.layer.0.attention.q_lin", "widen x2", EXACT)],
+    "mistral": [("model.layers.0.self_attn.k_proj", "widen x2", EXACT)],
+    "stablelm": [("model.layers.1.self_attn.q_proj", "widen x2", EXACT), ("model.embed_tokens", "widen x2", EXACT)],
+    "roberta": [("roberta.encoder.layer.0.attention.self.value", "widen x2", EXACT)],
+    "bloom": [("transformer.h.0.self_attention.query_key_value", "widen x2", r"'baddbmm' .* cannot keep exact")],
+    "gpt_neo": [("transformer.h.0.attn.attention.q_proj", "widen x2", EXACT),  # through where(mask, scores, min)
+                ("transformer.wte", "widen x2 ramp", EXACT)],
     "phi3": [
         ("model.embed_tokens", "widen x2", EXACT),
         ("model.layers.0.mlp.gate_up_proj", "widen x2", EXACT),
