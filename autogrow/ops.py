@@ -201,9 +201,9 @@ for _ts, _lin in (((operator.add, operator.sub, operator.iadd, operator.isub, to
                    Linearity.FACTOR),
                   ((operator.truediv, torch.div, "div", "div_"), Linearity.DIVIDEND),
                   ((operator.pow, torch.pow, "pow"), Linearity.NONE),  # x ** 3 (GPT-2's gelu_new): the scalar
+                  # broadcasts like x * 0.5; where(mask, scores, -inf) and comparisons act entry by entry
                   ((torch.where, "where", operator.gt, operator.ge, operator.lt, operator.le, torch.gt, torch.ge,
-                    torch.lt, torch.le, "gt", "ge", "lt", "le"), Linearity.NONE)):  # broadcasts like x * 0.5;
-    # where(mask, scores, -inf) and comparisons, entry by entry
+                    torch.lt, torch.le, "gt", "ge", "lt", "le"), Linearity.NONE)):
     for _t in _ts:
         register_function(_t, OpKind.BINARY, linear=_lin)
 for _t in (torch.cat, torch.concat, torch.concatenate, torch.stack):  # stack: a cat along a new axis
