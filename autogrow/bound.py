@@ -77,14 +77,16 @@ def resolve(x: object, rebinds: Mapping[tuple[str, str], int]) -> object:
 
 
 def leaves(x: object) -> list[BoundSize]:
-    """The attributes ``x`` is computed from.
+    """The attributes ``x`` is computed from (``x`` a size, or a list or tuple of them, as a graph node's arguments).
 
         >>> h, k = BoundSize(4, "attn", "heads"), BoundSize(2, "attn", "kv")
-        >>> [b.attr for b in leaves(h // k + 2)]
-        ['heads', 'kv']
+        >>> [b.attr for b in leaves(h // k + 2)], [b.attr for b in leaves((3, [k], "x"))]
+        (['heads', 'kv'], ['kv'])
     """
     if isinstance(x, BoundSize):
         return [x]
+    if isinstance(x, (list, tuple)):
+        return [b for a in x for b in leaves(a)]
     return [b for a in x.args for b in leaves(a)] if isinstance(x, BoundExpr) else []
 
 

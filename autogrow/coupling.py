@@ -785,7 +785,7 @@ def _unread_group_size(w: _Walk, old: int, new: int) -> None:
     module keeps would go stale (transformers' ``num_key_value_groups``, which ``repeat_kv`` reads when a mask is
     passed): refused, naming it."""
     owner = w.target.rpartition(".")[0]
-    read = {(b.owner, b.attr) for n in w.graph.nodes for b in _bound_leaves(list(n.args) + list(n.kwargs.values()))}
+    read = {(b.owner, b.attr) for n in w.graph.nodes for b in leaves([n.args, list(n.kwargs.values())])}
     stale = [k for k, v in vars(w.model.get_submodule(owner)).items()
              if isinstance(v, int) and not isinstance(v, bool) and v == old and (owner, k) not in read]
     if stale:
@@ -794,17 +794,6 @@ def _unread_group_size(w: _Walk, old: int, new: int) -> None:
                       "read, so autogrow cannot tell whether it holds that number and would leave it stale",
                       "Grow it on a forward that reads the number (transformers: attn_implementation='eager', where "
                       "repeat_kv reads num_key_value_groups), or drop the attribute.")
-
-
-def _bound_leaves(args: list[Any]) -> list[BoundSize]:
-    """The module attributes (:class:`BoundSize`, also inside size expressions) that a node's arguments hold."""
-    out: list[BoundSize] = []
-    for a in args:
-        if isinstance(a, (list, tuple)):
-            out += _bound_leaves(list(a))
-        elif isinstance(a, (BoundSize, BoundExpr)):
-            out += leaves(a)
-    return out
 
 
 def _source(node: fx.Node) -> fx.Node:

@@ -596,7 +596,7 @@ def _pieces(node: fx.Node, lay: Layout, ctx: Context) -> int:
     if shape is None:
         raise Refusal("splits the widened units into parts", SHAPES_HINT, needs_shapes=True)
     features = (shape[lay.dim], shape[lay.dim] // old * new)
-    given = node.kwargs.get("split_size", arg(node, 1, "split_size_or_sections", None))  # Tensor.split's name
+    given = _split_given(node)
     try:
         sizes = [ctx.value(given, new=w) for w in (False, True)]
     except Exception:
@@ -650,9 +650,14 @@ def split(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) ->
     raise Refusal(f"splits the widened units into {pieces} parts, not the {ctx.parts(lay.key)} parts they grow as")
 
 
+def _split_given(node: fx.Node) -> Any:
+    """The sizes argument of ``torch.split``/``Tensor.split`` as written (``split_size`` is Tensor.split's name)."""
+    return node.kwargs.get("split_size", arg(node, 1, "split_size_or_sections", None))
+
+
 def _uneven_sizes(node: fx.Node, ctx: Context) -> tuple[int, ...] | None:
     """The old sizes of ``t.split([a, b, ...])`` when they are not all equal, else ``None``."""
-    given = node.kwargs.get("split_size", arg(node, 1, "split_size_or_sections", None))
+    given = _split_given(node)
     if node.target in (torch.chunk, "chunk") or not isinstance(given, (list, tuple)):
         return None
     try:
@@ -680,7 +685,7 @@ def _split_uneven(lay: Layout, node: fx.Node, sizes: tuple[int, ...], ctx: Conte
         raise Refusal(f"splits the widened units into parts of {sizes}", SHAPES_HINT, needs_shapes=True)
     want = list(sizes)
     want[i] += (new - old) * (shape[lay.dim] // old)
-    given = list(node.kwargs.get("split_size", arg(node, 1, "split_size_or_sections", None)))  # type: ignore[arg-type]
+    given = list(_split_given(node))
     if isinstance(given[i], BoundSize) and given[i] == sizes[i]:
         ctx.rebind(given[i], want[i])  # multi-query c_attn: self.embed_dim holds the query part's size
     got = [int(v) for v in ctx.value(given, new=True)]
@@ -743,10 +748,10 @@ def getitem(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) 
     """Indexing: picking a piece of a split keeps the layout (of unequal pieces, the one that grows holds the
     layer's own units, the others none: ``None``); on a tensor, ints, full slices, ``None`` and ``...`` are
     followed; anything but a full slice on the units' axis is refused."""
-    src = node.args[0]
-    uneven = isinstance(src, fx.Node) and ctx.pieces(lay.key) is not None
+    src, pieces = node.args[0], ctx.pieces(lay.key)
+    uneven = isinstance(src, fx.Node) and pieces is not None
     if uneven and src.target in (torch.split, "split") and _axis(arg(src, 2, "dim", 0), lay.ndim) == lay.dim:
-        return replace(lay, key=None) if node.args[1] == ctx.pieces(lay.key)[1] else None  # type: ignore[index]
+        return replace(lay, key=None) if node.args[1] == pieces[1] else None  # type: ignore[index]
     if isinstance(src, fx.Node) and src.target in (torch.chunk, torch.split, "chunk", "split"):
         if ctx.parts(lay.key) > 1 and _axis(arg(src, 2, "dim", 0), lay.ndim) == lay.dim:
             return replace(lay, key=None)  # one piece of a fused output: the widened layer's own units
@@ -787,8 +792,7 @@ def _expand_keeps_units(lay: Layout, node: fx.Node, ctx: Context) -> Layout:
     if len(sizes) == 1 and isinstance(sizes[0], fx.Node) and shape is not None and len(shape) > 1:
         whole, ndim, size = sizes[0], len(shape), None  # torch.broadcast_to(t, other.shape): a shape read whole
     else:
-        whole, ndim = None, len(sizes)
-        size = sizes[len(sizes) + lay.dim] if len(sizes) >= -lay.dim else None
+        whole, ndim, size = None, len(sizes), _expanded_units(sizes, lay)
     if whole is not None or (size != -1 and (ctx.final or not isinstance(size, fx.Node))):
         try:
             old, new = ctx.widths(lay)
@@ -801,16 +805,19 @@ def _expand_keeps_units(lay: Layout, node: fx.Node, ctx: Context) -> Layout:
     return replace(lay, ndim=ndim)
 
 
+def _expanded_units(sizes: Sequence[object], lay: Layout) -> object:
+    """The size ``t.expand(*sizes)`` gives the units' axis (``None``: the axis is not among them)."""
+    return sizes[len(sizes) + lay.dim] if len(sizes) >= -lay.dim else None
+
+
 def _inverse_expand(lay: Layout, node: fx.Node, module: nn.Module | None, ctx: Context) -> Layout:
-    sizes, shape, src = _expand_sizes(node), ctx.shape(node), ctx.shape(node.args[0])
-    size = sizes[len(sizes) + lay.dim] if len(sizes) >= -lay.dim else None
+    size, shape, src = _expanded_units(_expand_sizes(node), lay), ctx.shape(node), ctx.shape(node.args[0])
     if (ctx.one_piece() and isinstance(size, BoundSize) and shape is not None and src is not None
             and len(src) >= -lay.dim and src[lay.dim] == 1 and size == shape[lay.dim]):
         old, new = ctx.widths(lay)  # multi-query repeat_kv: n_rep copies of the one key/value head, one per query
         ctx.rebind(size, size // old * new)  # head (num_key_value_groups): as many as the query heads become
     out = _expand_keeps_units(lay, node, ctx)
-    shape = ctx.shape(node.args[0])
-    return replace(out, ndim=len(shape) if shape is not None else None)
+    return replace(out, ndim=len(src) if src is not None else None)
 
 
 @layout_rule("expand", torch.broadcast_to, inverse=_inverse_expand)

@@ -40,8 +40,8 @@ from torch.optim import Optimizer
 from autogrow.errors import AutogrowError, check_choice, fail
 from autogrow.growth import SHRINK_ROLES, Growth, Transform, UnitMap, merge_units
 
-__all__ = ["NEW_STATES", "STATES", "carry_scheduler", "check_optimizer", "grow_optimizer", "param_names",
-           "register_optimizer_state", "translate_state_dict"]
+__all__ = ["NEW_STATES", "STATES", "carry_scheduler", "check_optimizer", "grow_optimizer", "optimizer_holds_model",
+           "param_names", "register_optimizer_state", "translate_state_dict"]
 
 STATES = ("carry", "reset")
 NEW_STATES = ("zero", "mean")  # fresh units' optimizer state: empty, or second moments at the old units' mean
@@ -84,6 +84,21 @@ def _powers(optimizer: Optimizer) -> dict[str, int | str]:
     for cls in reversed(type(optimizer).__mro__):
         out.update(_POWERS.get(cls, {}))
     return out
+
+
+def optimizer_holds_model(optimizer: Optimizer, module: nn.Module) -> bool:
+    """The optimizer-state check: the optimizer's parameters are exactly the model's (no stale tensor left
+    behind by a growth, none missing or repeated), and every moment it keeps has its parameter's shape.
+
+        >>> net = nn.Linear(2, 2); opt = torch.optim.Adam(net.parameters()); net(torch.ones(1, 2)).sum().backward()
+        >>> opt.step(); optimizer_holds_model(opt, net), optimizer_holds_model(opt, nn.Linear(2, 2))
+        (True, False)
+    """
+    held = [p for g in optimizer.param_groups for p in g["params"]]
+    if len(held) != len({id(p) for p in held}) or {id(p) for p in held} != {id(p) for p in module.parameters()}:
+        return False
+    return all(v.shape == p.shape for p in held for v in optimizer.state.get(p, {}).values()
+               if torch.is_tensor(v) and v.dim() > 0)
 
 
 def check_optimizer(optimizer: Optimizer, model: nn.Module, state: str = "carry") -> None:

@@ -67,6 +67,7 @@ from pytorch_lightning.callbacks import Callback
 from autogrow import num_params
 from autogrow.actions import Stack, Widen
 from autogrow.lr import applied_multiplier
+from autogrow.optim import optimizer_holds_model
 
 __all__ = ["TASKS", "Record", "Task", "main", "reach", "run_config", "step_ratio"]
 
@@ -183,21 +184,6 @@ class Outcome:
     @property
     def final_loss(self) -> float:
         return self.record.evals[-1]["val_loss"]
-
-
-def optimizer_holds_model(optimizer: torch.optim.Optimizer, module: nn.Module) -> bool:
-    """The optimizer-state check: the optimizer's parameters are exactly the model's (no stale tensor left
-    behind by a growth, none missing or repeated), and every moment it keeps has its parameter's shape.
-
-        >>> net = nn.Linear(2, 2); opt = torch.optim.Adam(net.parameters()); net(torch.ones(1, 2)).sum().backward()
-        >>> opt.step(); optimizer_holds_model(opt, net), optimizer_holds_model(opt, nn.Linear(2, 2))
-        (True, False)
-    """
-    held = [p for g in optimizer.param_groups for p in g["params"]]
-    if len(held) != len({id(p) for p in held}) or {id(p) for p in held} != {id(p) for p in module.parameters()}:
-        return False
-    return all(v.shape == p.shape for p in held for v in optimizer.state.get(p, {}).values()
-               if torch.is_tensor(v) and v.dim() > 0)
 
 
 def shape_of(net: nn.Module) -> dict[str, int]:

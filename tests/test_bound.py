@@ -274,15 +274,12 @@ def test_tracing_leaves_plain_ints_even_when_it_fails():
 def test_the_callback_grows_timm_style_heads_and_the_checkpoint_loads(tmp_path):
     """A real fit: the ``all`` policy widens d_model and the fused q/k/v (2 -> 4 heads, ``self.num_heads``
     rewritten), exactly; the checkpoint loads into a fresh model, the attribute rewritten by the replay."""
-    from autogrow.callbacks import load_grown
 
-    from tests.test_transformers import TinyLM, fit_one_growth
+    from tests.test_transformers import TinyLM, fit_one_growth, reloaded
 
     model, grow, trainer, seq = fit_one_growth(lambda: TinyLM(arch=LM, attention=TimmAttention))
     (event,) = grow.events
     assert "net.attn.qkv" in [c.target for c in event.changes] and event.preservation_error < 1e-5
     assert model.net.attn.num_heads == 4 and type(model.net.attn.num_heads) is int
-    trainer.save_checkpoint(tmp_path / "last.ckpt")
-    loaded = load_grown(TinyLM, tmp_path / "last.ckpt", arch=LM, attention=TimmAttention)
+    loaded = reloaded(trainer, model, seq, tmp_path, arch=LM, attention=TimmAttention)
     assert loaded.net.attn.num_heads == 4
-    assert torch.equal(loaded(seq[:2, :-1]), model.eval()(seq[:2, :-1]))

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import autogrow
 from autogrow.capture import capture
+from autogrow.optim import optimizer_holds_model
 from tests.models import max_rel_error
 from tests.test_refusals import assert_unchanged, snapshot
 
@@ -77,11 +78,10 @@ def test_the_callback_grows_a_hugging_face_gpt2_it_cannot_trace_with_fx(tmp_path
     ``self.split_size``, which the growth rewrites: autogrow.bound) and d_model (its embedding tied to ``lm_head``)
     widen exactly, and the checkpoint loads."""
     pytest.importorskip("transformers")
-    from autogrow.callbacks import load_grown
     from autogrow.experiments import zoo
 
     from autogrow.checkpoint import history_of
-    from tests.test_transformers import TinyLM, fit_one_growth
+    from tests.test_transformers import TinyLM, fit_one_growth, reloaded
 
     def gpt2() -> nn.Module:
         return zoo.Logits(zoo._gpt2())  # input_ids -> logits, as a user wraps it
@@ -101,12 +101,9 @@ def test_the_callback_grows_a_hugging_face_gpt2_it_cannot_trace_with_fx(tmp_path
     assert gpt.transformer.wte.weight.shape[1] == 64 and gpt.lm_head.weight is gpt.transformer.wte.weight
     # by fresh units that GPT-2's LayerNorms ramp in (the callback's default: 5% of the run, here one step)
     assert {h["options"]["init"] for h in history_of(model) if h["target"].endswith("wte")} == {"ramp"}
-    held = [p for g in trainer.optimizers[0].param_groups for p in g["params"]]
-    assert sorted(map(id, held)) == sorted(id(p) for p in model.parameters())
-    trainer.save_checkpoint(tmp_path / "last.ckpt")
-    loaded = load_grown(TinyLM, tmp_path / "last.ckpt", arch=gpt2)
+    assert optimizer_holds_model(trainer.optimizers[0], model)
+    loaded = reloaded(trainer, model, seq, tmp_path, arch=gpt2)
     assert loaded.net.model.transformer.h[1].attn.split_size == 64  # replayed from the growth record
-    assert torch.equal(loaded(seq[:2, :-1]), model.eval()(seq[:2, :-1]))
 
 
 class WritesInPlace(nn.Module):

@@ -191,18 +191,14 @@ def test_a_copied_head_of_a_fused_qkv_merges_back_exactly():
 def test_the_callback_grows_a_fused_model_and_its_checkpoint_loads(tmp_path):
     """A real fit: the default Widen() finds the fused qkv and gate_up (and d_model) on its own; every event is
     exact, and ``load_grown`` rebuilds the grown model from the checkpoint."""
-    from autogrow.callbacks import load_grown
 
-    from tests.test_transformers import TinyLM, fit_one_growth
+    from tests.test_transformers import TinyLM, fit_one_growth, reloaded
 
     model, grow, trainer, seq = fit_one_growth(lambda: TinyLM(arch=FusedLM), length=7)
     block = model.net.block
     assert block.qkv.out_features == 48 and block.o.in_features == 16 and block.gate_up.out_features == 24
     assert all(e.preservation_error < 1e-5 for e in grow.events)
-    path = tmp_path / "last.ckpt"
-    trainer.save_checkpoint(path)
-    loaded = load_grown(TinyLM, path, arch=FusedLM)
-    assert torch.equal(loaded(seq[:2, :-1]), model(seq[:2, :-1]))
+    reloaded(trainer, model, seq, tmp_path, arch=FusedLM)
 
 
 class SplitTwice(nn.Module):

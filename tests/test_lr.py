@@ -19,6 +19,7 @@ from autogrow.actions import Widen
 from autogrow.budget import Budget
 from autogrow.events import Reason
 from autogrow.lr import GrowthLR, shrink_perturb
+from autogrow.optim import optimizer_holds_model
 from autogrow.plateau import Deadline, Plateau
 from tests.test_callback import trainer
 
@@ -220,8 +221,7 @@ def test_a_deadline_behind_schedule_catches_up_at_once(tmp_path):
     assert grow.events[0].step == math.ceil(0.3 * model.trainer.estimated_stepping_batches)
     assert [(e.changes[0].old, e.changes[0].new) for e in grow.events] == [(2, 4), (4, 8), (8, 16)]
     assert all(e.preservation_error < 1e-5 for e in grow.events)
-    held = [p for g in model.trainer.optimizers[0].param_groups for p in g["params"]]
-    assert sorted(map(id, held)) == sorted(id(p) for p in model.parameters())
+    assert optimizer_holds_model(model.trainer.optimizers[0], model)
 
 
 def test_growth_lr_arguments_are_checked():

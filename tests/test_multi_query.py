@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import autogrow
 from autogrow.actions import Widen
+from autogrow.optim import optimizer_holds_model
 from autogrow.widen import unit_features
 from tests.models import assert_adam_state_replays, lm_snapshots, lm_steps, max_rel_error, repeat_kv
 from tests.test_refusals import assert_unchanged, snapshot
@@ -68,7 +69,7 @@ def test_the_query_heads_grow_and_the_key_value_head_keeps_its_rows(repeat, init
     assert (model.c_attn.out_features, model.c_proj.in_features, model.embed_dim) == (40, 32, 32)
     assert torch.equal(model.c_attn.weight[32:], kv_rows)  # the key and value head: the same rows, after the queries
     assert getattr(model, "n_rep", 8) == 8  # repeat_kv's count rewritten: as many copies as query heads
-    assert sorted(id(p) for g in opt.param_groups for p in g["params"]) == sorted(id(p) for p in model.parameters())
+    assert optimizer_holds_model(opt, model)
     lm_steps(model, opt, ids)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -146,10 +147,9 @@ def test_the_callback_grows_starcoders_query_heads_in_a_real_fit(tmp_path):
     ``num_key_value_groups``, the MLPs, and d_model through the tied embedding; exact, and a checkpoint replays the
     rewrites."""
     pytest.importorskip("transformers")
-    from autogrow.callbacks import load_grown
     from autogrow.experiments import zoo
 
-    from tests.test_transformers import TinyLM, fit_one_growth
+    from tests.test_transformers import TinyLM, fit_one_growth, reloaded
 
     def starcoder() -> nn.Module:
         return zoo.Logits(zoo._gpt_bigcode("eager"))
@@ -166,12 +166,9 @@ def test_the_callback_grows_starcoders_query_heads_in_a_real_fit(tmp_path):
     assert gpt.transformer.wte.weight.shape[1] == 64 and gpt.lm_head.weight is gpt.transformer.wte.weight
     assert (attn.c_attn.out_features, attn.c_proj.in_features, attn.embed_dim, attn.num_key_value_groups) == (
         80, 64, 64, 8)
-    held = [p for g in trainer.optimizers[0].param_groups for p in g["params"]]
-    assert sorted(map(id, held)) == sorted(id(p) for p in model.parameters())
-    trainer.save_checkpoint(tmp_path / "last.ckpt")
-    loaded = load_grown(TinyLM, tmp_path / "last.ckpt", arch=starcoder)
+    assert optimizer_holds_model(trainer.optimizers[0], model)
+    loaded = reloaded(trainer, model, seq, tmp_path, arch=starcoder)
     assert loaded.net.model.transformer.h[1].attn.num_key_value_groups == 8  # replayed from the growth record
-    assert torch.equal(loaded(seq[:2, :-1]), model.eval()(seq[:2, :-1]))
 
 
 class UnevenSplit(nn.Module):

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import autogrow
+from autogrow.optim import optimizer_holds_model
 
 # eps is made negligible where it enters a state buffer non-linearly (Adamax's max(|g| + eps), RMSprop's
 # g / (sqrt(v) + eps)): there the carried state is exact only up to eps / |g|.
@@ -260,3 +261,13 @@ def test_checkpoint_round_trip_is_bit_identical():
     train_steps(net, opt, sched, data[4:])
     train_steps(resumed, opt2, sched2, data[4:])
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_optimizer_check_catches_a_stale_parameter():
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    assert optimizer_holds_model(opt, net)
+    net.weight = torch.nn.Parameter(torch.zeros(3, 2))  # replaced without telling the optimizer
+    assert not optimizer_holds_model(opt, net)

@@ -22,30 +22,37 @@ pytestmark = pytest.mark.usefixtures("float64")  # exactness is checked to 1e-9:
 
 class QKNormLM(nn.Module):
     """Qwen3's attention: 4 query heads over 2 key/value heads of 4, q and k normalised per head over the head size
-    (``q_norm(q_proj(x).view(B, T, -1, head_dim))``), repeated by ``repeat_kv``; a residual stream and a head."""
+    (``q_norm(q_proj(x).view(B, T, -1, head_dim))``), repeated by ``repeat_kv``; a residual stream and a head.
+    ``whole``: OLMo-2's, q and k normalised over the whole projection (all heads' features together) before the heads
+    are split off."""
 
-    def __init__(self, norm: type[nn.Module] = nn.RMSNorm, d: int = 8, head_size: int = 4) -> None:
+    def __init__(self, norm: type[nn.Module] = nn.RMSNorm, d: int = 8, head_size: int = 4, whole: bool = False) -> None:
         super().__init__()
         self.tok, self.head = nn.Embedding(11, d), nn.Linear(d, 11)
         self.q, self.k, self.v = nn.Linear(d, 4 * head_size), nn.Linear(d, 2 * head_size), nn.Linear(d, 2 * head_size)
         self.o = nn.Linear(4 * head_size, d)
-        self.q_norm, self.k_norm = norm(head_size), norm(head_size)
-        self.head_size, self.n_rep = head_size, 2
+        self.q_norm, self.k_norm = (norm(4 * head_size), norm(2 * head_size)) if whole else (norm(head_size),
+                                                                                             norm(head_size))
+        self.head_size, self.n_rep, self.whole = head_size, 2, whole
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.tok(idx)
         B, T, _ = x.shape
-        q = self.q_norm(self.q(x).view(B, T, -1, self.head_size)).transpose(1, 2)
-        k = self.k_norm(self.k(x).view(B, T, -1, self.head_size)).transpose(1, 2)
-        v = self.v(x).view(B, T, -1, self.head_size).transpose(1, 2)
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.whole:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (y.view(B, T, -1, self.head_size) for y in (q, k, v))
+        if not self.whole:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
         k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.head(x + self.o(y.transpose(1, 2).reshape(B, T, -1)))
 
 
-def trained(norm: type[nn.Module]) -> tuple[QKNormLM, torch.Tensor]:
+def trained(norm: type[nn.Module], whole: bool = False) -> tuple[QKNormLM, torch.Tensor]:
     torch.manual_seed(0)
-    model, ids = QKNormLM(norm), torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(0))
+    model, ids = QKNormLM(norm, whole=whole), torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(0))
     lm_steps(model, torch.optim.Adam(model.parameters(), lr=1e-2), ids, 2)  # norms no longer at their init
     return model, ids
 
@@ -135,38 +142,12 @@ def test_batchnorm_over_channels_still_refuses_units_on_its_statistics_axes():
         assert_unchanged(before, net)
 
 
-class WholeProjectionNormLM(QKNormLM):
-    """OLMo-2's attention: q and k normalised over the whole projection (all heads' features together) before the
-    heads are split off."""
-
-    def __init__(self, norm: type[nn.Module] = nn.RMSNorm, d: int = 8, head_size: int = 4) -> None:
-        super().__init__(norm, d, head_size)
-        self.q_norm, self.k_norm = norm(4 * head_size), norm(2 * head_size)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.tok(idx)
-        B, T, _ = x.shape
-        q = self.q_norm(self.q(x)).view(B, T, -1, self.head_size).transpose(1, 2)
-        k = self.k_norm(self.k(x)).view(B, T, -1, self.head_size).transpose(1, 2)
-        v = self.v(x).view(B, T, -1, self.head_size).transpose(1, 2)
-        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.head(x + self.o(y.transpose(1, 2).reshape(B, T, -1)))
-
-
-def whole_norm_trained(norm: type[nn.Module]) -> tuple[WholeProjectionNormLM, torch.Tensor]:
-    torch.manual_seed(0)
-    model, ids = WholeProjectionNormLM(norm), torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(0))
-    lm_steps(model, torch.optim.Adam(model.parameters(), lr=1e-2), ids, 2)
-    return model, ids
-
-
 @pytest.mark.parametrize("norm", [nn.RMSNorm, nn.LayerNorm])
 @pytest.mark.parametrize("target, width", [("q", 32), ("k", 16), ("v", 16), ("q", 48)])
 def test_a_norm_over_all_heads_grows_by_uniform_copies_of_whole_heads(norm, target, width):
     """Every key/value group copied equally often keeps each token's mean and mean square over the projection, so
     the norm over all heads' features grows with its entries copied head by head; exact, the Adam state replayed."""
-    model, ids = whole_norm_trained(norm)
+    model, ids = trained(norm, whole=True)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     batches = [torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(s)) for s in range(3)]
     snaps = lm_snapshots(model, opt, batches)
@@ -182,7 +163,7 @@ def test_a_norm_over_all_heads_grows_by_uniform_copies_of_whole_heads(norm, targ
 
 
 def test_a_norm_over_all_heads_refuses_unramped_fresh_heads_uneven_copies_and_shrinking_untouched():
-    model, ids = whole_norm_trained(nn.RMSNorm)
+    model, ids = trained(nn.RMSNorm, whole=True)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     before = snapshot(model, opt)
     with pytest.raises(AutogrowError, match=r"'zero_out' is not allowed .* \['q_norm', 'k_norm'\]|'zero_out' is not "
@@ -214,11 +195,11 @@ def _resize_scale(m: nn.Module, n: int) -> None:
 autogrow.register_channelwise(FeatureScale, ChannelSpec({"weight": 1.0}, _resize_scale, dims=(-1,)))
 
 
-class WholeProjectionScale(WholeProjectionNormLM):
+class WholeProjectionScale(QKNormLM):
     """A per-feature scale over all of k's heads' features (no statistics across them), no norm on q."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(whole=True)
         self.q_norm, self.k_norm = nn.Identity(), FeatureScale(8)
 
 
@@ -239,7 +220,7 @@ def test_fresh_heads_ramp_in_through_a_norm_over_all_heads(norm, target, width):
     first (their features come last), exactly, rising to 1; then the norm is plain again."""
     from autogrow.ramp import advance_ramps, is_ramped
 
-    model, ids = whole_norm_trained(norm)
+    model, ids = trained(norm, whole=True)
     ref = model(ids)
     g = autogrow.widen(model, target, width, init="auto", ramp_steps=2, generator=1, example_inputs=ids)
     assert g.options["init"] == "ramp" and max_rel_error(ref, model(ids)) <= 1e-9
@@ -256,11 +237,10 @@ def test_the_callback_ramps_fresh_heads_into_olmo2_in_a_real_fit(tmp_path):
     ``q_proj`` by fresh heads that ``q_norm``/``k_norm`` ramp in, d_model likewise and the MLPs by fresh units; exact,
     the norms plain again after the ramp, and a checkpoint replays it all."""
     pytest.importorskip("transformers")
-    from autogrow.callbacks import load_grown
     from autogrow.experiments import zoo
 
     from autogrow.checkpoint import history_of
-    from tests.test_transformers import TinyLM, fit_one_growth
+    from tests.test_transformers import TinyLM, fit_one_growth, reloaded
 
     def olmo2() -> nn.Module:
         return zoo.Logits(zoo._olmo2())
@@ -275,6 +255,4 @@ def test_the_callback_ramps_fresh_heads_into_olmo2_in_a_real_fit(tmp_path):
     attn = model.net.model.model.layers[1].self_attn
     assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.q_norm.weight.numel()) == (64, 32, 64)
     assert type(attn.q_norm).__name__ == "Olmo2RMSNorm"  # the ramp has ended
-    trainer.save_checkpoint(tmp_path / "last.ckpt")
-    loaded = load_grown(TinyLM, tmp_path / "last.ckpt", arch=olmo2)
-    assert torch.equal(loaded(seq[:2, :-1]), model.eval()(seq[:2, :-1]))
+    reloaded(trainer, model, seq, tmp_path, arch=olmo2)

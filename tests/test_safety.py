@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import autogrow
 from autogrow.errors import NeedsShapes
+from autogrow.optim import optimizer_holds_model
 from tests.models import max_rel_error
 from tests.test_refusals import assert_unchanged, snapshot
 
@@ -226,8 +227,7 @@ def test_a_tied_embedding_and_output_layer_widen_through_the_final_norm():
     assert torch.equal(model.ln_f.weight[6:], torch.zeros(6)) and torch.equal(model.ln_f.bias[6:], torch.zeros(6))
     assert torch.equal(model.ln1.weight[6:], torch.ones(6))  # other norms: neutral, as for any mixture
     assert model.emb.weight[:, 6:].abs().min() > 0  # the new columns are mixtures, read by the output layer too
-    held = [p for g in opt.param_groups for p in g["params"]]
-    assert sorted(map(id, held)) == sorted(id(p) for p in model.parameters())
+    assert optimizer_holds_model(opt, model)
     assert opt.state[model.emb.weight]["exp_avg"].shape == (11, 12)
     opt.zero_grad()
     model(idx).sum().backward()

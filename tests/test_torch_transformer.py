@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import autogrow
 from autogrow.attention import SplitAttention
+from autogrow.optim import optimizer_holds_model
 from tests.models import max_rel_error
 from tests.test_refusals import assert_unchanged, snapshot
 from tests.test_transformers import TinyLM
@@ -128,8 +129,7 @@ def test_an_unfused_encoder_grows_in_every_dimension(norm_first, batch_first):
     assert layer.self_attn.num_heads == 4 and layer.self_attn.embed_dim == 16 and layer.norm1.weight.shape == (16,)
     assert model.enc.layers[1].linear1.out_features == 24 and model.head.in_features == 16
     assert len(model.enc.layers) == (3 if norm_first else 2)
-    held = [id(p) for g in opt.param_groups for p in g["params"]]
-    assert sorted(held) == sorted(id(p) for p in model.parameters())
+    assert optimizer_holds_model(opt, model)
     steps(model, opt, x)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 

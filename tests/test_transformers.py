@@ -10,9 +10,10 @@ import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from autogrow.callbacks import AutoGrow
+from autogrow.callbacks import AutoGrow, load_grown
 
 import autogrow
+from autogrow.optim import optimizer_holds_model
 from tests.models import TinyGPT, TinyLlama, lm_steps, max_rel_error
 from tests.test_refusals import assert_unchanged, snapshot
 
@@ -47,8 +48,7 @@ def test_every_dimension_grows_exactly_and_trains(sdpa):
         assert max_rel_error(ref, model(x)) <= 1e-9
     assert model.blocks[0].attn.q.out_features == 12 and model.blocks[0].attn.k.out_features == 12
     assert model.blocks[0].attn.o.in_features == 12 and model.tok.embedding_dim == 16 and len(model.blocks) == 3
-    held = [id(p) for g in opt.param_groups for p in g["params"]]
-    assert sorted(held) == sorted(id(p) for p in model.parameters())
+    assert optimizer_holds_model(opt, model)
     opt.zero_grad()
     loss = F.cross_entropy(model(x).flatten(0, 1), x.flatten())
     loss.backward()
@@ -109,8 +109,7 @@ def test_llama_style_model_grows_in_every_dimension(rmsnorm_registered):
     b0 = model.blocks[0]
     assert (b0.attn.k.out_features, b0.attn.v.out_features, b0.attn.o.in_features) == (16, 16, 16)
     assert model.blocks[1].gate.out_features == 20 and model.norm.weight.shape == (16,) and len(model.blocks) == 3
-    held = [id(p) for g in opt.param_groups for p in g["params"]]
-    assert sorted(held) == sorted(id(p) for p in model.parameters())
+    assert optimizer_holds_model(opt, model)
     lm_steps(model, opt, x)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -266,6 +265,15 @@ def fit_one_growth(make: Callable[[], TinyLM], vocab: int = 11, length: int = 9
                          enable_model_summary=False, enable_checkpointing=False, accelerator="cpu")
     trainer.fit(model, loader, loader)
     return model, grow, trainer, seq
+
+
+def reloaded(trainer: pl.Trainer, model: TinyLM, seq: torch.Tensor, tmp_path, **kwargs: object) -> TinyLM:
+    """``model`` saved in ``trainer``'s checkpoint and rebuilt from it by ``load_grown(TinyLM, ..., **kwargs)``, which
+    replays the growths: asserts that it computes what ``model`` does on two of ``seq``'s sequences."""
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    loaded = load_grown(TinyLM, tmp_path / "last.ckpt", **kwargs)
+    assert torch.equal(loaded(seq[:2, :-1]), model.eval()(seq[:2, :-1]))
+    return loaded
 
 
 def test_the_callback_grows_width_and_depth_of_a_transformer(tmp_path):
