@@ -23,7 +23,10 @@ grown and scratch runs of one seed see the same data):
   fraction of every dimension from scratch (its own schedule), for as many steps as cost the seed's grown run's
   FLOPs; each picks its LR from scratch's and the grown run's on the tuning seeds;
 * ``scratch at grown 2x's FLOPs``, ``1/2 size at grown 2x's FLOPs``, ``3/4 size at grown 2x's FLOPs`` (opt-in): the
-  same three baselines on the FLOPs of ``grown 2x steps``.
+  same three baselines on the FLOPs of ``grown 2x steps``;
+* ``scratch at 0.7x scratch's FLOPs``, ``1/2 size ...``, ``3/4 size ...`` (opt-in): the frontier at the target's
+  budget, the same three trained on exactly 0.7x the FLOPs of the seed's scratch run: whether a fixed size meets
+  the target without growing, and how far the best of them ends from scratch's final loss.
 
 Each of ``grown`` and ``scratch`` picks its peak LR from ``--lrs`` by final validation loss over
 ``--tune-seeds`` separate seeds (one ``--lrs`` value: fixed, no tuning runs). FLOPs are the training FLOPs
@@ -39,7 +42,7 @@ transformers_tuned/: ``--lrs 2e-3 4e-3 8e-3 --folder transformers_tuned --config
 FLOPs" "grown, deadline 0.3" "grown, deadline 0.1" "grown 2x steps"`` (grown and scratch each tuned on seed 1000; the
 other configurations take the grown run's LR, the budget baseline scratch's), then ``--reuse --seeds 5 --configs
 "1/2 size at grown's FLOPs" "3/4 size at grown's FLOPs"``, and the same with the three baselines at ``grown 2x steps``'s
-FLOPs. The runs are saved after each one and
+FLOPs and with the three at the target's budget. The runs are saved after each one and
 ``--reuse`` adds missing (config, seed) pairs to them, and re-runs a budget baseline whose grown run now costs another
 number of steps; ``--regrow`` re-tunes and re-runs every grown configuration, keeping scratch's runs and tuning.
 """
@@ -199,11 +202,17 @@ DUPLICATES = "grown, stack duplicates"  # G_stack: the new blocks unmodified cop
 EARLY = "grown, deadline 0.1"  # full size by 10% of the run: what the small phase costs when it is short
 # the iso-FLOP baselines: a fixed smaller model (this fraction of every dimension) trained from scratch, its own
 # schedule, for as many steps as cost a grown run's FLOPs
+AT_TARGET = f"at {TARGET}x scratch's FLOPs"
+# the frontier at the target's budget: the full model and two fixed smaller ones, each trained (its own schedule) on
+# exactly the FLOPs the target allows; whether any fixed size reaches scratch's final loss there
+FRONTIER = (f"scratch {AT_TARGET}", f"1/2 size {AT_TARGET}", f"3/4 size {AT_TARGET}")
 FIXED = {"1/2 size at grown's FLOPs": 0.5, "3/4 size at grown's FLOPs": 0.75,
-         "1/2 size at grown 2x's FLOPs": 0.5, "3/4 size at grown 2x's FLOPs": 0.75}
-REFERENCE = {c: "grown 2x steps" if "2x" in c else "grown" for c in (BUDGET, BUDGET_2X, *FIXED)}  # whose FLOPs
+         "1/2 size at grown 2x's FLOPs": 0.5, "3/4 size at grown 2x's FLOPs": 0.75, FRONTIER[1]: 0.5, FRONTIER[2]: 0.75}
+# a baseline's budget: this fraction of that run's FLOPs (of the same seed)
+REFERENCE = {**{c: ("grown 2x steps" if "2x" in c else "grown", 1.0) for c in (BUDGET, BUDGET_2X, *list(FIXED)[:4])},
+             **{c: ("scratch", TARGET) for c in FRONTIER}}
 CONFIGS = ("grown", "scratch", "grown 2x steps", BUDGET, *list(FIXED)[:2], "grown, deadline 0.3", DUPLICATES, EARLY,
-           BUDGET_2X, *list(FIXED)[2:])
+           BUDGET_2X, *list(FIXED)[2:4], *FRONTIER)
 DEFAULT_CONFIGS = CONFIGS[:6]  # the rest: opt-in (--configs)
 
 
@@ -386,16 +395,41 @@ def verdict(rows: list[dict[str, Any]], config: str) -> str:
 COLORS = {"grown": "tab:blue", "scratch": "tab:orange", "grown 2x steps": "tab:green",
           "grown, deadline 0.3": "tab:purple", BUDGET: "tab:red", EARLY: "tab:brown",
           "1/2 size at grown's FLOPs": "tab:olive", "3/4 size at grown's FLOPs": "tab:cyan",
-          BUDGET_2X: "tab:pink", "1/2 size at grown 2x's FLOPs": "tab:gray", "3/4 size at grown 2x's FLOPs": "black"}
-BASELINES = {c: ("the full model from scratch" if c in (BUDGET, BUDGET_2X) else
+          BUDGET_2X: "tab:pink", "1/2 size at grown 2x's FLOPs": "tab:gray", "3/4 size at grown 2x's FLOPs": "black",
+          FRONTIER[0]: "gold", FRONTIER[1]: "lime", FRONTIER[2]: "navy"}
+BASELINES = {c: ("the full model from scratch" if c not in FIXED else
                  f"a fixed model of {FIXED[c]:g}x every dimension from scratch") +
-             f" for as many steps as cost the {REFERENCE[c]!r} run's FLOPs, its own hold-then-decay schedule and LR"
-             for c in REFERENCE}
+             f" for as many steps as cost the {REFERENCE[c][0]!r} run's FLOPs, its own hold-then-decay schedule and LR"
+             for c in REFERENCE if c not in FRONTIER}  # the baselines a grown run is paired with
+
+
+def frontier_verdict(rows: list[dict[str, Any]]) -> str:
+    """The fixed sizes trained on exactly the target's FLOPs against scratch's full run, paired by seed: whether
+    the target can be met without growing, and how far the best of them ends from it."""
+    scratch = {r["seed"]: r for r in rows if r["config"] == "scratch"}
+    lines = []
+    for c in FRONTIER:
+        mine = [r for r in rows if r["config"] == c and r["seed"] in scratch]
+        if not mine:
+            continue
+        gap = [r["final_val_loss"] - scratch[r["seed"]]["final_val_loss"] for r in mine]
+        hit = sum(r["reach_flops"] == r["reach_flops"] for r in mine)
+        acc = f", test accuracy {_ms([r['test_acc'] for r in mine], '.2f', 100)} %" \
+            if mine[0]["test_acc"] == mine[0]["test_acc"] else ""
+        lines.append(f"- {c}: final validation loss {_ms([r['final_val_loss'] for r in mine])}{acc}, "
+                     f"{_ms(gap)} against scratch's full run (positive: higher); reaches scratch's final validation "
+                     f"loss in {hit}/{len(mine)} seeds")
+    if not lines:
+        return ""
+    return (f"\n\n**The frontier at the target's budget** (fixed sizes from scratch, each on {TARGET}x scratch's FLOPs "
+            "with its own hold-then-decay schedule and LR; paired by seed with scratch's full run): a growth run that "
+            "meets the target ends at or below scratch's final loss on this budget, so it must do at least as well as "
+            "the best of these.\n\n" + "\n".join(lines))
 
 
 def baseline_verdict(rows: list[dict[str, Any]], config: str) -> str:
     """Baseline ``config`` (one of ``BASELINES``) against the grown run of the same FLOPs, paired by seed."""
-    ref = REFERENCE[config]
+    ref = REFERENCE[config][0]
     pairs = [(g, b) for g in rows if g["config"] == ref for b in rows
              if b["config"] == config and b["seed"] == g["seed"]]
     if not pairs:
@@ -501,7 +535,7 @@ def report(out: Path, task: Task, args: argparse.Namespace, rows: list[dict[str,
           f"**Target** (reach scratch's final validation loss at <= "
           f"{TARGET}x scratch's training FLOPs, paired by seed):\n\n"
           + "\n".join(v for v in (verdict(rows, c) for c in CONFIGS if grows(c)) if v)
-          + "".join(baseline_verdict(rows, c) for c in BASELINES)
+          + "".join(baseline_verdict(rows, c) for c in BASELINES) + frontier_verdict(rows)
           + f"\n\n**Growth events**: largest preservation error {max(errors, default=float('nan')):.1e} (relative, "
           f"float32, on a validation batch in eval mode; '{DUPLICATES}' not counted: its stacks change the function "
           f"by design). Optimizer-state check (after training, the optimizer "
@@ -550,30 +584,44 @@ def load_runs(out: Path, task: Task) -> tuple[list[Outcome], list[dict[str, Any]
     return outcomes, saved["tuning"], saved["lrs"]
 
 
-def budget_steps(task: Task, outcomes: list[Outcome], seed: int, ref: str = "grown") -> int | None:
-    """Steps of the full model that cost what seed ``seed``'s run ``ref`` spent (``None``: either run missing).
+def budget_flops(outcomes: list[Outcome], seed: int, config: str) -> float | None:
+    """The training FLOPs baseline ``config`` may spend: ``REFERENCE[config]``'s share of that run of seed ``seed``
+    (``None``: no such run).
+
+        >>> o = lambda c, f: Outcome(c, 0, 1e-3, Record(), float("nan"), 1.0, f, 1, {})
+        >>> budget_flops([o("grown", 4.5e11), o("scratch", 1.2e12)], 0, FRONTIER[0])
+        840000000000.0
+    """
+    ref, share = REFERENCE[config]
+    run = next((o for o in outcomes if o.config == ref and o.seed == seed), None)
+    return None if run is None else share * run.flops
+
+
+def budget_steps(task: Task, outcomes: list[Outcome], seed: int, config: str = BUDGET) -> int | None:
+    """Steps of the full model that cost baseline ``config``'s budget (``None``: a run it needs is missing).
 
         >>> o = lambda c, f: Outcome(c, 0, 1e-3, Record(), float("nan"), 1.0, f, 1, {})
         >>> budget_steps(TASKS["lm"], [o("grown", 4.5e11), o("scratch", 1.2e12)], 0)
         450
     """
-    by = {o.config: o for o in outcomes if o.seed == seed}
-    if ref not in by or "scratch" not in by:
+    flops = budget_flops(outcomes, seed, config)
+    scratch = next((o for o in outcomes if o.config == "scratch" and o.seed == seed), None)
+    if flops is None or scratch is None:
         return None
-    return max(1, round(by[ref].flops / (by["scratch"].flops / task.steps)))
+    return max(1, round(flops / (scratch.flops / task.steps)))
 
 
 def fixed_steps(task: Task, args: argparse.Namespace, outcomes: list[Outcome], seed: int, config: str) -> int | None:
-    """Steps of the fixed smaller model of ``config`` (one of ``FIXED``) that cost what seed ``seed``'s grown run
-    (``REFERENCE[config]``) spent (``None``: no such run of that seed)."""
-    grown = next((o for o in outcomes if o.config == REFERENCE[config] and o.seed == seed), None)
-    if grown is None:
+    """Steps of the fixed smaller model of ``config`` (one of ``FIXED``) that cost its budget (``None``: the run
+    it is measured against is missing)."""
+    flops = budget_flops(outcomes, seed, config)
+    if flops is None:
         return None
     dm = data(task, args, seed)
     dm.setup()
     module = build(task, dm, small=False, lr=1e-3, scheduler=None, frac=FIXED[config])
     x = next(iter(dm.train_dataloader()))[0]
-    return max(1, round(grown.flops / (3 * module.count_flops(x) * len(x))))
+    return max(1, round(flops / (3 * module.count_flops(x) * len(x))))
 
 
 def tune_fixed(task: Task, args: argparse.Namespace, config: str, lrs: dict[str, float], steps: int,
@@ -593,9 +641,9 @@ def tune_fixed(task: Task, args: argparse.Namespace, config: str, lrs: dict[str,
 
 def _steps(task: Task, args: argparse.Namespace, outcomes: list[Outcome], seed: int, config: str) -> int | None:
     """A baseline's steps on its grown run's FLOPs; ``None`` for the other configurations (their own length)."""
-    if config in (BUDGET, BUDGET_2X):
-        return budget_steps(task, outcomes, seed, REFERENCE[config])
-    return fixed_steps(task, args, outcomes, seed, config) if config in FIXED else None
+    if config in FIXED:
+        return fixed_steps(task, args, outcomes, seed, config)
+    return budget_steps(task, outcomes, seed, config) if config in REFERENCE else None
 
 
 def run_task(task: Task, args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:

@@ -83,7 +83,8 @@ def test_char_data_is_deterministic_and_split_by_file():
 @pytest.mark.parametrize("task", ["lm", "vit"])
 def test_quick_suite_grows_to_full_size_and_writes_results(tmp_path, tiny_idx, task):
     st = suite_transformers
-    configs = [*st.DEFAULT_CONFIGS, st.BUDGET_2X, *(c for c in st.FIXED if c not in st.DEFAULT_CONFIGS)]
+    configs = [*st.DEFAULT_CONFIGS, st.BUDGET_2X, *(c for c in st.FIXED if c not in st.DEFAULT_CONFIGS),
+               st.FRONTIER[0]]
     rows = st.main(["--quick", "--task", task, "--data-dir", tiny_idx, "--out", str(tmp_path), "--configs",
                     *configs])[task]
     out = tmp_path / "transformers"
@@ -97,16 +98,17 @@ def test_quick_suite_grows_to_full_size_and_writes_results(tmp_path, tiny_idx, t
             {k: full[k] for k in ("d", "heads", "hidden", "layers")}
         assert grown["params"] == by_config["scratch"]["params"] and grown["events"] == 4
         assert grown["flops_ratio"] < 1.0 if config == "grown" else True
-    assert all(r["optimizer_ok"] for r in rows) and len(rows) == len(configs) == 9
+    assert all(r["optimizer_ok"] for r in rows) and len(rows) == len(configs) == 12
     curves = json.loads((out / f"transformers_{task}_curves.json").read_text())
     md = (out / f"transformers_{task}.md").read_text()
-    for config, ref in st.REFERENCE.items():  # every baseline on its grown run's FLOPs, to half a step's worth
+    for config, (ref, share) in st.REFERENCE.items():  # every baseline on its budget, to half a step's worth
         row, dims = by_config[config], st.QUICK[task].dims(frac=st.FIXED.get(config, 1.0))
         assert {k: row[k] for k in ("d", "heads", "hidden", "layers")} == \
             {k: dims[k] for k in ("d", "heads", "hidden", "layers")} and row["events"] == 0
         steps = next(len(r["train_losses"]) for r in curves if r["config"] == config)
-        assert abs(row["train_flops"] - by_config[ref]["train_flops"]) <= row["train_flops"] / steps / 2
-        assert f"**{ref!r} against {config}**" in md
+        assert abs(row["train_flops"] - share * by_config[ref]["train_flops"]) <= row["train_flops"] / steps / 2
+        assert (f"**{ref!r} against {config}**" in md) == (config not in st.FRONTIER)
+        assert (f"- {config}: final validation loss" in md) == (config in st.FRONTIER)
     events = json.loads((out / f"transformers_{task}_events.json").read_text())
     assert len(events) == 8 and all(0 <= e["preservation_error"] < 1e-5 for e in events)
     assert {e["callback"] for e in events} == {"widen", "stack"}
