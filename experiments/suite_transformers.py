@@ -200,12 +200,12 @@ BUDGET = "scratch at grown's FLOPs"  # the full model trained (its own schedule)
 BUDGET_2X = "scratch at grown 2x's FLOPs"  # the same on the FLOPs of the grown run with twice the steps
 DUPLICATES = "grown, stack duplicates"  # G_stack: the new blocks unmodified copies (not function-preserving)
 EARLY = "grown, deadline 0.1"  # full size by 10% of the run: what the small phase costs when it is short
-# the iso-FLOP baselines: a fixed smaller model (this fraction of every dimension) trained from scratch, its own
-# schedule, for as many steps as cost a grown run's FLOPs
 AT_TARGET = f"at {TARGET}x scratch's FLOPs"
 # the frontier at the target's budget: the full model and two fixed smaller ones, each trained (its own schedule) on
 # exactly the FLOPs the target allows; whether any fixed size reaches scratch's final loss there
 FRONTIER = (f"scratch {AT_TARGET}", f"1/2 size {AT_TARGET}", f"3/4 size {AT_TARGET}")
+# the iso-FLOP baselines: a fixed smaller model (this fraction of every dimension) trained from scratch, its own
+# schedule, for as many steps as cost a grown run's FLOPs (or, for the frontier, the target's)
 FIXED = {"1/2 size at grown's FLOPs": 0.5, "3/4 size at grown's FLOPs": 0.75,
          "1/2 size at grown 2x's FLOPs": 0.5, "3/4 size at grown 2x's FLOPs": 0.75, FRONTIER[1]: 0.5, FRONTIER[2]: 0.75}
 # a baseline's budget: this fraction of that run's FLOPs (of the same seed)
