@@ -37,7 +37,12 @@ def test_grid_suite(tiny_idx, tmp_path):
     assert [r["kind"] for r in rows].count("grid") == 4 and [r["kind"] for r in rows].count("net2net") == 4
     assert all(r["train_flops"] > 0 for r in rows)
     assert next(r for r in rows if r["kind"] == "growth")["events"] >= 1
-    assert "Target (within 0.3 pp" in (tmp_path / "grid.md").read_text()
+    early = next(r for r in rows if r["kind"] == "growth by 5%")  # at the cap: the largest grid net's size
+    largest = next(r for r in rows if (r["kind"], r["h1"], r["h2"]) == ("grid", 16, 16))
+    assert (early["h1"], early["h2"], early["params"]) == (16, 16, largest["params"])
+    assert [r["kind"] for r in rows].count("resize") == 1
+    md = (tmp_path / "grid.md").read_text()
+    assert md.count("Target (within 0.3 pp") == 3 and "| resize (ends " in md
 
 
 def test_grid_net2net_rows_carry_adam_state(tiny_idx):
