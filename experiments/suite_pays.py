@@ -18,7 +18,7 @@ with each ingredient of the recipe switched off (or an opt-in one switched on) i
     python -m autogrow.experiments.suite_pays                    # MLP, Fashion-MNIST, 32x32 -> 256x256
     python -m autogrow.experiments.suite_pays --model cnn        # ConvNet 4 -> 16 channels
     python -m autogrow.experiments.suite_pays --model digits     # the README's main job, 8 -> 64 units
-    python -m autogrow.experiments.suite_pays --model mlp --variant copies --lrs 3e-3   # another recipe, paired
+    python -m autogrow.experiments.suite_pays --model mlp --variant copies --lrs 3e-3   # paired; files *_lr0.003
     python -m autogrow.experiments.suite_pays --model mlp --variant ablation-lr-schedule-constant-lr --lrs 1e-3
     python -m autogrow.experiments.suite_pays --model mlp --frontier 0.6 --lrs 1e-3   # fixed widths at 0.6x FLOPs
 """
@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     help="only the table of the saved 'defaults' and 'deadline-*' variants against the baselines")
     ap.add_argument("--frontier", type=float, default=None, metavar="F",
                     help="only every fixed width trained for F x scratch's FLOPs at --lrs[0], against the target")
+    ap.add_argument("--frontier-widths", type=int, nargs="+", default=None, metavar="W",
+                    help="with --frontier: only these widths (default: the start width, the others and the final)")
     args = ap.parse_args(argv)
     s = SETTINGS[args.model]
     args.epochs = args.epochs or s.epochs
@@ -268,7 +270,8 @@ def run_variant(s: Setting, args: argparse.Namespace, out: Path) -> list[dict[st
           f"{ms['flops_ratio'][0]:.3f}; paired vs scratch {ms['d_scratch_pp'][0]:+.2f} ± "
           f"{ms['d_scratch_pp'][1]:.2f} pp, "
           f"vs the default grown run {ms['d_default_pp'][0]:+.2f} ± {ms['d_default_pp'][1]:.2f} pp (± std over seeds)")
-    write(out, f"pays_{args.model}_{args.variant}", rows, md)
+    at = "" if args.lrs[0] == saved[("grown", 0)]["lr"] else f"_lr{args.lrs[0]:g}"  # other LR: in the name
+    write(out, f"pays_{args.model}_{args.variant}{at}", rows, md)
     return rows
 
 
@@ -281,7 +284,8 @@ def frontier(s: Setting, args: argparse.Namespace, out: Path) -> list[dict[str, 
     saved = json.loads((out / f"pays_{args.model}.json").read_text())
     target = statistics.mean(r["test_acc"] for r in saved if r["config"] == "scratch") - 1e-3
     rows = []
-    for width in (*s.others, s.final):
+    widths = args.frontier_widths or (s.start, *s.others, s.final)
+    for width in widths:
         for seed in range(args.seeds):
             run = run_fixed(s, args, seed, args.lrs[0], width, args.frontier * full)
             rows.append({"config": f"fixed {width}", "seed": seed, "lr": args.lrs[0], "test_acc": run.test_acc,
@@ -296,10 +300,21 @@ def frontier(s: Setting, args: argparse.Namespace, out: Path) -> list[dict[str, 
           f"epochs' scratch\n\nEach fixed width from scratch for as many steps as {args.frontier:g}x the training "
           f"FLOPs of the {s.final}-wide net's {args.epochs} epochs buy, hold-then-decay, peak LR {args.lrs[0]:g}; the "
           f"target is pays_{args.model}.json's scratch test accuracy minus 0.1 pp: {100 * target:.2f} %. Mean ± std "
-          f"over {args.seeds} seeds. `python -m autogrow.experiments.suite_pays --model {args.model} --frontier "
-          f"{args.frontier:g} --lrs {args.lrs[0]:g} --seeds {args.seeds}`.\n\n" + "\n".join(lines))
+          f"over {args.seeds} seeds. `python -m autogrow.experiments.suite_pays {_frontier_options(s, args)}`.\n\n"
+          + "\n".join(lines))
     write(out, f"pays_{args.model}_frontier_{args.frontier:g}", rows, md)
     return rows
+
+
+def _frontier_options(s: Setting, args: argparse.Namespace) -> str:
+    """The command-line options that reproduce a ``--frontier`` run, the defaults left out."""
+    opts = ["--quick"] if args.quick else []  # --quick sets the epochs, seeds and subset itself
+    opts += [f"--model {args.model}", f"--frontier {args.frontier:g}", f"--lrs {args.lrs[0]:g}"]
+    opts += [] if args.quick else [f"--seeds {args.seeds}"]
+    opts += [f"--epochs {args.epochs}"] if args.epochs != s.epochs and not args.quick else []
+    opts += [f"--train-subset {args.train_subset}"] if args.train_subset and not args.quick else []
+    opts += [f"--frontier-widths {' '.join(map(str, args.frontier_widths))}"] if args.frontier_widths else []
+    return " ".join(opts + ([f"--out {args.out}"] if args.out else []))
 
 
 SWEEP = {"deadline-0.3": 0.3, "deadline-0.45": 0.45, "defaults": 0.6}  # variants with even spacing, by deadline

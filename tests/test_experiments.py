@@ -83,6 +83,11 @@ def test_pays_and_dnc_suites(tiny_idx, tmp_path):
     saved = {r["seed"]: r["test_acc"] for r in rows if r["config"] == "scratch"}
     assert [round(r["d_scratch_pp"], 9) for r in variant] == [round(100 * (r["test_acc"] - saved[r["seed"]]), 9)
                                                                for r in variant]
+    at_baselines_lr = (tmp_path / "pays" / "pays_mlp_copies.json").read_text()
+    suite_pays.main(["--quick", "--data-dir", tiny_idx, "--out", str(tmp_path / "pays"), "--seeds", "1",
+                     "--variant", "copies", "--lrs", "3e-3"])  # another LR than the baselines': its own files
+    assert (tmp_path / "pays" / "pays_mlp_copies.json").read_text() == at_baselines_lr  # not overwritten
+    assert "at peak LR 0.003" in (tmp_path / "pays" / "pays_mlp_copies_lr0.003.md").read_text()
     suite_pays.main(["--quick", "--data-dir", tiny_idx, "--out", str(tmp_path / "pays"), "--seeds", "2",
                      "--variant", "deadline-0.3"])
     sweep = {r["config"]: r for r in suite_pays.main(["--quick", "--out", str(tmp_path / "pays"), "--deadline-sweep"])}
@@ -91,9 +96,11 @@ def test_pays_and_dnc_suites(tiny_idx, tmp_path):
     assert "| scratch @ budget |" in (tmp_path / "pays" / "pays_mlp_deadline_sweep.md").read_text()
     front = suite_pays.main(["--quick", "--data-dir", tiny_idx, "--out", str(tmp_path / "pays"), "--seeds", "2",
                              "--frontier", "0.5", "--lrs", "1e-3"])  # every fixed width on half scratch's FLOPs
-    assert [r["config"] for r in front] == ["fixed 4", "fixed 8"]  # --quick: one seed, widths 4 and 8
+    assert [r["config"] for r in front] == ["fixed 2", "fixed 4", "fixed 8"]  # --quick: the start, others, final
     assert all(abs(r["flops_ratio"] - 0.5) < 0.1 for r in front)
-    assert "seeds at the target" in (tmp_path / "pays" / "pays_mlp_frontier_0.5.md").read_text()
+    report = (tmp_path / "pays" / "pays_mlp_frontier_0.5.md").read_text()
+    assert "seeds at the target" in report
+    assert f"suite_pays --quick --model mlp --frontier 0.5 --lrs 0.001 --out {tmp_path / 'pays'}`" in report
     suite_dnc.main(["--quick", "--data-dir", tiny_idx, "--out", str(tmp_path / "dnc")])
     assert outputs(tmp_path / "dnc", "dnc")
 
