@@ -284,8 +284,7 @@ def frontier(s: Setting, args: argparse.Namespace, out: Path) -> list[dict[str, 
     saved = json.loads((out / f"pays_{args.model}.json").read_text())
     target = statistics.mean(r["test_acc"] for r in saved if r["config"] == "scratch") - 1e-3
     rows = []
-    widths = args.frontier_widths or (s.start, *s.others, s.final)
-    for width in widths:
+    for width in args.frontier_widths or (s.start, *s.others, s.final):
         for seed in range(args.seeds):
             run = run_fixed(s, args, seed, args.lrs[0], width, args.frontier * full)
             rows.append({"config": f"fixed {width}", "seed": seed, "lr": args.lrs[0], "test_acc": run.test_acc,
@@ -308,11 +307,13 @@ def frontier(s: Setting, args: argparse.Namespace, out: Path) -> list[dict[str, 
 
 def _frontier_options(s: Setting, args: argparse.Namespace) -> str:
     """The command-line options that reproduce a ``--frontier`` run, the defaults left out."""
-    opts = ["--quick"] if args.quick else []  # --quick sets the epochs, seeds and subset itself
-    opts += [f"--model {args.model}", f"--frontier {args.frontier:g}", f"--lrs {args.lrs[0]:g}"]
-    opts += [] if args.quick else [f"--seeds {args.seeds}"]
-    opts += [f"--epochs {args.epochs}"] if args.epochs != s.epochs and not args.quick else []
-    opts += [f"--train-subset {args.train_subset}"] if args.train_subset and not args.quick else []
+    opts = [f"--model {args.model}", f"--frontier {args.frontier:g}", f"--lrs {args.lrs[0]:g}"]
+    if args.quick:  # --quick sets the epochs, seeds and subset itself
+        opts.insert(0, "--quick")
+    else:
+        opts.append(f"--seeds {args.seeds}")
+        opts += [f"--epochs {args.epochs}"] if args.epochs != s.epochs else []
+        opts += [f"--train-subset {args.train_subset}"] if args.train_subset else []
     opts += [f"--frontier-widths {' '.join(map(str, args.frontier_widths))}"] if args.frontier_widths else []
     return " ".join(opts + ([f"--out {args.out}"] if args.out else []))
 
